@@ -31,39 +31,17 @@ class ScheduledSequence(_message.Message):
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, seq_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class BlockCopy(_message.Message):
-    __slots__ = ("src", "dst")
-    SRC_FIELD_NUMBER: _ClassVar[int]
-    DST_FIELD_NUMBER: _ClassVar[int]
-    src: int
-    dst: int
-    def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
-
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "new_sequences", "scheduled", "freed_seq_ids", "block_copies", "forks")
+    __slots__ = ("step_id", "new_sequences", "scheduled", "freed_seq_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_FIELD_NUMBER: _ClassVar[int]
     FREED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_COPIES_FIELD_NUMBER: _ClassVar[int]
-    FORKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     new_sequences: _containers.RepeatedCompositeFieldContainer[NewSequence]
     scheduled: _containers.RepeatedCompositeFieldContainer[ScheduledSequence]
     freed_seq_ids: _containers.RepeatedScalarFieldContainer[int]
-    block_copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
-    forks: _containers.RepeatedCompositeFieldContainer[Fork]
-    def __init__(self, step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., freed_seq_ids: _Optional[_Iterable[int]] = ..., block_copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., forks: _Optional[_Iterable[_Union[Fork, _Mapping]]] = ...) -> None: ...
-
-class Fork(_message.Message):
-    __slots__ = ("parent_seq_id", "child_seq_id", "block_ids")
-    PARENT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    CHILD_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
-    parent_seq_id: int
-    child_seq_id: int
-    block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, parent_seq_id: _Optional[int] = ..., child_seq_id: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., freed_seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "seq_ids", "token_ids", "logprobs", "error", "forward_seconds")
