@@ -1,0 +1,86 @@
+"""python -m scheduler: the scheduler service, between the router and the worker ranks."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from pagedserve.v1 import scheduler_pb2 as pb
+
+from .engine import Engine
+from .scheduler import Scheduler, SchedulerConfig
+from .service import SchedulerService, build_server, watch_health
+from .workers import WorkerGroup
+
+log = logging.getLogger("scheduler")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
+    p.add_argument("--worker-addrs", required=True,
+                   help="comma-separated HOST:PORT of every worker rank, rank 0 first")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap the context below the workers' (default: the workers')")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-waiting-requests", type=int, default=0, help="0: unbounded")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds that requests in flight get to finish after SIGTERM")
+    p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def model_info(args, info) -> pb.ModelInfo:
+    max_model_len = min(args.max_model_len or info.max_model_len, info.max_model_len)
+    name = args.served_model_name or os.path.basename(os.path.normpath(info.model_path))
+    return pb.ModelInfo(
+        served_model_name=name, model_path=info.model_path, max_model_len=max_model_len,
+        eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size, block_size=info.block_size,
+        num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size)
+
+
+async def serve(args) -> None:
+    workers = WorkerGroup(args.worker_addrs.split(","))
+    infos = await workers.wait_ready()
+    info = model_info(args, infos[0])
+    config = SchedulerConfig(
+        num_blocks=min(i.num_kv_blocks for i in infos), block_size=info.block_size,
+        max_model_len=info.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 1),
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_waiting_requests=args.max_waiting_requests)
+    engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
+    server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}")
+    await server.start()
+    tasks = [asyncio.create_task(engine.run()), asyncio.create_task(watch_health(engine, health_servicer))]
+    log.info("scheduler listening on %s:%d (model %s, %d KV blocks of %d tokens)", args.host,
+             args.port, info.served_model_name, config.num_blocks, config.block_size)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: letting requests in flight finish (up to %.0f s)", args.shutdown_timeout)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=args.shutdown_timeout)
+    for task in tasks:
+        task.cancel()
+    await workers.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

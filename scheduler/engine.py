@@ -1,0 +1,151 @@
+"""The step loop: plan, execute on the workers, apply the results, stream news to the clients.
+
+Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate and Abort
+handlers change it between steps, and a step's results are applied before the next plan is made.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pagedserve.v1 import scheduler_pb2 as pb
+
+from .request import Request, SamplingLimits, Sequence
+from .scheduler import Scheduler
+from .workers import WorkerGroup, WorkerLost
+
+log = logging.getLogger("scheduler.engine")
+
+DONE = object()  # the end of a request's stream
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, workers: WorkerGroup, eos_token_ids: list[int]):
+        self.scheduler = scheduler
+        self.workers = workers
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.wakeup = asyncio.Event()
+        self.healthy = False
+        self.num_steps = 0
+
+    # ----- requests -----------------------------------------------------------------------------
+
+    def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
+            max_tokens: int) -> asyncio.Queue:
+        limits = SamplingLimits(
+            max_tokens=max_tokens,
+            min_tokens=params.min_tokens if params.HasField("min_tokens") else 0,
+            stop_token_ids=frozenset(params.stop_token_ids),
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=params.ignore_eos,
+        )
+        self.scheduler.add_request(request_id, prompt, params, limits)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = queue
+        self.wakeup.set()
+        return queue
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            self.streams.pop(request_id, None)
+            return False
+        self.publish(request.sequences)
+        self.wakeup.set()  # the workers must be told to forget its sequences
+        return True
+
+    def publish(self, news: list[Sequence]) -> None:
+        """Streams each sequence's tokens that its client has not seen yet."""
+        for seq in news:
+            request = seq.request
+            queue = self.streams.get(request.request_id)
+            if queue is None:
+                continue
+            if seq.num_output > seq.num_sent or seq.finished:
+                queue.put_nowait(self.response(seq))
+            if request.finished:
+                queue.put_nowait(DONE)
+                del self.streams[request.request_id]
+
+    @staticmethod
+    def response(seq: Sequence) -> pb.GenerateResponse:
+        tokens = seq.output_ids()[seq.num_sent:]
+        seq.num_sent = seq.num_output
+        reply = pb.GenerateResponse(
+            request_id=seq.request.request_id, index=seq.index, token_ids=tokens,
+            logprobs=seq.pending_logprobs, finish_reason=seq.finish_reason,
+            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output,
+            cached_tokens=seq.num_cached_tokens)
+        seq.pending_logprobs = []
+        return reply
+
+    def fail_all(self, error: Exception) -> None:
+        for request in self.scheduler.fail_all():
+            queue = self.streams.pop(request.request_id, None)
+            if queue is not None:
+                queue.put_nowait(error)
+
+    # ----- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self.connect()
+            try:
+                await self.serve_steps()
+            except WorkerLost as e:
+                log.error("%s; failing every request in flight and reconnecting", e)
+                self.healthy = False
+                self.workers.cancel()
+                self.fail_all(e)
+
+    async def connect(self) -> None:
+        await self.workers.wait_ready()
+        self.workers.open()
+        self.healthy = True
+        log.info("workers ready: %s", ", ".join(self.workers.addresses))
+
+    def lose_workers(self) -> None:
+        """A health check failed: end the streams, so the step loop fails what is in flight."""
+        self.healthy = False
+        self.workers.cancel()
+        self.wakeup.set()
+
+    async def serve_steps(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            if not self.healthy:
+                raise WorkerLost("a worker stopped answering health checks")
+            if not scheduler.has_work():
+                await self.idle()
+                continue
+            plan = scheduler.schedule()
+            if not plan.scheduled and not plan.freed_seq_ids:
+                # Nothing fits right now (cannot happen while anything runs); wait for news.
+                await self.idle()
+                continue
+            started = time.perf_counter()
+            result = await self.workers.execute(plan)
+            if result.error:
+                raise WorkerLost(f"step {plan.step_id} failed on the worker: {result.error}")
+            self.num_steps += 1
+            self.publish(scheduler.update(result))
+            log.debug("step %d: %d seqs in %.1f ms", plan.step_id, len(plan.scheduled),
+                      (time.perf_counter() - started) * 1e3)
+
+    async def idle(self) -> None:
+        self.wakeup.clear()
+        await self.wakeup.wait()
+
+    def stats(self) -> pb.SchedulerStats:
+        s = self.scheduler
+        running = {seq.request.request_id for seq in s.running}
+        waiting = {seq.request.request_id for seq in s.waiting} - running
+        return pb.SchedulerStats(
+            num_requests_running=len(running), num_requests_waiting=len(waiting),
+            num_preemptions=s.num_preemptions, kv_blocks_total=s.pool.num_blocks,
+            kv_blocks_used=s.pool.num_used, prefix_cache_queries=s.pool.queries,
+            prefix_cache_hits=s.pool.hits, prompt_tokens_total=s.prompt_tokens_total,
+            generation_tokens_total=s.generation_tokens_total, num_steps=self.num_steps,
+            workers_healthy=self.healthy)

@@ -1,0 +1,75 @@
+"""Requests and their sequences, as the scheduler sees them: token ids and counters, no tensors."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import scheduler_pb2 as pb
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingLimits:
+    """The parts of the sampling parameters the scheduler acts on (the worker does the rest)."""
+
+    max_tokens: int
+    min_tokens: int
+    stop_token_ids: frozenset[int]
+    eos_token_ids: frozenset[int]
+    ignore_eos: bool
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation of a request's prompt (a request with n > 1 has n of them)."""
+
+    seq_id: int
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: Status = Status.WAITING
+    num_computed: int = 0          # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    num_registered: int = 0        # leading full blocks offered to the prefix cache
+    admitted: int = 0              # admission order: the newest running sequence is preempted first
+    num_cached_tokens: int = 0     # prompt tokens found in the prefix cache at first admission
+    on_worker: bool = False        # the worker holds its state (so it must be told to free it)
+    finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+    num_sent: int = 0              # output tokens already streamed to the client
+    pending_logprobs: list = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: pb.SamplingParams
+    limits: SamplingLimits
+    arrival: int                    # admission order, FCFS
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences)

@@ -1,0 +1,256 @@
+"""The batching policy: which sequences compute how many tokens in the next step.
+
+Continuous batching with chunked prefill, as in vLLM's v1 scheduler: every sequence simply has
+tokens it has not computed yet (a whole prompt, the rest of a prompt, or the one token sampled last
+step). Each step spends a token budget on running sequences first, decodes before prefill chunks so
+that a long prompt never stalls the streams beside it, then admits waiting sequences first come,
+first served. When blocks run out, the most recently admitted running sequence is preempted: its
+blocks go back and it waits at the front of the queue to be recomputed.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.v1 import worker_pb2 as wpb
+
+from .block_pool import BlockPool
+from .request import Request, SamplingLimits, Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 0  # 0 = unbounded
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-waiting-requests."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.pool = BlockPool(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.in_flight: list[tuple[Sequence, int]] = []
+        self.freed: list[int] = []  # sequences the workers must forget in the next plan
+        self.next_seq_id = 0
+        self.next_admission = 0
+        self.next_step_id = 0
+        self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ----- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
+                    limits: SamplingLimits) -> Request:
+        limit = self.config.max_waiting_requests
+        if limit and len(self.waiting) >= limit:
+            raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
+        request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests))
+        n = params.n if params.HasField("n") else 1
+        for index in range(n):
+            seq = Sequence(self.next_seq_id, request, index, list(prompt), len(prompt))
+            self.next_seq_id += 1
+            request.sequences.append(seq)
+            self.waiting.append(seq)
+        self.requests[request_id] = request
+        self.prompt_tokens_total += len(prompt)
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            if not seq.finished:
+                if seq.status is Status.WAITING:
+                    self.waiting.remove(seq)
+                self.finish(seq, pb.FINISH_REASON_ABORT)
+        return request
+
+    def finish(self, seq: Sequence, reason: int) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        self.free_blocks(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq.request.finished:
+            self.requests.pop(seq.request.request_id, None)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_ids)
+        seq.block_ids = []
+        seq.num_registered = 0
+        seq.num_computed = 0
+        if seq.on_worker:
+            self.freed.append(seq.seq_id)
+            seq.on_worker = False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.freed)
+
+    # ----- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> wpb.StepPlan:
+        """The next step's plan. Its sequences are remembered until update() gets the result."""
+        plan = wpb.StepPlan(step_id=self.next_step_id)
+        self.next_step_id += 1
+        self.in_flight = []
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self.schedule_running(plan, budget)
+        if not preempted:
+            self.schedule_waiting(plan, budget)
+        plan.freed_seq_ids.extend(self.freed)
+        self.freed = []
+        return plan
+
+    def schedule_running(self, plan: wpb.StepPlan, budget: int) -> tuple[int, bool]:
+        # Decodes first, prefill chunks after, each in admission order.
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.admitted))
+        scheduled: set[int] = set()
+        preempted = False
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            new_blocks = self.grow(seq, n, scheduled)
+            if new_blocks is None:
+                preempted = True
+                continue
+            scheduled.add(seq.seq_id)
+            plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
+                                                        new_block_ids=new_blocks))
+            self.in_flight.append((seq, n))
+            budget -= n
+        return budget, preempted
+
+    def grow(self, seq: Sequence, n: int, scheduled: set[int]) -> list[int] | None:
+        """Blocks for seq's next n tokens, preempting newer unscheduled sequences until they fit;
+        None when seq itself had to be preempted."""
+        needed = self.pool.blocks_for(seq.num_computed + n) - len(seq.block_ids)
+        while needed > self.pool.num_free:
+            candidates = [s for s in self.running if s.seq_id not in scheduled]
+            victim = max(candidates, key=lambda s: s.admitted)
+            self.preempt(victim)
+            if victim is seq:
+                return None
+        blocks = self.pool.allocate(needed)
+        seq.block_ids.extend(blocks)
+        return blocks
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free_blocks(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule_waiting(self, plan: wpb.StepPlan, budget: int) -> None:
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            if self.waits_for_leader(seq):
+                i += 1
+                continue
+            n = self.admit(seq, budget, plan)
+            if n == 0:
+                break  # first come, first served: nobody overtakes a request that does not fit
+            del self.waiting[i]
+            budget -= n
+
+    def waits_for_leader(self, seq: Sequence) -> bool:
+        """With n > 1, the siblings of the first sequence wait until it has computed the prompt,
+        then find the prompt's full blocks in the prefix cache instead of computing them again."""
+        if seq.index == 0 or not self.pool.enable_caching:
+            return False
+        leader = seq.request.sequences[0]
+        return not leader.finished and leader.num_computed < leader.num_prompt_tokens
+
+    def admit(self, seq: Sequence, budget: int, plan: wpb.StepPlan) -> int:
+        """Starts seq with as many tokens as budget and blocks allow; 0 if it cannot start now."""
+        pool = self.pool
+        cached = pool.find_cached_prefix(seq)
+        num_cached = len(cached) * pool.block_size
+        n = min(seq.num_tokens - num_cached, budget)
+        revived = sum(1 for b in cached if pool.ref_counts[b] == 0)
+        needed = pool.blocks_for(num_cached + n) - len(cached)
+        if needed > pool.num_free - revived:
+            return 0
+        pool.take(cached)
+        seq.block_ids = cached + pool.allocate(needed)
+        pool.record_query(seq.num_tokens, num_cached)
+        if seq.admitted == 0 and seq.num_output == 0:
+            seq.num_cached_tokens = num_cached
+        seq.num_computed = num_cached
+        seq.status = Status.RUNNING
+        self.next_admission += 1
+        seq.admitted = self.next_admission
+        self.running.append(seq)
+        seq.on_worker = True
+        plan.new_sequences.append(wpb.NewSequence(
+            seq_id=seq.seq_id, token_ids=seq.token_ids, params=seq.request.params,
+            num_computed_tokens=num_cached, num_generated=seq.num_output))
+        plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
+                                                    new_block_ids=seq.block_ids))
+        self.in_flight.append((seq, n))
+        return n
+
+    # ----- results ------------------------------------------------------------------------------
+
+    def update(self, result: wpb.StepResult) -> list[Sequence]:
+        """Applies a step's sampled tokens; returns the sequences that have news for their client."""
+        sampled = dict(zip(result.seq_ids, result.token_ids))
+        logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs}
+        news = []
+        for seq, n in self.in_flight:
+            if seq.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed += n
+            self.pool.cache_full_blocks(seq)
+            token = sampled.get(seq.seq_id)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            self.generation_tokens_total += 1
+            if seq.seq_id in logprobs:
+                seq.pending_logprobs.append(logprobs[seq.seq_id])
+            reason = self.finish_reason(seq, token)
+            if reason:
+                self.finish(seq, reason)
+            news.append(seq)
+        self.in_flight = []
+        return news
+
+    def finish_reason(self, seq: Sequence, token: int) -> int:
+        limits = seq.request.limits
+        if seq.num_output >= limits.min_tokens:
+            if token in limits.eos_token_ids and not limits.ignore_eos:
+                return pb.FINISH_REASON_STOP
+            if token in limits.stop_token_ids:
+                return pb.FINISH_REASON_STOP
+        if seq.num_output >= limits.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return pb.FINISH_REASON_LENGTH
+        return pb.FINISH_REASON_UNSPECIFIED
+
+    def fail_all(self) -> list[Request]:
+        """The workers lost their state: every request ends, every block comes back."""
+        failed = list(self.requests.values())
+        for request in failed:
+            self.abort(request.request_id)
+        self.freed = []
+        self.in_flight = []
+        self.pool.reset()
+        return failed

@@ -1,0 +1,96 @@
+"""The public gRPC service: Generate, Abort, GetModelInfo, GetStats, plus health and reflection."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
+
+from . import validation
+from .engine import DONE, Engine
+from .scheduler import QueueFull
+
+log = logging.getLogger("scheduler.service")
+
+
+class SchedulerService(pbgrpc.SchedulerServicer):
+    def __init__(self, engine: Engine, model_info: pb.ModelInfo):
+        self.engine = engine
+        self.model_info = model_info
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        info = self.model_info
+        try:
+            max_tokens = validation.check(request, info.vocab_size, info.max_model_len,
+                                          info.num_kv_blocks, info.block_size)
+        except validation.InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not self.engine.healthy:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is serving; retry later")
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.engine.streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id: {request_id!r} is already in flight")
+        try:
+            queue = self.engine.add(request_id, list(request.prompt_token_ids), request.params,
+                                    max_tokens)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is DONE:
+                    finished = True
+                    return
+                if isinstance(item, Exception):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+                yield item
+        finally:
+            if not finished:
+                # The client cancelled, its deadline passed, or it went away: give the blocks back.
+                log.info("request %s cancelled by its client", request_id)
+                self.engine.abort(request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return self.model_info
+
+    async def GetStats(self, request, context) -> pb.SchedulerStats:
+        return self.engine.stats()
+
+
+def build_server(service: SchedulerService, address: str) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    pbgrpc.add_SchedulerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (pb.DESCRIPTOR.services_by_name["Scheduler"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    server.add_insecure_port(address)
+    return server, health_servicer
+
+
+async def watch_health(engine: Engine, health_servicer, interval: float = 1.0) -> None:
+    """Mirrors the workers' health into the scheduler's own health status, once a second."""
+    service = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+    while True:
+        ok = engine.healthy and await engine.workers.healthy(timeout=interval)
+        if engine.healthy and not ok:
+            log.error("a worker stopped answering health checks")
+            engine.lose_workers()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", service):
+            await health_servicer.set(name, status)
+        await asyncio.sleep(interval)

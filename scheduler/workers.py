@@ -1,0 +1,80 @@
+"""The scheduler's side of the Execute streams: one per worker rank, the same plan to every rank."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pagedserve.v1 import worker_pb2 as wpb
+from pagedserve.v1 import worker_pb2_grpc as wgrpc
+
+log = logging.getLogger("scheduler.workers")
+
+
+class WorkerLost(Exception):
+    """A worker rank stopped answering: the state of every sequence in flight is gone."""
+
+
+class WorkerGroup:
+    def __init__(self, addresses: list[str]):
+        self.addresses = addresses
+        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+        self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
+        self.calls: list = []
+
+    async def wait_ready(self, timeout: float | None = None) -> list[wpb.WorkerInfo]:
+        """Waits until every rank answers GetWorkerInfo (workers take a while to load weights)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        infos = []
+        for address, stub in zip(self.addresses, self.stubs):
+            while True:
+                try:
+                    infos.append(await stub.GetWorkerInfo(wpb.GetWorkerInfoRequest(), timeout=5))
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if deadline is not None and loop.time() > deadline:
+                        raise WorkerLost(f"worker {address} is not answering: {e.details()}") from e
+                    log.info("waiting for worker %s (%s)", address, e.code().name)
+                    await asyncio.sleep(0.5)
+        return infos
+
+    def open(self) -> None:
+        """New Execute streams; a worker starts each stream with an empty batch."""
+        self.calls = [stub.Execute() for stub in self.stubs]
+
+    async def execute(self, plan: wpb.StepPlan) -> wpb.StepResult:
+        """Runs one step on every rank; rank 0's result carries the sampled tokens."""
+        try:
+            for call in self.calls:
+                await call.write(plan)
+            results = [await call.read() for call in self.calls]
+        except grpc.aio.AioRpcError as e:
+            raise WorkerLost(f"a worker failed: {e.code().name}: {e.details()}") from e
+        for address, result in zip(self.addresses, results):
+            if result is grpc.aio.EOF:
+                raise WorkerLost(f"worker {address} closed its Execute stream")
+        return results[0]
+
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        try:
+            for channel in self.channels:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        self.calls = []
+
+    async def close(self) -> None:
+        self.cancel()
+        for channel in self.channels:
+            await channel.close()

@@ -1,0 +1,69 @@
+"""A worker without a model, for the scheduler's tests: it executes step plans by the contract of
+worker.proto and checks, at every step, that the KV slots a sequence reads hold exactly its own
+tokens. "Sampling" is a fixed function of all tokens so far, so a sequence's output does not depend
+on what else runs beside it, unless the scheduler breaks the KV cache."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import worker_pb2 as wpb
+
+
+def next_token(tokens: list[int], vocab_size: int) -> int:
+    digest = hashlib.blake2b(repr(tokens).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % vocab_size
+
+
+@dataclass
+class FakeSequence:
+    tokens: list[int]
+    computed: int
+    table: list[int] = field(default_factory=list)
+
+
+class KVCorruption(AssertionError):
+    pass
+
+
+class FakeWorker:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.slots: dict[int, tuple] = {}  # slot -> the prefix whose last token's K/V it holds
+        self.seqs: dict[int, FakeSequence] = {}
+
+    def slot(self, seq: FakeSequence, pos: int) -> int:
+        block = seq.table[pos // self.block_size]
+        assert 0 <= block < self.num_blocks, f"block {block} outside the pool"
+        return block * self.block_size + pos % self.block_size
+
+    def execute(self, plan: wpb.StepPlan) -> wpb.StepResult:
+        for seq_id in plan.freed_seq_ids:
+            assert seq_id in self.seqs, f"freed unknown sequence {seq_id}"
+            del self.seqs[seq_id]
+        for new in plan.new_sequences:
+            assert new.seq_id not in self.seqs, f"sequence {new.seq_id} added twice"
+            self.seqs[new.seq_id] = FakeSequence(list(new.token_ids), new.num_computed_tokens)
+        result = wpb.StepResult(step_id=plan.step_id)
+        for item in plan.scheduled:
+            seq = self.seqs[item.seq_id]
+            seq.table.extend(item.new_block_ids)
+            assert item.num_tokens >= 1 and seq.computed + item.num_tokens <= len(seq.tokens)
+            self.check_cached(item.seq_id, seq)
+            for pos in range(seq.computed, seq.computed + item.num_tokens):
+                self.slots[self.slot(seq, pos)] = tuple(seq.tokens[:pos + 1])
+            seq.computed += item.num_tokens
+            if seq.computed == len(seq.tokens):
+                token = next_token(seq.tokens, self.vocab_size)
+                seq.tokens.append(token)
+                result.seq_ids.append(item.seq_id)
+                result.token_ids.append(token)
+        return result
+
+    def check_cached(self, seq_id: int, seq: FakeSequence) -> None:
+        for pos in range(seq.computed):
+            held = self.slots.get(self.slot(seq, pos))
+            if held != tuple(seq.tokens[:pos + 1]):
+                raise KVCorruption(f"sequence {seq_id}: slot of position {pos} holds another prefix")

@@ -1,0 +1,203 @@
+"""The scheduler's policy against a fake worker: no torch, no processes, milliseconds per case."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from scheduler.request import SamplingLimits, Status
+from scheduler.scheduler import QueueFull, Scheduler, SchedulerConfig
+from tests.fake_worker import FakeWorker
+
+VOCAB = 64
+EOS = 0
+
+
+def make(num_blocks=64, block_size=4, max_model_len=256, **kw):
+    config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
+                             max_model_len=max_model_len, **kw)
+    return Scheduler(config), FakeWorker(num_blocks, block_size, VOCAB)
+
+
+def add(s: Scheduler, rid: str, prompt, max_tokens=8, n=1, ignore_eos=False):
+    params = pb.SamplingParams(max_tokens=max_tokens, n=n, temperature=0, ignore_eos=ignore_eos)
+    limits = SamplingLimits(max_tokens, 0, frozenset(), frozenset({EOS}), ignore_eos)
+    return s.add_request(rid, prompt, params, limits)
+
+
+def step(s: Scheduler, w: FakeWorker):
+    plan = s.schedule()
+    news = s.update(w.execute(plan))
+    check_invariants(s)
+    return plan, news
+
+
+def drain(s, w, limit=10_000):
+    for _ in range(limit):
+        if not s.has_work():
+            return
+        step(s, w)
+    raise AssertionError("the scheduler did not finish its work")
+
+
+def check_invariants(s: Scheduler) -> None:
+    pool = s.pool
+    owners = Counter(b for seq in s.running for b in seq.block_ids)
+    for seq in s.waiting:
+        assert not seq.block_ids, "a waiting sequence holds blocks"
+    for b in range(pool.num_blocks):
+        assert pool.ref_counts[b] == owners[b], f"block {b}: ref count != owners"
+        assert (b in pool.free) == (owners[b] == 0)
+        if owners[b] > 1:
+            assert pool.hash_of[b] is not None, f"block {b} shared without being a cached prefix"
+    for h, b in pool.cached.items():
+        assert pool.hash_of[b] == h
+
+
+def alone(prompt, max_tokens, n=1, ignore_eos=True):
+    s, w = make(num_blocks=512)
+    request = add(s, "alone", prompt, max_tokens, n, ignore_eos)
+    drain(s, w)
+    return [seq.output_ids() for seq in request.sequences]
+
+
+def test_one_request_runs_to_max_tokens_then_frees_everything():
+    s, w = make()
+    request = add(s, "a", [5, 6, 7, 8, 9], max_tokens=6, ignore_eos=True)
+    drain(s, w)
+    seq = request.sequences[0]
+    assert seq.num_output == 6 and seq.finish_reason == pb.FINISH_REASON_LENGTH
+    assert s.pool.num_used == 0 and not s.running and not s.requests
+
+
+def test_eos_finishes_with_stop():
+    s, w = make()
+    # Find a prompt whose first sampled token is EOS under the fake model.
+    from tests.fake_worker import next_token
+    prompt = next(p for p in ([i, j] for i in range(1, VOCAB) for j in range(1, VOCAB))
+                  if next_token(p, VOCAB) == EOS)
+    request = add(s, "a", prompt, max_tokens=5)
+    drain(s, w)
+    assert request.sequences[0].finish_reason == pb.FINISH_REASON_STOP
+    assert request.sequences[0].output_ids() == [EOS]
+
+
+def test_chunked_prefill_keeps_decodes_going():
+    s, w = make(num_blocks=128, max_num_batched_tokens=8)
+    add(s, "short", [1, 2, 3], max_tokens=30, ignore_eos=True)
+    step(s, w)  # the short one is decoding now
+    add(s, "long", list(range(1, 41)), max_tokens=2, ignore_eos=True)
+    for _ in range(5):
+        plan, _ = step(s, w)
+        ids = {sc.seq_id: sc.num_tokens for sc in plan.scheduled}
+        assert ids[0] == 1, "the decode was not scheduled beside the prefill chunk"
+        assert sum(ids.values()) <= 8
+    drain(s, w)
+    assert s.pool.num_used == 0
+
+
+def test_prefix_cache_hits_for_a_shared_prompt():
+    s, w = make(num_blocks=64, block_size=4)
+    system = list(range(1, 21))  # 5 full blocks
+    add(s, "first", system + [30, 31], max_tokens=2, ignore_eos=True)
+    drain(s, w)
+    before = s.pool.hits
+    req = add(s, "second", system + [40, 41, 42], max_tokens=2, ignore_eos=True)
+    plan, _ = step(s, w)
+    assert plan.new_sequences[0].num_computed_tokens == 20
+    assert s.pool.hits - before == 20
+    assert req.sequences[0].num_cached_tokens == 20
+    drain(s, w)
+    assert req.sequences[0].output_ids() == alone(system + [40, 41, 42], 2)[0]
+
+
+def test_preemption_when_blocks_run_out_gives_the_same_output():
+    s, w = make(num_blocks=12, block_size=4)
+    prompts = {f"r{i}": [i + 1] * (5 + i) for i in range(6)}
+    requests = {rid: add(s, rid, p, max_tokens=12, ignore_eos=True) for rid, p in prompts.items()}
+    drain(s, w)
+    assert s.num_preemptions > 0
+    for rid, request in requests.items():
+        assert request.sequences[0].output_ids() == alone(prompts[rid], 12)[0]
+    assert s.pool.num_used == 0
+
+
+def test_parallel_sampling_computes_the_prompt_once():
+    s, w = make(num_blocks=64, block_size=4)
+    prompt = list(range(1, 14))  # 3 full blocks + 1 token
+    request = add(s, "n", prompt, max_tokens=3, n=3, ignore_eos=True)
+    computed = 0
+    while s.has_work():
+        plan, _ = step(s, w)
+        computed += sum(sc.num_tokens for sc in plan.scheduled)
+    # 13 prompt tokens once, then 1 recomputed token per sibling, then 2 decodes per sequence.
+    assert computed == 13 + 2 * 1 + 3 * 2
+    outs = [seq.output_ids() for seq in request.sequences]
+    assert outs == [outs[0]] * 3
+
+
+def test_abort_frees_blocks_and_tells_the_worker():
+    s, w = make()
+    add(s, "a", list(range(1, 30)), max_tokens=50, ignore_eos=True)
+    step(s, w)
+    assert s.pool.num_used > 0
+    s.abort("a")
+    assert s.pool.num_used == 0
+    plan, _ = step(s, w)
+    assert list(plan.freed_seq_ids) == [0] and not w.seqs
+
+
+def test_waiting_queue_limit():
+    s, _ = make(max_waiting_requests=2)
+    add(s, "a", [1])
+    add(s, "b", [1])
+    with pytest.raises(QueueFull):
+        add(s, "c", [1])
+
+
+# ----- property test --------------------------------------------------------------------------
+
+prefixes = [list(range(1, 13)), list(range(20, 29)), []]
+requests = st.tuples(st.sampled_from(range(len(prefixes))),
+                     st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=12),
+                     st.integers(1, 10), st.integers(1, 3))
+ops = st.lists(st.one_of(st.tuples(st.just("add"), requests),
+                         st.tuples(st.just("abort"), st.integers(0, 50)),
+                         st.tuples(st.just("step"), st.integers(1, 3))), max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, num_blocks=st.integers(8, 40), budget=st.sampled_from([4, 16, 64]),
+       caching=st.booleans())
+def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budget, caching):
+    s, w = make(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget,
+                enable_prefix_caching=caching)
+    added, aborted = {}, set()
+    for op, arg in ops:
+        if op == "add":
+            prefix, suffix, max_tokens, n = arg
+            prompt = prefixes[prefix] + suffix
+            if -(-(len(prompt) + max_tokens) // 4) > num_blocks:
+                continue  # the service refuses what can never fit
+            rid = f"r{len(added)}"
+            added[rid] = (add(s, rid, prompt, max_tokens, n), prompt, max_tokens, n)
+        elif op == "abort" and added:
+            rid = f"r{arg % len(added)}"
+            s.abort(rid)
+            aborted.add(rid)
+        else:
+            for _ in range(arg):
+                if s.has_work():
+                    step(s, w)
+    drain(s, w)
+    assert s.pool.num_used == 0 and not s.running and not s.waiting and not s.requests
+    assert all(s.pool.ref_counts[b] == 0 for b in range(num_blocks))
+    assert not w.seqs, "the worker still holds sequences the scheduler forgot"
+    for rid, (request, prompt, max_tokens, n) in added.items():
+        if rid in aborted:
+            continue
+        assert all(seq.status is Status.FINISHED for seq in request.sequences)
+        assert [seq.output_ids() for seq in request.sequences] == alone(prompt, max_tokens, n, ignore_eos=False)
