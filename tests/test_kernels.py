@@ -1,0 +1,148 @@
+"""Triton kernels against their plain-torch references.
+
+Without CUDA the kernels run under Triton's interpreter on CPU tensors. Triton reads
+TRITON_INTERPRET when `@triton.jit` decorates a function, i.e. when kernels/ is imported, so it is
+set before that import (and the kernel modules are reloaded if something imported them earlier).
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels  # noqa: E402
+
+KERNEL_MODULES = ("kernels.kv_write", "kernels.paged_attention")
+
+
+def _ensure_interpreter():
+    # import_module, not attribute access: kernels.paged_attention is also the function's name.
+    mods = [importlib.import_module(name) for name in KERNEL_MODULES]
+    if any(not isinstance(m.__dict__[k], InterpretedFunction) for m, k in
+           zip(mods, ("_write_kv_kernel", "_paged_attention_kernel"))):
+        mods = [importlib.reload(m) for m in mods]
+        importlib.reload(kernels)
+    return mods
+
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+    # fp32 goes through ieee dots, so it holds the tight bound; half types round P before P @ V.
+    DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)]
+else:
+    DEVICE = "cpu"
+    _ensure_interpreter()
+    DTYPES = [(torch.float32, 1e-5)]
+
+
+def _write_kv():
+    return importlib.import_module("kernels.kv_write").write_kv
+
+
+def _paged_attention():
+    return importlib.import_module("kernels.paged_attention").paged_attention
+
+
+def test_interpreter_is_used_on_cpu():
+    if DEVICE == "cuda":
+        pytest.skip("compiled kernels on CUDA")
+    mod = importlib.import_module("kernels.paged_attention")
+    assert isinstance(mod._paged_attention_kernel, InterpretedFunction)
+    assert isinstance(importlib.import_module("kernels.kv_write")._write_kv_kernel, InterpretedFunction)
+    assert kernels.paged_attention is mod.paged_attention
+
+
+# ---------------------------------------------------------------------------------------- write_kv
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 1, 64), (32, 4, 128), (16, 3, 80)])
+def test_write_kv_matches_reference(block_size, num_kv_heads, head_dim, slot_dtype, dtype, atol):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, num_tokens = 6, 29
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::5] = -1  # padding tokens: their slots must stay untouched
+    slots = slots.to(DEVICE, slot_dtype)
+
+    caches = [torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    _write_kv()(key, value, *caches, slots)
+    kernels.write_kv_reference(key, value, *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+# --------------------------------------------------------------------------------- paged_attention
+
+# (cached prefix length, new query tokens) per sequence.
+MIXED = [(37, 13), (0, 23), (69, 1), (16, 1), (5, 2)]  # chunk on a prefix, full prefill, decodes
+DECODE = [(0, 1), (32, 1), (63, 1), (69, 1)]
+PREFILL = [(0, 70)]  # one long prefill: several query tiles per sequence
+
+
+def _build_batch(requests, block_size, num_kv_heads, group, head_dim, dtype, gen):
+    """Random q and a cache holding every sequence's full context in shuffled physical blocks."""
+    seq_lens = [ctx + q_len for ctx, q_len in requests]
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(blocks_per_seq) + 1  # one spare column of padding entries
+    num_blocks = sum(blocks_per_seq) + 3  # a few physical blocks no sequence owns
+    physical = torch.randperm(num_blocks, generator=gen)
+    owned, unowned = physical[: sum(blocks_per_seq)], physical[sum(blocks_per_seq):]
+
+    # Padding entries point at unowned blocks, which (like stale slots) are NaN: any read shows.
+    tables = unowned[torch.randint(len(unowned), (len(requests), max_blocks), generator=gen)]
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+        tables[b, :nb] = owned[used: used + nb]
+        used += nb
+        slots = tables[b, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+        kv = torch.randn(2, n, num_kv_heads, head_dim, generator=gen).to(dtype)
+        kernels.write_kv_reference(kv[0], kv[1], k_cache, v_cache, slots)
+
+    q_lens = torch.tensor([q_len for _, q_len in requests])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+    q = torch.randn(int(qsl[-1]), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    to = lambda t, dt=None: t.to(DEVICE, dt) if dt else t.to(DEVICE)  # noqa: E731
+    return (to(q), to(k_cache), to(v_cache), to(tables, torch.int32),
+            to(torch.tensor(seq_lens), torch.int32), to(qsl, torch.int32), int(q_lens.max()))
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("requests", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (1, 3), (1, 8), (2, 4)])
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128), (16, 128), (32, 64)])
+def test_paged_attention_matches_reference(block_size, head_dim, num_kv_heads, group, requests,
+                                           dtype, atol):
+    gen = torch.Generator().manual_seed(block_size * 1000 + head_dim * 10 + group)
+    q, k_cache, v_cache, tables, seq_lens, qsl, max_q = _build_batch(
+        requests, block_size, num_kv_heads, group, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    # Passing max_query_len or letting the wrapper derive it must not matter.
+    max_query_len = max_q if requests is not MIXED else None
+    out = _paged_attention()(q, k_cache, v_cache, tables, seq_lens, qsl, scale, max_query_len)
+    ref = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(ref).all()
+    assert (out.float() - ref.float()).abs().max().item() <= atol
+
+
+def test_paged_attention_odd_head_dim_and_empty_query():
+    """head_dim not a power of two, and a sequence with no new tokens in the batch."""
+    dtype, atol = DTYPES[0]
+    gen = torch.Generator().manual_seed(7)
+    q, k_cache, v_cache, tables, seq_lens, qsl, max_q = _build_batch(
+        [(20, 3), (9, 0), (40, 1)], 16, 2, 2, 80, dtype, gen)
+    out = _paged_attention()(q, k_cache, v_cache, tables, seq_lens, qsl, 0.1, max_q)
+    ref = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, 0.1)
+    assert (out.float() - ref.float()).abs().max().item() <= atol
