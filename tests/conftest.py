@@ -1,0 +1,19 @@
+"""Fixtures shared by the whole test suite."""
+
+from pathlib import Path
+
+import pytest
+
+from pagedserve.fetch_model import MARKER
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The Hugging Face directory `make model` writes. A missing model is a broken setup, not a
+    reason to skip: fail loudly so the tests that need it are never silently left out."""
+    if not (MODEL_DIR / MARKER).is_file():
+        pytest.fail(f"{MODEL_DIR} is missing or incomplete: run `make model` first", pytrace=False)
+    return MODEL_DIR
