@@ -1,6 +1,14 @@
 """Fixtures shared by the whole test suite."""
 
+import os
 from pathlib import Path
+
+import torch
+
+# Triton binds its language helpers when it is first imported, so the interpreter must be chosen
+# before any test module imports triton: on a machine without CUDA, kernels run interpreted.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 
