@@ -66,7 +66,7 @@ class Launcher:
                "--max-waiting-requests", str(a.max_waiting_requests),
                "--shutdown-timeout", str(a.shutdown_timeout),
                "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching"]
-        return cmd + self.optional("--served-model-name", "--max-model-len")
+        return cmd + self.optional("--served-model-name", "--max-model-len", "--api-key")
 
     def router_command(self) -> list[str]:
         a = self.args

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-waiting-requests", type=int, default=0, help="0: unbounded")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                   help="require 'authorization: Bearer KEY' metadata on the public API")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds that requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"))
@@ -56,7 +58,8 @@ async def serve(args) -> None:
         enable_prefix_caching=args.enable_prefix_caching,
         max_waiting_requests=args.max_waiting_requests)
     engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
-    server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}")
+    server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}",
+                                           args.api_key)
     await server.start()
     tasks = [asyncio.create_task(engine.run()), asyncio.create_task(watch_health(engine, health_servicer))]
     log.info("scheduler listening on %s:%d (model %s, %d KV blocks of %d tokens)", args.host,

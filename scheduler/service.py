@@ -13,6 +13,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 
 from . import validation
+from .auth import ApiKeyInterceptor
 from .engine import DONE, Engine
 from .scheduler import QueueFull
 
@@ -69,8 +70,10 @@ class SchedulerService(pbgrpc.SchedulerServicer):
         return self.engine.stats()
 
 
-def build_server(service: SchedulerService, address: str) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+def build_server(service: SchedulerService, address: str,
+                 api_key: str | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pbgrpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -1,0 +1,138 @@
+"""The router's HTTP application: routes, middleware, and startup.
+
+Startup waits for the scheduler to answer GetModelInfo (uvicorn accepts no connection before the
+lifespan has started), then loads the tokenizer of the model it serves.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import pagedserve
+from router.client import SchedulerClient
+from router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
+                           invalid, model_not_found, scheduler_unavailable)
+from router.fields import Fields
+from router.metrics import Metrics, MetricsMiddleware
+from router.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from router.model import ServedModel, load_served_model
+from router.prompts import chat_messages, chat_prompt
+from router.protocol import check_model
+from router.serving import read_json, serve_chat, serve_completion
+from router.settings import Settings
+
+log = logging.getLogger("router")
+
+
+def build_app(settings: Settings) -> Starlette:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        client = SchedulerClient(settings.scheduler_addr, settings.connect_timeout_s,
+                                 settings.api_key)
+        info = await client.wait_for_model_info(settings.startup_retry_s)
+        app.state.client = client
+        app.state.model = await asyncio.to_thread(load_served_model, settings, info)
+        log.info("serving %s (max_model_len %d) with scheduler %s", app.state.model.name,
+                 app.state.model.max_model_len, settings.scheduler_addr)
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", serve_chat, methods=["POST"]),
+            Route("/v1/completions", serve_completion, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/metrics", metrics.render, methods=["GET"]),
+        ],
+        middleware=[Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, metrics),
+                    Middleware(ApiKeyMiddleware, settings.api_key)],
+        exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
+                            Exception: handle_unexpected},
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    return app
+
+
+def model_card(model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created,
+            "owned_by": "pagedserve", "root": model.path, "parent": None,
+            "max_model_len": model.max_model_len}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [model_card(request.app.state.model)]})
+
+
+async def get_model(request: Request) -> Response:
+    model: ServedModel = request.app.state.model
+    if request.path_params["model"] != model.name:
+        raise model_not_found(request.path_params["model"], model.name)
+    return JSONResponse(model_card(model))
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered through the chat template."""
+    model: ServedModel = request.app.state.model
+    f = Fields(await read_object(request))
+    check_model(f.string("model"), model)
+    if f.given("messages"):
+        text = chat_prompt(chat_messages(f.raw("messages")), model.tokenizer,
+                           f.boolean("add_generation_prompt", True)).text
+        ids = model.tokenizer.encode(text, f.boolean("add_special_tokens", False))
+    elif f.given("prompt"):
+        ids = model.tokenizer.encode(f.string("prompt"), f.boolean("add_special_tokens", True))
+    else:
+        raise invalid("prompt", "Give 'prompt' (a string) or 'messages' (a chat).")
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len})
+
+
+async def detokenize(request: Request) -> Response:
+    model: ServedModel = request.app.state.model
+    f = Fields(await read_object(request))
+    check_model(f.string("model"), model)
+    if not f.given("tokens"):
+        raise invalid("tokens", "'tokens' (an array of token ids) is required.")
+    ids = f.integers("tokens", 0, model.vocab_size)
+    return JSONResponse({"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)})
+
+
+async def read_object(request: Request) -> dict:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise invalid(None, "The request body must be a JSON object.")
+    return body
+
+
+async def health(request: Request) -> Response:
+    """200 only when the scheduler answers and reports its workers healthy."""
+    try:
+        stats = await request.app.state.client.stats(timeout_s=2.0)
+    except grpc.aio.AioRpcError as err:
+        return scheduler_unavailable(err.code().name).response()
+    if not stats.workers_healthy:
+        return APIError(503, "The scheduler reports unhealthy workers.",
+                        "service_unavailable_error", code="workers_unhealthy").response()
+    return JSONResponse({"status": "ok"})
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": pagedserve.__version__})

@@ -1,0 +1,95 @@
+"""The router's gRPC client to the scheduler.
+
+One channel for the router's life. gRPC reconnects a channel by itself; the backoff is kept short
+so a restarted scheduler is found again within a second or two, and a request arriving while the
+scheduler is away waits briefly for it (connect_timeout_s) before it fails with 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
+from router.errors import scheduler_unavailable
+
+log = logging.getLogger("router")
+
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class SchedulerClient:
+    def __init__(self, address: str, connect_timeout_s: float = 3.0, api_key: str | None = None):
+        self.address = address
+        self.connect_timeout_s = connect_timeout_s
+        # A scheduler started with --api-key wants the same key, as gRPC metadata.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+        self._background: set[asyncio.Task] = set()
+
+    async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s,
+                                             metadata=self._metadata)
+
+    async def wait_for_model_info(self, retry_s: float = 2.0) -> pb.ModelInfo:
+        """GetModelInfo, retried until the scheduler answers: the router may start before it."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                # channel_ready returns as soon as a connection is made: no fixed sleep to wait out.
+                await asyncio.wait_for(self._channel.channel_ready(), retry_s)
+                return await self.model_info()
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError) as err:
+                refused = isinstance(err, grpc.aio.AioRpcError)
+                log.info("waiting for the scheduler at %s (attempt %d: %s)", self.address,
+                         attempt, err.code().name if refused else "no connection")
+                if refused:
+                    await asyncio.sleep(retry_s)
+
+    async def stats(self, timeout_s: float = 2.0) -> pb.SchedulerStats:
+        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout_s,
+                                         metadata=self._metadata)
+
+    async def generate(self, request: pb.GenerateRequest):
+        """Opens the Generate stream. Cancelling the returned call makes the scheduler abort it."""
+        await self._connected()
+        return self._stub.Generate(request, metadata=self._metadata)
+
+    async def abort(self, request_id: str) -> None:
+        try:
+            await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0,
+                                   metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            log.warning("Abort(%s) failed: %s", request_id, err.code().name)
+
+    def abort_soon(self, request_id: str) -> None:
+        """Abort without waiting: for cleanup code that must not await (in a cancelled task)."""
+        task = asyncio.get_running_loop().create_task(self.abort(request_id))
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=2.0)
+        await self._channel.close()
+
+    async def _connected(self) -> None:
+        state = self._channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise scheduler_unavailable(
+                f"no connection to {self.address} within {self.connect_timeout_s:g}s") from None

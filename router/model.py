@@ -1,0 +1,53 @@
+"""The model being served, as the router knows it: the scheduler's ModelInfo and the tokenizer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.settings import Settings
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger("router")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    tokenizer: Tokenizer
+    created: int
+
+
+def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
+    path = settings.model or info.model_path
+    if not path:
+        raise SystemExit("No model directory: pass --model DIR (the scheduler reported none).")
+    template = Path(settings.chat_template).read_text() if settings.chat_template else None
+    tokenizer = Tokenizer(path, template)
+    name = (settings.served_model_name or info.served_model_name
+            or os.path.basename(os.path.normpath(path)))
+    max_len = context_length(settings.max_model_len, info.max_model_len)
+    eos = frozenset(info.eos_token_ids) or frozenset(
+        [tokenizer.hf.eos_token_id] if tokenizer.hf.eos_token_id is not None else [])
+    # The model's vocabulary can be padded past the tokenizer's: any id below it is valid input.
+    vocab = info.vocab_size or len(tokenizer)
+    return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()))
+
+
+def context_length(flag: int | None, scheduler: int) -> int:
+    """--max-model-len may lower the scheduler's limit, never raise it: the scheduler would reject
+    what does not fit its KV cache anyway."""
+    if flag and scheduler and flag > scheduler:
+        log.warning("--max-model-len %d exceeds the scheduler's %d; using %d", flag, scheduler,
+                    scheduler)
+        return scheduler
+    if not (flag or scheduler):
+        raise SystemExit("The scheduler reported no max_model_len: pass --max-model-len N.")
+    return flag or scheduler

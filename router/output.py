@@ -1,0 +1,99 @@
+"""One choice's output as it is generated: token ids from the scheduler in, text deltas out.
+
+Each token is detokenized, then passed through the stop strings; the token count (for usage) stops
+at the token that completed a stop string. A sequence the scheduler ends on EOS or a stop token id
+does not show that token's text, as in OpenAI's and vLLM's outputs, but counts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.detokenizer import IncrementalDetokenizer
+from router.stop import StopStrings
+
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    text_offset: int  # where the token's text starts in the choice's text
+
+
+@dataclass
+class Delta:
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.logprobs or self.finish_reason)
+
+    def absorb(self, later: "Delta") -> None:
+        """Appends a later delta of the same choice (to build a non-streamed response)."""
+        self.text += later.text
+        self.logprobs.extend(later.logprobs)
+        self.finish_reason = later.finish_reason or self.finish_reason
+
+
+class ChoiceOutput:
+    def __init__(self, detokenizer: IncrementalDetokenizer, stop: StopStrings,
+                 hidden_stop_ids: frozenset[int], min_tokens: int = 0):
+        self._detokenizer = detokenizer
+        self._stop = stop
+        self._hidden_stop_ids = hidden_stop_ids
+        self._min_tokens = min_tokens
+        self._decoded_chars = 0        # characters the detokenizer has produced so far
+        self.num_tokens = 0            # completion tokens, for usage
+        self.finish_reason: str | None = None
+        self.stopped_here = False      # a stop string ended it: the scheduler must be told
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, message: pb.GenerateResponse) -> Delta:
+        """The text and logprobs one scheduler message adds (empty once the choice is finished)."""
+        delta = Delta()
+        if self.finished:
+            return delta  # tokens the scheduler made before it learnt of our stop string
+        ids, last = list(message.token_ids), len(message.token_ids) - 1
+        ends_on_stop_token = message.finish_reason == pb.FINISH_REASON_STOP
+        for k, token_id in enumerate(ids):
+            self.num_tokens += 1
+            if k == last and ends_on_stop_token and token_id in self._hidden_stop_ids:
+                break
+            if k < len(message.logprobs):
+                delta.logprobs.append(token_logprob(message.logprobs[k], self._decoded_chars))
+            if self._push(self._detokenizer.add(token_id), delta):
+                self.finish_reason, self.stopped_here = "stop", True
+                return delta
+        if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            if self._push(self._detokenizer.flush(), delta):
+                self.finish_reason = "stop"
+                return delta
+            delta.text += self._stop.flush()
+            self.finish_reason = delta.finish_reason = FINISH_REASONS[message.finish_reason]
+        return delta
+
+    def abandon(self) -> Delta:
+        """The scheduler's stream ended without finishing this choice."""
+        self.finish_reason = "abort"
+        return Delta(self._stop.flush(), finish_reason="abort")
+
+    def _push(self, text: str, delta: Delta) -> bool:
+        self._decoded_chars += len(text)
+        released, matched = self._stop.push(text, can_stop=self.num_tokens >= self._min_tokens)
+        delta.text += released
+        if matched:
+            delta.finish_reason = "stop"
+        return matched
+
+
+def token_logprob(lp: pb.TokenLogprob, text_offset: int) -> TokenLogprob:
+    return TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top],
+                        text_offset)

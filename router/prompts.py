@@ -1,0 +1,100 @@
+"""Prompts as the scheduler takes them (token ids), from what OpenAI clients send: a completion's
+`prompt` in its four forms, or a chat's `messages` through the chat template."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from router.errors import invalid
+from router.fields import is_int
+from router.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # as given; None when the client sent token ids
+
+
+def completion_prompts(value: Any, tokenizer: Tokenizer, vocab_size: int,
+                       add_special_tokens: bool = True) -> list[Prompt]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list) and value and all(is_int(v) for v in value):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise invalid("prompt", "'prompt' must be a non-empty string, array of strings, array of "
+                      "token ids, or array of arrays of token ids.")
+    prompts = [one_prompt(item, tokenizer, vocab_size, add_special_tokens) for item in items]
+    if any(not p.token_ids for p in prompts):
+        raise invalid("prompt", "'prompt' must not be empty.")
+    return prompts
+
+
+def one_prompt(item: Any, tokenizer: Tokenizer, vocab_size: int,
+               add_special_tokens: bool) -> Prompt:
+    if isinstance(item, str):
+        return Prompt(tokenizer.encode(item, add_special_tokens), item)
+    if isinstance(item, list) and all(is_int(v) for v in item):
+        check_token_ids(item, vocab_size, "prompt")
+        return Prompt(list(item))
+    raise invalid("prompt", "Each prompt must be a string or an array of token ids.")
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(param, f"Token id {bad} in '{param}' is outside the vocabulary "
+                      f"[0, {vocab_size}).")
+
+
+def chat_messages(value: Any) -> list[dict]:
+    """`messages` checked and reduced to what chat templates read: role and string content."""
+    if not isinstance(value, list) or not value:
+        raise invalid("messages", "'messages' must be a non-empty array of messages.")
+    return [chat_message(i, m) for i, m in enumerate(value)]
+
+
+def chat_message(i: int, message: Any) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise invalid(where, f"'{where}' must be an object with 'role' and 'content'.")
+    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    if role not in ROLES:
+        raise invalid(f"{where}.role", f"'{where}.role' must be one of {', '.join(ROLES)}; got "
+                      f"{message.get('role')!r}.")
+    out = {"role": role, "content": message_text(where, role, message.get("content"))}
+    if isinstance(message.get("name"), str):
+        out["name"] = message["name"]
+    return out
+
+
+def message_text(where: str, role: str, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content", f"'{where}.content' must be a string or an array of "
+                      "text parts.")
+    texts = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)):
+            raise invalid(f"{where}.content[{j}]", f"'{where}.content[{j}]' must be "
+                          '{"type": "text", "text": "..."}: this model reads text only.')
+        texts.append(part["text"])
+    return "\n".join(texts)  # vLLM's joining of text parts, so prompts match across servers
+
+
+def chat_prompt(messages: list[dict], tokenizer: Tokenizer,
+                add_generation_prompt: bool = True) -> Prompt:
+    text = tokenizer.render_chat(messages, add_generation_prompt)
+    # The template already wrote the special tokens (BOS, role markers): add none again.
+    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)

@@ -1,0 +1,169 @@
+"""OpenAI request bodies (completions and chat) checked and turned into what one generation needs:
+prompts in token ids, the scheduler's SamplingParams, and the options the router applies itself
+(stop strings, logprobs, echo, streaming)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.errors import invalid, model_not_found
+from router.fields import Fields
+from router.model import ServedModel
+from router.prompts import Prompt, chat_messages, chat_prompt, check_token_ids, completion_prompts
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
+
+
+@dataclass
+class GenerationRequest:
+    kind: str                     # "chat" or "completion"
+    prompts: list[Prompt]
+    params: pb.SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+    logprobs: int | None          # alternatives per token; None: no logprobs at all
+    echo: bool
+    skip_special_tokens: bool
+    hidden_stop_ids: frozenset[int]  # tokens that end a sequence without showing in its text
+
+
+def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
+    f = fields_of(body, model)
+    if f.string("suffix"):
+        raise invalid("suffix", "'suffix' (insertion) is not supported.")
+    logprobs = f.integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    echo = f.boolean("echo", False)
+    if echo and logprobs is not None:
+        raise invalid("echo", "'echo' with 'logprobs' needs the prompt's logprobs, which this "
+                      "server does not compute; drop one of them.")
+    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=1)
+    params = sampling_params(f, model, max_tokens, "max_tokens")
+    prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size)
+    check_context(prompts, max_tokens, model, "prompt", "max_tokens")
+    return generation(f, "completion", prompts, params, logprobs, echo, model)
+
+
+def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
+    f = fields_of(body, model)
+    if f.raw("tools"):
+        raise invalid("tools", "Tool calling is not supported by this server.")
+    fmt = f.object("response_format").get("type", "text")
+    if fmt != "text":
+        raise invalid("response_format", f"response_format {fmt!r} is not supported; only 'text'.")
+    want_logprobs = f.boolean("logprobs", False)
+    top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
+    name = "max_completion_tokens" if f.given("max_completion_tokens") else "max_tokens"
+    max_tokens = f.integer(name, minimum=1)
+    params = sampling_params(f, model, max_tokens, name)
+    messages = chat_messages(f.raw("messages"))
+    prompt = chat_prompt(messages, model.tokenizer, f.boolean("add_generation_prompt", True))
+    check_context([prompt], max_tokens, model, "messages", name)
+    logprobs = (top or 0) if want_logprobs else None
+    return generation(f, "chat", [prompt], params, logprobs, False, model)
+
+
+def fields_of(body: Any, model: ServedModel) -> Fields:
+    if not isinstance(body, dict):
+        raise invalid(None, "The request body must be a JSON object.")
+    f = Fields(body)
+    check_model(f.string("model"), model)
+    return f
+
+
+def check_model(name: str | None, model: ServedModel) -> None:
+    """`model` may be left out; when given it must be the served name (or the model's path)."""
+    if name is not None and name not in (model.name, model.path):
+        raise model_not_found(name, model.name)
+
+
+def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingParams,
+               logprobs: int | None, echo: bool, model: ServedModel) -> GenerationRequest:
+    stream = f.boolean("stream", False)
+    options = f.object("stream_options")
+    if f.given("stream_options") and not stream:
+        raise invalid("stream_options", "'stream_options' is only allowed with 'stream': true.")
+    include_usage = Fields(options).boolean("include_usage", False)
+    if logprobs is not None:
+        params.logprobs = logprobs
+    hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else model.eos_token_ids)
+    return GenerationRequest(
+        kind=kind, prompts=prompts, params=params, n=params.n, stream=stream,
+        include_usage=include_usage, stop=[s for s in f.strings("stop") if s],
+        logprobs=logprobs, echo=echo,
+        skip_special_tokens=f.boolean("skip_special_tokens", True),
+        hidden_stop_ids=frozenset(hidden))
+
+
+def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
+                    max_tokens_param: str) -> pb.SamplingParams:
+    """The OpenAI and vLLM sampling fields, range-checked, in the scheduler's message."""
+    p = pb.SamplingParams(n=f.integer("n", 1, minimum=1, maximum=MAX_N))
+    best_of = f.integer("best_of")
+    if best_of is not None and best_of != p.n:
+        raise invalid("best_of", "'best_of' other than 'n' is not supported.")
+    set_if(p, "temperature", f.number("temperature", minimum=0, maximum=2))
+    set_if(p, "top_p", f.number("top_p", above=0, maximum=1))
+    set_if(p, "top_k", f.integer("top_k", minimum=-1))
+    set_if(p, "min_p", f.number("min_p", minimum=0, maximum=1))
+    set_if(p, "presence_penalty", f.number("presence_penalty", minimum=-2, maximum=2))
+    set_if(p, "frequency_penalty", f.number("frequency_penalty", minimum=-2, maximum=2))
+    set_if(p, "repetition_penalty", f.number("repetition_penalty", above=0))
+    seed = f.integer("seed")
+    if seed is not None:
+        p.seed = seed % (1 << 64)  # OpenAI seeds are signed; the proto's is uint64
+    set_if(p, "max_tokens", max_tokens)
+    min_tokens = f.integer("min_tokens", minimum=0)
+    if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+        raise invalid("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed "
+                      f"'{max_tokens_param}' ({max_tokens}).")
+    set_if(p, "min_tokens", min_tokens)
+    p.stop_token_ids.extend(f.integers("stop_token_ids", 0, model.vocab_size))
+    p.ignore_eos = f.boolean("ignore_eos", False)
+    p.logit_bias.update(logit_bias(f, model.vocab_size))
+    f.string("user")  # accepted (OpenAI uses it for abuse monitoring); checked only for type
+    return p
+
+
+def set_if(params: pb.SamplingParams, name: str, value: Any) -> None:
+    if value is not None:
+        setattr(params, name, value)
+
+
+def logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
+    """`logit_bias`: token ids (as strings: JSON keys are) to biases in [-100, 100]."""
+    bias = {}
+    for key, value in f.object("logit_bias").items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid("logit_bias", f"'logit_bias' key {key!r} is not a token id.") from None
+        check_token_ids([token], vocab_size, "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid("logit_bias", f"'logit_bias' value for {key} must be a number.")
+        if not -100 <= value <= 100:
+            raise invalid("logit_bias", f"'logit_bias' value for {key} must be in [-100, 100].")
+        bias[token] = float(value)
+    return bias
+
+
+def check_context(prompts: list[Prompt], max_tokens: int | None, model: ServedModel,
+                  prompt_param: str, max_tokens_param: str) -> None:
+    """Every prompt plus its completion must fit the model's context."""
+    limit = model.max_model_len
+    for prompt in prompts:
+        size = len(prompt.token_ids)
+        wanted = size + (max_tokens or 1)
+        if wanted <= limit:
+            continue
+        param = prompt_param if size >= limit or max_tokens is None else max_tokens_param
+        raise invalid(param, f"This model's maximum context length is {limit} tokens. However, "
+                      f"you requested {wanted} tokens ({size} in the {prompt_param}, "
+                      f"{max_tokens or 1} for the completion). Reduce the length of the "
+                      f"{prompt_param} or '{max_tokens_param}'.", "context_length_exceeded")

@@ -1,0 +1,174 @@
+"""Serving a completion or a chat request: open the scheduler calls, turn their token ids into
+choices, answer with one JSON response or with server-sent events.
+
+Errors that happen before the first tokens (an unreachable or full scheduler, a rejected request)
+are real HTTP errors even when streaming: the response starts only once the first message is in.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.detokenizer import IncrementalDetokenizer
+from router.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, until_disconnect
+from router.errors import APIError, invalid
+from router.generation import Generation, start_generation
+from router.metrics import Metrics
+from router.model import ServedModel
+from router.output import ChoiceOutput, Delta
+from router.protocol import GenerationRequest, parse_chat, parse_completion
+from router.responses import ChatResponses, CompletionResponses, Responses, usage
+from router.sse import DONE, EventStream, event
+from router.stop import StopStrings
+
+Event = tuple[int, pb.GenerateResponse]
+
+
+async def read_json(request: Request):
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(None, f"The request body is not valid JSON: {exc}") from None
+
+
+class Run:
+    """One request's generation in flight: its choices, its scheduler calls, its usage."""
+
+    def __init__(self, req: GenerationRequest, model: ServedModel, generation: Generation,
+                 metrics: Metrics):
+        self.req = req
+        self.generation = generation
+        self.metrics = metrics
+        self.choices = [self.new_choice(model, prompt.token_ids)
+                        for prompt in req.prompts for _ in range(req.n)]
+        self.cached_tokens = [0] * len(req.prompts)
+        self.closed = False
+        metrics.in_flight.inc()
+
+    def new_choice(self, model: ServedModel, prompt_ids: list[int]) -> ChoiceOutput:
+        skip = self.req.skip_special_tokens
+        decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+        return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), StopStrings(self.req.stop),
+                            self.req.hidden_stop_ids, self.req.params.min_tokens)
+
+    def handle(self, event: Event) -> tuple[int, Delta]:
+        prompt, message = event
+        index = prompt * self.req.n + message.index
+        delta = self.choices[index].add(message)
+        self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
+        mine = self.choices[prompt * self.req.n:(prompt + 1) * self.req.n]
+        # Stop strings are the router's: once they have ended every choice of a prompt, the
+        # scheduler would only be generating tokens nobody reads.
+        if all(c.finished for c in mine) and any(c.stopped_here for c in mine):
+            self.generation.finish(prompt)
+        return index, delta
+
+    def abandoned(self) -> list[tuple[int, Delta]]:
+        return [(i, c.abandon()) for i, c in enumerate(self.choices) if not c.finished]
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens(), self.completion_tokens(), sum(self.cached_tokens))
+
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.req.prompts)
+
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    def close(self) -> None:
+        """However the request ended: stop what still runs on the scheduler, count it once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.generation.close()
+        self.metrics.in_flight.dec()
+        self.metrics.prompt_tokens.inc(self.prompt_tokens())
+        self.metrics.generation_tokens.inc(self.completion_tokens())
+        for choice in self.choices:
+            self.metrics.finished.labels(choice.finish_reason or "abort").inc()
+
+
+async def serve_completion(request: Request) -> Response:
+    return await serve(request, parse_completion, CompletionResponses, "cmpl")
+
+
+async def serve_chat(request: Request) -> Response:
+    return await serve(request, parse_chat, ChatResponses, "chatcmpl")
+
+
+async def serve(request: Request, parse: Callable, responses_class: type[Responses],
+                id_prefix: str) -> Response:
+    state = request.app.state
+    model: ServedModel = state.model
+    req = parse(await read_json(request), model)
+    grpc_requests = [pb.GenerateRequest(request_id=grpc_request_id(request, i),
+                                        prompt_token_ids=p.token_ids, params=req.params)
+                     for i, p in enumerate(req.prompts)]
+    responses = responses_class(f"{id_prefix}-{request.state.request_id}", model.name,
+                                int(time.time()), model.tokenizer, req)
+    started = time.perf_counter()
+    try:
+        generation = await until_disconnect(request, start_generation(state.client, grpc_requests))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    run = Run(req, model, generation, state.metrics)
+    streaming = False
+    try:
+        first = await until_disconnect(request, generation.next())
+        state.metrics.time_to_first_token.observe(time.perf_counter() - started)
+        if req.stream:
+            streaming = True  # from here the response closes the run when it ends
+            return EventStream(stream(run, responses, first), run.close)
+        return JSONResponse(await until_disconnect(request, collect(run, responses, first)))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        if not streaming:
+            run.close()
+
+
+def grpc_request_id(request: Request, prompt: int) -> str:
+    """The id the scheduler sees: the HTTP request's id and the prompt's index. A client-chosen id
+    gets a random part too: two requests reusing it must not collide in the scheduler."""
+    base = request.state.request_id
+    if request.state.request_id_given:
+        base = f"{base}-{secrets.token_hex(4)}"
+    return f"{base}-{prompt}"
+
+
+async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
+    results = [Delta() for _ in run.choices]
+    item = first
+    while item is not None:
+        index, delta = run.handle(item)
+        results[index].absorb(delta)
+        item = await run.generation.next()
+    for index, delta in run.abandoned():
+        results[index].absorb(delta)
+    return responses.final(results, run.usage())
+
+
+async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIterator[bytes]:
+    for chunk in responses.opening():
+        yield event(chunk)
+    try:
+        item = first
+        while item is not None:
+            index, delta = run.handle(item)
+            if delta:
+                yield event(responses.chunk(index, delta))
+            item = await run.generation.next()
+        for index, delta in run.abandoned():
+            yield event(responses.chunk(index, delta))
+        if run.req.include_usage:
+            yield event(responses.usage_chunk(run.usage()))
+    except APIError as err:  # after the 200 went out, an error can only travel as an event
+        yield event(err.body())
+    yield DONE

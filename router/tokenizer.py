@@ -1,0 +1,98 @@
+"""The model directory's tokenizer, as the router uses it: encode, decode, chat templates, and the
+bytes behind each token (for logprobs)."""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from router.errors import invalid
+
+BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def load_hf_tokenizer(model_dir: Path):
+    """The directory's tokenizer. AutoTokenizer reaches torch through transformers' model configs
+    (seconds of startup, hundreds of MB, for a process that never touches a tensor); the generic
+    fast-tokenizer class does not, so it is used whenever the directory asks for nothing else."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    generic = config.get("tokenizer_class") in GENERIC_CLASSES
+    if generic and (model_dir / "tokenizer.json").is_file():
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        return TokenizersBackend.from_pretrained(str(model_dir))
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's map from the printable stand-in characters of byte-level BPE back to raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        self.hf = load_hf_tokenizer(Path(model_dir))
+        self.fast = self.hf.backend_tokenizer
+        self.chat_template = chat_template
+        decoder = json.loads(self.fast.to_str()).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        self._alphabet = byte_level_alphabet()
+        self.special_ids = frozenset(self.hf.all_special_ids)
+        self.token_bytes = lru_cache(maxsize=1 << 16)(self._token_bytes)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # The Rust decoder directly: it runs for every generated token.
+        return self.fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to the messages, as text that still has to be encoded."""
+        if self.chat_template is None and not getattr(self.hf, "chat_template", None):
+            raise invalid("messages", "This model has no chat template; start the router with "
+                          "--chat-template FILE or use /v1/completions.")
+        try:
+            return self.hf.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja's raise_exception, e.g. roles that do not alternate
+            raise invalid("messages", f"The chat template rejected the messages: {exc}") from exc
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for: may be part of a UTF-8 character."""
+        piece = self.fast.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self.special_ids:
+            return piece.encode()
+        if self._byte_level and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        byte = BYTE_TOKEN.match(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def token_str(self, token_id: int) -> str:
+        """A token as OpenAI shows it in logprobs: its text, or `bytes:\\xNN` if not UTF-8."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

@@ -1,0 +1,23 @@
+"""transformers itself, the judge of correctness: greedy generate on the same directory."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def load(model_dir: str):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def greedy(model_dir, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    model = load(str(model_dir))
+    kwargs = {"eos_token_id": None} if ignore_eos else {}
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                             **kwargs)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,486 @@
+"""The router over real HTTP, with the real `openai` SDK, in front of a fake scheduler (so no
+model runs): shapes, parameters, streaming, stop strings, UTF-8, errors, disconnects."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from tokenizers import Tokenizer
+
+from tests.router_fixtures import Harness, free_port
+
+EOS = 2  # <|im_end|>
+IM_START = 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> Tokenizer:
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def harness(model_dir, tokenizer):
+    h = Harness(str(model_dir), tokenizer.get_vocab_size(), [EOS])
+    h.router()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def fake(harness):
+    harness.fake.reset()
+    return harness.fake
+
+
+@pytest.fixture
+def url(harness) -> str:
+    return harness.routers[0].url
+
+
+@pytest.fixture
+def client(url, fake) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def say(fake, tokenizer, text: str) -> list[int]:
+    """Makes the fake "model" write `text` (then EOS), whatever the prompt."""
+    ids = ids_of(tokenizer, text)
+    fake.script = lambda prompt, params, index: ids
+    return ids
+
+
+def chat(client, stream=False, **kw):
+    kw.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    kw.setdefault("model", "smol")
+    return client.chat.completions.create(stream=stream, **kw)
+
+
+def streamed_text(chunks, kind="chat") -> tuple[dict[int, str], dict[int, str], list]:
+    texts, reasons, rest = {}, {}, []
+    for c in chunks:
+        if not c.choices:
+            rest.append(c)
+        for ch in c.choices:
+            piece = (ch.delta.content or "") if kind == "chat" else ch.text
+            texts[ch.index] = texts.get(ch.index, "") + piece
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    return texts, reasons, rest
+
+
+def eventually(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# ----- basics ------------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(client, model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smol"]  # the scheduler's served_model_name
+    assert client.models.retrieve("smol").id == "smol"
+
+
+def test_version_health_and_metrics(url, fake):
+    assert httpx.get(url + "/version").json()["version"]
+    assert httpx.get(url + "/health").status_code == 200
+    fake.healthy = False
+    assert httpx.get(url + "/health").status_code == 503
+    assert "pagedserve_router_http_requests_total" in httpx.get(url + "/metrics").text
+
+
+def test_chat_stream_and_non_stream_agree(client, fake, tokenizer):
+    text = "Hello there! General Kenobi."
+    ids = say(fake, tokenizer, text)
+    whole = chat(client, max_tokens=50)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.content == text
+    assert whole.choices[0].finish_reason == "stop"
+    prompt_len = len(fake.requests[-1].prompt_token_ids)
+    assert whole.usage.prompt_tokens == prompt_len
+    assert whole.usage.completion_tokens == len(ids) + 1  # EOS counts, though it is not shown
+    assert whole.usage.total_tokens == prompt_len + len(ids) + 1
+
+    chunks = list(chat(client, stream=True, max_tokens=50, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    texts, reasons, rest = streamed_text(chunks)
+    assert texts == {0: text} and reasons == {0: "stop"}
+    assert len(rest) == 1 and rest[0].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completion_stream_and_non_stream_agree(client, fake, tokenizer):
+    text = " a story about dragons"
+    ids = say(fake, tokenizer, text)
+    whole = client.completions.create(model="smol", prompt="Tell me", max_tokens=50)
+    assert whole.object == "text_completion"
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, "stop")
+    assert whole.usage.prompt_tokens == len(ids_of(tokenizer, "Tell me"))
+    assert whole.usage.completion_tokens == len(ids) + 1
+    chunks = list(client.completions.create(model="smol", prompt="Tell me", max_tokens=50,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts, reasons, rest = streamed_text(chunks, "completion")
+    assert texts == {0: text} and reasons == {0: "stop"}
+    assert rest[0].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_max_tokens_ends_with_length(client, fake, tokenizer):
+    ids = say(fake, tokenizer, "one two three four five six")
+    out = client.completions.create(model="smol", prompt="Count", max_tokens=3)
+    assert out.choices[0].finish_reason == "length"
+    assert out.choices[0].text == tokenizer.decode(ids[:3])
+    assert out.usage.completion_tokens == 3
+
+
+def test_completion_defaults_to_16_tokens_and_echo(client, fake):
+    out = client.completions.create(model="smol", prompt="Echo me", echo=True)
+    assert fake.last_params.max_tokens == 16
+    assert out.choices[0].text.startswith("Echo me") and len(out.choices[0].text) > 7
+    texts, _, _ = streamed_text(client.completions.create(
+        model="smol", prompt="Echo me", echo=True, stream=True), "completion")
+    assert texts == {0: out.choices[0].text}
+
+
+# ----- stop strings and UTF-8 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens_per_message", [1, 3])
+def test_stop_string_never_leaks(client, fake, tokenizer, tokens_per_message):
+    text, stop = "alpha beta gamma delta epsilon", "ta gam"
+    ids = say(fake, tokenizer, text)
+    assert not any(stop in tokenizer.decode([t]) for t in ids), "the stop must span tokens"
+    fake.tokens_per_message = tokens_per_message
+    expected = "alpha be"
+    stop_token = next(k for k in range(len(ids)) if stop in tokenizer.decode(ids[:k + 1]))
+
+    chunks = list(client.completions.create(model="smol", prompt="Greek", max_tokens=50,
+                                            stop=[stop], stream=True,
+                                            stream_options={"include_usage": True}))
+    texts, reasons, rest = streamed_text(chunks, "completion")
+    assert texts == {0: expected} and reasons == {0: "stop"}
+    assert rest[0].usage.completion_tokens == stop_token + 1
+    request_id = fake.requests[-1].request_id
+    eventually(lambda: request_id in fake.aborts)  # the scheduler is told to stop
+
+    whole = client.completions.create(model="smol", prompt="Greek", max_tokens=50, stop=stop)
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    assert whole.usage.completion_tokens == stop_token + 1
+
+
+def test_chinese_and_emoji_stream_as_valid_utf8(client, fake, tokenizer, url):
+    text = "你好，世界！🎉🤖 Ça va? 👍🏽 终于"
+    ids = say(fake, tokenizer, text)
+    # The test means something only if some token holds part of a character.
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    whole = chat(client, max_tokens=100)
+    assert whole.choices[0].message.content == text
+    # Raw bytes off the wire: every event must be valid UTF-8 JSON with no replacement character.
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body) as reply:
+        raw = reply.read()
+    events = [json.loads(line[6:]) for line in raw.decode("utf-8").split("\n\n")
+              if line.startswith("data: {")]
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_token_ids_and_special_tokens(client, fake, tokenizer):
+    before, after = ids_of(tokenizer, "before"), ids_of(tokenizer, " after")
+    marker = ids_of(tokenizer, " STOP")[0]
+    fake.script = lambda prompt, params, index: [*before, IM_START, *after, marker, *after]
+    out = client.completions.create(model="smol", prompt="x", max_tokens=50,
+                                    extra_body={"stop_token_ids": [marker]})
+    assert out.choices[0].text == "before after"  # special token skipped, stop id hidden
+    assert out.choices[0].finish_reason == "stop"
+    out = client.completions.create(model="smol", prompt="x", max_tokens=50,
+                                    extra_body={"stop_token_ids": [marker],
+                                                "skip_special_tokens": False})
+    assert out.choices[0].text == "before<|im_start|> after"
+
+
+def test_ignore_eos_runs_to_max_tokens(client, fake, tokenizer):
+    ids = say(fake, tokenizer, "la")
+    out = client.completions.create(model="smol", prompt="x", max_tokens=7,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 7
+    generated = ((ids + [EOS]) * 7)[:7]  # EOS is special: skipped in the text, still counted
+    assert out.choices[0].text == tokenizer.decode(generated, skip_special_tokens=True)
+
+
+# ----- n, several prompts, logprobs ----------------------------------------------------------------
+
+def test_n_choices(client, fake):
+    out = chat(client, n=3, max_tokens=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) == 3
+    assert fake.last_params.n == 3
+    assert out.usage.completion_tokens == 15
+    texts, reasons, _ = streamed_text(chat(client, stream=True, n=3, max_tokens=5))
+    assert texts == {i: c.message.content for i, c in enumerate(out.choices)}
+    assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_several_prompts_are_indexed_prompt_major(client, fake, tokenizer):
+    fake.script = lambda prompt, params, index: ids_of(tokenizer, f" p{len(prompt)}s{index}")
+    prompts = ["one", [300, 301, 302]]
+    out = client.completions.create(model="smol", prompt=prompts, n=2, max_tokens=20)
+    assert [c.text for c in out.choices] == [" p1s0", " p1s1", " p3s0", " p3s1"]
+    assert [list(r.prompt_token_ids) for r in fake.requests] == [ids_of(tokenizer, "one"),
+                                                                 [300, 301, 302]]
+    assert out.usage.prompt_tokens == 4
+    texts, _, _ = streamed_text(client.completions.create(
+        model="smol", prompt=prompts, n=2, max_tokens=20, stream=True), "completion")
+    assert texts == {i: c.text for i, c in enumerate(out.choices)}
+
+
+def test_completion_logprobs_shape(client, fake, tokenizer):
+    ids = say(fake, tokenizer, " alpha beta")
+    out = client.completions.create(model="smol", prompt="x", max_tokens=10, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert fake.last_params.logprobs == 2
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs == [-0.25] * len(ids)
+    assert all(len(top) == 2 and top[tok] == -0.25 for top, tok in zip(lp.top_logprobs, lp.tokens))
+    assert lp.text_offset == [len(tokenizer.decode(ids[:k])) for k in range(len(ids))]
+
+
+def test_chat_logprobs_shape(client, fake, tokenizer):
+    ids = say(fake, tokenizer, "Hi 🎉")
+    out = chat(client, max_tokens=10, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(ids)
+    assert b"".join(bytes(c.bytes) for c in content).decode() == "Hi 🎉"
+    assert all(len(c.top_logprobs) == 3 and c.logprob == -0.25 for c in content)
+    assert any(c.token.startswith("bytes:") for c in content)  # a piece of the emoji
+    chunks = list(chat(client, stream=True, max_tokens=10, logprobs=True, top_logprobs=3))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [c.model_dump() for c in content]
+
+
+# ----- parameters reach the scheduler ------------------------------------------------------------
+
+def test_sampling_params_reach_the_scheduler(client, fake):
+    client.completions.create(
+        model="smol", prompt="x", max_tokens=9, temperature=0.7, top_p=0.9, n=2, seed=-1,
+        presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"42": 5, "7": -100},
+        stop=["zz"], user="someone", logprobs=1,
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2,
+                    "ignore_eos": True, "stop_token_ids": [5, 6]})
+    p = fake.last_params
+    assert p.max_tokens == 9 and p.n == 2 and p.top_k == 40 and p.min_tokens == 2
+    assert p.temperature == pytest.approx(0.7) and p.top_p == pytest.approx(0.9)
+    assert p.min_p == pytest.approx(0.05) and p.repetition_penalty == pytest.approx(1.1)
+    assert p.presence_penalty == 0.5 and p.frequency_penalty == -0.5
+    assert p.seed == 2**64 - 1
+    assert dict(p.logit_bias) == {42: 5.0, 7: -100.0}
+    assert list(p.stop_token_ids) == [5, 6] and p.ignore_eos and p.logprobs == 1
+
+
+def test_chat_params_and_defaults(client, fake):
+    chat(client, max_completion_tokens=11, temperature=0)
+    p = fake.last_params
+    assert p.max_tokens == 11 and p.HasField("temperature") and p.temperature == 0
+    assert not p.HasField("top_p") and not p.HasField("logprobs") and not p.HasField("seed")
+    chat(client)  # chat has no default max_tokens: the scheduler fills the context
+    assert not fake.last_params.HasField("max_tokens")
+
+
+def test_chat_content_parts_and_template(client, fake, tokenizer):
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    chat(client, messages=[{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": parts}], max_tokens=2)
+    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello\nworld"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    assert list(fake.requests[-1].prompt_token_ids) == ids_of(tokenizer, expected)
+
+
+def test_request_id_is_echoed_and_prefixes_the_scheduler_id(url, fake):
+    reply = httpx.post(url + "/v1/completions", headers={"X-Request-Id": "my-req-42"},
+                       json={"model": "smol", "prompt": "hi", "max_tokens": 2})
+    assert reply.headers["x-request-id"] == "my-req-42"
+    assert reply.json()["id"] == "cmpl-my-req-42"
+    assert fake.requests[-1].request_id.startswith("my-req-42-")
+    assert httpx.get(url + "/v1/models").headers["x-request-id"]  # made up when not given
+
+
+# ----- tokenize ------------------------------------------------------------------------------------
+
+def test_tokenize_detokenize_roundtrip(url, fake, tokenizer, client):
+    text = "Hello 世界 🎉"
+    tok = httpx.post(url + "/tokenize", json={"model": "smol", "prompt": text}).json()
+    assert tok["tokens"] == ids_of(tokenizer, text) and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == 2048
+    back = httpx.post(url + "/detokenize", json={"model": "smol", "tokens": tok["tokens"]}).json()
+    assert back == {"prompt": text}
+    messages = [{"role": "user", "content": text}]
+    counted = httpx.post(url + "/tokenize", json={"messages": messages}).json()["count"]
+    assert chat(client, messages=messages, max_tokens=1).usage.prompt_tokens == counted
+
+
+# ----- errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, param", [
+    ({"temperature": 3}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 5000}, "max_tokens"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0]"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_invalid_chat_params_are_400_naming_the_param(client, kw, param):
+    kw.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smol", **kw)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    assert param.split("[")[0] in err.value.body["message"] or "context length" in \
+        err.value.body["message"]
+
+
+@pytest.mark.parametrize("prompt", [[49152], [[1, 2], [-1]], "", [], [1.5]])
+def test_invalid_prompts_are_400(client, prompt):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt=prompt, max_tokens=2)
+    assert err.value.body["param"] == "prompt"
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt=[300] * 2048, max_tokens=1)
+    assert err.value.body["param"] == "prompt"
+    assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_is_400(url):
+    reply = httpx.post(url + "/v1/chat/completions", content=b'{"model": ',
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(client, model="gpt-17")
+    assert err.value.body["code"] == "model_not_found"
+    assert httpx.get(str(client.base_url) + "models/gpt-17").status_code == 404
+
+
+def test_scheduler_errors_map_to_http(client, fake):
+    fake.fail_with = (grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(client, stream=True)
+    assert err.value.status_code == 503 and err.value.response.headers["retry-after"] == "1"
+    fake.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: too many")
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client)
+    assert "max_tokens: too many" in err.value.body["message"]
+    assert err.value.body["param"] == "max_tokens"
+
+
+def test_scheduler_down_is_503_then_recovers(harness, client, url):
+    harness.stop_scheduler()
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            chat(client)
+        assert err.value.status_code == 503
+        assert err.value.body["code"] == "scheduler_unavailable"
+        assert httpx.get(url + "/health").status_code == 503
+    finally:
+        harness.start_scheduler()
+    eventually(lambda: httpx.get(url + "/health").status_code == 200)
+    assert chat(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_api_key_and_router_flags(harness, fake, tmp_path, tokenizer):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}>")
+    router = harness.router(api_key="s3cret", chat_template=str(template), max_model_len=64,
+                            served_model_name="custom")
+    bad = openai.OpenAI(base_url=router.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    assert httpx.get(router.url + "/health").status_code == 200  # health checks need no key
+    good = openai.OpenAI(base_url=router.url + "/v1", api_key="s3cret", max_retries=0)
+    assert [m.id for m in good.models.list().data] == ["custom"]
+    good.chat.completions.create(model="custom", messages=[{"role": "user", "content": "yo"}],
+                                 max_tokens=2)
+    assert list(fake.requests[-1].prompt_token_ids) == ids_of(tokenizer, "[user] yo\n>")
+    assert fake.authorization[-1] == "Bearer s3cret"  # the scheduler takes the same key
+    with pytest.raises(openai.BadRequestError) as err:
+        good.completions.create(model="custom", prompt=[300] * 60, max_tokens=10)
+    assert err.value.body["param"] == "max_tokens"
+
+
+# ----- disconnects -------------------------------------------------------------------------------
+
+def test_stream_disconnect_aborts_the_request(url, fake):
+    fake.token_delay_s = 0.05
+    body = {"model": "smol", "prompt": "x", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body) as reply:
+        lines = reply.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+    request_id = fake.requests[-1].request_id
+    eventually(lambda: request_id in fake.cancelled and request_id in fake.aborts)
+
+
+def test_non_stream_disconnect_aborts_the_request(url, fake):
+    fake.token_delay_s = 0.05
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", timeout=0.5,
+                   json={"model": "smol", "messages": [{"role": "user", "content": "x"}],
+                         "max_tokens": 500, "ignore_eos": True})
+    # The explicit Abort is sent after the call is cancelled, without waiting: poll for both.
+    eventually(lambda: fake.requests and fake.requests[-1].request_id in fake.cancelled
+               and fake.requests[-1].request_id in fake.aborts)
+
+
+# ----- the command line ----------------------------------------------------------------------------
+
+def test_cli_waits_for_the_scheduler(harness, model_dir):
+    """`python -m router` started before its scheduler: it retries, then serves."""
+    from tests.fake_scheduler import FakeScheduler, FakeSchedulerServer
+
+    scheduler = FakeSchedulerServer(FakeScheduler(vocab_size=49152, eos_token_ids=[EOS],
+                                                  model_path=str(model_dir)), port=free_port())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--scheduler-addr",
+                             scheduler.address, "--port", str(port), "--host", "127.0.0.1",
+                             "--log-level", "warning"])
+    try:
+        time.sleep(1.0)
+        harness.loop.run(scheduler.start())
+        eventually(lambda: proc.poll() is None and ok(f"http://127.0.0.1:{port}/health"), 60)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+        assert models[0]["id"] == model_dir.name  # no name from the scheduler: the dir's
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        harness.loop.run(scheduler.stop())
+
+
+def ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

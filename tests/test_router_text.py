@@ -1,0 +1,177 @@
+"""The router's text logic on its own: incremental detokenization, stop strings, and one choice's
+output (hidden stop tokens, usage counts, logprob offsets). No server, no scheduler."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.detokenizer import IncrementalDetokenizer
+from router.output import ChoiceOutput
+from router.stop import StopStrings
+
+TEXTS = ["Hello, world! How are you?", "你好，世界！今天天气很好。", "emoji 🎉🤖👍🏽 and flags 🇫🇷",
+         "mixed 中文 and English, ça va? 😀", "  leading spaces\n\ttabs and newlines\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> Tokenizer:
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def stream(detokenizer: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    return [detokenizer.add(t) for t in ids] + [detokenizer.flush()]
+
+
+# ----- detokenizer -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenizer_rebuilds_text_without_broken_characters(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    deltas = stream(IncrementalDetokenizer(tokenizer.decode), ids)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_waits_for_the_last_byte_of_a_character(tokenizer):
+    ids = tokenizer.encode("🎉", add_special_tokens=False).ids
+    assert len(ids) > 1, "the test needs an emoji split across tokens"
+    deltas = stream(IncrementalDetokenizer(tokenizer.decode), ids)
+    assert deltas[:len(ids) - 1] == [""] * (len(ids) - 1)
+    assert deltas[len(ids) - 1] == "🎉"
+
+
+def test_detokenizer_after_a_prompt_continues_its_text(tokenizer):
+    prompt = tokenizer.encode("Once upon a time 你", add_special_tokens=False).ids
+    output = tokenizer.encode(" there was 好 a 🐉", add_special_tokens=False).ids
+    deltas = stream(IncrementalDetokenizer(tokenizer.decode, prompt), output)
+    assert "".join(deltas) == tokenizer.decode(output)
+
+
+def byte_decoder(pieces: dict[int, bytes], strip_leading_space: bool = False):
+    """A toy tokenizer: each id is a byte string; optionally SentencePiece's leading-space rule."""
+    def decode(ids):
+        text = b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+        return text[1:] if strip_leading_space and text.startswith(" ") else text
+    return decode
+
+
+def test_detokenizer_holds_partial_utf8_and_flushes_it_at_the_end():
+    euro = "€".encode()  # three bytes
+    pieces = {1: b"a", 2: euro[:1], 3: euro[1:2], 4: euro[2:]}
+    assert stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 2, 3, 4]) == \
+        ["a", "", "", "€", ""]
+    # A sequence that ends inside a character shows it as U+FFFD, as a full decode would.
+    assert "".join(stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 2])) == "a\ufffd"
+
+
+def test_detokenizer_uses_prompt_context_for_leading_spaces():
+    pieces = {1: b" Hello", 2: b" world"}
+    decode = byte_decoder(pieces, strip_leading_space=True)
+    assert stream(IncrementalDetokenizer(decode), [2]) == ["world", ""]
+    assert stream(IncrementalDetokenizer(decode, [1]), [2]) == [" world", ""]
+
+
+def test_detokenizer_skips_special_tokens(tokenizer):
+    ids = tokenizer.encode("hi", add_special_tokens=False).ids
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+    assert "".join(stream(IncrementalDetokenizer(decode), [*ids, im_end, *ids])) == "hihi"
+
+
+# ----- stop strings ------------------------------------------------------------------------------
+
+def run_stop(stops, deltas):
+    checker, out = StopStrings(stops), []
+    for delta in deltas:
+        released, matched = checker.push(delta)
+        out.append(released)
+        if matched:
+            return out, True
+    out.append(checker.flush())
+    return out, False
+
+
+def test_stop_string_truncates_output():
+    assert run_stop(["END"], ["The answer", " is 42. END of", " story"]) == \
+        (["The answer", " is 42. "], True)
+
+
+def test_stop_string_split_across_deltas_is_held_back():
+    out, matched = run_stop(["<|end|>"], ["abc<", "|e", "nd", "|>tail"])
+    assert matched and out == ["abc", "", "", ""]
+
+
+def test_partial_match_that_fails_is_released():
+    out, matched = run_stop(["<|end|>"], ["abc<|e", "x and more"])
+    assert not matched and "".join(out) == "abc<|ex and more"
+    assert out[0] == "abc"
+
+
+def test_earliest_stop_string_wins():
+    assert run_stop(["world", "lo w"], ["hello world"]) == (["hel"], True)
+
+
+def test_a_shorter_stop_completing_first_ends_the_text():
+    # "bc" completes while "abcd" is still only a prefix: the output ends right there.
+    assert run_stop(["abcd", "bc"], ["xa", "b", "c", "d"]) == (["x", "", "a"], True)
+
+
+def test_stop_strings_do_not_count_before_min_tokens():
+    checker = StopStrings(["stop"])
+    assert checker.push("stop here", can_stop=False) == ("stop here", False)
+    assert checker.push(" now stop", can_stop=True) == (" now ", True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="abc<|>d", max_size=40),
+       stops=st.lists(st.text(alphabet="abc<|>", min_size=1, max_size=4), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(0, 40), max_size=10))
+def test_stop_strings_never_leak(text, stops, cuts):
+    """Whatever the deltas, the released text at every moment is a prefix of the final output,
+    and the final output is the text up to its earliest stop string."""
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    out, matched = run_stop(stops, deltas)
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = text[:min(found)] if found else text
+    assert "".join(out) == expected and matched == bool(found)
+
+
+# ----- one choice's output -------------------------------------------------------------------------
+
+def message(ids, finish=pb.FINISH_REASON_UNSPECIFIED, logprobs=False):
+    lps = [pb.TokenLogprob(token_id=t, logprob=-1.0) for t in ids] if logprobs else []
+    return pb.GenerateResponse(token_ids=ids, finish_reason=finish, logprobs=lps)
+
+
+def choice(tokenizer, stops=(), hidden=frozenset(), min_tokens=0) -> ChoiceOutput:
+    return ChoiceOutput(IncrementalDetokenizer(tokenizer.decode), StopStrings(stops), hidden,
+                        min_tokens)
+
+
+def test_choice_hides_its_stop_token_but_counts_it(tokenizer):
+    ids = tokenizer.encode("Hi there", add_special_tokens=False).ids
+    stop_id = tokenizer.token_to_id("!")
+    out = choice(tokenizer, hidden=frozenset({stop_id}))
+    delta = out.add(message([*ids, stop_id], pb.FINISH_REASON_STOP))
+    assert (delta.text, delta.finish_reason, out.num_tokens) == ("Hi there", "stop", len(ids) + 1)
+
+
+def test_choice_stops_counting_at_the_stop_string(tokenizer):
+    ids = tokenizer.encode("one two three four", add_special_tokens=False).ids
+    out = choice(tokenizer, stops=["three"])
+    text = "".join(out.add(message([t])).text for t in ids)
+    assert text == "one two " and out.finish_reason == "stop" and out.stopped_here
+    assert out.num_tokens == 3  # "one", " two", " three"
+    assert not out.add(message(ids[:1]))  # tokens after the stop are ignored
+
+
+def test_choice_logprob_offsets_point_into_its_text(tokenizer):
+    ids = tokenizer.encode("alpha beta gamma", add_special_tokens=False).ids
+    delta = choice(tokenizer).add(message(ids, pb.FINISH_REASON_LENGTH, logprobs=True))
+    offsets = [lp.text_offset for lp in delta.logprobs]
+    pieces = [delta.text[a:b] for a, b in zip(offsets, [*offsets[1:], len(delta.text)])]
+    assert pieces == [tokenizer.decode([t]) for t in ids]

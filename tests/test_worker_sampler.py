@@ -1,0 +1,145 @@
+"""Each sampling feature has its effect, on hand-made logits."""
+import pytest
+import torch
+
+from worker.batch import SequenceState
+from worker.sampler import Sampler, SamplingOptions
+
+VOCAB = 32
+EOS = 1
+
+
+def seq(prompt=(2, 3), generated=(), **params):
+    tokens = list(prompt) + list(generated)
+    return SequenceState(seq_id=0, token_ids=tokens, num_prompt=len(prompt), params=SamplingOptions(**params))
+
+
+def sampler(seed=0):
+    return Sampler(VOCAB, [EOS], seed=seed, device="cpu")
+
+
+def random_logits(rows, seed=0):
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(6)
+    out = sampler()(logits, [seq(temperature=0) for _ in range(6)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 6
+
+
+def test_top_k_1_is_argmax_even_when_hot():
+    logits = random_logits(6)
+    for seed in range(5):
+        out = sampler(seed)(logits, [seq(temperature=5.0, top_k=1) for _ in range(6)])
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, :3] = torch.tensor([0.5, 0.3, 0.2]).log()
+    drawn = {sampler(s)(logits, [seq(top_p=0.6)]).token_ids[0] for s in range(40)}
+    assert drawn == {0, 1}  # 0.5 alone is under 0.6; 0.5 + 0.3 covers it
+
+
+def test_min_p_cuts_the_unlikely():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, :3] = torch.tensor([0.5, 0.4, 0.1]).log()
+    drawn = {sampler(s)(logits, [seq(min_p=0.5)]).token_ids[0] for s in range(40)}
+    assert drawn == {0, 1}  # 0.1 < 0.5 * 0.5
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.full((1, VOCAB), -30.0)
+    logits[0, 4], logits[0, 9] = 0.0, -1.0986  # probabilities 3/4 and 1/4
+    s = sampler()
+    draws = torch.tensor([s(logits, [seq()]).token_ids[0] for _ in range(400)])
+    assert set(draws.tolist()) == {4, 9}
+    assert 0.65 < (draws == 4).float().mean() < 0.85
+
+
+def test_logit_bias_forces_a_token():
+    logits = random_logits(3)
+    out = sampler()(logits, [seq(logit_bias={7: 100.0}), seq(temperature=0, logit_bias={7: 100.0}), seq(temperature=0)])
+    assert out.token_ids[:2] == [7, 7]
+    assert out.token_ids[2] == int(logits[2].argmax())
+
+
+@pytest.mark.parametrize("penalty", [
+    {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.5},
+])
+def test_penalties_lower_repeated_tokens(penalty):
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 6] = 2.0, 1.9
+    assert sampler()(logits, [seq(temperature=0, generated=[5], **penalty)]).token_ids == [6]
+    assert sampler()(logits, [seq(temperature=0, generated=[6], **penalty)]).token_ids == [5]
+
+
+def test_repetition_penalty_also_covers_the_prompt_and_negative_logits():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, 5], logits[0, 6] = -1.0, -1.2
+    # 5 is in the prompt: -1.0 * 1.5 = -1.5 falls below 6.
+    assert sampler()(logits, [seq(prompt=[5], temperature=0, repetition_penalty=1.5)]).token_ids == [6]
+    # presence and frequency count only generated tokens: the prompt's 5 is not penalised.
+    assert sampler()(logits, [seq(prompt=[5], temperature=0, presence_penalty=1.0)]).token_ids == [5]
+
+
+def test_frequency_penalty_grows_with_the_count():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 5], logits[:, 6] = 2.0, 1.0
+    once = seq(temperature=0, generated=[5], frequency_penalty=0.6)
+    thrice = seq(temperature=0, generated=[5, 5, 5], frequency_penalty=0.6)
+    assert sampler()(logits, [once, thrice]).token_ids == [5, 6]
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, EOS], logits[:, 8], logits[:, 3] = 5.0, 4.0, 1.0
+    early = seq(generated=[4], temperature=0, min_tokens=2, stop_token_ids=(8,))
+    done = seq(generated=[4, 4], temperature=0, min_tokens=2, stop_token_ids=(8,))
+    assert sampler()(logits, [early, done]).token_ids == [3, EOS]
+
+
+def test_same_seed_same_draw_whatever_else_is_in_the_batch():
+    row = random_logits(1, seed=1)
+    seeded = seq(temperature=1.0, seed=1234, generated=[4, 5])
+    alone = sampler(seed=0)(row, [seeded]).token_ids[0]
+    others = random_logits(5, seed=2)
+    crowd = [seq(temperature=1.0) for _ in range(5)]
+    batch = torch.cat([others[:2], row, others[2:]])
+    mixed = sampler(seed=99)(batch, crowd[:2] + [seeded] + crowd[2:]).token_ids[2]
+    assert mixed == alone
+    # ... and a flat distribution over many seeds does give different draws.
+    flat = torch.zeros(1, VOCAB)
+    assert len({sampler()(flat, [seq(seed=s)]).token_ids[0] for s in range(20)}) > 5
+
+
+def test_seeded_draws_depend_on_the_position_not_on_history():
+    flat = torch.zeros(1, VOCAB)
+    draws = [sampler()(flat, [seq(seed=7, generated=[0] * n)]).token_ids[0] for n in range(12)]
+    assert len(set(draws)) > 3  # each position draws afresh
+    # After preemption the sequence comes back with the same num_generated: the same draw.
+    assert sampler(seed=5)(flat, [seq(seed=7, generated=[0] * 4)]).token_ids[0] == draws[4]
+
+
+def test_logprobs_are_log_softmax_of_the_raw_logits():
+    logits = random_logits(2)
+    rows = [seq(temperature=0.7, logprobs=4, presence_penalty=1.0, generated=[3], logit_bias={2: 3.0}),
+            seq(temperature=0, logprobs=0)]
+    out = sampler()(logits, rows)
+    expected = torch.log_softmax(logits, dim=-1)
+    for i, entry in enumerate(out.logprobs):
+        assert entry.token_id == out.token_ids[i]
+        assert entry.logprob == pytest.approx(float(expected[i, out.token_ids[i]]), abs=1e-5)
+    top = out.logprobs[0].top
+    assert [t.token_id for t in top] == expected[0].topk(4).indices.tolist()
+    assert [t.logprob for t in top] == pytest.approx(expected[0].topk(4).values.tolist(), abs=1e-5)
+    assert len(out.logprobs[1].top) == 0
+
+
+def test_invalid_params_are_rejected():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingOptions(top_p=0.0).check(VOCAB)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SamplingOptions(logit_bias={VOCAB: 1.0}).check(VOCAB)

@@ -1,0 +1,1 @@
+"""The worker: model weights, the paged KV cache, attention backends and the sampler, behind the Execute stream."""

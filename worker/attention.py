@@ -1,0 +1,136 @@
+"""Attention backends: write the step's new K/V into their cache slots, then attend over each
+sequence's whole context (cached prefix + new tokens, causally).
+
+Both backends take the same inputs and must give the same results:
+- `torch`: the CPU serving path. Decodes are batched into one SDPA call over a padded gather of
+  their blocks; prefill chunks run one SDPA call per sequence.
+- `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests).
+
+Cache layout (the kernels' contract): per layer, K and V of shape
+[num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives in slot
+table[t // block_size] * block_size + t % block_size.
+"""
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens come from and go, shared by every layer.
+
+    Sequences are ordered decodes first: the first `num_decodes` have exactly one query token.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with block 0
+    seq_lens: torch.Tensor  # [B] int32: context length, new tokens included
+    query_start_loc: torch.Tensor  # [B + 1] int32: where each sequence's tokens start in the step
+    max_query_len: int
+    num_decodes: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+    prepared: dict = field(default_factory=dict)  # the backend's per-step precomputation
+
+
+class TorchAttention:
+    """scaled_dot_product_attention over K/V gathered from the paged cache."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Index and mask tensors every layer reuses, built once per step. Blocks are gathered
+        with index_select over a flat list of block ids: several times faster on CPU than
+        advanced indexing with the 2-D table."""
+        nd, bs = meta.num_decodes, meta.block_size
+        if nd:
+            longest = max(meta.seq_lens_cpu[:nd])
+            num_blocks = -(-longest // bs)
+            valid = torch.arange(num_blocks * bs, device=meta.seq_lens.device) < meta.seq_lens[:nd, None]
+            blocks = meta.block_tables[:nd, :num_blocks].flatten()
+            meta.prepared["decode"] = (blocks, valid[:, None, None, :])
+        prefills = []
+        starts = list(accumulate(meta.query_lens_cpu, initial=0))  # from CPU lists: no device sync
+        for i in range(nd, len(meta.query_lens_cpu)):
+            q_len, ctx, q_start = meta.query_lens_cpu[i], meta.seq_lens_cpu[i], starts[i]
+            if q_len == ctx:
+                # The whole context is new: attend to this step's K/V directly, plain causal.
+                prefills.append((q_start, q_len, ctx, None, None))
+                continue
+            blocks = meta.block_tables[i, : -(-ctx // bs)]
+            # Query i sits at position ctx - q_len + i and sees keys up to that position.
+            q_pos = torch.arange(ctx - q_len, ctx, device=blocks.device)
+            mask = torch.arange(ctx, device=blocks.device)[None, :] <= q_pos[:, None]
+            prefills.append((q_start, q_len, ctx, blocks, mask))
+        meta.prepared["prefills"] = prefills
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        kv_heads, head_dim = k_cache.shape[2:]
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        nd, num_heads = meta.num_decodes, q.shape[1]
+        if nd:
+            blocks, valid = meta.prepared["decode"]
+            # One call for every decode: the padded context [nd, kv_heads, L, d], and the query
+            # heads of a KV group laid out as that group's "query rows", so GQA needs no repeat.
+            k_ctx = k_cache.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            v_ctx = v_cache.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            q_grouped = q[:nd].view(nd, kv_heads, num_heads // kv_heads, head_dim)
+            o = F.scaled_dot_product_attention(q_grouped, k_ctx, v_ctx, attn_mask=valid, scale=scale)
+            out[:nd] = o.reshape(nd, num_heads, head_dim)
+        for q_start, q_len, ctx, blocks, mask in meta.prepared["prefills"]:
+            rows = slice(q_start, q_start + q_len)
+            if blocks is None:
+                k_seq, v_seq = k[rows], v[rows]
+            else:
+                k_seq = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
+                v_seq = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
+            # 4-D [1, heads, len, d]: with 3-D inputs the CPU dispatcher falls back to the math
+            # kernel, which materialises every score (several times slower on long prompts).
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None],
+                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+            )
+            out[rows] = o[0].transpose(0, 1)
+        return out
+
+
+class TritonAttention:
+    """The Triton kernels from kernels/: one varlen launch serves prefill chunks and decodes."""
+
+    name = "triton"
+
+    def __init__(self):
+        import kernels  # lazily: importing triton is slow and needs a GPU or TRITON_INTERPRET=1
+
+        self.kernels = kernels
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.kernels.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+            max_query_len=meta.max_query_len,
+        )
+
+
+def make_attention_backend(name: str, device: torch.device, block_size: int):
+    """auto: triton on CUDA, torch on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        if block_size & (block_size - 1):
+            raise ValueError(f"the triton attention backend needs a power-of-two --block-size, not {block_size}")
+        return TritonAttention()
+    raise ValueError(f"--attention-backend {name!r} is not one of auto, torch, triton")

@@ -1,0 +1,109 @@
+"""One StepPlan in, one StepResult out: update the persistent batch, run every scheduled token
+in one varlen forward pass, sample for the sequences that reached the end of their tokens.
+"""
+import logging
+import os
+import time
+
+import torch
+
+from pagedserve.v1 import worker_pb2
+from worker.attention import make_attention_backend
+from worker.batch import PersistentBatch, PlanError, build_step_inputs
+from worker.config import WorkerConfig
+from worker.cpu_linear import pack_linears
+from worker.kv_cache import allocate_kv_cache, choose_num_blocks
+from worker.loader import load_model
+from worker.sampler import Sampler, SamplerOutput
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA device (use --device cpu)")
+        self.backend = make_attention_backend(config.attention_backend, self.device, config.block_size)
+        self.loaded = load_model(config, self.backend)
+        self.model = self.loaded.model
+        if self.device.type == "cpu":
+            log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
+        shape = self.model.kv_cache_shape()
+        self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
+        self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
+        self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len, self.loaded.vocab_size)
+        self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
+        log.info("%s loaded from %s: %s on %s, %s attention, %d threads", self.loaded.architecture, config.model,
+                 self.loaded.dtype, self.device, self.backend.name, torch.get_num_threads())
+
+    def worker_info(self) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            rank=self.config.rank,
+            world_size=self.config.world_size,
+            model_path=str(self.config.model),
+            num_kv_blocks=self.num_blocks,
+            block_size=self.config.block_size,
+            max_model_len=self.loaded.max_model_len,
+            vocab_size=self.loaded.vocab_size,
+            eos_token_ids=self.loaded.eos_token_ids,
+            device=str(self.device),
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+        )
+
+    def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """Never raises: a step that fails comes back with `error` set, and the worker goes on."""
+        try:
+            return self.run_step(plan)[0]
+        except PlanError as e:
+            log.warning("step %d rejected: %s", plan.step_id, e)
+            return worker_pb2.StepResult(step_id=plan.step_id, error=f"invalid plan: {e}")
+        except Exception as e:
+            log.exception("step %d failed", plan.step_id)
+            return worker_pb2.StepResult(step_id=plan.step_id, error=f"{type(e).__name__}: {e}")
+
+    @torch.inference_mode()
+    def run_step(self, plan: worker_pb2.StepPlan) -> tuple[worker_pb2.StepResult, torch.Tensor | None]:
+        """The step, raising on failure; also returns the sampled rows' logits (in result order),
+        which tests compare with transformers."""
+        self.batch.free(plan.freed_seq_ids)
+        for new in plan.new_sequences:
+            self.batch.add(new)
+        work = self.batch.schedule(plan.scheduled)
+        if not work:
+            return worker_pb2.StepResult(step_id=plan.step_id), None
+
+        started = time.perf_counter()
+        inputs = build_step_inputs(work, self.config.block_size, self.device)
+        self.backend.prepare(inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if inputs.sampling:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            sampled = self.sampler(logits, inputs.sampling)  # returns Python ints: the device has synced
+        else:  # only prefill chunks that do not reach their end
+            logits, sampled = None, SamplerOutput([], [])
+        elapsed = time.perf_counter() - started
+
+        for seq, num_tokens in work:
+            seq.num_computed += num_tokens
+        for seq, token in zip(inputs.sampling, sampled.token_ids):
+            seq.token_ids.append(token)
+
+        # The batch ran decodes first; results go back in plan order.
+        plan_index = {seq.seq_id: i for i, (seq, _) in enumerate(work)}
+        order = sorted(range(len(inputs.sampling)), key=lambda j: plan_index[inputs.sampling[j].seq_id])
+        result = worker_pb2.StepResult(
+            step_id=plan.step_id,
+            seq_ids=[inputs.sampling[j].seq_id for j in order],
+            token_ids=[sampled.token_ids[j] for j in order],
+            logprobs=[
+                worker_pb2.SequenceLogprob(seq_id=inputs.sampling[j].seq_id, logprob=sampled.logprobs[j])
+                for j in order
+                if sampled.logprobs[j] is not None
+            ],
+            forward_seconds=elapsed,
+        )
+        return result, None if logits is None else logits[order]

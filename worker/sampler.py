@@ -1,0 +1,227 @@
+"""Turning one row of logits per sampling sequence into one token each, in a single batched pass.
+
+The order is vLLM's: logprobs from the raw logits; then logit_bias and min_tokens; then
+repetition, frequency and presence penalties; greedy rows take the argmax of that; random rows
+go on through temperature, min_p, top-k/top-p and an exponential-race draw (argmax of p / q with
+q ~ Exp(1), which picks token i with probability p_i). A feature no row uses costs nothing.
+
+Seeded rows draw their noise from a generator seeded by (seed, num_generated): the same request
+draws the same token whatever else is in the batch, and again after preemption and recompute.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedserve.v1 import scheduler_pb2
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """SamplingParams with their defaults filled in (see scheduler.proto)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+
+    @classmethod
+    def from_proto(cls, p: scheduler_pb2.SamplingParams, vocab_size: int) -> "SamplingOptions":
+        def get(name, default):
+            return getattr(p, name) if p.HasField(name) else default
+
+        opts = cls(
+            temperature=get("temperature", 1.0),
+            top_p=get("top_p", 1.0),
+            top_k=max(get("top_k", 0), 0),  # vLLM's -1 also means off
+            min_p=get("min_p", 0.0),
+            seed=get("seed", None),
+            presence_penalty=get("presence_penalty", 0.0),
+            frequency_penalty=get("frequency_penalty", 0.0),
+            repetition_penalty=get("repetition_penalty", 1.0),
+            logit_bias=dict(p.logit_bias),
+            min_tokens=get("min_tokens", 0),
+            stop_token_ids=tuple(p.stop_token_ids),
+            logprobs=get("logprobs", None),
+        )
+        opts.check(vocab_size)
+        return opts
+
+    def check(self, vocab_size: int) -> None:
+        problems = [
+            f"temperature={self.temperature} must be >= 0" if self.temperature < 0 else "",
+            f"top_p={self.top_p} must be in (0, 1]" if not 0 < self.top_p <= 1 else "",
+            f"min_p={self.min_p} must be in [0, 1]" if not 0 <= self.min_p <= 1 else "",
+            f"repetition_penalty={self.repetition_penalty} must be > 0" if self.repetition_penalty <= 0 else "",
+            f"logprobs={self.logprobs} must be >= 0" if self.logprobs is not None and self.logprobs < 0 else "",
+            "logit_bias names token ids outside the vocabulary"
+            if any(not 0 <= t < vocab_size for t in self.logit_bias) else "",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError("invalid sampling params: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[scheduler_pb2.TokenLogprob | None]  # per row; None where not asked for
+
+
+def _seed_for(seed: int, num_generated: int) -> int:
+    # splitmix64-style mix, so consecutive tokens of a request get unrelated streams.
+    x = (seed * 0x9E3779B97F4A7C15 + num_generated + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _padded(rows: list[list[int]], pad: int, device) -> torch.Tensor:
+    width = max(map(len, rows), default=0)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device).view(len(rows), width)
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """[len(rows), vocab] counts of each token per row; padding lands in a dropped extra column."""
+    ids = _padded(rows, vocab_size, device)
+    counts = torch.zeros(len(rows), vocab_size + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs) -> SamplerOutput:
+        """logits: [S, vocab] float32, one row per sequence in `seqs` (objects with .params,
+        .token_ids, .num_prompt, .num_generated)."""
+        params = [s.params for s in seqs]
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+
+        logits = self._apply_bias_and_min_tokens(logits, seqs)
+        logits = self._apply_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            tokens[random_rows] = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
+
+        token_list = tokens.tolist()
+        logprobs = [None] * len(seqs)
+        if want_logprobs:
+            for row, entry in zip(want_logprobs, self._logprobs(raw_logprobs, want_logprobs, token_list, params)):
+                logprobs[row] = entry
+        return SamplerOutput(token_list, logprobs)
+
+    def _apply_bias_and_min_tokens(self, logits, seqs):
+        biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias.items()]
+        # Before min_tokens, EOS and the stop ids may not be drawn: the scheduler would stop on them.
+        banned = [
+            (i, t)
+            for i, s in enumerate(seqs)
+            if s.num_generated < s.params.min_tokens
+            for t in (*self.eos_token_ids, *s.params.stop_token_ids)
+            if 0 <= t < self.vocab_size
+        ]
+        if not biased and not banned:
+            return logits
+        logits = logits.clone()
+        if biased:
+            rows, cols, bias = zip(*biased)
+            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+            logits.index_put_(index, torch.tensor(bias, device=logits.device, dtype=logits.dtype), accumulate=True)
+        if banned:
+            rows, cols = zip(*banned)
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        return logits
+
+    def _apply_penalties(self, logits, seqs):
+        rows = [
+            i for i, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1 or s.params.presence_penalty or s.params.frequency_penalty
+        ]
+        if not rows:
+            return logits
+        device = logits.device
+        sub = logits[rows]
+        picked = [seqs[i] for i in rows]
+        output_counts = _token_counts([s.token_ids[s.num_prompt:] for s in picked], self.vocab_size, device)
+        in_output = output_counts > 0
+
+        def column(name):
+            return torch.tensor([getattr(s.params, name) for s in picked], device=device, dtype=sub.dtype)[:, None]
+
+        repetition = column("repetition_penalty")
+        if (repetition != 1).any():
+            # vLLM's (and CTRL's) rule: over prompt and output, divide positive logits, multiply negative.
+            seen = in_output | (_token_counts([s.token_ids[: s.num_prompt] for s in picked], self.vocab_size, device) > 0)
+            penalized = torch.where(sub > 0, sub / repetition, sub * repetition)
+            sub = torch.where(seen, penalized, sub)
+        sub = sub - column("frequency_penalty") * output_counts - column("presence_penalty") * in_output
+        logits = logits.clone()
+        logits[rows] = sub
+        return logits
+
+    def _draw(self, logits, seqs) -> torch.Tensor:
+        """Sample one token per row of `logits` (all rows have temperature > 0)."""
+        params = [s.params for s in seqs]
+        device = logits.device
+        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        if any(p.min_p > 0 for p in params):
+            probs = logits.softmax(dim=-1)
+            min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+            logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            logits = self._top_k_top_p(logits, params)
+        probs = logits.softmax(dim=-1)
+
+        noise = torch.empty_like(probs)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None]
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(generator=self.generator)
+        for i in seeded:
+            g = torch.Generator(device).manual_seed(_seed_for(params[i].seed, seqs[i].num_generated))
+            noise[i].exponential_(generator=g)
+        return (probs / noise.clamp_(min=1e-10)).argmax(dim=-1)
+
+    def _top_k_top_p(self, logits, params):
+        # One sort serves both: top-k cuts by rank, top-p by the cumulative mass of what is left.
+        vocab = logits.shape[1]
+        device = logits.device
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
+        ranks = torch.arange(vocab, device=device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the best token always stays: its mass_before is 0
+        sorted_logits = sorted_logits.masked_fill((mass_before > top_p) & (top_p < 1), float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+
+    def _logprobs(self, raw_logprobs, rows, tokens, params):
+        k_max = max(params[r].logprobs for r in rows)
+        top_values, top_ids = raw_logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        sampled = raw_logprobs.gather(1, torch.tensor([tokens[r] for r in rows], device=raw_logprobs.device)[:, None])
+        sampled = sampled.squeeze(1).tolist()
+        top_values = top_values.tolist() if k_max else None
+        top_ids = top_ids.tolist() if k_max else None
+        for j, r in enumerate(rows):
+            k = params[r].logprobs
+            top = [scheduler_pb2.TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:k], top_values[j][:k])] if k else []
+            yield scheduler_pb2.TokenLogprob(token_id=tokens[r], logprob=sampled[j], top=top)

@@ -1,0 +1,50 @@
+"""The worker's gRPC face: the Worker service (Execute, GetWorkerInfo) and grpc.health.v1."""
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pagedserve.v1 import worker_pb2_grpc
+from worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "pagedserve.v1.Worker"
+MAX_MESSAGE_BYTES = 64 << 20  # a plan re-adding many preempted long sequences is large
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        # One persistent batch and one KV cache: steps from two streams must never interleave.
+        self.lock = threading.Lock()
+
+    def Execute(self, request_iterator, context):
+        log.info("Execute stream opened by %s", context.peer())
+        for plan in request_iterator:
+            with self.lock:
+                result = self.runner.execute(plan)
+            yield result
+        log.info("Execute stream closed by %s", context.peer())
+
+    def GetWorkerInfo(self, request, context):
+        return self.runner.worker_info()
+
+
+def build_server(runner: ModelRunner, address: str) -> tuple[grpc.Server, health.HealthServicer]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address} (port in use?)")
+    # The model is loaded before the server is built, so the worker is SERVING as soon as it listens.
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer
