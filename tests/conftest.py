@@ -25,3 +25,14 @@ def model_dir() -> Path:
     if not (MODEL_DIR / MARKER).is_file():
         pytest.fail(f"{MODEL_DIR} is missing or incomplete: run `make model` first", pytrace=False)
     return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def smol_stack(model_dir, tmp_path_factory):
+    """One `pagedserve serve` of SmolLM2 with default flags, shared by every test that only sends
+    requests to it (starting a stack costs ~15 s of the suite's 2 cores). Tests that change the
+    server's state (kill a process, restart, special flags) start their own with tests.stack.run_stack."""
+    from tests.stack import run_stack
+    with run_stack(model_dir, "--served-model-name", "SmolLM2-135M-Instruct",
+                   log_dir=tmp_path_factory.mktemp("smol-stack")) as stack:
+        yield stack

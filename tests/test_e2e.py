@@ -10,17 +10,14 @@ from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests import hf_reference
-from tests.stack import run_stack
 
 MODEL = "SmolLM2-135M-Instruct"
 LENGTHS = [5, 17, 40, 64, 111, 190, 300, 400]
 
 
 @pytest.fixture(scope="module")
-def stack(model_dir, tmp_path_factory):
-    with run_stack(model_dir, "--served-model-name", MODEL,
-                   log_dir=tmp_path_factory.mktemp("e2e")) as s:
-        yield s
+def stack(smol_stack):
+    return smol_stack
 
 
 @pytest.fixture(scope="module")
