@@ -201,7 +201,7 @@ class Scheduler:
         self.running.append(seq)
         seq.on_worker = True
         plan.new_sequences.append(wpb.NewSequence(
-            seq_id=seq.seq_id, token_ids=seq.token_ids, params=seq.request.params,
+            seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
             num_computed_tokens=num_cached, num_generated=seq.num_output))
         plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
                                                     new_block_ids=seq.block_ids))
@@ -254,3 +254,15 @@ class Scheduler:
         self.in_flight = []
         self.pool.reset()
         return failed
+
+
+def sequence_params(seq: Sequence) -> pb.SamplingParams:
+    """The request's sampling parameters as the worker applies them to one of its n sequences.
+    A seeded request's siblings get seeds seed+index: each choice is reproducible, yet they differ."""
+    params = seq.request.params
+    if seq.index == 0 or not params.HasField("seed"):
+        return params
+    derived = pb.SamplingParams()
+    derived.CopyFrom(params)
+    derived.seed = (params.seed + seq.index) % 2**64  # the field is uint64
+    return derived

@@ -139,6 +139,18 @@ def test_parallel_sampling_computes_the_prompt_once():
     assert outs == [outs[0]] * 3
 
 
+def test_seeded_siblings_get_distinct_reproducible_seeds():
+    s, w = make()
+    params = pb.SamplingParams(max_tokens=2, n=3, temperature=1.0, seed=7)
+    s.add_request("seeded", [1, 2, 3], params, SamplingLimits(2, 0, frozenset(), frozenset({EOS}), True))
+    seeds = {}
+    while s.has_work():
+        plan, _ = step(s, w)
+        seeds.update({new.seq_id: new.params.seed for new in plan.new_sequences})
+    assert sorted(seeds.values()) == [7, 8, 9]
+    assert params.seed == 7, "the request's own parameters are left as they were"
+
+
 def test_abort_frees_blocks_and_tells_the_worker():
     s, w = make()
     add(s, "a", list(range(1, 30)), max_tokens=50, ignore_eos=True)
