@@ -60,29 +60,43 @@ class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the generation of one request: one message per step that produced tokens for one of
-        its sequences, the last message of each sequence carrying its finish_reason.
+        """Generates from one prompt and streams the result as it is produced.
+
+        The stream carries, for each of the request's `n` sequences (told apart by `index`), one
+        message per engine step that gave that sequence new tokens; messages of different sequences
+        interleave. A sequence's last message has its finish_reason set (and may carry no tokens);
+        the stream ends with status OK after every sequence has finished, aborted ones included.
+        Concatenating a sequence's token_ids in order gives its whole output.
+
+        Errors before the first message: INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
+        UNAVAILABLE, UNAUTHENTICATED. After it: UNAVAILABLE when the worker is lost. Cancel the call
+        or let its deadline pass to abort the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Stops a request early (a stop string matched, the client went away). Idempotent.
+        """Stops a request in flight (a stop string matched on the client's side, the user gave up), by
+        its request_id, from any connection. Its Generate stream then ends normally: each sequence that
+        was still running gets a last message with FINISH_REASON_ABORT. Idempotent; never fails for
+        an unknown id (found is false). Errors: UNAUTHENTICATED only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is being served: the model's name, context length, EOS ids, vocabulary and block size.
+        """What is served: the model's name, its context length, EOS ids, vocabulary size, KV block size.
+        Constant for the life of the server. Errors: UNAUTHENTICATED only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Queue and KV cache figures (for /metrics and tests).
+        """Queue and KV cache figures right now (the router's /metrics reads them). Errors:
+        UNAUTHENTICATED only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
