@@ -38,8 +38,9 @@ def http_ok(url: str) -> bool:
 
 
 class Launcher:
-    def __init__(self, args):
+    def __init__(self, args, output=None):
         self.args = args
+        self.output = output  # a file for the children's stdout and stderr; None: ours
         self.procs: list[tuple[str, subprocess.Popen]] = []  # in start order
 
     # ----- commands ---------------------------------------------------------------------------
@@ -86,7 +87,8 @@ class Launcher:
     # ----- lifecycle ----------------------------------------------------------------------------
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                stdout=self.output, stderr=self.output)
         self.procs.append((name, proc))
         return proc
 
@@ -142,10 +144,14 @@ class Launcher:
         raise KeyboardInterrupt
 
     def stop_all(self) -> None:
-        """Router first (no new requests), then the scheduler, then the workers: each lets the work
-        in flight drain before the process behind it goes away."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.stop_children()
+
+    def stop_children(self) -> None:
+        """Router first (no new requests), then the scheduler, then the workers: each lets the work
+        in flight drain before the process behind it goes away. Leaves signal handlers alone, so
+        a library (pagedserve.LLM) can call it from any thread of its host process."""
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
