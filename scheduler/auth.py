@@ -14,9 +14,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.expected = f"Bearer {api_key}".encode()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        if not details.method.startswith(PROTECTED_PREFIX) or self.authorized(details):
-            return await continuation(details)
-        return self.refusal(await continuation(details))
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(PROTECTED_PREFIX) or self.authorized(details):
+            return handler  # None: an unknown method, which gRPC answers with UNIMPLEMENTED
+        return self.refusal(handler)
 
     def authorized(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():

@@ -73,8 +73,8 @@ class SchedulerService(pbgrpc.SchedulerServicer):
 def build_server(service: SchedulerService, address: str,
                  api_key: str | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     pbgrpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

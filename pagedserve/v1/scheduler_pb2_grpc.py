@@ -88,7 +88,7 @@ class SchedulerServicer:
 
     def GetModelInfo(self, request, context):
         """What is served: the model's name, its context length, EOS ids, vocabulary size, KV block size.
-        Constant for the life of the server. Errors: UNAUTHENTICATED only.
+        Errors: UNAUTHENTICATED only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
