@@ -312,7 +312,7 @@ def test_dummy_weights_need_no_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("architecture", "supported: LlamaForCausalLM"),
+    ("architecture", "supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM"),
     ("shape", "model.safetensors: tensor model.embed_tokens.weight has shape"),
     ("missing", "neither model.safetensors"),
 ])

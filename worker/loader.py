@@ -1,30 +1,41 @@
-"""Loading a Hugging Face model directory as it is: config.json, model.safetensors (or shards
-named by model.safetensors.index.json), generation_config.json for the EOS ids.
+"""Loading a Hugging Face model directory as it is: config.json, the weights (see checkpoint.py),
+generation_config.json (EOS ids, default sampling parameters).
 
-The model is built on the meta device (no time spent on random init), moved to its device
-uninitialised, then every parameter is copied from the checkpoint tensor of the same name.
+The model is built on the meta device at this rank's size (no time spent on random init), moved
+to its device uninitialised, then every parameter is filled from the checkpoint tensor of the
+same name: only the slice this rank holds under tensor parallelism (see models/sharding.py), so
+no rank ever reads the whole model. `--load-format dummy` fills the same slices from random
+tensors of the checkpoint's shapes instead, without reading a weight file.
 """
-import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from worker import distributed
+from worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
 from worker.models import model_class
 from worker.models.layers import RotaryEmbedding
+from worker.models.sharding import Shard
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# generation_config.json keys that become a request's defaults when it does not set them (vLLM's set).
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
-
-class LoadError(RuntimeError):
-    """The model directory cannot be served as it is; the message names the file."""
+@dataclass
+class ModelSpec:
+    """What config.json says, checked before anything is loaded."""
+    model_dir: Path
+    hf_config: SimpleNamespace
+    architecture: str
+    model_class: type
 
 
 @dataclass
@@ -36,15 +47,39 @@ class LoadedModel:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    sampling_defaults: dict
 
 
-def read_json(path: Path) -> dict:
+def inspect_model_dir(config) -> ModelSpec:
+    """config.json's architecture and the weight files, checked in milliseconds (the worker does
+    this before it opens any port). `config` is a WorkerConfig."""
+    model_dir = Path(config.model)
+    if not model_dir.is_dir():
+        raise LoadError(f"{model_dir}: not a directory (pass --model a Hugging Face model directory)")
+    config_path = model_dir / "config.json"
+    raw = read_json(config_path)
+    architectures = raw.get("architectures") or []
+    if not architectures:
+        raise LoadError(f"{config_path}: no `architectures` entry, so the model class is unknown")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from None
+        cls = model_class(architectures[0])
+    except ValueError as e:
+        raise LoadError(f"{config_path}: {e}") from None
+    if config.load_format == "auto":
+        weight_files(model_dir)
+    elif config.load_format != "dummy":
+        raise LoadError(f"--load-format {config.load_format!r} is not one of auto, dummy")
+    return ModelSpec(model_dir, model_config(raw, cls), architectures[0], cls)
+
+
+def model_config(raw: dict, cls) -> SimpleNamespace:
+    """config.json with the architecture's defaults under it and its own key names aliased to the
+    standard ones (GPT-2's n_embd is hidden_size), as transformers' config classes do."""
+    values = {**cls.config_defaults, **raw}
+    for standard, own in cls.config_aliases.items():
+        if own in values:
+            values.setdefault(standard, values[own])
+    return SimpleNamespace(**values)
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -58,13 +93,15 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     return DTYPES.get(saved, torch.bfloat16)
 
 
+def generation_config(model_dir: Path) -> dict:
+    path = model_dir / "generation_config.json"
+    return read_json(path) if path.exists() else {}
+
+
 def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
     """generation_config.json's EOS ids first (chat models list their end-of-turn token there),
     then config.json's, without duplicates."""
-    sources = [getattr(hf_config, "eos_token_id", None)]
-    generation_config = model_dir / "generation_config.json"
-    if generation_config.exists():
-        sources.insert(0, read_json(generation_config).get("eos_token_id"))
+    sources = [generation_config(model_dir).get("eos_token_id"), getattr(hf_config, "eos_token_id", None)]
     ids = []
     for value in sources:
         for token in value if isinstance(value, list) else [value]:
@@ -73,113 +110,156 @@ def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
     return ids
 
 
-def checkpoint_files(model_dir: Path) -> dict[Path, list[str]]:
-    """Each safetensors file with the names of the tensors to read from it."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        files: dict[Path, list[str]] = {}
-        for name, file in read_json(index)["weight_map"].items():
-            files.setdefault(model_dir / file, []).append(name)
-        return files
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        with open_checkpoint(single) as f:
-            return {single: list(f.keys())}
-    raise LoadError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json (only safetensors checkpoints load)")
+def sampling_defaults(model_dir: Path) -> dict:
+    """The sampling parameters the model's authors recommend, for requests that leave them unset."""
+    generation = generation_config(model_dir)
+    return {key: generation[key] for key in SAMPLING_DEFAULTS if generation.get(key) is not None}
 
 
-def open_checkpoint(path: Path):
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+def apply_sampling_defaults(params, defaults: dict) -> None:
+    """Fill a request's unset SamplingParams fields (proto3 optional) from `defaults`."""
+    for key, value in defaults.items():
+        if not params.HasField(key):
+            setattr(params, key, value)
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
-    params = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
-    files = checkpoint_files(model_dir)
+# ----- weights ---------------------------------------------------------------------------------
+
+
+def parameter_table(model: nn.Module) -> dict[str, tuple[nn.Parameter, Shard | None]]:
+    """Every parameter to fill (a tied LM head appears once, as the embedding) with its Shard."""
+    shards = {}
+    for module_name, module in model.named_modules():
+        for param_name, shard in getattr(module, "tp_shards", {}).items():
+            shards[f"{module_name}.{param_name}" if module_name else param_name] = shard
+    return {name: (param, shards.get(name)) for name, param in model.named_parameters()}
+
+
+def checkpoint_shape(param: nn.Parameter, shard: Shard | None) -> list[int]:
+    shape = list(param.shape)
+    if shard is not None:
+        shape[shard.dim] = shard.full
+        if shard.transposed:
+            shape.reverse()
+    return shape
+
+
+def read_slice(tensor: LazyTensor, shard: Shard | None) -> torch.Tensor | None:
+    """This rank's part of a checkpoint tensor, in the parameter's layout (None: no part)."""
+    if shard is None:
+        return tensor.read((slice(None),))
+    dim = 1 - shard.dim if shard.transposed else shard.dim
+    parts = []
+    for start, length in shard.pieces:
+        if length:
+            index = [slice(None)] * len(tensor.shape)
+            index[dim] = slice(start, start + length)
+            parts.append(tensor.read(tuple(index)))
+    if not parts:
+        return None
+    data = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+    return data.t() if shard.transposed else data
+
+
+def fill(param: nn.Parameter, shard: Shard | None, data: torch.Tensor | None) -> None:
+    if shard is None:
+        param.data.copy_(data)
+        return
+    if shard.length < param.shape[shard.dim]:
+        param.data.zero_()  # vocabulary padding, or a row-split bias that another rank holds
+    if data is not None:
+        param.data.narrow(shard.dim, 0, shard.length).copy_(data)
+
+
+def load_weights(model: nn.Module, model_dir: Path, prefix: str) -> None:
+    table = parameter_table(model)
     loaded, unexpected = set(), []
-    with tqdm(desc="loading weights", unit="tensor", total=sum(map(len, files.values()))) as bar:
-        for path, names in files.items():
-            if not path.exists():
-                raise LoadError(f"{path}: no such file (named by model.safetensors.index.json)")
-            with open_checkpoint(path) as f:
-                for name in names:
-                    bar.update()
-                    param = params.get(name)
-                    if param is None:
+    with tqdm(desc="loading weights", unit="tensor", total=len(table), disable=distributed.rank() != 0) as bar:
+        for path, names in weight_files(model_dir).items():
+            with open_weights(path) as tensors:
+                for name in tensors if names is None else names:
+                    if name not in tensors:
+                        raise LoadError(f"{path}: has no tensor {name}, which its index names")
+                    target = name if name in table else prefix + name  # older saves lack the prefix
+                    if target not in table:
                         unexpected.append(name)
                         continue
-                    tensor = f.get_tensor(name)
-                    if tensor.shape != param.shape:
-                        raise LoadError(
-                            f"{path}: tensor {name} has shape {list(tensor.shape)}, the model built from "
-                            f"config.json expects {list(param.shape)}"
-                        )
-                    load_weight(param, tensor)
-                    loaded.add(name)
-    missing = sorted(set(params) - loaded)
+                    param, shard = table[target]
+                    expected = checkpoint_shape(param, shard)
+                    if tensors[name].shape != expected:
+                        raise LoadError(f"{path}: tensor {name} has shape {tensors[name].shape}, "
+                                        f"the model built from config.json expects {expected}")
+                    fill(param, shard, read_slice(tensors[name], shard))
+                    loaded.add(target)
+                    bar.update()
+    missing = sorted(set(table) - loaded)
     if missing:
         raise LoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
     if unexpected:
         log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
 
 
-def load_weight(param: nn.Parameter, tensor: torch.Tensor) -> None:
-    """The one place a checkpoint tensor meets its parameter (tensor parallelism will slice here)."""
-    param.data.copy_(tensor)
-
-
 def dummy_weights(model: nn.Module, seed: int) -> None:
-    # Small values keep activations finite through many layers; the numbers mean nothing.
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        param.data.copy_(torch.rand(param.shape, generator=generator) * 2e-3 - 1e-3)
+    """Random values of the checkpoint's shapes, seeded by name: every rank slices the same
+    tensors, so a dummy model is the same model at any tensor parallel size. Small values keep
+    activations finite through many layers; the numbers mean nothing."""
+    for name, (param, shard) in parameter_table(model).items():
+        shape = checkpoint_shape(param, shard)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.rand(shape, generator=generator) * 2e-3 - 1e-3
+        fill(param, shard, read_slice(LazyTensor(shape, full.__getitem__), shard))
+
+
+# ----- the whole ---------------------------------------------------------------------------------
+
+
+def context_length(config, spec: ModelSpec) -> int:
+    hf_config = spec.hf_config
+    max_position = getattr(hf_config, "max_position_embeddings", None)
+    max_model_len = config.max_model_len or max_position
+    if not max_model_len:
+        raise LoadError(f"{spec.model_dir / 'config.json'}: no max_position_embeddings; pass --max-model-len")
+    if max_position and max_model_len > max_position:
+        log.warning("--max-model-len %d exceeds the model's max_position_embeddings %d", max_model_len, max_position)
+    window = spec.model_class.attention_window(hf_config)
+    if window and max_model_len > window:
+        log.warning("%s attends within a sliding window of %d tokens, which this worker does not implement: "
+                    "serving at most %d tokens per sequence (was %d)", spec.architecture, window, window, max_model_len)
+        max_model_len = window
+    return max_model_len
 
 
 def load_model(config, backend) -> LoadedModel:
     """Build and fill the model that config.model names. `config` is a WorkerConfig."""
-    model_dir = Path(config.model)
-    if not model_dir.is_dir():
-        raise LoadError(f"{model_dir}: not a directory (pass --model a Hugging Face model directory)")
-    hf_config = SimpleNamespace(**read_json(model_dir / "config.json"))
-    architectures = getattr(hf_config, "architectures", None) or []
-    if not architectures:
-        raise LoadError(f"{model_dir / 'config.json'}: no `architectures` entry, so the model class is unknown")
-    try:
-        cls = model_class(architectures[0])
-    except ValueError as e:
-        raise LoadError(f"{model_dir / 'config.json'}: {e}") from None
-
+    spec = inspect_model_dir(config)
+    if config.world_size != distributed.world_size():
+        raise LoadError(f"--world-size {config.world_size}, but this process joined a group of "
+                        f"{distributed.world_size()} (distributed.init first)")
     device = torch.device(config.device)
-    dtype = resolve_dtype(config.dtype, hf_config, device)
-    max_position = getattr(hf_config, "max_position_embeddings", None)
-    max_model_len = config.max_model_len or max_position
-    if not max_model_len:
-        raise LoadError(f"{model_dir / 'config.json'}: no max_position_embeddings; pass --max-model-len")
-    if max_position and max_model_len > max_position:
-        log.warning("--max-model-len %d exceeds the model's max_position_embeddings %d", max_model_len, max_position)
-
-    with torch.device("meta"):
-        model = cls(hf_config, backend, max_model_len)
+    dtype = resolve_dtype(config.dtype, spec.hf_config, device)
+    max_model_len = context_length(config, spec)
+    try:
+        with torch.device("meta"):
+            model = spec.model_class(spec.hf_config, backend, max_model_len)
+    except (ValueError, AttributeError) as e:  # a split that does not divide, a key the file lacks
+        raise LoadError(f"{spec.model_dir / 'config.json'}: {e}") from None
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     if config.load_format == "dummy":
         dummy_weights(model, config.seed)
-    elif config.load_format == "auto":
-        load_weights(model, model_dir)
     else:
-        raise LoadError(f"--load-format {config.load_format!r} is not one of auto, dummy")
+        load_weights(model, spec.model_dir, spec.model_class.checkpoint_prefix)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     model.eval()
     return LoadedModel(
         model=model,
-        hf_config=hf_config,
-        architecture=architectures[0],
+        hf_config=spec.hf_config,
+        architecture=spec.architecture,
         dtype=dtype,
         max_model_len=max_model_len,
-        vocab_size=hf_config.vocab_size,
-        eos_token_ids=eos_token_ids(model_dir, hf_config),
+        vocab_size=spec.hf_config.vocab_size,
+        eos_token_ids=eos_token_ids(spec.model_dir, spec.hf_config),
+        sampling_defaults=sampling_defaults(spec.model_dir),
     )

@@ -13,7 +13,7 @@ from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
 from worker.cpu_linear import pack_linears
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
-from worker.loader import load_model
+from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class ModelRunner:
         which tests compare with transformers."""
         self.batch.free(plan.freed_seq_ids)
         for new in plan.new_sequences:
+            apply_sampling_defaults(new.params, self.loaded.sampling_defaults)  # generation_config.json's
             self.batch.add(new)
         work = self.batch.schedule(plan.scheduled)
         if not work:

@@ -1,14 +1,18 @@
 """Model registry, keyed by config.json's `architectures[0]`.
 
-Adding an architecture is a new file in this folder plus one line here. A model class takes
-(hf_config, attention_backend, max_position), names its parameters as the checkpoint does, and
-offers forward(input_ids, positions, kv_caches, meta) -> hidden, compute_logits(hidden),
-kv_cache_shape() and tie_weights().
+Adding an architecture is a new file in this folder plus one line here. A model class is a
+base.CausalLM: built from (hf_config, attention_backend, max_position) out of the shared layers
+(so tensor parallelism splits it), parameters named as the checkpoint names them.
 """
 import importlib
 
 _MODELS = {
     "LlamaForCausalLM": ("worker.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("worker.models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("worker.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("worker.models.qwen3", "Qwen3ForCausalLM"),
+    "OPTForCausalLM": ("worker.models.opt", "OPTForCausalLM"),
+    "GPT2LMHeadModel": ("worker.models.gpt2", "GPT2LMHeadModel"),
 }
 
 

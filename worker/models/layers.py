@@ -1,8 +1,10 @@
-"""Building blocks shared by the decoder-only models: linear layers, RMSNorm, rotary embeddings.
+"""Building blocks shared by the decoder-only models: linear layers split for tensor parallelism,
+the vocabulary-split embedding and LM head, norms, activations, rotary embeddings.
 
-Every linear layer of a model is built here, through the name of the way tensor parallelism will
-split it (Megatron-style, see DESIGN.md). Today both are plain nn.Linear; sharding them later is
-a change to this file and to the loader's copy, not to the model files.
+Every projection of a model is built here, through the name of the way tensor parallelism splits
+it (Megatron-style, see sharding.py). They are plain nn.Linear of this rank's size, so the CPU
+path can still prepack them; the all-reduce after a row-split projection is the model's own line
+(`all_reduce(self.o_proj(x))`), as in the paper's diagram.
 """
 import math
 
@@ -10,20 +12,96 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def column_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """A projection whose output features will be split across ranks (QKV, gate/up)."""
-    return nn.Linear(in_features, out_features, bias=bias)
+from worker.distributed import all_gather, all_reduce, rank
+from worker.models.sharding import Shard, even_split, head_split, padded_split
 
 
-def row_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """A projection whose input features will be split across ranks, then all-reduced (o, down)."""
-    return nn.Linear(in_features, out_features, bias=bias)
+def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, Shard]) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    linear.tp_shards = shards
+    return linear
 
 
-def vocab_embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
-    """The token embedding; the vocabulary is what will be split across ranks."""
-    return nn.Embedding(vocab_size, hidden_size)
+def column_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
+                  what: str = "intermediate_size") -> nn.Linear:
+    """Output features split evenly across ranks (gate/up, fc1): no communication after it."""
+    start, n = even_split(out_features, what)
+    shard = Shard(0, ((start, n),), out_features)
+    return _linear(in_features, n, bias, {"weight": Shard(0, shard.pieces, out_features, transposed), "bias": shard})
+
+
+def heads_linear(in_features: int, heads: list[int], head_dim: int, bias: bool = False, transposed: bool = False,
+                 replicate: bool = False, what: str = "num_attention_heads") -> nn.Linear:
+    """A projection to attention heads, split by heads: q (`heads=[H]`), k or v (`[KV]`,
+    `replicate=True`: ranks may outnumber KV heads), or a fused one whose sections are split each
+    (GPT-2's c_attn, `[H, H, H]`): this rank's output is its heads of every section, in order."""
+    pieces, offset = [], 0
+    for count in heads:
+        first, local = head_split(count, what, replicate)
+        pieces.append((offset + first * head_dim, local * head_dim))
+        offset += count * head_dim
+    out = sum(n for _, n in pieces)
+    shard = Shard(0, tuple(pieces), offset)
+    return _linear(in_features, out, bias, {"weight": Shard(0, shard.pieces, offset, transposed), "bias": shard})
+
+
+def row_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
+               what: str = "intermediate_size") -> nn.Linear:
+    """Input features split across ranks (o_proj, down_proj): each rank's output is a partial sum
+    that the caller all-reduces. The bias must be added once, after the sum: only rank 0 holds it
+    (the others hold zeros), so an ordinary nn.Linear does the right thing on every rank."""
+    start, n = even_split(in_features, what)
+    bias_pieces = ((0, out_features),) if rank() == 0 else ()
+    return _linear(n, out_features, bias, {"weight": Shard(1, ((start, n),), in_features, transposed),
+                                          "bias": Shard(0, bias_pieces, out_features)})
+
+
+class VocabEmbedding(nn.Embedding):
+    """The token embedding, split over the vocabulary: a rank looks up the ids in its range, zeros
+    elsewhere, and the sum over ranks is every token's row."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        start, n, per_rank = padded_split(vocab_size)
+        super().__init__(per_rank, hidden_size)
+        self.vocab_start, self.vocab_end = start, start + n
+        self.tp_shards = {"weight": Shard(0, ((start, n),), vocab_size)}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab_start == 0 and self.vocab_end == self.num_embeddings:  # one rank holds it all
+            return super().forward(ids)
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
+        rows = super().forward(torch.where(mine, ids - self.vocab_start, 0))
+        return all_reduce(rows * mine.unsqueeze(-1).to(rows.dtype))
+
+
+def vocab_embedding(vocab_size: int, hidden_size: int) -> VocabEmbedding:
+    return VocabEmbedding(vocab_size, hidden_size)
+
+
+def lm_head(hidden_size: int, vocab_size: int) -> nn.Linear:
+    """The LM head, split over the vocabulary like the embedding (so the two can be tied)."""
+    start, n, per_rank = padded_split(vocab_size)
+    return _linear(hidden_size, per_rank, False, {"weight": Shard(0, ((start, n),), vocab_size)})
+
+
+def gather_logits(local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, vocab] from every rank's [N, vocab slice] (padding dropped), on every rank: each rank
+    samples the same tokens from the same logits with the same seed, so their batches agree."""
+    return all_gather(local)[:, :vocab_size]
+
+
+def activation(name: str):
+    """Hugging Face's `hidden_act` / `activation_function` names."""
+    functions = {
+        "silu": F.silu,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    }
+    if name not in functions:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(functions)})")
+    return functions[name]
 
 
 class RMSNorm(nn.Module):
@@ -38,10 +116,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
 
 
 def rope_parameters(config) -> dict:

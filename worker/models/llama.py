@@ -1,68 +1,93 @@
 """Llama (Llama 2/3, SmolLM2, and anything else `LlamaForCausalLM` in config.json) over a flat
 varlen batch: one step's tokens from every sequence, concatenated, shape [T, hidden].
 
-Module and parameter names mirror Hugging Face's, so a checkpoint's tensors copy in by name.
+Mistral, Qwen2 and Qwen3 are this same decoder with a few switches (`LlamaVariant`), in their own
+files. Module and parameter names mirror Hugging Face's, so a checkpoint's tensors copy in by name.
 Attention itself is the backend's job: a layer hands it q, k, v, its own KV cache and the step's
-metadata, and gets [T, heads, head_dim] back.
+metadata, and gets [T, heads, head_dim] back. Under tensor parallelism a layer holds this rank's
+heads and hidden units; the two all-reduces are the only lines that know.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from worker.distributed import all_reduce
+from worker.models.base import CausalLM
 from worker.models.layers import (
     RMSNorm,
     RotaryEmbedding,
+    activation,
     apply_rotary,
     column_linear,
+    heads_linear,
+    lm_head,
     rope_parameters,
     row_linear,
-    silu_and_mul,
     vocab_embedding,
 )
 
 
+@dataclass(frozen=True)
+class LlamaVariant:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before the rotation
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, backend):
+    def __init__(self, config, variant: LlamaVariant, backend):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
         self.scale = self.head_dim**-0.5
-        bias = getattr(config, "attention_bias", False)
-        self.q_proj = column_linear(config.hidden_size, self.num_heads * self.head_dim, bias)
-        self.k_proj = column_linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias)
-        self.v_proj = column_linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias)
-        self.o_proj = row_linear(self.num_heads * self.head_dim, config.hidden_size, bias)
+        hd, bias = self.head_dim, variant.qkv_bias
+        self.q_proj = heads_linear(config.hidden_size, [total_heads], hd, bias)
+        self.k_proj = heads_linear(config.hidden_size, [total_kv_heads], hd, bias, replicate=True, what="num_key_value_heads")
+        self.v_proj = heads_linear(config.hidden_size, [total_kv_heads], hd, bias, replicate=True, what="num_key_value_heads")
+        self.o_proj = row_linear(total_heads * hd, config.hidden_size, variant.o_bias, what="num_attention_heads * head_dim")
+        self.num_heads = self.q_proj.out_features // hd  # this rank's
+        self.num_kv_heads = self.k_proj.out_features // hd
+        if variant.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.qk_norm = variant.qk_norm
         self.backend = backend
 
     def forward(self, x, cos, sin, kv_cache, meta):
         T = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, variant: LlamaVariant):
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = variant.mlp_bias
         self.gate_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
         self.up_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
         self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias)
+        self.act = activation(config.hidden_act)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        return all_reduce(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, backend):
+    def __init__(self, config, variant: LlamaVariant, backend):
         super().__init__()
-        eps = getattr(config, "rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = LlamaAttention(config, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, variant, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, variant)
 
     def forward(self, h, cos, sin, kv_cache, meta):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
@@ -70,11 +95,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, backend, max_position: int):
+    def __init__(self, config, variant: LlamaVariant, backend, max_position: int):
         super().__init__()
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(head_dim, max_position, rope_parameters(config))
 
@@ -86,30 +111,26 @@ class LlamaModel(nn.Module):
         return h
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    config_defaults = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                       "attention_bias": False, "mlp_bias": False}
+
     def __init__(self, config, backend, max_position: int):
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, backend, max_position)
-        self.lm_head = column_linear(config.hidden_size, config.vocab_size)
+        super().__init__(config)
+        self.model = LlamaModel(config, self.variant(config), backend, max_position)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        """Share the embedding with the LM head when the checkpoint does (it then stores one tensor).
-        Called again by the loader: moving a model off the meta device unties parameters."""
-        if getattr(self.config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+    @classmethod
+    def variant(cls, config) -> LlamaVariant:
+        return LlamaVariant(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Hidden states [T, hidden] of every token of the step, before the final norm."""
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] in float32 for the N positions that sample (the norm is per row, so
-        skipping the rest changes nothing)."""
-        return self.lm_head(self.model.norm(hidden)).float()
-
-    def kv_cache_shape(self) -> tuple[int, int, int]:
-        """(num_layers, num_kv_heads, head_dim): what the KV cache allocator needs."""
-        attn = self.model.layers[0].self_attn
-        return len(self.model.layers), attn.num_kv_heads, attn.head_dim
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(hidden)

@@ -1,0 +1,134 @@
+"""Tiny random Hugging Face models, built and saved by transformers itself, for the tests that hold
+the worker to transformers' own forward pass: 2 layers, hidden size 64, a vocabulary of about a
+thousand tokens. Each directory also gets a small byte-level BPE tokenizer (trained in
+milliseconds on generated text), so that the router can serve the model as it would a real one.
+"""
+from __future__ import annotations
+
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 1000
+EOS = "<|endoftext|>"
+HIDDEN = 64
+
+
+@lru_cache(maxsize=1)
+def tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer with exactly `vocab_size` tokens; id 0 is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    syllables = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(words[i:i + 30]) for i in range(0, len(words), 30)], trainer)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+
+
+def hf_config(architecture: str, **overrides):
+    """A tiny transformers config of `architecture` (a key of CONFIGS)."""
+    import transformers
+
+    class_name, values = CONFIGS[architecture]
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    return getattr(transformers, class_name)(**{**special, **values, **overrides})
+
+
+_LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256)
+CONFIGS = {
+    "llama": ("LlamaConfig", {**_LLAMA_LIKE, "num_attention_heads": 8}),  # 8 query heads: TP 2 and 4 split them
+    "mistral": ("MistralConfig", _LLAMA_LIKE),
+    "qwen2": ("Qwen2Config", {**_LLAMA_LIKE, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {**_LLAMA_LIKE, "head_dim": 32}),  # head_dim x heads != hidden_size
+    "opt": ("OPTConfig", dict(hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=VOCAB_SIZE, max_position_embeddings=256, word_embed_proj_dim=HIDDEN)),
+    "gpt2": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=256)),
+}
+
+
+def build(architecture: str, path: Path, seed: int = 0, **overrides):
+    """Saves a tiny random model of `architecture` (and the tokenizer) in `path`; returns the
+    transformers model, in eval mode, float32."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(architecture, **overrides)).eval()
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return model
+
+
+def save_bin(model, path: Path, max_tensors_per_file: int | None = None, base_names: bool = False) -> Path:
+    """The model as PyTorch .bin files (what older hub uploads hold), config and tokenizer beside.
+    `base_names`: tensors named as the bare base model names them (no `model.` / `transformer.`
+    prefix, no LM head), like facebook/opt-* and openai-community/gpt2 on the hub."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    state = (model.base_model if base_names else model).state_dict()
+    if max_tensors_per_file is None:
+        torch.save(state, path / "pytorch_model.bin")
+        return path
+    names = list(state)
+    chunks = [names[i:i + max_tensors_per_file] for i in range(0, len(names), max_tensors_per_file)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks, 1):
+        file = f"pytorch_model-{i:05d}-of-{len(chunks):05d}.bin"
+        torch.save({name: state[name] for name in chunk}, path / file)
+        weight_map.update(dict.fromkeys(chunk, file))
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+# ----- driving a worker's ModelRunner over them, without a scheduler ---------------------------
+
+BLOCK_SIZE = 4
+BLOCKS_PER_SEQUENCE = 16  # 64 tokens: room for the longest test prompt and its completion
+PROMPTS = [  # four lengths: one token, within a block, across blocks, many blocks
+    [7],
+    [5, 17, 300, 999, 42],
+    [(31 * i + 11) % VOCAB_SIZE for i in range(19)],
+    [(17 * i + 3) % VOCAB_SIZE for i in range(37)],
+]
+
+
+def greedy_in_process(runner, prompts: list[list[int]], max_tokens: int):
+    """Greedy completions of `prompts`, prefilled together in one step then decoded together,
+    and the logits of every step ([step][prompt] -> [vocab]): what transformers is held to."""
+    from pagedserve.v1 import scheduler_pb2, worker_pb2
+
+    greedy = scheduler_pb2.SamplingParams(temperature=0)
+    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=greedy) for i, p in enumerate(prompts)]
+    scheduled = [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=len(p), new_block_ids=list(
+        range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE))) for i, p in enumerate(prompts)]
+    plan = worker_pb2.StepPlan(step_id=1, new_sequences=new, scheduled=scheduled)
+    outputs, logits = [[] for _ in prompts], []
+    for step in range(max_tokens):
+        result, step_logits = runner.run_step(plan)
+        for seq_id, token in zip(result.seq_ids, result.token_ids):
+            outputs[seq_id].append(token)
+        logits.append(step_logits)
+        plan = worker_pb2.StepPlan(step_id=step + 2, scheduled=[
+            worker_pb2.ScheduledSequence(seq_id=i, num_tokens=1) for i in range(len(prompts))])
+    runner.execute(worker_pb2.StepPlan(step_id=max_tokens + 1, freed_seq_ids=range(len(prompts))))
+    return outputs, logits
+
+
+def runner_config(model_dir, **overrides):
+    from worker.config import WorkerConfig
+
+    values = dict(model=str(model_dir), block_size=BLOCK_SIZE,
+                  num_gpu_blocks_override=BLOCKS_PER_SEQUENCE * len(PROMPTS), num_threads=1)
+    return WorkerConfig(**{**values, **overrides})

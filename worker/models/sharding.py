@@ -1,0 +1,56 @@
+"""Which slice of a checkpoint tensor this rank's parameter holds.
+
+Megatron-style (DESIGN.md): a projection is split by output features (QKV, gate/up: each rank
+computes some heads or some hidden units) or by input features (o_proj, down_proj: each rank
+holds the rows that match its heads' outputs and the partial sums are added across ranks); the
+embedding and LM head are split over the vocabulary. Layers attach a Shard to each parameter they
+split (`module.tp_shards[param_name]`); the loader reads just those ranges from the checkpoint.
+A parameter without a Shard is replicated: every rank reads all of it.
+"""
+from dataclasses import dataclass
+
+from worker import distributed
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int  # the dim of the parameter (as the model stores it) that is split
+    pieces: tuple[tuple[int, int], ...]  # (start, length) ranges of the checkpoint tensor along dim, concatenated
+    full: int  # the checkpoint tensor's size along dim
+    transposed: bool = False  # the checkpoint stores this 2-D weight as [in, out] (GPT-2's Conv1D)
+
+    @property
+    def length(self) -> int:
+        """How much of the parameter along dim comes from the checkpoint; the rest is zero padding."""
+        return sum(n for _, n in self.pieces)
+
+
+def even_split(size: int, what: str) -> tuple[int, int]:
+    """(start, length) of this rank's equal part of `size` features."""
+    world = distributed.world_size()
+    if size % world:
+        raise ValueError(f"{what}={size} is not divisible by the tensor parallel size {world}")
+    part = size // world
+    return distributed.rank() * part, part
+
+
+def padded_split(size: int) -> tuple[int, int, int]:
+    """(start, length, rows per rank) over a vocabulary of `size` tokens: every rank holds
+    ceil(size / world) rows, the last ones padded with zeros, so any vocabulary splits."""
+    world, rank = distributed.world_size(), distributed.rank()
+    per_rank = -(-size // world)
+    start = min(rank * per_rank, size)
+    return start, min(per_rank, size - start), per_rank
+
+
+def head_split(num_heads: int, what: str, replicate: bool) -> tuple[int, int]:
+    """(first head, count) of this rank's heads. KV heads (`replicate`) may be fewer than the
+    ranks: each is then held by world / num_heads consecutive ranks, the ones whose query heads
+    read it, so that every rank's cache holds only heads its own queries use."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if num_heads % world == 0:
+        return rank * (num_heads // world), num_heads // world
+    if replicate and world % num_heads == 0:
+        return rank * num_heads // world, 1
+    also = " nor a divisor of it" if replicate else ""
+    raise ValueError(f"{what}={num_heads} is neither a multiple of the tensor parallel size {world}{also}")
