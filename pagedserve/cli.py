@@ -30,7 +30,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds each process gives requests in flight to finish after SIGTERM")
+    p.add_argument("--max-request-body-bytes", type=int, default=None,
+                   help="the router answers 413 to larger bodies (default: 16 MiB)")
 
 
 def main(argv=None) -> None:

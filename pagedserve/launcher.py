@@ -1,5 +1,11 @@
 """`pagedserve serve`: starts the worker ranks, the scheduler and the router as child processes,
-waits until each is healthy, and stops them all, router first, when one dies or on Ctrl-C/SIGTERM."""
+waits until each is healthy, restarts any that dies, and stops them all, router first, on
+Ctrl-C/SIGTERM.
+
+Restarting in place is safe because every process recovers from its neighbours' restarts: the
+router reconnects to the scheduler, the scheduler fails the requests a lost worker held, resets
+its block pool and reconnects, and a worker resets its batch when a new Execute stream opens.
+A child that keeps dying right after it starts stops the whole server instead of looping."""
 from __future__ import annotations
 
 import os
@@ -9,9 +15,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+RESTART_WINDOW_S = 60.0   # a child that dies sooner than this after its start counts as crashing
+MAX_QUICK_RESTARTS = 3    # after this many crashes in a row, the whole server stops
 
 
 def free_port() -> int:
@@ -37,11 +48,23 @@ def http_ok(url: str) -> bool:
         return False
 
 
+@dataclass(eq=False)
+class Child:
+    """A process the launcher runs, and what it needs to start it again."""
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen
+    started: float              # time.monotonic() of its latest start
+    quick_exits: int = 0        # deaths within RESTART_WINDOW_S of starting, in a row
+
+
 class Launcher:
     def __init__(self, args, output=None):
         self.args = args
         self.output = output  # a file for the children's stdout and stderr; None: ours
-        self.procs: list[tuple[str, subprocess.Popen]] = []  # in start order
+        self.children: list[Child] = []  # in start order: workers, scheduler, router
+        self.serving = False   # startup is over: a signal now means drain, not abort
+        self.stopping = False
 
     # ----- commands ---------------------------------------------------------------------------
 
@@ -72,9 +95,10 @@ class Launcher:
     def router_command(self) -> list[str]:
         a = self.args
         cmd = [sys.executable, "-m", "router", "--model", a.model,
-               "--scheduler-addr", f"127.0.0.1:{a.grpc_port}", "--host", a.host, "--port", str(a.port)]
+               "--scheduler-addr", f"127.0.0.1:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
+               "--shutdown-timeout", str(a.shutdown_timeout)]
         return cmd + self.optional("--served-model-name", "--api-key", "--chat-template",
-                                   "--max-model-len")
+                                   "--max-model-len", "--max-request-body-bytes")
 
     def optional(self, *flags: str) -> list[str]:
         out = []
@@ -86,11 +110,24 @@ class Launcher:
 
     # ----- lifecycle ----------------------------------------------------------------------------
 
+    def spawn(self, cmd: list[str]) -> subprocess.Popen:
+        # A process group of its own: Ctrl-C in a terminal reaches only the launcher, which then
+        # stops the children in order instead of all of them dying at once mid-request.
+        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                stdout=self.output, stderr=self.output, process_group=0)
+
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                stdout=self.output, stderr=self.output)
-        self.procs.append((name, proc))
-        return proc
+        child = Child(name, cmd, self.spawn(cmd), time.monotonic())
+        self.children.append(child)
+        self.say(f"pagedserve: started {name} (pid {child.proc.pid})")
+        return child.proc
+
+    def say(self, message: str) -> None:
+        if self.output is None:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self.output.write(message.encode() + b"\n")
+            self.output.flush()
 
     def wait_until(self, name: str, proc: subprocess.Popen, ready, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -105,15 +142,18 @@ class Launcher:
         a = self.args
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        code = 0
         try:
             self.start_all()
+            self.serving = True
             print(f"pagedserve: serving {a.served_model_name or os.path.basename(os.path.normpath(a.model))} "
                   f"at http://{a.host}:{a.port}/v1 (gRPC {a.host}:{a.grpc_port})", flush=True)
-            return self.supervise()
-        except KeyboardInterrupt:
-            return 0
+            code = self.supervise()
+        except KeyboardInterrupt:  # a signal while starting: nothing is in flight yet
+            pass
         finally:
-            self.stop_all()
+            clean = self.stop_all()
+        return code or (0 if clean else 1)
 
     def start_all(self) -> None:
         a = self.args
@@ -132,32 +172,65 @@ class Launcher:
                         a.startup_timeout)
 
     def supervise(self) -> int:
-        while True:
-            for name, proc in self.procs:
-                code = proc.poll()
-                if code is not None:
-                    print(f"pagedserve: {name} exited with code {code}; stopping", file=sys.stderr)
-                    return code or 1
-            time.sleep(0.5)
+        """Restarts children that die until a signal comes; returns the exit code to stop with
+        (non-zero when a child keeps crashing)."""
+        while not self.stopping:
+            for child in self.children:
+                if child.proc.poll() is not None and not self.stopping:
+                    code = self.restart(child)
+                    if code is not None:
+                        return code
+            time.sleep(0.25)
+        return 0
+
+    def restart(self, child: Child) -> int | None:
+        code = child.proc.returncode
+        quick = time.monotonic() - child.started < RESTART_WINDOW_S
+        child.quick_exits = child.quick_exits + 1 if quick else 0
+        if child.quick_exits > MAX_QUICK_RESTARTS:
+            self.say(f"pagedserve: {child.name} exited with code {code}, {child.quick_exits} "
+                     f"times within {RESTART_WINDOW_S:.0f} s of starting; stopping")
+            return code or 1
+        # Tensor-parallel ranks share collectives: one lost rank leaves the others stuck in them.
+        group = [c for c in self.children if c.name.startswith("worker")] \
+            if child.name.startswith("worker") else [child]
+        self.say(f"pagedserve: {child.name} exited with code {code}; restarting "
+                 + ", ".join(c.name for c in group))
+        for member in group:
+            if member.proc.poll() is None:
+                member.proc.kill()
+                member.proc.wait()
+        for member in group:
+            member.proc, member.started = self.spawn(member.cmd), time.monotonic()
+            self.say(f"pagedserve: started {member.name} (pid {member.proc.pid})")
+        return None
 
     def on_signal(self, signum, frame) -> None:
-        raise KeyboardInterrupt
+        self.stopping = True
+        if not self.serving:
+            raise KeyboardInterrupt
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> bool:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.stop_children()
+        return self.stop_children()
 
-    def stop_children(self) -> None:
-        """Router first (no new requests), then the scheduler, then the workers: each lets the work
-        in flight drain before the process behind it goes away. Leaves signal handlers alone, so
-        a library (pagedserve.LLM) can call it from any thread of its host process."""
-        for name, proc in reversed(self.procs):
+    def stop_children(self) -> bool:
+        """Router first (it stops taking requests and lets those in flight finish), then the
+        scheduler, then the workers: nothing goes away while the process in front of it still
+        has work for it. Returns whether every child exited with 0. Leaves signal handlers
+        alone, so a library (pagedserve.LLM) can call it from any thread of its host process."""
+        clean = True
+        for child in reversed(self.children):
+            proc = child.proc
             if proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(timeout=self.args.shutdown_timeout + 5)
                 except subprocess.TimeoutExpired:
-                    print(f"pagedserve: {name} did not stop; killing it", file=sys.stderr)
+                    self.say(f"pagedserve: {child.name} did not stop; killing it")
                     proc.kill()
                     proc.wait()
+            self.say(f"pagedserve: {child.name} exited with code {proc.returncode}")
+            clean = clean and proc.returncode == 0
+        return clean

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
 
 import uvicorn
 
 from router.app import build_app
+from router.logs import configure_logging
 from router.settings import Settings
 
 
@@ -28,19 +29,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's")
     p.add_argument("--max-model-len", type=int,
                    help="lower the context length the scheduler allows")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--max-request-body-bytes", type=int, default=Settings.max_request_body_bytes,
+                   help="answer 413 to larger request bodies (0: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds that requests in flight get to finish after SIGTERM")
+    p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     settings = Settings(scheduler_addr=args.scheduler_addr, model=args.model,
                         served_model_name=args.served_model_name, api_key=args.api_key,
-                        chat_template=args.chat_template, max_model_len=args.max_model_len)
-    uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                        chat_template=args.chat_template, max_model_len=args.max_model_len,
+                        max_request_body_bytes=args.max_request_body_bytes)
+    # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the
+    # signal again under the handler it found: this one, so a drained router exits with 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(build_app(settings), host=args.host, port=args.port,
+                log_level=args.log_level.lower(), log_config=None,
+                timeout_graceful_shutdown=args.shutdown_timeout)
 
 
 if __name__ == "__main__":

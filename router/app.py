@@ -23,7 +23,7 @@ from router.errors import (APIError, handle_api_error, handle_http_exception, ha
                            invalid, model_not_found, scheduler_unavailable)
 from router.fields import Fields
 from router.metrics import Metrics, MetricsMiddleware
-from router.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from router.model import ServedModel, load_served_model
 from router.prompts import chat_messages, chat_prompt
 from router.protocol import check_model
@@ -43,6 +43,7 @@ def build_app(settings: Settings) -> Starlette:
         info = await client.wait_for_model_info(settings.startup_retry_s)
         app.state.client = client
         app.state.model = await asyncio.to_thread(load_served_model, settings, info)
+        metrics.bind(app.state.model.name)
         log.info("serving %s (max_model_len %d) with scheduler %s", app.state.model.name,
                  app.state.model.max_model_len, settings.scheduler_addr)
         try:
@@ -63,7 +64,8 @@ def build_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics.render, methods=["GET"]),
         ],
         middleware=[Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, metrics),
-                    Middleware(ApiKeyMiddleware, settings.api_key)],
+                    Middleware(ApiKeyMiddleware, settings.api_key),
+                    Middleware(BodyLimitMiddleware, settings.max_request_body_bytes)],
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
                             Exception: handle_unexpected},
         lifespan=lifespan,

@@ -56,8 +56,16 @@ def unauthorized() -> APIError:
                     {"WWW-Authenticate": "Bearer"})
 
 
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds the server's limit of {limit} bytes "
+                    "(--max-request-body-bytes).", "invalid_request_error", None,
+                    "request_too_large")
+
+
 def scheduler_unavailable(detail: str) -> APIError:
-    return APIError(503, f"The scheduler is unreachable ({detail}); retry shortly.",
+    """The scheduler is down, or it could not run the request (no worker serving, a worker lost
+    while the request ran): `detail` says which."""
+    return APIError(503, f"The scheduler could not serve the request ({detail}); retry shortly.",
                     "service_unavailable_error", None, "scheduler_unavailable",
                     {"Retry-After": str(RETRY_AFTER_S)})
 

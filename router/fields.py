@@ -6,6 +6,7 @@ absent (some clients send every field).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from router.errors import invalid
@@ -49,6 +50,8 @@ class Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid(name, f"'{name}' must be a number, got {type_name(value)}.")
+        if not math.isfinite(value):  # Python's JSON reads NaN and Infinity; no sampler wants them
+            raise invalid(name, f"'{name}' must be a finite number, got {value}.")
         if above is not None and not value > above:
             raise invalid(name, f"'{name}' must be greater than {above:g}, got {value:g}.")
         check_range(name, value, minimum, maximum)

@@ -1,5 +1,10 @@
-"""Prometheus metrics of the router (HTTP traffic, tokens, time to first token), and the
-scheduler's queue and KV cache figures, fetched when /metrics is scraped."""
+"""Prometheus metrics at /metrics, under vLLM's names with the prefix `pagedserve:` (so vLLM's
+dashboards work after a rename), plus the router's own HTTP traffic.
+
+Request latencies are measured here, where the client sees them. Queue, KV cache and token figures
+belong to the scheduler: each scrape fetches them with GetStats, so they are never stale, and
+they are simply absent from a scrape that finds the scheduler down.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,6 +13,7 @@ import time
 import grpc
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,38 +22,95 @@ from pagedserve.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger("router")
 
-PREFIX = "pagedserve_router_"
+PREFIX = "pagedserve:"
+ROUTER_PREFIX = "pagedserve_router_"
+MODEL_LABEL = ["model_name"]
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 20)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+
+
+class SchedulerCollector:
+    """The scheduler's figures from the latest GetStats, in vLLM's metric names."""
+
+    def __init__(self):
+        self.stats: pb.SchedulerStats | None = None
+        self.model_name = ""
+
+    def collect(self):
+        s = self.stats
+        if s is None:
+            return
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        yield self.gauge("num_requests_running", "Requests in the running batch",
+                         s.num_requests_running)
+        yield self.gauge("num_requests_waiting", "Requests waiting to be scheduled",
+                         s.num_requests_waiting)
+        yield self.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)",
+                         usage)
+        yield self.counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                           s.prefix_cache_queries)
+        yield self.counter("prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                           s.prefix_cache_hits)
+        yield self.counter("num_preemptions", "Sequences preempted for lack of KV blocks",
+                           s.num_preemptions)
+        yield self.counter("prompt_tokens", "Prompt tokens admitted", s.prompt_tokens_total)
+        yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
+
+    def gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
+        family.add_metric([self.model_name], value)
+        return family
+
+    def counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
+        family.add_metric([self.model_name], value)
+        return family
 
 
 class Metrics:
     def __init__(self):
         # A registry of its own: tests build several apps in one process.
         self.registry = r = CollectorRegistry()
-        self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests answered",
+        self.http_requests = Counter(ROUTER_PREFIX + "http_requests", "HTTP requests answered",
                                      ["method", "path", "status"], registry=r)
-        self.http_latency = Histogram(PREFIX + "http_request_duration_seconds",
+        self.http_latency = Histogram(ROUTER_PREFIX + "http_request_duration_seconds",
                                       "Time from request to the end of the response",
                                       ["method", "path"], buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge(PREFIX + "requests_in_flight", "Generations in progress", registry=r)
-        self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds",
-                                             "Time from request to its first generated tokens",
-                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens sent", registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated",
-                                         registry=r)
-        self.finished = Counter(PREFIX + "choices_finished", "Choices finished, by reason",
-                                ["finish_reason"], registry=r)
-        self.scheduler = {name: Gauge(f"pagedserve_scheduler_{name}", f"SchedulerStats.{name}",
-                                      registry=r)
-                          for name in pb.SchedulerStats.DESCRIPTOR.fields_by_name}
+        self.in_flight = Gauge(ROUTER_PREFIX + "requests_in_flight",
+                               "Generations the router is serving", registry=r)
+        self._ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                               "Time from the request's arrival to its first token",
+                               MODEL_LABEL, buckets=TTFT_BUCKETS, registry=r)
+        self._itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                              "Time between two successive outputs of a sequence",
+                              MODEL_LABEL, buckets=ITL_BUCKETS, registry=r)
+        self._e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                              "Time from the request's arrival to its last token",
+                              MODEL_LABEL, buckets=E2E_BUCKETS, registry=r)
+        self._success = Counter(PREFIX + "request_success", "Sequences finished, by reason",
+                                MODEL_LABEL + ["finished_reason"], registry=r)
+        self.scheduler = SchedulerCollector()
+        r.register(self.scheduler)
+
+    def bind(self, model_name: str) -> None:
+        """Labels every model metric with the served name, known once the scheduler answered
+        (before that no request is served)."""
+        self.scheduler.model_name = model_name
+        self.time_to_first_token = self._ttft.labels(model_name)
+        self.inter_token_latency = self._itl.labels(model_name)
+        self.e2e_latency = self._e2e.labels(model_name)
+        self._model_name = model_name
+
+    def finished(self, reason: str) -> None:
+        self._success.labels(self._model_name, reason).inc()
 
     async def render(self, request: Request) -> Response:
         try:
-            stats = await request.app.state.client.stats(timeout_s=1.0)
-            for name, gauge in self.scheduler.items():
-                gauge.set(float(getattr(stats, name)))
+            self.scheduler.stats = await request.app.state.client.stats(timeout_s=1.0)
         except grpc.aio.AioRpcError as err:
+            self.scheduler.stats = None
             log.warning("scheduler stats unavailable for /metrics: %s", err.code().name)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 

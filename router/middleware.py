@@ -1,4 +1,4 @@
-"""The layers every HTTP request passes: its id, and the API key check."""
+"""The layers every HTTP request passes: its id, the body size limit, and the API key check."""
 from __future__ import annotations
 
 import secrets
@@ -7,7 +7,8 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import unauthorized
+from router.errors import body_too_large, unauthorized
+from router.logs import current_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 # Operational endpoints stay open: health checks and scrapers rarely carry the key.
@@ -28,6 +29,9 @@ class RequestIdMiddleware:
         request_id = given or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["request_id_given"] = request_id, bool(given)
+        # Not reset on the way out: uvicorn runs each request in a task of its own, and the error
+        # handler of last resort (outside this middleware) should still log the id.
+        current_request_id.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -35,6 +39,34 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over `limit` bytes with 413, by its Content-Length before reading it, or
+    while reading it when it comes in chunks: a client cannot make the router buffer gigabytes."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await body_too_large(self.limit).response()(scope, receive, send)
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise body_too_large(self.limit)  # answered by the APIError handler
+            return message
+
+        await self.app(scope, receive_counted, send)
 
 
 class ApiKeyMiddleware:

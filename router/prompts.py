@@ -65,7 +65,8 @@ def chat_message(i: int, message: Any) -> dict:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise invalid(where, f"'{where}' must be an object with 'role' and 'content'.")
-    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    role = message.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None  # a list is unhashable
     if role not in ROLES:
         raise invalid(f"{where}.role", f"'{where}.role' must be one of {', '.join(ROLES)}; got "
                       f"{message.get('role')!r}.")

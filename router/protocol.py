@@ -15,6 +15,7 @@ from router.prompts import Prompt, chat_messages, chat_prompt, check_token_ids, 
 MAX_N = 128
 MAX_LOGPROBS = 20
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
+INT32_MAX = 2 ** 31 - 1  # counts travel as int32 in scheduler.proto: larger ones cannot be sent
 
 
 @dataclass
@@ -41,7 +42,8 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     if echo and logprobs is not None:
         raise invalid("echo", "'echo' with 'logprobs' needs the prompt's logprobs, which this "
                       "server does not compute; drop one of them.")
-    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=1)
+    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=1,
+                           maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, "max_tokens")
     prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size)
     check_context(prompts, max_tokens, model, "prompt", "max_tokens")
@@ -60,7 +62,7 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     if top is not None and not want_logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     name = "max_completion_tokens" if f.given("max_completion_tokens") else "max_tokens"
-    max_tokens = f.integer(name, minimum=1)
+    max_tokens = f.integer(name, minimum=1, maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
     prompt = chat_prompt(messages, model.tokenizer, f.boolean("add_generation_prompt", True))
@@ -110,7 +112,7 @@ def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
         raise invalid("best_of", "'best_of' other than 'n' is not supported.")
     set_if(p, "temperature", f.number("temperature", minimum=0, maximum=2))
     set_if(p, "top_p", f.number("top_p", above=0, maximum=1))
-    set_if(p, "top_k", f.integer("top_k", minimum=-1))
+    set_if(p, "top_k", f.integer("top_k", minimum=-1, maximum=INT32_MAX))
     set_if(p, "min_p", f.number("min_p", minimum=0, maximum=1))
     set_if(p, "presence_penalty", f.number("presence_penalty", minimum=-2, maximum=2))
     set_if(p, "frequency_penalty", f.number("frequency_penalty", minimum=-2, maximum=2))
@@ -119,7 +121,7 @@ def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
     if seed is not None:
         p.seed = seed % (1 << 64)  # OpenAI seeds are signed; the proto's is uint64
     set_if(p, "max_tokens", max_tokens)
-    min_tokens = f.integer("min_tokens", minimum=0)
+    min_tokens = f.integer("min_tokens", minimum=0, maximum=INT32_MAX)
     if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
         raise invalid("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed "
                       f"'{max_tokens_param}' ({max_tokens}).")

@@ -42,12 +42,14 @@ class Run:
     """One request's generation in flight: its choices, its scheduler calls, its usage."""
 
     def __init__(self, req: GenerationRequest, model: ServedModel, generation: Generation,
-                 metrics: Metrics):
+                 metrics: Metrics, arrival: float):
         self.req = req
         self.generation = generation
         self.metrics = metrics
+        self.arrival = arrival  # time.perf_counter() when the HTTP request came in
         self.choices = [self.new_choice(model, prompt.token_ids)
                         for prompt in req.prompts for _ in range(req.n)]
+        self.last_output = [None] * len(self.choices)  # when each choice last got tokens
         self.cached_tokens = [0] * len(req.prompts)
         self.closed = False
         metrics.in_flight.inc()
@@ -61,6 +63,7 @@ class Run:
     def handle(self, event: Event) -> tuple[int, Delta]:
         prompt, message = event
         index = prompt * self.req.n + message.index
+        self.time_output(index)
         delta = self.choices[index].add(message)
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
         mine = self.choices[prompt * self.req.n:(prompt + 1) * self.req.n]
@@ -69,6 +72,13 @@ class Run:
         if all(c.finished for c in mine) and any(c.stopped_here for c in mine):
             self.generation.finish(prompt)
         return index, delta
+
+    def time_output(self, index: int) -> None:
+        """Inter-token latency, as vLLM counts it: once per output after a sequence's first."""
+        now = time.perf_counter()
+        if self.last_output[index] is not None and not self.choices[index].finished:
+            self.metrics.inter_token_latency.observe(now - self.last_output[index])
+        self.last_output[index] = now
 
     def abandoned(self) -> list[tuple[int, Delta]]:
         return [(i, c.abandon()) for i, c in enumerate(self.choices) if not c.finished]
@@ -89,10 +99,9 @@ class Run:
         self.closed = True
         self.generation.close()
         self.metrics.in_flight.dec()
-        self.metrics.prompt_tokens.inc(self.prompt_tokens())
-        self.metrics.generation_tokens.inc(self.completion_tokens())
+        self.metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
         for choice in self.choices:
-            self.metrics.finished.labels(choice.finish_reason or "abort").inc()
+            self.metrics.finished(choice.finish_reason or "abort")
 
 
 async def serve_completion(request: Request) -> Response:
@@ -105,6 +114,7 @@ async def serve_chat(request: Request) -> Response:
 
 async def serve(request: Request, parse: Callable, responses_class: type[Responses],
                 id_prefix: str) -> Response:
+    arrival = time.perf_counter()
     state = request.app.state
     model: ServedModel = state.model
     req = parse(await read_json(request), model)
@@ -113,16 +123,15 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
                      for i, p in enumerate(req.prompts)]
     responses = responses_class(f"{id_prefix}-{request.state.request_id}", model.name,
                                 int(time.time()), model.tokenizer, req)
-    started = time.perf_counter()
     try:
         generation = await until_disconnect(request, start_generation(state.client, grpc_requests))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    run = Run(req, model, generation, state.metrics)
+    run = Run(req, model, generation, state.metrics, arrival)
     streaming = False
     try:
         first = await until_disconnect(request, generation.next())
-        state.metrics.time_to_first_token.observe(time.perf_counter() - started)
+        state.metrics.time_to_first_token.observe(time.perf_counter() - arrival)
         if req.stream:
             streaming = True  # from here the response closes the run when it ends
             return EventStream(stream(run, responses, first), run.close)

@@ -14,3 +14,4 @@ class Settings:
     max_model_len: int | None = None      # may only lower the scheduler's limit
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
+    max_request_body_bytes: int = 16 << 20  # larger bodies get 413; 0: no limit

@@ -41,10 +41,12 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             ignore_eos=params.ignore_eos,
         )
-        self.scheduler.add_request(request_id, prompt, params, limits)
+        request = self.scheduler.add_request(request_id, prompt, params, limits)
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = queue
         self.wakeup.set()
+        log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d", request_id,
+                 len(prompt), max_tokens, len(request.sequences))
         return queue
 
     def abort(self, request_id: str) -> bool:
@@ -68,6 +70,9 @@ class Engine:
             if request.finished:
                 queue.put_nowait(DONE)
                 del self.streams[request.request_id]
+                log.info("request %s finished: %s", request.request_id, ", ".join(
+                    f"{pb.FinishReason.Name(s.finish_reason)} after {s.num_output} tokens"
+                    for s in request.sequences))
 
     @staticmethod
     def response(seq: Sequence) -> pb.GenerateResponse:
@@ -82,9 +87,12 @@ class Engine:
         return reply
 
     def fail_all(self, error: Exception) -> None:
+        """The workers lost every sequence's KV cache: each request in flight fails at once with
+        an error that says so (its client may retry), and the block pool starts empty."""
         for request in self.scheduler.fail_all():
             queue = self.streams.pop(request.request_id, None)
             if queue is not None:
+                log.warning("request %s failed: %s", request.request_id, error)
                 queue.put_nowait(error)
 
     # ----- the loop -----------------------------------------------------------------------------
@@ -98,13 +106,25 @@ class Engine:
                 log.error("%s; failing every request in flight and reconnecting", e)
                 self.healthy = False
                 self.workers.cancel()
-                self.fail_all(e)
+                self.fail_all(WorkerLost(f"{e}; the request was lost with the worker's state, "
+                                         "retry it"))
 
     async def connect(self) -> None:
-        await self.workers.wait_ready()
+        """(Re)joins the workers: each new Execute stream starts on an empty worker batch, and
+        the block pool is sized to the cache the workers now have (a restarted worker may have
+        found a different amount of free memory)."""
+        infos = await self.workers.wait_ready()
+        self.resize_pool(min(info.num_kv_blocks for info in infos))
         self.workers.open()
         self.healthy = True
         log.info("workers ready: %s", ", ".join(self.workers.addresses))
+
+    def resize_pool(self, num_blocks: int) -> None:
+        pool = self.scheduler.pool
+        if num_blocks != pool.num_blocks and not self.scheduler.requests:
+            log.warning("the workers now hold %d KV blocks (was %d)", num_blocks, pool.num_blocks)
+            pool.num_blocks = num_blocks
+            pool.reset()
 
     def lose_workers(self) -> None:
         """A health check failed: end the streams, so the step loop fails what is in flight."""

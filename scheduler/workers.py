@@ -11,6 +11,14 @@ from pagedserve.v1 import worker_pb2_grpc as wgrpc
 
 log = logging.getLogger("scheduler.workers")
 
+# A restarted worker must be found within a second of listening again: gRPC's default reconnect
+# backoff grows to two minutes while the worker loads its weights.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 class WorkerLost(Exception):
     """A worker rank stopped answering: the state of every sequence in flight is gone."""
@@ -19,7 +27,7 @@ class WorkerLost(Exception):
 class WorkerGroup:
     def __init__(self, addresses: list[str]):
         self.addresses = addresses
-        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+        self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
         self.calls: list = []
 

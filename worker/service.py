@@ -20,14 +20,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.runner = runner
         # One persistent batch and one KV cache: steps from two streams must never interleave.
         self.lock = threading.Lock()
+        self.stream_id = 0  # the newest Execute stream's; older ones are superseded
 
     def Execute(self, request_iterator, context):
-        log.info("Execute stream opened by %s", context.peer())
+        # A new stream is a scheduler that (re)started: whatever the old one left in the batch
+        # belongs to requests that no longer exist, and its block ids mean nothing any more.
+        with self.lock:
+            self.stream_id += 1
+            mine = self.stream_id
+            self.runner.batch.free(list(self.runner.batch.seqs))
+        log.info("Execute stream %d opened by %s: batch reset", mine, context.peer())
         for plan in request_iterator:
             with self.lock:
+                if mine != self.stream_id:
+                    context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
                 result = self.runner.execute(plan)
             yield result
-        log.info("Execute stream closed by %s", context.peer())
+        log.info("Execute stream %d closed by %s", mine, context.peer())
 
     def GetWorkerInfo(self, request, context):
         return self.runner.worker_info()

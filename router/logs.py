@@ -1,0 +1,31 @@
+"""Log lines that name their request: every record written while an HTTP request is being served
+(uvicorn's access line included) carries that request's X-Request-Id, so one grep finds all of it.
+
+The id lives in a context variable set by RequestIdMiddleware; asyncio copies the context into
+every task the request starts, so lines logged from its streaming body or its gRPC pumps have it.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+
+NO_REQUEST = "-"
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "request_id", default=NO_REQUEST)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """The root handler for the router and for uvicorn (started with log_config=None, its loggers
+    propagate here instead of using formats of their own that would drop the id)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
