@@ -60,6 +60,7 @@ class Engine:
 
     def publish(self, news: list[Sequence]) -> None:
         """Streams each sequence's tokens that its client has not seen yet."""
+        ended: dict[str, Request] = {}
         for seq in news:
             request = seq.request
             queue = self.streams.get(request.request_id)
@@ -68,11 +69,13 @@ class Engine:
             if seq.num_output > seq.num_sent or seq.finished:
                 queue.put_nowait(self.response(seq))
             if request.finished:
-                queue.put_nowait(DONE)
-                del self.streams[request.request_id]
-                log.info("request %s finished: %s", request.request_id, ", ".join(
-                    f"{pb.FinishReason.Name(s.finish_reason)} after {s.num_output} tokens"
-                    for s in request.sequences))
+                ended[request.request_id] = request
+        # Only after every sibling's news: n sequences may finish in the same step.
+        for request_id, request in ended.items():
+            self.streams.pop(request_id).put_nowait(DONE)
+            log.info("request %s finished: %s", request_id, ", ".join(
+                f"{pb.FinishReason.Name(s.finish_reason)} after {s.num_output} tokens"
+                for s in request.sequences))
 
     @staticmethod
     def response(seq: Sequence) -> pb.GenerateResponse:

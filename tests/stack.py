@@ -41,6 +41,12 @@ class Stack:
                 return stats
             time.sleep(0.2)
 
+    def generate(self, prompt: list[int], max_tokens: int, **params) -> list[int]:
+        """Token ids of one generation over the public gRPC API (greedy unless params say)."""
+        request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
+            max_tokens=max_tokens, **{"temperature": 0, **params}))
+        return [t for reply in self.scheduler.Generate(request, timeout=600) for t in reply.token_ids]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

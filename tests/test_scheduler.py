@@ -213,3 +213,18 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
             continue
         assert all(seq.status is Status.FINISHED for seq in request.sequences)
         assert [seq.output_ids() for seq in request.sequences] == alone(prompt, max_tokens, n, ignore_eos=False)
+
+
+def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
+    from scheduler.engine import DONE, Engine
+    s, w = make()
+    engine = Engine(s, workers=None, eos_token_ids=[EOS])
+    params = pb.SamplingParams(max_tokens=3, n=3, temperature=0, ignore_eos=True)
+    queue = engine.add("together", [5, 6, 7], params, max_tokens=3)
+    while s.has_work():
+        plan = s.schedule()
+        engine.publish(s.update(w.execute(plan)))
+    tokens = Counter()
+    while (item := queue.get_nowait()) is not DONE:
+        tokens[item.index] += len(item.token_ids)
+    assert tokens == {0: 3, 1: 3, 2: 3}

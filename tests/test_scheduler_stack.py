@@ -35,12 +35,6 @@ def corpus_ids(model_dir, min_tokens: int) -> list[int]:
     return ids[:min_tokens]
 
 
-def generate(stub, prompt: list[int], max_tokens: int, **params) -> list[int]:
-    request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
-        temperature=0, max_tokens=max_tokens, **params))
-    return [t for reply in stub.Generate(request, timeout=600) for t in reply.token_ids]
-
-
 def stream_times(stub, prompt: list[int], max_tokens: int, first_token: threading.Event | None = None) -> list[float]:
     """The monotonic time at which each token of a greedy generation arrived."""
     request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
@@ -63,7 +57,7 @@ def test_32_requests_through_a_cache_for_4_all_finish_as_with_a_large_cache(mode
     with run_stack(model_dir, "--num-gpu-blocks-override", "28", "--no-enable-prefix-caching",
                    log_dir=tmp_path) as small:
         with ThreadPoolExecutor(32) as pool:
-            got = list(pool.map(lambda p: generate(small.scheduler, p, max_tokens, ignore_eos=True), prompts))
+            got = list(pool.map(lambda p: small.generate(p, max_tokens, ignore_eos=True), prompts))
         stats = small.wait_idle()
         assert stats.kv_blocks_total == 28
         assert stats.num_preemptions > 0, "a cache for 4 requests served 32 without preempting"
@@ -73,12 +67,12 @@ def test_32_requests_through_a_cache_for_4_all_finish_as_with_a_large_cache(mode
         too_big = ids[:28 * BLOCK_SIZE + 1]
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            generate(small.scheduler, too_big, 4)
+            small.generate(too_big, 4)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert time.monotonic() - started < 5
 
     with ThreadPoolExecutor(8) as pool:
-        expected = list(pool.map(lambda p: generate(smol_stack.scheduler, p, max_tokens, ignore_eos=True), prompts))
+        expected = list(pool.map(lambda p: smol_stack.generate(p, max_tokens, ignore_eos=True), prompts))
     assert all(len(out) == max_tokens for out in got)
     assert got == expected
 
@@ -101,7 +95,7 @@ def test_7000_token_prompt_by_chunked_prefill_equals_transformers_while_short_on
     during = sum(long_sent < t < first_long_token for t in short)
     assert during >= 3, f"the short stream got {during} tokens during the 4-chunk prefill"
 
-    got = generate(smol_stack.scheduler, long_prompt, 8)
+    got = smol_stack.generate(long_prompt, 8)
     assert got == hf_reference.greedy(model_dir, long_prompt, 8)
 
 
@@ -113,10 +107,10 @@ def test_shared_system_prompt_blocks_are_hits_after_the_first_request(model_dir,
     questions = [ids[100 * i: 100 * i + 10 + i] for i in range(16)]
     shared_full_blocks = len(system) // BLOCK_SIZE
 
-    generate(smol_stack.scheduler, system + questions[0], 2)
+    smol_stack.generate(system + questions[0], 2)
     before = smol_stack.stats()
     with ThreadPoolExecutor(15) as pool:
-        list(pool.map(lambda q: generate(smol_stack.scheduler, system + q, 2), questions[1:]))
+        list(pool.map(lambda q: smol_stack.generate(system + q, 2), questions[1:]))
     after = smol_stack.stats()
 
     hit_tokens = after.prefix_cache_hits - before.prefix_cache_hits
