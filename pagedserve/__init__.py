@@ -1,3 +1,23 @@
-"""pagedserve: an LLM serving engine with PagedAttention and continuous batching."""
+"""pagedserve: an LLM serving engine with PagedAttention and continuous batching.
+
+`from pagedserve import LLM, SamplingParams` is the offline API. Those names load on first use:
+`import pagedserve` alone (the router reads __version__) stays cheap.
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "pagedserve.offline",
+    "SamplingParams": "pagedserve.sampling_params",
+    "RequestOutput": "pagedserve.outputs",
+    "CompletionOutput": "pagedserve.outputs",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a Hugging Face model directory")
+def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="a Hugging Face model directory")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
@@ -41,10 +41,15 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API and gRPC")
     add_serve_args(serve)
+    from .batch import add_run_batch_args, run_batch
+    add_run_batch_args(sub.add_parser("run-batch", help="run a file of requests in OpenAI's "
+                                      "batch format, results to a file"))
     args = parser.parse_args(argv)
     if args.command == "serve":
         from .launcher import Launcher
         sys.exit(Launcher(args).run())
+    if args.command == "run-batch":
+        sys.exit(run_batch(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""`pagedserve serve` from inside another program (run-batch, the offline LLM): the launcher's worker,
+scheduler and router as child processes on free local ports, their output in a log file (it would
+tear a progress bar apart), stopped on close or at interpreter exit."""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import tempfile
+
+from .cli import add_serve_args
+from .launcher import Launcher, free_port
+
+log = logging.getLogger("pagedserve")
+
+LOG_TAIL_CHARS = 4000  # of the children's log, shown when they fail to start
+
+
+def serve_args(model: str, **flags) -> argparse.Namespace:
+    """`pagedserve serve`'s flags with their defaults, and the given ones in their Python spelling
+    (max_num_seqs=64 for --max-num-seqs 64)."""
+    parser = argparse.ArgumentParser(prog="pagedserve serve")
+    add_serve_args(parser)
+    args = parser.parse_args(["--model", str(model)])
+    for name, value in flags.items():
+        if not hasattr(args, name):
+            raise TypeError(f"{name!r} is not an option of `pagedserve serve` (see its --help; "
+                            "write --max-num-seqs as max_num_seqs)")
+        setattr(args, name, value)
+    return args
+
+
+class LocalServer:
+    def __init__(self, args: argparse.Namespace):
+        # On loopback and on ports of its own: it must not collide with a server already running.
+        self.args = argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": free_port(),
+                                          "grpc_port": free_port()})
+        self.root_url = f"http://127.0.0.1:{self.args.port}"
+        self.grpc_address = f"127.0.0.1:{self.args.grpc_port}"
+        self.log_file = tempfile.NamedTemporaryFile(prefix="pagedserve-", suffix=".log",
+                                                    delete=False)
+        self.launcher = Launcher(self.args, output=self.log_file)
+        self.stopped = False
+
+    @property
+    def log_path(self) -> str:
+        return self.log_file.name
+
+    def start(self) -> "LocalServer":
+        log.info("starting the worker, scheduler and router of %s (their log: %s)",
+                 self.args.model, self.log_path)
+        atexit.register(self.stop)
+        try:
+            self.launcher.start_all()
+        except SystemExit as exc:  # the launcher's way to say a child died or never got healthy
+            self.stop()
+            raise RuntimeError(f"{exc}; the end of {self.log_path}:\n{self.log_tail()}") from None
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        atexit.unregister(self.stop)
+        self.launcher.stop_children()
+        self.log_file.close()
+
+    def log_tail(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-LOG_TAIL_CHARS:]
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

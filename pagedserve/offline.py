@@ -1,0 +1,248 @@
+"""`LLM`: offline inference from Python, as vLLM's.
+
+    from pagedserve import LLM, SamplingParams
+    with LLM(model="models/SmolLM2-135M-Instruct", max_num_seqs=64) as llm:
+        outputs = llm.generate(["The capital of France is"], SamplingParams(temperature=0))
+        print(outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids)
+
+It starts the worker, scheduler and router processes with `pagedserve serve`'s launcher (keyword
+arguments are serve's flags) and stops them on close(), at the end of a `with` block or at exit.
+Requests go to the scheduler over gRPC through the router's own code (body parsing, the chat
+template, detokenization, stop strings), so each text is the one the HTTP API answers for the same
+request, and the token ids, which the HTTP API does not show, come with it.
+
+The gRPC client lives on an event loop in a thread of its own: generate() and chat() are plain
+blocking calls, usable from scripts and notebooks alike (which already run a loop).
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.client import SchedulerClient
+from router.errors import APIError
+from router.generation import start_generation
+from router.model import ServedModel, load_served_model
+from router.protocol import GenerationRequest, parse_chat, parse_completion
+from router.responses import ChatResponses, CompletionResponses
+from router.serving import Run, collect
+from router.settings import Settings
+
+from .local_server import LocalServer, serve_args
+from .outputs import CompletionOutput, RequestOutput
+from .progress import Progress
+from .sampling_params import SamplingParams
+
+Prompt = str | dict  # "text", {"prompt": "text"} or {"prompt_token_ids": [ids]}
+Messages = list[dict]
+
+
+class LLM:
+    def __init__(self, model: str, **serve_flags: Any):
+        args = serve_args(model, **serve_flags)
+        # The scheduler batches up to max_num_seqs; as many again wait in its queue, ready for
+        # the next step. More in flight would only hold open streams.
+        self._in_flight = args.max_num_seqs + (args.max_waiting_requests or args.max_num_seqs)
+        self._metrics = Unmeasured()
+        self._client: SchedulerClient | None = None
+        self._closed = False
+        self._server = LocalServer(args).start()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-LLM",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+        try:
+            self._client, self._model = self._call(self._connect(args))
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, args) -> tuple[SchedulerClient, ServedModel]:
+        client = SchedulerClient(self._server.grpc_address, api_key=args.api_key)
+        info = await client.model_info()
+        settings = Settings(model=args.model, served_model_name=args.served_model_name,
+                            chat_template=args.chat_template, max_model_len=args.max_model_len)
+        return client, await asyncio.to_thread(load_served_model, settings, info)
+
+    # ----- the API ------------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in the order of the prompts."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = params_for(sampling_params, len(prompts))
+        requests = [self._parse(parse_completion, {**p.body_fields(chat=False), **prompt_field(x)})
+                    for x, p in zip(prompts, params)]
+        return self._run(requests, use_tqdm)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of them, each through the chat
+        template; one RequestOutput per conversation, in order."""
+        chats = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        params = params_for(sampling_params, len(chats))
+        extra = {} if add_generation_prompt else {"add_generation_prompt": False}
+        requests = [self._parse(parse_chat, {**p.body_fields(chat=True), **extra, "messages": m})
+                    for m, p in zip(chats, params)]
+        return self._run(requests, use_tqdm)
+
+    def get_tokenizer(self):
+        return self._model.tokenizer.hf
+
+    def close(self) -> None:
+        """Stops the services. Idempotent; also runs at interpreter exit."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            if self._client is not None:
+                asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._server.stop()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- running requests ---------------------------------------------------------------------
+
+    def _parse(self, parse: Callable, body: dict) -> GenerationRequest:
+        """The router's checks, with their messages; a bad parameter fails the call up front."""
+        try:
+            return parse(body, self._model)
+        except APIError as err:
+            raise ValueError(err.message) from None
+
+    def _run(self, requests: list[GenerationRequest], use_tqdm: bool) -> list[RequestOutput]:
+        if self._closed:
+            raise RuntimeError("This LLM is closed; make a new one.")
+        return self._call(self._generate_all(requests, use_tqdm))
+
+    def _call(self, coroutine):
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:  # Ctrl-C while waiting: stop the work, which aborts it on the scheduler
+            future.cancel()
+            raise
+
+    async def _generate_all(self, requests: list[GenerationRequest],
+                            use_tqdm: bool) -> list[RequestOutput]:
+        batch = uuid.uuid4().hex[:12]
+        limit = asyncio.Semaphore(self._in_flight)
+        with Progress(len(requests), "Processed prompts", use_tqdm) as progress:
+            async def one(i: int, request: GenerationRequest) -> RequestOutput:
+                async with limit:
+                    output = await self._generate(f"offline-{batch}-{i}", request)
+                progress.done(sum(len(o.token_ids) for o in output.outputs))
+                return output
+
+            tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:  # one failed or we were cancelled: the others stop too
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+    async def _generate(self, request_id: str, req: GenerationRequest) -> RequestOutput:
+        """One request as the router serves a non-streamed one, from the same parts."""
+        model = self._model
+        calls = [pb.GenerateRequest(request_id=f"{request_id}-{i}", prompt_token_ids=p.token_ids,
+                                    params=req.params) for i, p in enumerate(req.prompts)]
+        responses_class = ChatResponses if req.kind == "chat" else CompletionResponses
+        responses = responses_class(request_id, model.name, int(time.time()), model.tokenizer, req)
+        arrival = time.perf_counter()
+        try:
+            run = RecordingRun(req, model, await start_generation(self._client, calls),
+                               self._metrics, arrival)
+            try:
+                body = await collect(run, responses, await run.generation.next())
+            finally:
+                run.close()
+        except APIError as err:
+            raise (ValueError if err.status == 400 else RuntimeError)(err.message) from None
+        return run.request_output(request_id, body)
+
+
+class Unmeasured:
+    """Takes the place of the router's Metrics, which a Run counts into: nobody scrapes an offline
+    run, and whatever the router comes to measure, every call here is accepted and ignored."""
+
+    def __getattr__(self, name: str) -> "Unmeasured":
+        return self
+
+    def __call__(self, *args, **kwargs) -> "Unmeasured":
+        return self
+
+
+class RecordingRun(Run):
+    """The router's Run, which turns the scheduler's messages into the response's text, keeping
+    also the token ids and logprobs that the HTTP API's response leaves out."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._messages: list[list[pb.GenerateResponse]] = [[] for _ in self.choices]
+
+    def handle(self, event):
+        index, delta = super().handle(event)
+        self._messages[index].append(event[1])
+        return index, delta
+
+    def request_output(self, request_id: str, body: dict) -> RequestOutput:
+        prompt = self.req.prompts[0]  # one prompt per request: generate() sends them one by one
+        outputs = [self.completion_output(c) for c in body["choices"]]
+        return RequestOutput(request_id, prompt.text, prompt.token_ids, outputs,
+                             self.cached_tokens[0])
+
+    def completion_output(self, choice: dict) -> CompletionOutput:
+        index = choice["index"]
+        text = choice["message"]["content"] if self.req.kind == "chat" else choice["text"]
+        # A choice ends at the token that completed its stop string: tokens the scheduler made
+        # before it heard of the stop are not part of it (usage does not count them either).
+        kept = self.choices[index].num_tokens
+        token_ids = [t for m in self._messages[index] for t in m.token_ids][:kept]
+        output = CompletionOutput(index, text, token_ids, choice["finish_reason"])
+        if self.req.logprobs is not None:
+            logprobs = [lp for m in self._messages[index] for lp in m.logprobs][:kept]
+            output.logprobs = [{lp.token_id: lp.logprob, **{t.token_id: t.logprob for t in lp.top}}
+                               for lp in logprobs]
+            output.cumulative_logprob = sum(lp.logprob for lp in logprobs)
+        return output
+
+
+def prompt_field(prompt: Prompt) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return {"prompt": list(prompt["prompt_token_ids"])}
+    if isinstance(prompt, dict) and "prompt" in prompt:
+        return {"prompt": prompt["prompt"]}
+    raise TypeError(f"A prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [ids]}}; "
+                    f"got {type(prompt).__name__}.")
+
+
+def params_for(sampling_params, count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params = list(sampling_params)
+    if len(params) != count:
+        raise ValueError(f"{len(params)} SamplingParams for {count} prompts: give one, or one "
+                         "per prompt.")
+    return params
