@@ -381,7 +381,7 @@ def timed_post(url: str, body: dict) -> tuple[httpx.Response, float]:
 
 
 def test_beyond_the_waiting_queue_requests_get_503_with_retry_after_at_once(small_stack):
-    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 48, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 32, "ignore_eos": True}
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: timed_post(small_stack.base_url + COMPLETIONS, body),
                                 range(8)))
