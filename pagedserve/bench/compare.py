@@ -138,6 +138,8 @@ def main(args) -> int:
               "workload": workload(args, requests), "machine": machine(), "systems": results,
               "ratios": ratios(results)}
     print(format_table(results))
+    for path in (args.result_filename, args.chart):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_filename).write_text(json.dumps(report, indent=2))
     load = workload(args, requests)
     draw(results, f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from worker.attention import make_attention_backend
+from worker.attention import TorchAttention, make_attention_backend
 from worker.batch import SequenceState, build_step_inputs
 
 COPY_BYTES = 256 << 20
@@ -65,11 +65,11 @@ def decode_case(batch: int, context: int, args, device, dtype, backends) -> list
     kv_bytes = 2 * batch * context * kvh * d * dtype.itemsize
     runs = {"sdpa_contiguous": lambda: F.scaled_dot_product_attention(
         q[:, :, None], k_ctx, v_ctx, scale=scale, enable_gqa=True)}
-    for backend in backends:
+    for label, backend in backends:
         def step(backend=backend):
             backend.prepare(meta)  # per step in the worker too: shared by every layer
             return backend.forward(q, k_new, v_new, (k_cache, v_cache), meta, scale)
-        runs[backend.name] = step
+        runs[label] = step
     rows = []
     for name, fn in runs.items():
         seconds = timed(fn, device, args.iters)
@@ -78,22 +78,33 @@ def decode_case(batch: int, context: int, args, device, dtype, backends) -> list
     return rows
 
 
+def backends_for(device: torch.device, block_size: int) -> list[tuple[str, object]]:
+    """The worker's backends for this device: on a CPU the C decode kernel (when it builds) and the
+    gather + SDPA path it replaces."""
+    if device.type == "cuda":
+        return [("triton", make_attention_backend("triton", device, block_size))]
+    backends = [("torch_gather_sdpa", TorchAttention())]
+    worker_backend = make_attention_backend("torch", device, block_size)
+    if worker_backend.decode_kernel is not None:
+        backends.insert(0, ("cpu_decode_kernel", worker_backend))
+    return backends
+
+
 def main(args) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-    names = ["triton"] if device.type == "cuda" else ["torch"]
-    backends = [make_attention_backend(n, device, args.block_size) for n in names]
+    backends = backends_for(device, args.block_size)
     bandwidth = copy_bandwidth(device, dtype, args.iters)
     rows = []
     print(f"{device.type} {dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
           f"{args.num_heads} heads, {args.num_kv_heads} kv heads, head_dim {args.head_dim}")
-    print(f"{'kernel':<18}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}")
+    print(f"{'kernel':<20}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}")
     for batch in map(int, args.batch_sizes.split(",")):
         for context in map(int, args.context_lens.split(",")):
             for row in decode_case(batch, context, args, device, dtype, backends):
                 row["fraction_of_copy_bandwidth"] = row["bytes_per_s"] / bandwidth
                 rows.append(row)
-                print(f"{row['kernel']:<18}{batch:>6}{context:>9}{row['ms']:>10.3f}{row['bytes_per_s'] / 1e9:>8.1f}"
+                print(f"{row['kernel']:<20}{batch:>6}{context:>9}{row['ms']:>10.3f}{row['bytes_per_s'] / 1e9:>8.1f}"
                       f"{row['fraction_of_copy_bandwidth']:>9.0%}")
     report = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth,
               "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,

@@ -1,0 +1,218 @@
+"""Where a decode step's time goes: the real scheduler plans for a batch of decoding sequences, the
+plans travel over a real gRPC Execute stream to a real worker (in this process, on a local port),
+and every part of the step is timed on its own:
+
+    python benchmarks/profile_step.py --model models/SmolLM2-135M-Instruct --batch 32
+
+forward pass (matmuls, norms, rotary), attention, LM head, sampling, the worker's input tensors and
+persistent batch, plan building and result handling in the scheduler, protobuf serialization,
+gRPC transport, and what is left (Python overhead). --torch-profile adds torch's op table.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import worker.model_runner as model_runner_module  # noqa: E402
+from pagedserve.launcher import free_port  # noqa: E402
+from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
+from pagedserve.v1 import worker_pb2 as wpb  # noqa: E402
+from scheduler.request import SamplingLimits  # noqa: E402
+from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from scheduler.workers import WorkerGroup  # noqa: E402
+from worker.config import WorkerConfig  # noqa: E402
+from worker.model_runner import ModelRunner  # noqa: E402
+from worker.service import build_server  # noqa: E402
+
+
+class Clock:
+    """Seconds per named part, summed over the measured steps only."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    @contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.on:
+                self.totals[name] += time.perf_counter() - start
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self.part(name):
+                return fn(*args, **kwargs)
+        return timed
+
+
+def instrument(runner: ModelRunner, clock: Clock) -> None:
+    """Times the worker's parts by wrapping them where the step calls them."""
+    batch, backend, model = runner.batch, runner.backend, runner.model
+    for name in ("free", "add", "schedule"):
+        setattr(batch, name, clock.wrap("worker: persistent batch update", getattr(batch, name)))
+    model_runner_module.build_step_inputs = clock.wrap("worker: input tensors and metadata",
+                                                      model_runner_module.build_step_inputs)
+    backend.prepare = clock.wrap("attention", backend.prepare)
+    backend.forward = clock.wrap("attention", backend.forward)
+    model.forward = clock.wrap("forward (all)", model.forward)
+    model.compute_logits = clock.wrap("LM head", model.compute_logits)
+    runner.sampler = clock.wrap("sampling", runner.sampler)
+    runner.execute = clock.wrap("worker: whole step", runner.execute)
+
+
+def add_requests(scheduler: Scheduler, batch: int, prompt_lens: list[int], vocab_size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    params = pb.SamplingParams(temperature=0.0, ignore_eos=True)
+    limits = SamplingLimits(max_tokens=10**6, min_tokens=0, stop_token_ids=frozenset(), eos_token_ids=frozenset(),
+                            ignore_eos=True)
+    for i in range(batch):
+        prompt = rng.integers(1000, vocab_size, size=prompt_lens[i]).tolist()
+        scheduler.add_request(f"r{i}", prompt, params, limits)
+
+
+async def drive(scheduler: Scheduler, workers: WorkerGroup, clock: Clock, warmup: int, steps: int) -> dict:
+    """Steps until every sequence decodes, `warmup` more, then `steps` measured ones."""
+    workers.open()
+    sizes = []
+    measured = 0
+    while measured < steps:
+        decoding = all(s.num_tokens - s.num_computed == 1 for s in scheduler.running) and not scheduler.waiting
+        if decoding and warmup == 0:
+            clock.on = True
+        elif decoding:
+            warmup -= 1
+        with clock.part("scheduler: plan building"):
+            plan = scheduler.schedule()
+        with clock.part("step (as the scheduler sees it)"):
+            with clock.part("gRPC round trip"):
+                result = await workers.execute(plan)
+            with clock.part("scheduler: result handling"):
+                scheduler.update(result)
+        if result.error:
+            raise RuntimeError(result.error)
+        if clock.on:
+            # What gRPC does to these messages, done again here to time it.
+            with clock.part("protobuf serialization"):
+                wpb.StepPlan.FromString(plan.SerializeToString())
+                wpb.StepResult.FromString(result.SerializeToString())
+            sizes.append((plan.ByteSize(), result.ByteSize(), len(plan.scheduled)))
+            measured += 1
+    workers.cancel()
+    return {"plan_bytes": float(np.mean([s[0] for s in sizes])), "result_bytes": float(np.mean([s[1] for s in sizes])),
+            "batch": float(np.mean([s[2] for s in sizes]))}
+
+
+def breakdown(totals: dict[str, float], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each disjoint part; their sum is the step as the scheduler sees it."""
+    ms = {k: v * 1e3 / steps for k, v in totals.items()}
+    attention, lm_head = ms.get("attention", 0.0), ms.get("LM head", 0.0)
+    worker = ms["worker: whole step"]
+    parts = {
+        "forward pass (matmuls, norms, rotary, MLP)": ms["forward (all)"] - attention,
+        "attention": attention,
+        "LM head": lm_head,
+        "sampling": ms.get("sampling", 0.0),
+        "worker: input tensors and metadata": ms.get("worker: input tensors and metadata", 0.0),
+        "worker: persistent batch update": ms.get("worker: persistent batch update", 0.0),
+    }
+    parts["worker: Python overhead (result, glue)"] = worker - sum(parts.values())
+    serialization = ms.get("protobuf serialization", 0.0)
+    parts["protobuf serialization"] = serialization
+    parts["gRPC transport"] = ms["gRPC round trip"] - worker - serialization
+    parts["scheduler: plan building"] = ms["scheduler: plan building"]
+    parts["scheduler: result handling"] = ms["scheduler: result handling"]
+    seen = ms["step (as the scheduler sees it)"]
+    parts["scheduler: loop overhead"] = seen - ms["gRPC round trip"] - ms["scheduler: result handling"]
+    parts["step total"] = seen + ms["scheduler: plan building"]
+    return parts
+
+
+def report(parts: dict[str, float], info: dict) -> str:
+    total = parts["step total"]
+    lines = [f"decode step at batch {info['batch']:.0f}: {total:.1f} ms "
+             f"({info['batch'] / total * 1e3:.0f} tokens/s), plan {info['plan_bytes']:.0f} B, "
+             f"result {info['result_bytes']:.0f} B, {info['threads']} torch threads"]
+    for name, ms in parts.items():
+        if name != "step total":
+            lines.append(f"  {name:<46}{ms:8.2f} ms {ms / total:6.1%}")
+    outside = total - parts["forward pass (matmuls, norms, rotary, MLP)"] - parts["attention"] - parts["LM head"]
+    lines.append(f"  {'outside the forward pass':<46}{outside:8.2f} ms {outside / total:6.1%}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=0, help="0: uniform in [32, 512] (the benchmark's prompts)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-profile", action="store_true", help="also print torch profiler's top ops")
+    p.add_argument("--json", default=None, help="write the breakdown here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    runner = ModelRunner(WorkerConfig(model=args.model, block_size=args.block_size, num_threads=args.num_threads))
+    rng = np.random.default_rng(args.seed)
+    lens = [args.prompt_len] * args.batch if args.prompt_len else rng.integers(32, 513, size=args.batch).tolist()
+    clock = Clock()
+    instrument(runner, clock)
+    scheduler = Scheduler(SchedulerConfig(num_blocks=runner.num_blocks, block_size=args.block_size,
+                                          max_model_len=runner.loaded.max_model_len,
+                                          max_num_batched_tokens=args.max_num_batched_tokens))
+    add_requests(scheduler, args.batch, lens, runner.loaded.vocab_size, args.seed)
+    address = f"127.0.0.1:{free_port()}"
+    server, _ = build_server(runner, address)
+    server.start()
+
+    async def run():
+        workers = WorkerGroup([address])
+        await workers.wait_ready(timeout=60)
+        try:
+            return await drive(scheduler, workers, clock, args.warmup, args.steps)
+        finally:
+            await workers.close()
+
+    try:
+        if args.torch_profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                info = asyncio.run(run())
+        else:
+            info = asyncio.run(run())
+    finally:
+        server.stop(grace=None)
+    info["threads"] = torch.get_num_threads()
+    parts = breakdown(clock.totals, args.steps)
+    print(report(parts, info))
+    if args.torch_profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    out = {"parts_ms": parts, **info, "steps": args.steps, "cpu_count": len(os.sched_getaffinity(0))}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The benchmarks at a tiny size, through their real command lines: `pagedserve bench serve` against
+the shared SmolLM2 stack, `bench compare-hf` and `bench compare` (transformers both ways and a
+pagedserve of their own, no vLLM), `bench kernels`, and benchmarks/profile_step.py on a tiny
+random Llama. Each result must hold every field with plausible values."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pagedserve.bench.client import RequestOutput
+from pagedserve.bench.datasets import length_range, random_requests, vocab_size_of
+from pagedserve.bench.metrics import LATENCIES, summarize
+from tests.conftest import REPO_ROOT
+
+LATENCY_KEYS = [f"{stat}_{name}_ms" for name in LATENCIES for stat in ("mean", "median", "std", "p99")]
+# One torch thread: on a machine shared by several test runs, two OpenMP threads spend most of
+# their time waiting for each other at barriers.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY_WORKLOAD = ["--num-prompts", "4", "--random-input-len", "16", "--random-output-len", "6",
+                 "--random-range-ratio", "0.5", "--seed", "3", "--disable-tqdm"]
+
+
+def pagedserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=ONE_THREAD)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def expected_output_tokens(model_dir) -> int:
+    """ignore_eos: every request generates exactly its output length."""
+    return sum(r.output_len for r in random_requests(4, 16, 6, 0.5, vocab_size_of(str(model_dir)), seed=3))
+
+
+def check_serving_metrics(result: dict, completed: int, output_tokens: int) -> None:
+    assert result["completed"] == completed and result["failed"] == 0
+    assert result["total_output_tokens"] == output_tokens
+    assert result["duration"] > 0
+    for key in ("request_throughput", "output_throughput", "total_token_throughput"):
+        assert result[key] > 0, key
+    assert result["total_token_throughput"] > result["output_throughput"]
+    for name in LATENCIES:
+        mean, median, p99 = (result[f"{s}_{name}_ms"] for s in ("mean", "median", "p99"))
+        assert 0 < median <= p99 and 0 < mean <= p99, name
+        assert result[f"std_{name}_ms"] >= 0
+    # A request's time to its first token is part of its end-to-end latency.
+    assert result["median_ttft_ms"] < result["p99_e2el_ms"]
+
+
+def test_summarize_follows_vllm_definitions():
+    outputs = [RequestOutput(True, 10, 5, ttft=0.1, itl=[0.02, 0.02, 0.03, 0.03], latency=0.2),
+               RequestOutput(True, 20, 3, ttft=0.3, itl=[0.05, 0.05], latency=0.4),
+               RequestOutput(False, 7, 0, error="HTTP 500")]
+    result = summarize(outputs, duration=2.0, percentiles=(50, 99))
+    assert (result["completed"], result["failed"]) == (2, 1)
+    assert result["output_throughput"] == pytest.approx(8 / 2.0)
+    assert result["total_token_throughput"] == pytest.approx(38 / 2.0)
+    # TPOT leaves the first token out: (0.2 - 0.1) / 4 and (0.4 - 0.3) / 2.
+    assert result["mean_tpot_ms"] == pytest.approx((25 + 50) / 2)
+    assert result["median_itl_ms"] == pytest.approx(30)
+    assert result["p50_ttft_ms"] == pytest.approx(200) and result["p99_ttft_ms"] == pytest.approx(298)
+    assert result["errors"] == ["", "", "HTTP 500"]
+
+
+def test_random_workload_lengths_follow_the_range_ratio():
+    # The defaults of `bench compare`: prompts of 32-512 tokens, outputs of 16-256.
+    assert length_range(272, 0.8824) == (32, 512) and length_range(136, 0.8824) == (16, 256)
+    requests = random_requests(200, 272, 136, 0.8824, vocab_size=49152, seed=0)
+    assert all(32 <= r.prompt_len <= 512 and len(r.prompt) == r.prompt_len for r in requests)
+    assert all(16 <= r.output_len <= 256 for r in requests)
+    assert all(1000 <= t < 49152 for r in requests for t in r.prompt)
+    assert requests == random_requests(200, 272, 136, 0.8824, vocab_size=49152, seed=0)
+
+
+def test_bench_serve_reports_vllm_result_keys(smol_stack, model_dir, tmp_path):
+    path = tmp_path / "serve.json"
+    proc = pagedserve("bench", "serve", "--base-url", smol_stack.root_url, "--model", "SmolLM2-135M-Instruct",
+                      "--tokenizer", str(model_dir), "--max-concurrency", "2", *TINY_WORKLOAD,
+                      "--metric-percentiles", "50,99", "--save-result", "--result-filename", str(path))
+    assert "Serving Benchmark Result" in proc.stdout and "Output token throughput" in proc.stdout
+    result = json.loads(path.read_text())
+    check_serving_metrics(result, 4, expected_output_tokens(model_dir))
+    assert result["max_concurrency"] == 2 and result["num_prompts"] == 4
+    assert result["p50_ttft_ms"] == pytest.approx(result["median_ttft_ms"])
+    assert len(result["ttfts"]) == len(result["itls"]) == 4 and result["errors"] == [""] * 4
+    assert result["input_lens"] == [r.prompt_len for r in random_requests(4, 16, 6, 0.5, 49152, seed=3)]
+
+
+def test_compare_hf_runs_transformers_both_ways_and_pagedserve(model_dir, tmp_path):
+    result_path, chart = tmp_path / "compare-hf.json", tmp_path / "compare-hf.png"
+    proc = pagedserve("bench", "compare-hf", "--model", str(model_dir), "--hf-batch-size", "3", *TINY_WORKLOAD,
+                      "--server-arg=--num-threads=1",
+                      "--result-filename", str(result_path), "--chart", str(chart),
+                      "--log-dir", str(tmp_path / "logs"))
+    report = json.loads(result_path.read_text())
+    systems = report["systems"]
+    assert list(systems) == ["transformers-sequential", "transformers", "pagedserve"]
+    tokens = expected_output_tokens(model_dir)
+    for name, result in systems.items():
+        check_serving_metrics(result, 4, tokens)
+        assert name in proc.stdout
+    assert set(report["ratios"]) == {"pagedserve/transformers-sequential", "pagedserve/transformers"}
+    assert report["ratios"]["pagedserve/transformers"] == pytest.approx(
+        systems["pagedserve"]["output_throughput"] / systems["transformers"]["output_throughput"])
+    assert report["workload"]["output_tokens"] == tokens and report["machine"]["cores"] >= 1
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_peers_says_how_to_get_them(model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", "bench", "compare", "--model", str(model_dir),
+                           "--systems", "pagedserve,vllm", "--vllm-python", str(tmp_path / "no-venv" / "python")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "make peers" in proc.stderr
+
+
+def test_compare_runs_transformers_alone(model_dir, tmp_path):
+    result_path = tmp_path / "compare.json"
+    pagedserve("bench", "compare", "--model", str(model_dir), "--systems", "transformers", "--hf-batch-size", "4",
+               *TINY_WORKLOAD, "--result-filename", str(result_path), "--chart", str(tmp_path / "c.png"))
+    report = json.loads(result_path.read_text())
+    check_serving_metrics(report["systems"]["transformers"], 4, expected_output_tokens(model_dir))
+    assert report["ratios"] == {}  # no pagedserve, nothing to compare it with
+
+
+def test_kernel_benchmark_rows(tmp_path):
+    path = tmp_path / "kernels.json"
+    pagedserve("bench", "kernels", "--batch-sizes", "1,3", "--context-lens", "5,40", "--iters", "2",
+               "--result-filename", str(path))
+    report = json.loads(path.read_text())
+    assert report["copy_bandwidth_bytes_per_s"] > 0
+    kernels = {row["kernel"] for row in report["rows"]}
+    assert kernels == {"sdpa_contiguous", "cpu_decode_kernel", "torch_gather_sdpa"}
+    assert len(report["rows"]) == 3 * 4
+    for row in report["rows"]:
+        assert row["ms"] > 0 and row["bytes_per_s"] > 0
+        assert row["kv_bytes"] == 2 * row["batch"] * row["context"] * 3 * 64 * 4
+
+
+def make_tiny_llama(path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def test_profile_step_splits_a_decode_step(tmp_path):
+    make_tiny_llama(tmp_path / "tiny")
+    path = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--model", str(tmp_path / "tiny"),
+                           "--batch", "4", "--prompt-len", "20", "--steps", "3", "--warmup", "1", "--num-threads", "1",
+                           "--json", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(path.read_text())
+    parts = report["parts_ms"]
+    assert report["batch"] == 4 and report["plan_bytes"] > 0 and report["result_bytes"] > 0
+    for name in ("forward pass (matmuls, norms, rotary, MLP)", "attention", "LM head", "sampling",
+                 "scheduler: plan building", "protobuf serialization"):
+        assert parts[name] > 0, name
+    # The parts are disjoint and make up the step.
+    total = parts.pop("step total")
+    assert sum(parts.values()) == pytest.approx(total, rel=1e-6)
+    assert "outside the forward pass" in proc.stdout
