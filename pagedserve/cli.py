@@ -1,4 +1,4 @@
-"""The `pagedserve` command: serve (and later bench, run-batch)."""
+"""The `pagedserve` command: serve, run-batch, bench."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +44,11 @@ def main(argv=None) -> None:
     from .batch import add_run_batch_args, run_batch
     add_run_batch_args(sub.add_parser("run-batch", help="run a file of requests in OpenAI's "
                                       "batch format, results to a file"))
+    from .bench.cli import add_bench_parser, run as run_bench
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        sys.exit(run_bench(args))
     if args.command == "serve":
         from .launcher import Launcher
         sys.exit(Launcher(args).run())
