@@ -24,7 +24,7 @@ from .datasets import BenchRequest
 from .hf import load_model, run_static_batches
 from .metrics import summarize
 from .serve import build_requests, percentiles_of, run_workload
-from .systems import cores, pagedserve_command, server_process, vllm_command, vllm_env
+from .systems import cores, cpu_seconds, pagedserve_command, server_process, vllm_command, vllm_env
 
 PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
 SERVERS = {"pagedserve", "vllm", "vllm-default"}
@@ -43,10 +43,14 @@ def serve_and_run(args, system: str, requests: list[BenchRequest]) -> dict:
         cmd, env = pagedserve_command(args.model, name, port, args.server_arg), {}
     else:
         cmd, env = vllm_command(args.vllm_python, args.model, name, port), vllm_env(system == "vllm")
-    with server_process(cmd, port, log_path, args.startup_timeout, env) as root:
+    with server_process(cmd, port, log_path, args.startup_timeout, env) as (root, pid):
+        before, client_before = cpu_seconds(pid), time.process_time()
         outputs, duration = asyncio.run(run_workload(root, name, requests, args.max_concurrency, args.request_rate,
                                                      args.seed, args.disable_tqdm))
-    return summarize(outputs, duration, percentiles_of(args))
+        after, client = cpu_seconds(pid), time.process_time() - client_before
+    # Who used the cores during the run: the model's process(es) and everything around them.
+    used = {label: round(after[label] - before.get(label, 0.0), 2) for label in after}
+    return summarize(outputs, duration, percentiles_of(args)) | {"cpu_seconds": used | {"bench client": round(client, 2)}}
 
 
 def hf_run(args, system: str, requests: list[BenchRequest]) -> dict:
@@ -73,6 +77,8 @@ def run_system(args, system: str, requests: list[BenchRequest]) -> dict:
     started = time.time()
     result = (serve_and_run if system in SERVERS else hf_run)(args, system, requests)
     summary = {k: v for k, v in result.items() if k not in PER_REQUEST_KEYS}
+    if "cpu_seconds" in summary:
+        print(f"    CPU seconds during the run: {summary['cpu_seconds']}", flush=True)
     summary |= {"settings": settings(args, system), "started": datetime.fromtimestamp(started).isoformat(),
                 "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
                 "errors": [e for e in result["errors"] if e][:5]}

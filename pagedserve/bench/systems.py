@@ -57,7 +57,8 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 
 @contextmanager
 def server_process(cmd: list[str], port: int, log_path: Path, timeout: float, env: dict | None = None):
-    """Runs `cmd` until the block ends; yields the server's root URL once GET /health answers 200."""
+    """Runs `cmd` until the block ends; yields the server's root URL and pid once GET /health
+    answers 200."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -72,7 +73,7 @@ def server_process(cmd: list[str], port: int, log_path: Path, timeout: float, en
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no healthy server after {timeout:.0f} s; see {log_path}")
             time.sleep(1)
-        yield root
+        yield root, proc.pid
     finally:
         stop_group(proc)
 
@@ -91,3 +92,45 @@ def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def process_label(pid: int) -> str:
+    """`-m MODULE` of a Python command line (worker, scheduler, router, ...), else its comm."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"-m" in args:
+            return args[args.index(b"-m") + 1].decode().split(".")[0]
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, IndexError):
+        return "?"
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by a process and its descendants, by label."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for pid in descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        label = process_label(pid)
+        totals[label] = totals.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
