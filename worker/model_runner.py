@@ -107,4 +107,6 @@ class ModelRunner:
             ],
             forward_seconds=elapsed,
         )
-        return result, None if logits is None else logits[order]
+        if logits is not None and order != sorted(order):  # a copy of [S, vocab]: only when reordered
+            logits = logits[order]
+        return result, logits
