@@ -31,6 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a server bound to `host`: loopback for the wildcard addresses,
+    else the address itself (a server bound to one interface does not answer on 127.0.0.1)."""
+    if host in ("", "0.0.0.0", "::", "[::]", "localhost"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def grpc_serving(address: str) -> bool:
     try:
         with grpc.insecure_channel(address) as channel:
@@ -95,7 +103,7 @@ class Launcher:
     def router_command(self) -> list[str]:
         a = self.args
         cmd = [sys.executable, "-m", "router", "--model", a.model,
-               "--scheduler-addr", f"127.0.0.1:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
+               "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
                "--shutdown-timeout", str(a.shutdown_timeout)]
         return cmd + self.optional("--served-model-name", "--api-key", "--chat-template",
                                    "--max-model-len", "--max-request-body-bytes")
@@ -165,10 +173,10 @@ class Launcher:
             self.wait_until(f"worker {rank}", proc, lambda p=port: grpc_serving(f"127.0.0.1:{p}"),
                             a.startup_timeout)
         scheduler = self.start("scheduler", self.scheduler_command([f"127.0.0.1:{p}" for p in ports]))
-        self.wait_until("scheduler", scheduler, lambda: grpc_serving(f"127.0.0.1:{a.grpc_port}"),
+        self.wait_until("scheduler", scheduler, lambda: grpc_serving(f"{local_address(a.host)}:{a.grpc_port}"),
                         a.startup_timeout)
         router = self.start("router", self.router_command())
-        self.wait_until("router", router, lambda: http_ok(f"http://127.0.0.1:{a.port}/health"),
+        self.wait_until("router", router, lambda: http_ok(f"http://{local_address(a.host)}:{a.port}/health"),
                         a.startup_timeout)
 
     def supervise(self) -> int:
