@@ -19,6 +19,7 @@ from pathlib import Path
 from .batch_file import (BatchRequest, finished_keys, plan_batch, response_record,
                          write_record)
 from .cli import add_serve_args
+from .local_server import LocalServer, ServerStartError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 ATTEMPTS = 4
@@ -41,15 +42,20 @@ def add_run_batch_args(p: argparse.ArgumentParser) -> None:
 def run_batch(args: argparse.Namespace) -> int:
     output = Path(args.output_file)
     plan = plan_batch(Path(args.input_file), finished_keys(output))
-    written = 0
+    written = Tally()
     with open(output, "a", encoding="utf-8") as sink:
         for bad in plan.rejected:
             write_record(sink, bad.record())
-        if plan.requests:
-            with server(args) as root_url:
-                written = asyncio.run(send_all(plan.requests, root_url, sink, args))
-    left = len(plan.requests) - written
-    print(f"pagedserve run-batch: {written + len(plan.rejected)} results written to {output} "
+        try:
+            if plan.requests:
+                with server(args) as root_url:
+                    asyncio.run(send_all(plan.requests, root_url, sink, args, written))
+        except KeyboardInterrupt:
+            print("pagedserve run-batch: interrupted; run it again to finish", file=sys.stderr)
+        except ServerStartError as exc:
+            print(f"pagedserve run-batch: {exc}", file=sys.stderr)
+    left = len(plan.requests) - written.count
+    print(f"pagedserve run-batch: {written.count + len(plan.rejected)} results written to {output} "
           f"({len(plan.rejected)} for lines that could not be sent), {plan.skipped} already "
           f"there" + (f", {left} left for a rerun" if left else ""), file=sys.stderr)
     return 1 if left else 0
@@ -64,7 +70,6 @@ def server(args: argparse.Namespace):
     if not args.model:
         raise SystemExit("pagedserve run-batch: give --model DIR (to start a server) or "
                          "--base-url URL (of a running one).")
-    from .local_server import LocalServer
     signal.signal(signal.SIGTERM, interrupt)  # a `kill` must still stop the services started here
     with LocalServer(args) as local:
         print(f"pagedserve run-batch: serving {args.model} at {local.root_url}/v1 (its log: "
@@ -82,9 +87,14 @@ def root_of(base_url: str) -> str:
     return url[:-len("/v1")] if url.endswith("/v1") else url
 
 
+class Tally:
+    """Results written so far: still right when the run is interrupted halfway."""
+    count = 0
+
+
 async def send_all(requests: list[BatchRequest], root_url: str, sink,
-                   args: argparse.Namespace) -> int:
-    """Sends the requests with at most --max-concurrency in flight; returns how many got results."""
+                   args: argparse.Namespace, written: Tally) -> None:
+    """Sends the requests with at most --max-concurrency in flight."""
     import httpx
 
     from .progress import Progress
@@ -93,11 +103,10 @@ async def send_all(requests: list[BatchRequest], root_url: str, sink,
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(None, connect=30.0)  # a long generation is no failure
     pending = iter(requests)  # shared by the senders: each takes the next request when it is free
-    written = 0
     unreachable = False
 
     async def sender(client: httpx.AsyncClient, progress: Progress) -> None:
-        nonlocal written, unreachable
+        nonlocal unreachable
         for request in pending:
             if unreachable:
                 return
@@ -109,7 +118,7 @@ async def send_all(requests: list[BatchRequest], root_url: str, sink,
             if record is None:
                 continue
             write_record(sink, record)
-            written += 1
+            written.count += 1
             progress.done(output_tokens(record))
 
     with Progress(len(requests), "run-batch", not args.disable_progress_bar) as progress:
@@ -117,7 +126,6 @@ async def send_all(requests: list[BatchRequest], root_url: str, sink,
                                      limits=limits) as client:
             await asyncio.gather(*(sender(client, progress)
                                    for _ in range(min(concurrency, len(requests)))))
-    return written
 
 
 async def send(client, request: BatchRequest, progress) -> dict | None:

@@ -16,6 +16,10 @@ log = logging.getLogger("pagedserve")
 LOG_TAIL_CHARS = 4000  # of the children's log, shown when they fail to start
 
 
+class ServerStartError(RuntimeError):
+    """A child died or never got healthy; the message ends with their log."""
+
+
 def serve_args(model: str, **flags) -> argparse.Namespace:
     """`pagedserve serve`'s flags with their defaults, and the given ones in their Python spelling
     (max_num_seqs=64 for --max-num-seqs 64)."""
@@ -54,7 +58,8 @@ class LocalServer:
             self.launcher.start_all()
         except SystemExit as exc:  # the launcher's way to say a child died or never got healthy
             self.stop()
-            raise RuntimeError(f"{exc}; the end of {self.log_path}:\n{self.log_tail()}") from None
+            raise ServerStartError(f"{exc}; the end of {self.log_path}:\n{self.log_tail()}") \
+                from None
         except BaseException:
             self.stop()
             raise
