@@ -48,8 +48,11 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-# The comparison in docs/PERFORMANCE.md: pagedserve, vLLM (both cores) and transformers, one
-# workload (64 requests, prompts of 32-512 tokens, outputs of 16-256, seed 0), side by side.
+# The comparison in docs/PERFORMANCE.md: pagedserve, vLLM (both cores), transformers in static
+# batches of 16 and one request at a time, on one workload (64 requests, prompts of 32-512 tokens,
+# outputs of 16-256, seed 0), side by side. About 30 minutes on 2 quiet cores.
+BENCH_SYSTEMS ?= pagedserve,vllm,transformers,transformers-sequential
+
 bench-compare: install model peers
-	$(BIN)/pagedserve bench compare --model $(MODEL_DIR) --systems pagedserve,vllm,transformers \
+	$(BIN)/pagedserve bench compare --model $(MODEL_DIR) --systems $(BENCH_SYSTEMS) \
 		--result-filename bench-results/compare.json --chart bench-results/compare.png --log-dir bench-results/logs

@@ -103,6 +103,11 @@ def test_compare_hf_runs_transformers_both_ways_and_pagedserve(model_dir, tmp_pa
     for name, result in systems.items():
         check_serving_metrics(result, 4, tokens)
         assert name in proc.stdout
+        assert result["output_tokens_per_cpu_second"] > 0
+    # The CPU each process of the stack used during the run (the worker does the work).
+    used = systems["pagedserve"]["cpu_seconds"]
+    assert {"worker", "scheduler", "router", "bench client"} <= set(used)
+    assert used["worker"] > max(used["scheduler"], used["router"])
     assert set(report["ratios"]) == {"pagedserve/transformers-sequential", "pagedserve/transformers"}
     assert report["ratios"]["pagedserve/transformers"] == pytest.approx(
         systems["pagedserve"]["output_throughput"] / systems["transformers"]["output_throughput"])

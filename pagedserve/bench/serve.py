@@ -54,9 +54,14 @@ async def run_workload(base_url: str, model: str, requests: list[BenchRequest], 
         gate = asyncio.Semaphore(limit)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="requests")
 
+        tokens = 0
+
         async def one(request: BenchRequest) -> RequestOutput:
+            nonlocal tokens
             async with gate:
                 out = await send(client, api_url(base_url, endpoint), model, request)
+            tokens += out.output_tokens
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} output tok/s", refresh=False)
             bar.update(1)
             return out
 
