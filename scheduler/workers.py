@@ -53,17 +53,36 @@ class WorkerGroup:
         self.calls = [stub.Execute() for stub in self.stubs]
 
     async def execute(self, plan: wpb.StepPlan) -> wpb.StepResult:
-        """Runs one step on every rank; rank 0's result carries the sampled tokens."""
+        """Runs one step on every rank; rank 0's result carries the sampled tokens (every rank
+        samples the same ones), a failed rank's result its error. Tensor parallel ranks wait for
+        each other inside a step, so the first rank lost ends the step at once: the others would
+        never answer."""
         try:
             for call in self.calls:
                 await call.write(plan)
-            results = [await call.read() for call in self.calls]
         except grpc.aio.AioRpcError as e:
             raise WorkerLost(f"a worker failed: {e.code().name}: {e.details()}") from e
-        for address, result in zip(self.addresses, results):
-            if result is grpc.aio.EOF:
-                raise WorkerLost(f"worker {address} closed its Execute stream")
-        return results[0]
+        except asyncio.InvalidStateError as e:  # writing to a stream that already ended
+            raise WorkerLost("a worker's Execute stream has ended") from e
+        reads = [asyncio.ensure_future(self.read(a, c)) for a, c in zip(self.addresses, self.calls)]
+        done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_EXCEPTION)
+        for read in pending:
+            read.cancel()
+        for read in done:
+            if read.exception() is not None:
+                raise read.exception()
+        results = [read.result() for read in reads]
+        return next((r for r in results if r.error), results[0])
+
+    @staticmethod
+    async def read(address: str, call) -> wpb.StepResult:
+        try:
+            result = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise WorkerLost(f"worker {address} failed: {e.code().name}: {e.details()}") from e
+        if result is grpc.aio.EOF:
+            raise WorkerLost(f"worker {address} closed its Execute stream")
+        return result
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

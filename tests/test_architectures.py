@@ -72,18 +72,22 @@ def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
 def test_greedy_tokens_through_the_stack_match_transformers(tiny, architecture, tmp_path):
     model_dir = tiny[architecture][0]
     with run_stack(model_dir, "--max-model-len", "128", log_dir=tmp_path) as stack:
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrently: batched in the same steps
-            outputs = list(pool.map(lambda p: generate(stack, p, 8), PROMPTS))
+        outputs = generate_all(stack, PROMPTS, 8)
     for prompt, output in zip(PROMPTS, outputs):
         assert output == hf_reference.greedy(model_dir, prompt, 8, ignore_eos=True)
 
 
-def generate(stack, prompt: list[int], max_tokens: int) -> list[int]:
+def generate_all(stack, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids for every prompt from the stack's gRPC API, requested concurrently (so
+    they share steps), EOS ignored."""
     params = pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    out = []
-    for reply in stack.scheduler.Generate(pb.GenerateRequest(prompt_token_ids=prompt, params=params), timeout=120):
-        out.extend(reply.token_ids)
-    return out
+
+    def generate(prompt):
+        request = pb.GenerateRequest(prompt_token_ids=prompt, params=params)
+        return [token for reply in stack.scheduler.Generate(request, timeout=120) for token in reply.token_ids]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(generate, prompts))
 
 
 # ----- checkpoint formats ----------------------------------------------------------------------

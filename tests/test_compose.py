@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
-PROFILES = ("cpu", "gpu")
+PROFILES = ("cpu", "gpu", "cpu-tp3")
 MODULES = {"worker": "worker.__main__", "scheduler": "scheduler.__main__",
            "router": "router.__main__", "pagedserve.fetch_model": "pagedserve.fetch_model"}
 

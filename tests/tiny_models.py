@@ -132,3 +132,25 @@ def runner_config(model_dir, **overrides):
     values = dict(model=str(model_dir), block_size=BLOCK_SIZE,
                   num_gpu_blocks_override=BLOCKS_PER_SEQUENCE * len(PROMPTS), num_threads=1)
     return WorkerConfig(**{**values, **overrides})
+
+
+def rank_greedy(model_dir, max_tokens: int, load_format: str = "auto"):
+    """One tensor parallel rank's share of greedy_in_process (run in its own process by
+    worker.distributed.run_local_ranks): its completions, every step's logits [steps, prompts,
+    vocab], the bytes of weights it holds and its KV cache shape."""
+    from worker import distributed
+    from worker.model_runner import ModelRunner
+
+    config = runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size(),
+                           load_format=load_format)
+    runner = ModelRunner(config)
+    outputs, logits = greedy_in_process(runner, PROMPTS, max_tokens)
+    return outputs, torch.stack(logits).numpy(), weight_bytes(config), runner.model.kv_cache_shape()
+
+
+def weight_bytes(config) -> int:
+    """Bytes of the weights a worker holds (counted before the CPU path prepacks its linears)."""
+    from worker.attention import TorchAttention
+    from worker.loader import load_model
+
+    return sum(p.numel() * p.element_size() for p in load_model(config, TorchAttention()).model.parameters())

@@ -1,4 +1,9 @@
-"""python -m worker --model DIR: load the model, allocate the KV cache, serve step plans over gRPC."""
+"""python -m worker --model DIR: load the model, allocate the KV cache, serve step plans over gRPC.
+
+Under tensor parallelism there is one such process per rank (--rank, --world-size), each with its
+own gRPC port; they join one torch.distributed group at --dist-init-addr before loading their
+shares of the weights. A rank whose group breaks exits: the group can only restart as a whole.
+"""
 import argparse
 import logging
 import os
@@ -29,31 +34,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: triton on CUDA, torch on CPU")
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights of the right shapes, for benchmarks")
-    p.add_argument("--seed", type=int, default=0, help="seeds sampling for requests without a seed")
-    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: every core this process may use)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds sampling for requests without a seed (every rank must get the same)")
+    p.add_argument("--num-threads", type=int,
+                   help="torch CPU threads (default: the cores this process may use, shared among "
+                        "--world-size ranks on the CPU, which are assumed to share a host)")
+    p.add_argument("--rank", type=int, default=0, help="tensor parallel rank of this worker")
+    p.add_argument("--world-size", type=int, default=1, help="tensor parallel size: number of worker ranks")
     p.add_argument("--dist-init-addr", help="host:port of rank 0's torch.distributed store (tensor parallelism)")
     p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
 
+def worker_config(args) -> WorkerConfig:
+    config = WorkerConfig(**{k: v for k, v in vars(args).items() if k not in ("host", "port", "log_level")})
+    if config.num_threads is None and config.device == "cpu" and config.world_size > 1:
+        config.num_threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)
+    return config
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.world_size != 1:
-        log.error("tensor parallelism (--world-size %d) is not implemented yet; run one worker with --world-size 1",
-                  args.world_size)
-        return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, signaled = threading.Event(), threading.Event()
 
-    from worker.model_runner import ModelRunner  # after the flags: importing torch takes seconds
+    def on_signal(*_):
+        signaled.set()
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    # After the flags: importing torch takes seconds.
+    import torch
+
+    from worker import distributed
+    from worker.loader import inspect_model_dir
+    from worker.model_runner import ModelRunner
     from worker.service import build_server
 
-    config = WorkerConfig(**{k: v for k, v in vars(args).items() if k not in ("host", "port", "dist_init_addr", "log_level")})
+    # Stopped on purpose, so are the other ranks: their leaving is no failure.
+    threading.Thread(target=lambda: (signaled.wait(), distributed.stop_watching()), daemon=True).start()
+
+    config = worker_config(args)
     try:
+        inspect_model_dir(config)  # a bad directory fails here, before the rendezvous port opens
+        distributed.init(config.rank, config.world_size, config.dist_init_addr, torch.device(config.device))
         runner = ModelRunner(config)
     except (OSError, ValueError, RuntimeError) as e:
         log.error("%s", e)
@@ -62,12 +87,18 @@ def main(argv=None) -> int:
         return 0
     server, health_servicer = build_server(runner, f"{args.host}:{args.port}")
     server.start()
-    log.info("worker listening on %s:%d", args.host, args.port)
+    log.info("worker listening on %s:%d (rank %d of %d)", args.host, args.port, config.rank, config.world_size)
+    # A broken tensor parallel group ends this rank too: its peers' shares of the model are gone.
+    threading.Thread(target=lambda: (distributed.failed.wait(), stop.set()), daemon=True).start()
     stop.wait()
+    code = 1 if distributed.failed.is_set() and not signaled.is_set() else 0
+    if code:
+        log.error("the tensor parallel group is broken (a rank died): exiting so that every rank restarts")
     log.info("shutting down")
     health_servicer.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
-    return 0
+    server.stop(grace=0 if code else 5).wait()
+    distributed.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -19,5 +19,6 @@ class WorkerConfig:
     load_format: str = "auto"  # auto | dummy
     seed: int = 0
     num_threads: int | None = None  # None: every core this process may run on
-    rank: int = 0
-    world_size: int = 1
+    rank: int = 0  # tensor parallel rank of this process, in [0, world_size)
+    world_size: int = 1  # tensor parallel size: how many worker processes share the model
+    dist_init_addr: str | None = None  # host:port where rank 0 hosts the ranks' rendezvous

@@ -8,11 +8,15 @@ communicates and the model runs as if this file did not exist.
 
 A collective that fails (a peer crashed: gloo notices its closed socket at once) leaves the group
 unusable: `failed` is set, and the worker's main loop exits so that the group can be restarted as a
-whole. A peer that hangs without closing its connection is given up after COLLECTIVE_TIMEOUT.
+whole. A peer that hangs without closing its connection is given up after COLLECTIVE_TIMEOUT. An
+idle group runs no collectives, so each rank also beats a counter in rank 0's store: a rank that
+stops beating for PEER_TIMEOUT, or a store that goes away with rank 0, sets `failed` as well, so no
+rank lingers in a group that lost a member (a restarted rank could never rejoin it).
 """
 import datetime
 import logging
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +24,10 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+BEAT_INTERVAL_S = 1.0
+PEER_TIMEOUT_S = 30.0  # generous: a rank loading a large checkpoint may be slow to beat
+
+_stopping = threading.Event()
 
 _rank, _world_size = 0, 1
 failed = threading.Event()
@@ -47,6 +55,26 @@ def init(rank: int, world_size: int, init_addr: str | None, device: torch.device
     dist.init_process_group(backend, init_method=f"tcp://{init_addr}", rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     _rank, _world_size = rank, world_size
+    threading.Thread(target=_watch_peers, args=(init_addr,), name="tp-heartbeat", daemon=True).start()
+
+
+def _watch_peers(init_addr: str) -> None:
+    host, port = init_addr.rsplit(":", 1)
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
+        seen = {peer: (-1, time.monotonic()) for peer in range(_world_size) if peer != _rank}
+        while not _stopping.wait(BEAT_INTERVAL_S):
+            store.add(f"pagedserve/beat/{_rank}", 1)
+            for peer, (count, since) in seen.items():
+                now_count = store.add(f"pagedserve/beat/{peer}", 0)
+                if now_count != count:
+                    seen[peer] = (now_count, time.monotonic())
+                elif time.monotonic() - since > PEER_TIMEOUT_S:
+                    raise GroupBroken(f"rank {peer} has not beaten for {PEER_TIMEOUT_S:.0f} s")
+    except Exception as e:  # the store's connection reset: rank 0 is gone
+        if not _stopping.is_set():
+            log.error("tensor parallel group broken on rank %d: %s", _rank, e)
+            failed.set()
 
 
 def rank() -> int:
@@ -82,6 +110,58 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def stop_watching() -> None:
+    """This rank is leaving on purpose: peers that go away now are no failure."""
+    _stopping.set()
+
+
 def shutdown() -> None:
+    _stopping.set()
     if _world_size > 1 and dist.is_initialized() and not failed.is_set():
         dist.destroy_process_group()
+
+
+def run_local_ranks(world_size: int, target, *args, timeout: float = 300.0) -> list:
+    """target(*args) in `world_size` fresh processes on this host, joined in one gloo group, one
+    thread each; returns what each rank returned, in rank order (a rank's exception is raised
+    here). For tests and benchmarks of the sharded model without gRPC: serving starts its ranks
+    as `python -m worker` processes instead. `target` must be importable (a module's function)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    context = multiprocessing.get_context("forkserver")  # forked from a clean process: no threads, no gRPC
+    context.set_forkserver_preload(["torch", "worker.model_runner"])
+    results = context.Queue()
+    procs = [context.Process(target=_local_rank, args=(rank, world_size, address, results, target, args))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    returned = {}
+    try:
+        for _ in procs:
+            rank, ok, value = results.get(timeout=timeout)
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+            returned[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return [returned[rank] for rank in range(world_size)]
+
+
+def _local_rank(rank, world_size, address, results, target, args) -> None:
+    import traceback
+
+    torch.set_num_threads(1)
+    try:
+        init(rank, world_size, address, torch.device("cpu"))
+        results.put((rank, True, target(*args)))
+    except BaseException:  # reported to the parent, which raises it
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        shutdown()

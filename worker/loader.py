@@ -210,6 +210,17 @@ def dummy_weights(model: nn.Module, seed: int) -> None:
         fill(param, shard, read_slice(LazyTensor(shape, full.__getitem__), shard))
 
 
+def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Real, uninitialised storage for every parameter of a model built on the meta device.
+    (Module.to_empty does the same through torch's meta-tensor refs, which import sympy: seconds
+    of every worker's start.) Ties are undone: the caller ties again."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                storage = torch.empty(param.shape, dtype=dtype, device=device)
+                module._parameters[name] = nn.Parameter(storage, requires_grad=False)
+
+
 # ----- the whole ---------------------------------------------------------------------------------
 
 
@@ -243,7 +254,7 @@ def load_model(config, backend) -> LoadedModel:
             model = spec.model_class(spec.hf_config, backend, max_model_len)
     except (ValueError, AttributeError) as e:  # a split that does not divide, a key the file lacks
         raise LoadError(f"{spec.model_dir / 'config.json'}: {e}") from None
-    model = model.to(dtype=dtype).to_empty(device=device)
+    materialize(model, dtype, device)
     model.tie_weights()
     if config.load_format == "dummy":
         dummy_weights(model, config.seed)

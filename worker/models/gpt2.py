@@ -7,7 +7,15 @@ from torch import nn
 
 from worker.distributed import all_reduce
 from worker.models.base import CausalLM
-from worker.models.layers import activation, column_linear, heads_linear, lm_head, row_linear, vocab_embedding
+from worker.models.layers import (
+    activation,
+    column_linear,
+    heads_linear,
+    lm_head,
+    position_embedding,
+    row_linear,
+    vocab_embedding,
+)
 
 
 class GPT2Attention(nn.Module):
@@ -60,7 +68,7 @@ class GPT2Model(nn.Module):
     def __init__(self, config, backend):
         super().__init__()
         self.wte = vocab_embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wpe = position_embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i, backend) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 

@@ -62,12 +62,13 @@ class VocabEmbedding(nn.Embedding):
 
     def __init__(self, vocab_size: int, hidden_size: int):
         start, n, per_rank = padded_split(vocab_size)
-        super().__init__(per_rank, hidden_size)
+        super().__init__(per_rank, hidden_size, _weight=torch.empty(per_rank, hidden_size))  # see position_embedding
         self.vocab_start, self.vocab_end = start, start + n
+        self.whole = n == vocab_size  # one rank: a plain lookup
         self.tp_shards = {"weight": Shard(0, ((start, n),), vocab_size)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.vocab_start == 0 and self.vocab_end == self.num_embeddings:  # one rank holds it all
+        if self.whole:
             return super().forward(ids)
         mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
         rows = super().forward(torch.where(mine, ids - self.vocab_start, 0))
@@ -76,6 +77,13 @@ class VocabEmbedding(nn.Embedding):
 
 def vocab_embedding(vocab_size: int, hidden_size: int) -> VocabEmbedding:
     return VocabEmbedding(vocab_size, hidden_size)
+
+
+def position_embedding(num_positions: int, hidden_size: int) -> nn.Embedding:
+    """A learned position table (replicated: it is small). Built without nn.Embedding's random
+    init, which the loader overwrites anyway: on the meta device normal_ imports sympy, seconds of
+    every worker's start."""
+    return nn.Embedding(num_positions, hidden_size, _weight=torch.empty(num_positions, hidden_size))
 
 
 def lm_head(hidden_size: int, vocab_size: int) -> nn.Linear:

@@ -7,7 +7,15 @@ from torch import nn
 
 from worker.distributed import all_reduce
 from worker.models.base import CausalLM
-from worker.models.layers import activation, column_linear, heads_linear, lm_head, row_linear, vocab_embedding
+from worker.models.layers import (
+    activation,
+    column_linear,
+    heads_linear,
+    lm_head,
+    position_embedding,
+    row_linear,
+    vocab_embedding,
+)
 
 POSITION_OFFSET = 2  # OPT's position table starts two rows in (a relic of fairseq's padding)
 
@@ -60,7 +68,7 @@ class OPTDecoder(nn.Module):
         super().__init__()
         hidden, width = config.hidden_size, config.word_embed_proj_dim or config.hidden_size
         self.embed_tokens = vocab_embedding(config.vocab_size, width)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.embed_positions = position_embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = nn.Linear(width, hidden, bias=False) if width != hidden else None
         self.project_out = nn.Linear(hidden, width, bias=False) if width != hidden else None
         has_final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
