@@ -20,7 +20,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2
 from tests import hf_reference, tiny_models
 from tests.stack import ROOT, run_stack
-from tests.tiny_models import PROMPTS, greedy_in_process, runner_config
+from tests.tiny_models import PROMPTS, generate_in_process, runner_config
 from worker.model_runner import ModelRunner
 
 ARCHITECTURES = list(tiny_models.CONFIGS)
@@ -44,7 +44,7 @@ def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
 
 def check_against_transformers(model_dir, hf_model, **config):
     runner = ModelRunner(runner_config(model_dir, **config))
-    outputs, logits = greedy_in_process(runner, PROMPTS, MAX_TOKENS)
+    outputs, logits = generate_in_process(runner, PROMPTS, MAX_TOKENS)
     for i, prompt in enumerate(PROMPTS):
         assert outputs[i] == hf_reference.greedy(model_dir, prompt, MAX_TOKENS, ignore_eos=True), f"prompt {i}"
         for step in range(MAX_TOKENS):  # the prefill's logits, then every decode's
@@ -108,8 +108,8 @@ def test_bin_checkpoints_with_hub_names_give_the_same_tokens(tiny, tmp_path, arc
     tiny_models.save_bin(hf_model, tmp_path, tensors_per_file, base_names=True)
     assert not list(tmp_path.glob("*.safetensors"))
     runner = ModelRunner(runner_config(tmp_path))
-    expected = greedy_in_process(ModelRunner(runner_config(model_dir)), PROMPTS, MAX_TOKENS)
-    assert greedy_in_process(runner, PROMPTS, MAX_TOKENS)[0] == expected[0]
+    expected = generate_in_process(ModelRunner(runner_config(model_dir)), PROMPTS, MAX_TOKENS)
+    assert generate_in_process(runner, PROMPTS, MAX_TOKENS)[0] == expected[0]
 
 
 # ----- dummy weights, dtypes, windows, generation_config ----------------------------------------
@@ -120,7 +120,7 @@ def test_dummy_weights_need_no_weight_file(tiny, tmp_path, architecture):
     model_dir = tmp_path / architecture
     shutil.copytree(tiny[architecture][0], model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
     runner = ModelRunner(runner_config(model_dir, load_format="dummy"))
-    outputs, logits = greedy_in_process(runner, PROMPTS, 2)
+    outputs, logits = generate_in_process(runner, PROMPTS, 2)
     assert all(len(out) == 2 for out in outputs) and torch.isfinite(logits[0]).all()
     # Random, not zeros: the rows of the embedding differ.
     embedding = runner.model.input_embeddings().weight
@@ -133,7 +133,7 @@ def test_dtype_flag_sets_the_weights_and_cache_dtype(tiny, dtype):
     assert {p.dtype for p in runner.model.parameters()} == {getattr(torch, dtype)}
     assert runner.kv_caches[0][0].dtype == getattr(torch, dtype)
     assert runner.worker_info().dtype == dtype
-    outputs, logits = greedy_in_process(runner, PROMPTS[:2], 2)
+    outputs, logits = generate_in_process(runner, PROMPTS[:2], 2)
     assert logits[0].dtype == torch.float32 and torch.isfinite(logits[0]).all()
 
 

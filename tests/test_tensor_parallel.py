@@ -17,7 +17,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from tests import hf_reference, tiny_models
 from tests.stack import run_stack
 from tests.test_architectures import generate_all
-from tests.tiny_models import PROMPTS, greedy_in_process, rank_greedy, runner_config, weight_bytes
+from tests.tiny_models import PROMPTS, generate_in_process, rank_generate, runner_config, weight_bytes
 from worker import distributed
 from worker.model_runner import ModelRunner
 
@@ -26,21 +26,23 @@ MAX_TOKENS = 5
 
 @pytest.mark.parametrize("architecture, kv_heads, world_size", [
     ("llama", 2, 2), ("llama", 2, 4), ("llama", 4, 2), ("llama", 4, 4),  # 8 query heads
-    ("opt", None, 2), ("qwen2", None, 2),
+    ("opt", None, 2), ("qwen2", None, 2), ("qwen3", None, 2), ("gpt2", None, 4),
 ])
 def test_logits_at_tensor_parallel_size_match_one_rank(tmp_path, architecture, kv_heads, world_size):
     tiny_models.build(architecture, tmp_path, **({"num_key_value_heads": kv_heads} if kv_heads else {}))
     one = ModelRunner(runner_config(tmp_path))
-    expected_outputs, expected_logits = greedy_in_process(one, PROMPTS, MAX_TOKENS)
-    total_bytes = weight_bytes(one.config)
+    expected_outputs, expected_logits = generate_in_process(one, PROMPTS, MAX_TOKENS)
+    split_bytes, whole_bytes = weight_bytes(one.config)
     _, total_kv_heads, head_dim = one.model.kv_cache_shape()
 
-    ranks = distributed.run_local_ranks(world_size, rank_greedy, tmp_path, MAX_TOKENS)
+    ranks = distributed.run_local_ranks(world_size, rank_generate, tmp_path, MAX_TOKENS)
     for rank, (outputs, logits, held_bytes, kv_shape) in enumerate(ranks):
         assert outputs == expected_outputs, f"rank {rank}"
         torch.testing.assert_close(torch.from_numpy(logits), torch.stack(expected_logits), atol=1e-4, rtol=0)
-        # About 1/N of the weights: only the norms, positions and replicated KV heads are extra.
-        assert total_bytes / world_size <= held_bytes < 1.25 * total_bytes / world_size, f"rank {rank}"
+        # 1/N of the split weights (a little more where KV heads are replicated), the rest whole.
+        held_split, held_whole = held_bytes
+        assert split_bytes / world_size <= held_split <= 1.05 * split_bytes / world_size, f"rank {rank}"
+        assert held_whole == whole_bytes and whole_bytes < split_bytes / 5
         assert kv_shape == (2, max(1, total_kv_heads // world_size), head_dim)
 
 
@@ -48,10 +50,21 @@ def test_dummy_weights_are_the_same_model_at_any_size(tmp_path):
     """Dummy weights are seeded per checkpoint tensor, so ranks slice the one same random model."""
     tiny_models.build("qwen2", tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    expected = greedy_in_process(ModelRunner(runner_config(tmp_path, load_format="dummy")), PROMPTS, 2)
-    for outputs, logits, _, _ in distributed.run_local_ranks(2, rank_greedy, tmp_path, 2, "dummy"):
+    expected = generate_in_process(ModelRunner(runner_config(tmp_path, load_format="dummy")), PROMPTS, 2)
+    for outputs, logits, _, _ in distributed.run_local_ranks(2, rank_generate, tmp_path, 2, "dummy"):
         assert outputs == expected[0]
         torch.testing.assert_close(torch.from_numpy(logits), torch.stack(expected[1]), atol=1e-4, rtol=0)
+
+
+def test_random_sampling_at_tp2_draws_what_one_rank_draws(tmp_path):
+    """Every rank seeds its sampler alike and samples the same logits: the ranks agree with each
+    other (their batches must hold the same tokens) and with one rank."""
+    tiny_models.build("llama", tmp_path)
+    one = ModelRunner(runner_config(tmp_path))
+    expected, _ = generate_in_process(one, PROMPTS, 8, temperature=1.0)
+    assert expected != generate_in_process(one, PROMPTS, 8)[0]  # the draws are random, not greedy
+    for outputs, _, _, _ in distributed.run_local_ranks(2, rank_generate, tmp_path, 8, "auto", 1.0):
+        assert outputs == expected
 
 
 @pytest.mark.parametrize("hidden, heads, kv_heads, message", [

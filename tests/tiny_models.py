@@ -104,13 +104,14 @@ PROMPTS = [  # four lengths: one token, within a block, across blocks, many bloc
 ]
 
 
-def greedy_in_process(runner, prompts: list[list[int]], max_tokens: int):
-    """Greedy completions of `prompts`, prefilled together in one step then decoded together,
-    and the logits of every step ([step][prompt] -> [vocab]): what transformers is held to."""
+def generate_in_process(runner, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0):
+    """Completions of `prompts` (greedy unless `temperature`), prefilled together in one step then
+    decoded together, and the logits of every step ([step][prompt] -> [vocab]): what
+    transformers is held to."""
     from pagedserve.v1 import scheduler_pb2, worker_pb2
 
-    greedy = scheduler_pb2.SamplingParams(temperature=0)
-    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=greedy) for i, p in enumerate(prompts)]
+    params = scheduler_pb2.SamplingParams(temperature=temperature)
+    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=params) for i, p in enumerate(prompts)]
     scheduled = [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=len(p), new_block_ids=list(
         range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE))) for i, p in enumerate(prompts)]
     plan = worker_pb2.StepPlan(step_id=1, new_sequences=new, scheduled=scheduled)
@@ -134,8 +135,8 @@ def runner_config(model_dir, **overrides):
     return WorkerConfig(**{**values, **overrides})
 
 
-def rank_greedy(model_dir, max_tokens: int, load_format: str = "auto"):
-    """One tensor parallel rank's share of greedy_in_process (run in its own process by
+def rank_generate(model_dir, max_tokens: int, load_format: str = "auto", temperature: float = 0.0):
+    """One tensor parallel rank's share of generate_in_process (run in its own process by
     worker.distributed.run_local_ranks): its completions, every step's logits [steps, prompts,
     vocab], the bytes of weights it holds and its KV cache shape."""
     from worker import distributed
@@ -144,13 +145,18 @@ def rank_greedy(model_dir, max_tokens: int, load_format: str = "auto"):
     config = runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size(),
                            load_format=load_format)
     runner = ModelRunner(config)
-    outputs, logits = greedy_in_process(runner, PROMPTS, max_tokens)
+    outputs, logits = generate_in_process(runner, PROMPTS, max_tokens, temperature)
     return outputs, torch.stack(logits).numpy(), weight_bytes(config), runner.model.kv_cache_shape()
 
 
-def weight_bytes(config) -> int:
-    """Bytes of the weights a worker holds (counted before the CPU path prepacks its linears)."""
+def weight_bytes(config) -> tuple[int, int]:
+    """Bytes of the weights a worker holds (before the CPU path prepacks its linears): those
+    tensor parallelism splits, and those every rank holds whole (norms, position tables)."""
     from worker.attention import TorchAttention
-    from worker.loader import load_model
+    from worker.loader import load_model, parameter_table
 
-    return sum(p.numel() * p.element_size() for p in load_model(config, TorchAttention()).model.parameters())
+    split = whole = 0
+    for param, shard in parameter_table(load_model(config, TorchAttention()).model).values():
+        size = param.numel() * param.element_size()
+        split, whole = (split + size, whole) if shard else (split, whole + size)
+    return split, whole
