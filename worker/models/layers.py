@@ -22,12 +22,16 @@ def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, S
     return linear
 
 
+def _output_split(in_features: int, pieces: tuple, full: int, bias: bool, transposed: bool) -> nn.Linear:
+    out = sum(n for _, n in pieces)
+    return _linear(in_features, out, bias, {"weight": Shard(0, pieces, full, transposed), "bias": Shard(0, pieces, full)})
+
+
 def column_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
                   what: str = "intermediate_size") -> nn.Linear:
     """Output features split evenly across ranks (gate/up, fc1): no communication after it."""
     start, n = even_split(out_features, what)
-    shard = Shard(0, ((start, n),), out_features)
-    return _linear(in_features, n, bias, {"weight": Shard(0, shard.pieces, out_features, transposed), "bias": shard})
+    return _output_split(in_features, ((start, n),), out_features, bias, transposed)
 
 
 def heads_linear(in_features: int, heads: list[int], head_dim: int, bias: bool = False, transposed: bool = False,
@@ -40,9 +44,7 @@ def heads_linear(in_features: int, heads: list[int], head_dim: int, bias: bool =
         first, local = head_split(count, what, replicate)
         pieces.append((offset + first * head_dim, local * head_dim))
         offset += count * head_dim
-    out = sum(n for _, n in pieces)
-    shard = Shard(0, tuple(pieces), offset)
-    return _linear(in_features, out, bias, {"weight": Shard(0, shard.pieces, offset, transposed), "bias": shard})
+    return _output_split(in_features, tuple(pieces), offset, bias, transposed)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
