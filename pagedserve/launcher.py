@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .parent_watch import PARENT_ENV
+
 
 RESTART_WINDOW_S = 60.0   # a child that dies sooner than this after its start counts as crashing
 MAX_QUICK_RESTARTS = 3    # after this many crashes in a row, the whole server stops
@@ -121,7 +123,8 @@ class Launcher:
     def spawn(self, cmd: list[str]) -> subprocess.Popen:
         # A process group of its own: Ctrl-C in a terminal reaches only the launcher, which then
         # stops the children in order instead of all of them dying at once mid-request.
-        return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen(cmd, env=env,
                                 stdout=self.output, stderr=self.output, process_group=0)
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:

@@ -7,6 +7,7 @@ import signal
 
 import uvicorn
 
+from pagedserve.parent_watch import stop_with_parent
 from router.app import build_app
 from router.logs import configure_logging
 from router.settings import Settings
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the
     # signal again under the handler it found: this one, so a drained router exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    stop_with_parent()
     uvicorn.run(build_app(settings), host=args.host, port=args.port,
                 log_level=args.log_level.lower(), log_config=None,
                 timeout_graceful_shutdown=args.shutdown_timeout)

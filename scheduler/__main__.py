@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 
+from pagedserve.parent_watch import stop_with_parent
 from pagedserve.v1 import scheduler_pb2 as pb
 
 from .engine import Engine
@@ -69,6 +70,7 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    stop_with_parent()
     await stop.wait()
     log.info("shutting down: letting requests in flight finish (up to %.0f s)", args.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()

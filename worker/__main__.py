@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from pagedserve.parent_watch import stop_with_parent
 from worker.config import WorkerConfig
 
 log = logging.getLogger("worker")
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    stop_with_parent()
 
     # After the flags: importing torch takes seconds.
     import torch
