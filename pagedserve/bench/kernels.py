@@ -3,8 +3,9 @@
 contiguously, for several batch sizes and context lengths. Blocks are scattered at random, as a
 long-running server leaves them.
 
-Each row also gives the bytes of K/V the step must read and the rate achieved, against the
-device's copy bandwidth measured here (a large tensor copied; read + write bytes per second)."""
+Each row also gives the bytes of K/V the step must read and the rate achieved (at the fastest
+call), against the device's copy bandwidth measured here (a large tensor copied; read + write
+bytes per second)."""
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, iters: int) -> float:
-    """Median seconds per call, after one warm-up call."""
+def timed(fn, device: torch.device, iters: int) -> tuple[float, float]:
+    """(median, fastest) seconds per call, after one warm-up call. On a shared machine the
+    fastest is the better estimate of what the kernel itself costs."""
     fn()
     sync(device)
     samples = []
@@ -34,13 +36,14 @@ def timed(fn, device: torch.device, iters: int) -> float:
         fn()
         sync(device)
         samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
+    samples.sort()
+    return samples[len(samples) // 2], samples[0]
 
 
 def copy_bandwidth(device: torch.device, dtype: torch.dtype, iters: int) -> float:
     src = torch.empty(COPY_BYTES // dtype.itemsize, dtype=dtype, device=device).uniform_()
     dst = torch.empty_like(src)
-    return 2 * COPY_BYTES / timed(lambda: dst.copy_(src), device, iters)
+    return 2 * COPY_BYTES / timed(lambda: dst.copy_(src), device, iters)[1]
 
 
 def decode_case(batch: int, context: int, args, device, dtype, backends) -> list[dict]:
@@ -72,9 +75,9 @@ def decode_case(batch: int, context: int, args, device, dtype, backends) -> list
         runs[label] = step
     rows = []
     for name, fn in runs.items():
-        seconds = timed(fn, device, args.iters)
-        rows.append({"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
-                     "kv_bytes": kv_bytes, "bytes_per_s": kv_bytes / seconds})
+        median, fastest = timed(fn, device, args.iters)
+        rows.append({"kernel": name, "batch": batch, "context": context, "ms": median * 1e3,
+                     "min_ms": fastest * 1e3, "kv_bytes": kv_bytes, "bytes_per_s": kv_bytes / fastest})
     return rows
 
 
@@ -98,13 +101,14 @@ def main(args) -> int:
     rows = []
     print(f"{device.type} {dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
           f"{args.num_heads} heads, {args.num_kv_heads} kv heads, head_dim {args.head_dim}")
-    print(f"{'kernel':<20}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of copy':>9}")
+    print(f"{'kernel':<20}{'batch':>6}{'context':>9}{'median ms':>11}{'min ms':>9}{'GB/s':>8}{'of copy':>9}")
     for batch in map(int, args.batch_sizes.split(",")):
         for context in map(int, args.context_lens.split(",")):
             for row in decode_case(batch, context, args, device, dtype, backends):
                 row["fraction_of_copy_bandwidth"] = row["bytes_per_s"] / bandwidth
                 rows.append(row)
-                print(f"{row['kernel']:<20}{batch:>6}{context:>9}{row['ms']:>10.3f}{row['bytes_per_s'] / 1e9:>8.1f}"
+                print(f"{row['kernel']:<20}{batch:>6}{context:>9}{row['ms']:>11.3f}{row['min_ms']:>9.3f}"
+                      f"{row['bytes_per_s'] / 1e9:>8.1f}"
                       f"{row['fraction_of_copy_bandwidth']:>9.0%}")
     report = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth,
               "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
