@@ -146,18 +146,25 @@ def workload(args, requests: list[BenchRequest]) -> dict:
 def main(args) -> int:
     systems = check_systems(args)
     requests = build_requests(args)
-    results = {system: run_system(args, system, requests) for system in systems}
+    results, broken = {}, {}
+    for system in systems:
+        try:
+            results[system] = run_system(args, system, requests)
+        except RuntimeError as e:  # a server that would not start: the others still run
+            print(f"    {system} failed: {e}", flush=True)
+            broken[system] = str(e)
     report = {"date": datetime.now().isoformat(timespec="seconds"), "model": args.model,
               "workload": workload(args, requests), "machine": machine(), "systems": results,
-              "ratios": ratios(results)}
+              "ratios": ratios(results), "failed_systems": broken}
     print(format_table(results))
     for path in (args.result_filename, args.chart):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_filename).write_text(json.dumps(report, indent=2))
     load = workload(args, requests)
-    draw(results, f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "
-                  f"outputs {load['output_len_range']} tokens, {cores()} cores", args.chart)
-    print(f"wrote {args.result_filename} and {args.chart}")
+    if results:
+        draw(results, f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "
+                      f"outputs {load['output_len_range']} tokens, {cores()} cores", args.chart)
+    print(f"wrote {args.result_filename}" + (f" and {args.chart}" if results else ""))
     failed = sum(s["failed"] for s in results.values())
-    return 1 if failed else 0
+    return 1 if failed or broken else 0
 
