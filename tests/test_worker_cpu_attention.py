@@ -27,11 +27,14 @@ def decode_metadata(seq_lens: list[int], block_size: int, num_blocks: int, g: to
     (4, 4, 32, 4),    # no GQA, plain loops
     (6, 3, 48, 3),    # plain loops, a head_dim that is no multiple of 64
 ])
-def test_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("seq_lens", [
+    [1, 2, 7, 33, 64, 130],  # enough sequences for a task per sequence
+    [77],                    # one sequence: a task per (sequence, kv head)
+])
+def test_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim, block_size, seq_lens):
     kernel = decode_kernel()
     assert kernel is not None, "the C compiler should build the kernel on this machine"
     g = torch.Generator().manual_seed(heads * head_dim + block_size)
-    seq_lens = [1, 2, 7, 33, 64, 130]
     num_blocks = 400
     caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2)]
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g)

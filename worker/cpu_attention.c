@@ -13,6 +13,7 @@
  * leave the CPU waiting on one horizontal sum per score); other shapes take the plain loops.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,11 +22,14 @@
 #define HAVE_AVX2 1
 #endif
 
+/* One sequence and a run of its kv heads [kv_head, kv_head + num_kv), with their query heads
+ * (num_kv * group of them, consecutive in q and out). All heads of a row sit side by side in the
+ * cache, so a task that takes them all reads each block as one contiguous span. */
 typedef struct {
     const float *k_cache, *v_cache;
     const int32_t *table;
     int64_t len;
-    int group, block_size, kv_heads, head_dim, kv_head;
+    int group, block_size, kv_heads, head_dim, kv_head, num_kv;
 } Context;
 
 /* Walks the context block by block (no division per row): block i holds positions
@@ -66,20 +70,20 @@ static inline void axpy_plain(float *y, float a, const float *x, int d) {
     for (int i = 0; i < d; i++) y[i] += a * x[i];
 }
 
-/* scores[g * len + t] = scale * q_g . k_t, plain loops. */
+/* scores[r * len + t] = scale * q_r . k_t for the task's query heads r, plain loops. */
 static void scores_plain(const Context *c, const float *q, float scale, float *scores) {
-    int d = c->head_dim;
+    int d = c->head_dim, rows = c->num_kv * c->group;
     FOR_EACH_ROW(c, c->k_cache, t, k, {
-        for (int g = 0; g < c->group; g++) scores[g * c->len + t] = dot_plain(q + g * d, k, d) * scale;
+        for (int r = 0; r < rows; r++) scores[r * c->len + t] = dot_plain(q + r * d, k + (r / c->group) * d, d) * scale;
     });
 }
 
-/* out_g = sum_t p[g * len + t] v_t, plain loops. */
+/* out_r = sum_t p[r * len + t] v_t, plain loops. */
 static void weighted_v_plain(const Context *c, const float *p, float *out) {
-    int d = c->head_dim;
-    memset(out, 0, sizeof(float) * c->group * d);
+    int d = c->head_dim, rows = c->num_kv * c->group;
+    memset(out, 0, sizeof(float) * rows * d);
     FOR_EACH_ROW(c, c->v_cache, t, v, {
-        for (int g = 0; g < c->group; g++) axpy_plain(out + g * d, p[g * c->len + t], v, d);
+        for (int r = 0; r < rows; r++) axpy_plain(out + r * d, p[r * c->len + t], v + (r / c->group) * d, d);
     });
 }
 
@@ -106,9 +110,10 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
         const float *base = block_base(c, c->k_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size, o = 0;
         for (; o + 4 <= n; o += 4) {
-            const float *k0 = base + o * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
-            for (int g = 0; g < c->group; g++) {
-                const float *qg = q + g * d;
+            for (int r = 0; r < c->num_kv * c->group; r++) {
+                const float *k0 = base + o * stride + (r / c->group) * d;
+                const float *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+                const float *qg = q + r * d;
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
                 __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
                 for (int f = 0; f < d; f += 8) {
@@ -118,7 +123,7 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
                     a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + f), a2);
                     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + f), a3);
                 }
-                float *s = scores + g * c->len + first + o;
+                float *s = scores + r * c->len + first + o;
                 s[0] = hsum(a0) * scale;
                 s[1] = hsum(a1) * scale;
                 s[2] = hsum(a2) * scale;
@@ -126,26 +131,25 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
             }
         }
         for (; o < n; o++)
-            for (int g = 0; g < c->group; g++)
-                scores[g * c->len + first + o] = dot_avx2(q + g * d, base + o * stride, d) * scale;
+            for (int r = 0; r < c->num_kv * c->group; r++)
+                scores[r * c->len + first + o] = dot_avx2(q + r * d, base + o * stride + (r / c->group) * d, d) * scale;
     }
 }
 
-/* 64 output features at a time, held in eight registers across the whole context. */
+/* Row by row, every query head of the task at once, so V is read as it lies; the sums live in
+ * `out` (a few KiB, in L1). */
 static void weighted_v_avx2(const Context *c, const float *p, float *out) {
-    int d = c->head_dim;
-    for (int g = 0; g < c->group; g++) {
-        const float *pg = p + g * c->len;
-        for (int f = 0; f < d; f += 64) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            FOR_EACH_ROW(c, c->v_cache, t, v, {
-                __m256 w = _mm256_broadcast_ss(pg + t);
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + f + 8 * j), acc[j]);
-            });
-            for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + g * d + f + 8 * j, acc[j]);
+    int d = c->head_dim, rows = c->num_kv * c->group;
+    memset(out, 0, sizeof(float) * rows * d);
+    FOR_EACH_ROW(c, c->v_cache, t, v, {
+        for (int r = 0; r < rows; r++) {
+            const float *vr = v + (r / c->group) * d;
+            float *o = out + r * d;
+            __m256 w = _mm256_broadcast_ss(p + r * c->len + t);
+            for (int f = 0; f < d; f += 8)
+                _mm256_storeu_ps(o + f, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + f), _mm256_loadu_ps(o + f)));
         }
-    }
+    });
 }
 #endif
 
@@ -169,13 +173,13 @@ static void one_group(const Context *c, const float *q, float *out, float scale,
 #ifdef HAVE_AVX2
     if (c->head_dim % 64 == 0) {
         scores_avx2(c, q, scale, scores);
-        softmax_rows(scores, c->group, c->len);
+        softmax_rows(scores, c->num_kv * c->group, c->len);
         weighted_v_avx2(c, scores, out);
         return;
     }
 #endif
     scores_plain(c, q, scale, scores);
-    softmax_rows(scores, c->group, c->len);
+    softmax_rows(scores, c->num_kv * c->group, c->len);
     weighted_v_plain(c, scores, out);
 }
 
@@ -187,14 +191,18 @@ void paged_decode_attention(const float *q, const float *k_cache, const float *v
     int group = heads / kv_heads;
     int64_t longest = 1;
     for (int b = 0; b < num_seqs; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    /* A task per sequence (contiguous reads) when there are enough of them to keep every thread
+     * busy; otherwise a task per (sequence, kv head). */
+    int per_task = num_seqs >= 2 * omp_get_max_threads() ? kv_heads : 1;
+    int64_t tasks = (int64_t)num_seqs * (kv_heads / per_task);
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * group * longest);
+        float *scores = malloc(sizeof(float) * per_task * group * longest);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < (int64_t)num_seqs * kv_heads; task++) {
-            int b = (int)(task / kv_heads), h = (int)(task % kv_heads);
+        for (int64_t task = 0; task < tasks; task++) {
+            int b = (int)(task / (kv_heads / per_task)), h = (int)(task % (kv_heads / per_task)) * per_task;
             Context c = {k_cache, v_cache, block_tables + b * table_stride, seq_lens[b],
-                         group, block_size, kv_heads, head_dim, h};
+                         group, block_size, kv_heads, head_dim, h, per_task};
             int64_t offset = ((int64_t)b * heads + (int64_t)h * group) * head_dim;
             one_group(&c, q + offset, out + offset, scale, scores);
         }
