@@ -46,3 +46,12 @@ def test_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim, block_size, s
         backend.prepare(meta)
         outputs.append(backend.forward(q, k, v, cache, meta, head_dim ** -0.5))
     torch.testing.assert_close(outputs[0], outputs[1], atol=2e-6, rtol=1e-5)
+
+
+def test_loading_the_kernel_leaves_subnormal_floats_alone():
+    """The library must not switch the process to flush-to-zero (as -ffast-math's crtfastmath.o
+    does on load): torch, Python and hypothesis all run in the same process."""
+    assert decode_kernel() is not None
+    tiny = float.fromhex("0x1p-1070")
+    assert tiny * 1.0 != 0.0
+    assert torch.tensor([tiny], dtype=torch.float64).mul(1.0).item() != 0.0

@@ -26,8 +26,13 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
-LIBS = ["-lm"]  # with libmvec: the vectorised expf that -ffast-math lets the softmax loop call
+# -ffast-math's optimisations one by one, not the flag itself: with it GCC links crtfastmath.o,
+# which sets flush-to-zero for the whole process on load (subnormals become 0 in torch and Python
+# too; hypothesis refuses to run). These are what lets the softmax loop vectorise and call expf.
+FAST_MATH = ["-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
+             "-fassociative-math", "-freciprocal-math"]
+FLAGS = ["-O3", "-march=native", *FAST_MATH, "-fopenmp", "-fPIC", "-shared"]
+LIBS = ["-lm"]  # with libmvec: the vectorised expf
 
 
 def cache_dir() -> Path:
