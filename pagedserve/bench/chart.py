@@ -9,12 +9,12 @@ def draw(systems: dict[str, dict], title: str, path: str) -> None:
 
     names = list(systems)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = [("output_throughput", "output tokens/s (higher is better)", "{:.0f}"),
-              ("median_ttft_ms", "median TTFT, ms (lower is better)", "{:.0f}"),
-              ("median_tpot_ms", "median TPOT, ms (lower is better)", "{:.0f}")]
+    panels = [("output_throughput", 1, "output tokens/s (higher is better)", "{:.0f}"),
+              ("median_ttft_ms", 1e-3, "median TTFT, s (lower is better)", "{:.1f}"),
+              ("median_tpot_ms", 1, "median TPOT, ms (lower is better)", "{:.0f}")]
     colors = ["#1f77b4" if n == "pagedserve" else "#999999" for n in names]
-    for ax, (key, label, fmt) in zip(axes, panels):
-        values = [systems[n][key] for n in names]
+    for ax, (key, scale, label, fmt) in zip(axes, panels):
+        values = [systems[n][key] * scale for n in names]
         bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, [fmt.format(v) for v in values], padding=3)
         ax.set_title(label, fontsize=10)

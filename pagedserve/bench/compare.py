@@ -147,19 +147,20 @@ def main(args) -> int:
     systems = check_systems(args)
     requests = build_requests(args)
     results, broken = {}, {}
+    for path in (args.result_filename, args.chart):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     for system in systems:
         try:
             results[system] = run_system(args, system, requests)
         except RuntimeError as e:  # a server that would not start: the others still run
             print(f"    {system} failed: {e}", flush=True)
             broken[system] = str(e)
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "model": args.model,
-              "workload": workload(args, requests), "machine": machine(), "systems": results,
-              "ratios": ratios(results), "failed_systems": broken}
+        # Written after every system: a long run stopped halfway keeps what it measured.
+        report = {"date": datetime.now().isoformat(timespec="seconds"), "model": args.model,
+                  "workload": workload(args, requests), "machine": machine(), "systems": results,
+                  "ratios": ratios(results), "failed_systems": broken}
+        Path(args.result_filename).write_text(json.dumps(report, indent=2))
     print(format_table(results))
-    for path in (args.result_filename, args.chart):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result_filename).write_text(json.dumps(report, indent=2))
     load = workload(args, requests)
     if results:
         draw(results, f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "
