@@ -171,3 +171,16 @@ def test_profile_step_splits_a_decode_step(tmp_path):
     total = parts.pop("step total")
     assert sum(parts.values()) == pytest.approx(total, rel=1e-6)
     assert "outside the forward pass" in proc.stdout
+
+
+def test_layer_ops_benchmark_rows(tmp_path):
+    path = tmp_path / "layer_ops.json"
+    proc = subprocess.run([sys.executable, "benchmarks/layer_ops.py", "--tokens", "8", "--iters", "2",
+                           "--num-threads", "1", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["residual add + RMSNorm", "rotary (q and k)", "KV cache write", "SiLU * up",
+                                       "per forward pass (30 layers)"]
+    assert all(r["tokens"] == 8 and r["torch_ms"] > 0 and r["compiled_ms"] > 0 for r in rows)
+    assert "per forward pass" in proc.stdout

@@ -17,6 +17,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from worker.cpu_ops import cpu_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -84,8 +86,10 @@ class TorchAttention:
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        ops = cpu_ops(k)
+        if ops is None or not ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+            k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)
         nd, num_heads = meta.num_decodes, q.shape[1]

@@ -30,6 +30,7 @@ class ModelRunner:
         self.backend = make_attention_backend(config.attention_backend, self.device, config.block_size)
         self.loaded = load_model(config, self.backend)
         self.model = self.loaded.model
+        self.model.fuse_projections()
         if self.device.type == "cpu":
             log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
         shape = self.model.kv_cache_shape()

@@ -48,6 +48,14 @@ class CausalLM(nn.Module):
         local = self.lm_head(self.final_hidden(hidden))
         return gather_logits(local, self.config.vocab_size).float()
 
+    def fuse_projections(self) -> None:
+        """Run projections that read the same input as one matmul (q/k/v, gate/up) where the
+        architecture's layers know how (a `fuse()` method): after loading, which fills them by
+        the checkpoint's own names."""
+        for module in list(self.modules()):
+            if hasattr(module, "fuse"):
+                module.fuse()
+
     def kv_cache_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of this rank: what the KV cache allocator needs."""
         attention = [m for m in self.modules() if hasattr(m, "num_kv_heads")]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.cpu_ops import cpu_ops
 from worker.distributed import all_gather, all_reduce, rank
 from worker.models.sharding import Shard, even_split, head_split, padded_split
 
@@ -20,6 +21,18 @@ def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, S
     linear = nn.Linear(in_features, out_features, bias=bias)
     linear.tp_shards = shards
     return linear
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One linear whose output is the given ones' outputs side by side (q, k, v; gate, up): one
+    matmul with a wider weight instead of several. Built after loading, from this rank's shards."""
+    weight = torch.cat([linear.weight for linear in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([linear.bias for linear in linears]), requires_grad=False)
+    return fused
 
 
 def _output_split(in_features: int, pieces: tuple, full: int, bias: bool, transposed: bool) -> nn.Linear:
@@ -120,7 +133,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (norm(residual + x), residual + x): the add and
+        the norm in one pass on the CPU, where the sum is written over `residual`."""
+        ops = cpu_ops(x)
+        if ops is not None and (residual is None or residual.is_contiguous()):
+            out = ops.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self.normalize(x)
+        residual = residual + x
+        return self.normalize(residual), residual
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 whatever the model dtype, as the checkpoints were trained.
         dtype = x.dtype
         x = x.float()
@@ -176,9 +201,28 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(self.max_position, device=device).float(), inv_freq)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin[positions].to(dtype).chunk(2, dim=-1)
-        return cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, head_dim / 2]: broadcast over heads
+    def forward(self, positions: torch.Tensor) -> "StepRotary":
+        return StepRotary(positions, self.cos_sin)
+
+
+class StepRotary:
+    """The rotation of one step's tokens, shared by every layer: by the compiled op in place on
+    the CPU, else with cos/sin gathered once per step by the tokens' positions."""
+
+    def __init__(self, positions: torch.Tensor, cos_sin: torch.Tensor):
+        self.positions, self.cos_sin = positions, cos_sin
+        self.cos = self.sin = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] rotated (in place where the compiled op serves it)."""
+        ops = cpu_ops(x)
+        if ops is not None and self.positions.dtype == torch.int64 and self.positions.is_contiguous() \
+                and ops.rotary(x, self.positions, self.cos_sin):
+            return x
+        if self.cos is None:
+            cos, sin = self.cos_sin[self.positions].to(x.dtype).chunk(2, dim=-1)
+            self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, head_dim / 2]: broadcast over heads
+        return apply_rotary(x, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

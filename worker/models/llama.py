@@ -10,16 +10,18 @@ heads and hidden units; the two all-reduces are the only lines that know.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from worker.cpu_ops import cpu_ops
 from worker.distributed import all_reduce
 from worker.models.base import CausalLM
 from worker.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     activation,
-    apply_rotary,
     column_linear,
+    fuse_linears,
     heads_linear,
     lm_head,
     rope_parameters,
@@ -55,15 +57,27 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.qk_norm = variant.qk_norm
         self.backend = backend
+        self.qkv_proj = None  # q, k and v as one linear, once fuse() has run
 
-    def forward(self, x, cos, sin, kv_cache, meta):
+    def fuse(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+
+    def forward(self, x, rotary, kv_cache, meta):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q), rotary(k)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
 
@@ -76,9 +90,21 @@ class LlamaMLP(nn.Module):
         self.up_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
         self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias)
         self.act = activation(config.hidden_act)
+        self.gate_up_proj = None  # gate and up as one linear, once fuse() has run
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return all_reduce(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up_proj is None:
+            return all_reduce(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        ops = cpu_ops(gate_up) if self.act is F.silu else None
+        if ops is not None:
+            return all_reduce(self.down_proj(ops.silu_and_mul(gate_up)))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return all_reduce(self.down_proj(self.act(gate) * up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -89,9 +115,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, variant)
 
-    def forward(self, h, cos, sin, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, rotary, kv_cache, meta):
+        """(this layer's MLP output, the residual stream before it): the add that joins them is
+        the next norm's (one pass with it on the CPU), or the model's after the last layer."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, rotary, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -104,11 +137,11 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, max_position, rope_parameters(config))
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        h, residual = self.embed_tokens(input_ids), None
+        rotary = self.rotary(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, kv_cache, meta)
-        return h
+            h, residual = layer(h, residual, rotary, kv_cache, meta)
+        return residual + h
 
 
 class LlamaForCausalLM(CausalLM):

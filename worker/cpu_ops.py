@@ -1,0 +1,90 @@
+"""RMSNorm (with the residual add before it), the rotary embedding, the KV cache write and SiLU
+times up in one pass each (cpu_ops.c), for float32 on the CPU. Compiled on first use (worker/native.py); where it cannot
+be, `cpu_ops()` is None and the layers keep their torch code, which gives the same results.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from worker import native
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+# No fused multiply-adds: each product and sum rounds where torch's separate ops round it.
+FLAGS = [*native.BASE_FLAGS, "-ffp-contract=off"]
+
+
+class CpuOps:
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self._rms_norm = lib.rms_norm
+        self._rms_norm.argtypes = [p, i64, p, p, p, i64, i64, f32]
+        self._rms_norm.restype = None
+        self._rotary = lib.rotary
+        self._rotary.argtypes = [p, i64, i64, i64, i64, p, p]
+        self._rotary.restype = None
+        self._write_kv = lib.write_kv
+        self._write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64]
+        self._write_kv.restype = None
+        self._silu_and_mul = lib.silu_and_mul
+        self._silu_and_mul.argtypes = [p, i64, p, i64, i64]
+        self._silu_and_mul.restype = None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm over the last dimension of x (residual + x, given a contiguous residual of x's
+        shape, which is updated in place to that sum)."""
+        dim = x.shape[-1]
+        rows = x.reshape(-1, dim)  # a view for a row-strided x; a copy otherwise
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self._rms_norm(rows.data_ptr(), rows.stride(0), 0 if residual is None else residual.data_ptr(),
+                       weight.data_ptr(), out.data_ptr(), rows.shape[0], dim, eps)
+        return out
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> bool:
+        """Rotates x [T, heads, head_dim] in place; False (untouched) where its heads do not sit
+        side by side in each row."""
+        tokens, heads, head_dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != head_dim:
+            return False
+        self._rotary(x.data_ptr(), x.stride(0), tokens, heads, head_dim, positions.data_ptr(), cos_sin.data_ptr())
+        return True
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> bool:
+        """k, v [T, kv_heads, head_dim] into contiguous caches [num_blocks, block_size, kv_heads,
+        head_dim] at their slots (int64); False (nothing written) where the layouts do not suit."""
+        tokens, kv_heads, head_dim = k.shape
+        suits = all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (k, v)) and \
+            k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v.dtype == torch.float32 and \
+            slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+        if suits:
+            self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                           v_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads * head_dim)
+        return suits
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up [T, 2 * inter] (gate's half first), rows with unit stride."""
+        gate_up = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+        self._silu_and_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter)
+        return out
+
+
+@functools.cache
+def _cpu_ops() -> CpuOps | None:
+    lib = native.load(SOURCE, FLAGS, "norms and rotary embeddings use torch")
+    return CpuOps(lib) if lib is not None else None
+
+
+def cpu_ops(x: torch.Tensor) -> CpuOps | None:
+    """The compiled ops where they serve x (float32 on the CPU), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return _cpu_ops()
