@@ -154,8 +154,9 @@ class Engine:
                 raise WorkerLost(f"step {plan.step_id} failed on the worker: {result.error}")
             self.num_steps += 1
             self.publish(scheduler.update(result))
-            log.debug("step %d: %d seqs in %.1f ms", plan.step_id, len(plan.scheduled),
-                      (time.perf_counter() - started) * 1e3)
+            log.debug("step %d: %d seqs, %d tokens in %.1f ms (worker forward %.1f ms)", plan.step_id,
+                      len(plan.scheduled), sum(s.num_tokens for s in plan.scheduled),
+                      (time.perf_counter() - started) * 1e3, result.forward_seconds * 1e3)
 
     async def idle(self) -> None:
         self.wakeup.clear()

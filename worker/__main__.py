@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     from worker.loader import inspect_model_dir
     from worker.model_runner import ModelRunner
     from worker.service import build_server
+    from worker.step_loop import StepLoop
 
     # Stopped on purpose, so are the other ranks: their leaving is no failure.
     threading.Thread(target=lambda: (signaled.wait(), distributed.stop_watching()), daemon=True).start()
@@ -87,18 +88,21 @@ def main(argv=None) -> int:
         return 1
     if stop.is_set():
         return 0
-    server, health_servicer = build_server(runner, f"{args.host}:{args.port}")
+    step_loop = StepLoop()
+    server, health_servicer = build_server(runner, f"{args.host}:{args.port}", step_loop)
     server.start()
     log.info("worker listening on %s:%d (rank %d of %d)", args.host, args.port, config.rank, config.world_size)
     # A broken tensor parallel group ends this rank too: its peers' shares of the model are gone.
     threading.Thread(target=lambda: (distributed.failed.wait(), stop.set()), daemon=True).start()
-    stop.wait()
+    step_loop.serve(until=stop)  # this thread loaded the model; it runs every step too
     code = 1 if distributed.failed.is_set() and not signaled.is_set() else 0
     if code:
         log.error("the tensor parallel group is broken (a rank died): exiting so that every rank restarts")
     log.info("shutting down")
     health_servicer.enter_graceful_shutdown()
-    server.stop(grace=0 if code else 5).wait()
+    stopped = server.stop(grace=0 if code else 5)
+    step_loop.serve(until=stopped)  # steps already asked for still run in the grace period
+    step_loop.close()
     distributed.shutdown()
     return code
 

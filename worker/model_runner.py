@@ -78,7 +78,7 @@ class ModelRunner:
         if not work:
             return worker_pb2.StepResult(step_id=plan.step_id), None
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         inputs = build_step_inputs(work, self.config.block_size, self.device)
         self.backend.prepare(inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
@@ -88,6 +88,9 @@ class ModelRunner:
         else:  # only prefill chunks that do not reach their end
             logits, sampled = None, SamplerOutput([], [])
         elapsed = time.perf_counter() - started
+        if log.isEnabledFor(logging.DEBUG):  # cores busy below the thread count: the step waited on something
+            log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
+                      elapsed * 1e3, (time.process_time() - cpu_started) / elapsed)
 
         for seq, num_tokens in work:
             seq.num_computed += num_tokens

@@ -8,6 +8,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.v1 import worker_pb2_grpc
 from worker.model_runner import ModelRunner
+from worker.step_loop import StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,11 @@ MAX_MESSAGE_BYTES = 64 << 20  # a plan re-adding many preempted long sequences i
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, step_loop: StepLoop | None = None):
         self.runner = runner
+        # Where steps run: the worker's main thread (step_loop.py says why), or, without a loop
+        # (in-process tools), the gRPC handler's own thread.
+        self.run = step_loop.call if step_loop is not None else (lambda fn, *args: fn(*args))
         # One persistent batch and one KV cache: steps from two streams must never interleave.
         self.lock = threading.Lock()
         self.stream_id = 0  # the newest Execute stream's; older ones are superseded
@@ -34,7 +38,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             with self.lock:
                 if mine != self.stream_id:
                     context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Execute stream")
-                result = self.runner.execute(plan)
+                result = self.run(self.runner.execute, plan)
             yield result
         log.info("Execute stream %d closed by %s", mine, context.peer())
 
@@ -42,13 +46,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return self.runner.worker_info()
 
 
-def build_server(runner: ModelRunner, address: str) -> tuple[grpc.Server, health.HealthServicer]:
+def build_server(runner: ModelRunner, address: str,
+                 step_loop: StepLoop | None = None) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner, step_loop), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(address) == 0:
