@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from scheduler.workers import WorkerGroup  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 from worker.service import build_server  # noqa: E402
+from worker.step_loop import StepLoop  # noqa: E402
 
 
 class Clock:
@@ -183,7 +185,8 @@ def main(argv=None) -> dict:
                                           max_num_batched_tokens=args.max_num_batched_tokens))
     add_requests(scheduler, args.batch, lens, runner.loaded.vocab_size, args.seed)
     address = f"127.0.0.1:{free_port()}"
-    server, _ = build_server(runner, address)
+    step_loop = StepLoop()  # steps on this thread, which loaded the model, as in the worker
+    server, _ = build_server(runner, address, step_loop)
     server.start()
 
     async def run():
@@ -194,13 +197,30 @@ def main(argv=None) -> dict:
         finally:
             await workers.close()
 
+    def run_steps() -> dict:
+        """The scheduler's loop on a thread of its own; the steps on this one."""
+        box, done = {}, threading.Event()
+
+        def scheduler_side():
+            try:
+                box["info"] = asyncio.run(run())
+            except BaseException as e:  # noqa: BLE001 - raised again below
+                box["error"] = e
+            finally:
+                done.set()
+        threading.Thread(target=scheduler_side, daemon=True).start()
+        step_loop.serve(until=done)
+        if "error" in box:
+            raise box["error"]
+        return box["info"]
+
     try:
         if args.torch_profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                info = asyncio.run(run())
+                info = run_steps()
         else:
-            info = asyncio.run(run())
+            info = run_steps()
     finally:
         server.stop(grace=None)
     info["threads"] = torch.get_num_threads()
