@@ -11,17 +11,26 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 
 class StepLoop:
     def __init__(self):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = threading.Event()
 
     def call(self, fn, *args):
         """Run fn(*args) on the serving thread and return its result (from any thread)."""
         done: Future = Future()
         self.jobs.put((fn, args, done))
-        return done.result()
+        while True:
+            try:
+                return done.result(timeout=0.5)
+            except FutureTimeout:
+                # Asked after the loop closed: nobody will run it, and a handler thread waiting
+                # forever would keep the process from exiting.
+                if self.closed.is_set() and done.cancel():
+                    raise RuntimeError("the worker is shutting down") from None
 
     def serve(self, until: threading.Event, poll_seconds: float = 0.05) -> None:
         """Run calls on this thread until `until` is set."""
@@ -38,6 +47,7 @@ class StepLoop:
 
     def close(self) -> None:
         """Fail the calls nobody will run (the process is going away)."""
+        self.closed.set()
         while True:
             try:
                 _, _, done = self.jobs.get_nowait()
