@@ -84,6 +84,7 @@ def test_rotary_in_place_equals_torch_bit_for_bit(ops, tokens, head_dim):
 def test_rotary_falls_back_to_torch_where_heads_are_not_side_by_side(ops):
     x = torch.randn(4, 64, 3).transpose(1, 2)  # [4, 3, 64], head_dim not contiguous
     assert not ops.rotary(x, torch.zeros(4, dtype=torch.int64), torch.zeros(1, 64))
+    assert not ops.rotary(torch.randn(4, 3, 64), torch.zeros(4, dtype=torch.int32), torch.zeros(1, 64))
 
 
 def test_kv_write_puts_fused_views_where_index_copy_would(ops):

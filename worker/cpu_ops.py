@@ -1,6 +1,7 @@
 """RMSNorm (with the residual add before it), the rotary embedding, the KV cache write and SiLU
-times up in one pass each (cpu_ops.c), for float32 on the CPU. Compiled on first use (worker/native.py); where it cannot
-be, `cpu_ops()` is None and the layers keep their torch code, which gives the same results.
+times up in one pass each (cpu_ops.c), for float32 on the CPU. Compiled on first use
+(worker/native.py); where it cannot be, `cpu_ops()` is None and the layers keep their torch code,
+which gives the same results.
 """
 from __future__ import annotations
 
@@ -47,10 +48,11 @@ class CpuOps:
         return out
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> bool:
-        """Rotates x [T, heads, head_dim] in place; False (untouched) where its heads do not sit
-        side by side in each row."""
+        """Rotates x [T, heads, head_dim] in place at positions (int64); False (untouched) where the
+        layouts do not suit: x's heads not side by side in each row, positions not contiguous."""
         tokens, heads, head_dim = x.shape
-        if x.stride(2) != 1 or x.stride(1) != head_dim:
+        if x.stride(2) != 1 or x.stride(1) != head_dim or positions.dtype != torch.int64 \
+                or not positions.is_contiguous():
             return False
         self._rotary(x.data_ptr(), x.stride(0), tokens, heads, head_dim, positions.data_ptr(), cos_sin.data_ptr())
         return True
@@ -79,7 +81,7 @@ class CpuOps:
 
 @functools.cache
 def _cpu_ops() -> CpuOps | None:
-    lib = native.load(SOURCE, FLAGS, "norms and rotary embeddings use torch")
+    lib = native.load(SOURCE, FLAGS, "norms, rotary, KV writes and SiLU use torch")
     return CpuOps(lib) if lib is not None else None
 
 

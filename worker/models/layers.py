@@ -216,8 +216,7 @@ class StepRotary:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, head_dim] rotated (in place where the compiled op serves it)."""
         ops = cpu_ops(x)
-        if ops is not None and self.positions.dtype == torch.int64 and self.positions.is_contiguous() \
-                and ops.rotary(x, self.positions, self.cos_sin):
+        if ops is not None and ops.rotary(x, self.positions, self.cos_sin):
             return x
         if self.cos is None:
             cos, sin = self.cos_sin[self.positions].to(x.dtype).chunk(2, dim=-1)
