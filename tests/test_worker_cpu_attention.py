@@ -1,6 +1,6 @@
 """The CPU decode attention kernel (worker/cpu_attention.c) against the torch path it replaces
 (gather the blocks, SDPA), on random caches with scattered blocks: its AVX2 loops (head_dim a
-multiple of 64) and its plain ones, GQA groups of 1 to 4, block sizes that do and do not divide the
+multiple of 32) and its plain ones, GQA groups of 1 to 7, block sizes that do and do not divide the
 contexts, contexts of a single token."""
 import pytest
 import torch
@@ -24,8 +24,9 @@ def decode_metadata(seq_lens: list[int], block_size: int, num_blocks: int, g: to
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 path
     (8, 2, 128, 5),   # two 64-wide halves; blocks that split the contexts unevenly
-    (4, 4, 32, 4),    # no GQA, plain loops
-    (6, 3, 48, 3),    # plain loops, a head_dim that is no multiple of 64
+    (4, 4, 32, 4),    # no GQA, one 32-float chunk per head
+    (14, 2, 64, 8),   # groups of 7: V sums three heads, three, then one at a time
+    (6, 3, 48, 3),    # plain loops, a head_dim that is no multiple of 32
 ])
 @pytest.mark.parametrize("seq_lens", [
     [1, 2, 7, 33, 64, 130],  # enough sequences for a task per sequence
