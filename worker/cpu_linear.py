@@ -1,21 +1,80 @@
-"""Prepacked oneDNN linears: the one speed trick of the CPU serving path.
+"""The float32 linears of the CPU serving path.
 
-nn.Linear on CPU calls MKL's sgemm with the weight as stored. oneDNN can reorder a weight once
-into the blocked layout its kernels stream best; for the skinny matmuls of a decode step
-(a few dozen rows against a large weight) that is 1.5-3x faster on the CPUs measured (the LM
-head most of all), which is most of a CPU step. It goes through a private torch op, so
-packing is checked against nn.Linear and skipped, with a log line, where it is unavailable.
+A decode step multiplies a few dozen rows by every weight, which streams from memory each step:
+there, `linear_rows` (cpu_linear.c, compiled on first use) beats oneDNN and MKL by 10-50%
+(`python benchmarks/linear.py`). Prefill steps (hundreds to thousands of rows) are compute-bound
+and go to oneDNN, which reorders the weight itself on each call (about 2% of a prefill step here).
+Both read the weight as the checkpoint stores it, so there is one copy of it.
+
+Where the C file cannot be built (no compiler, no AVX2) every linear goes to oneDNN, with the weight
+packed once into its blocked layout instead (`torch.ops.mkldnn._reorder_linear_weight`); where that
+private op is missing or disagrees with nn.Linear, nn.Linear stays.
 """
+from __future__ import annotations
+
+import ctypes
+import functools
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import native
+
 log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_linear.c")
+# Up to this many rows the C loop wins (measured at 1 to 128 rows); above it, oneDNN.
+MAX_KERNEL_ROWS = 128
+
+
+@functools.cache
+def linear_rows():
+    lib = native.load(SOURCE, native.BASE_FLAGS, "linears use oneDNN at every size")
+    if lib is None:
+        return None
+    fn = lib.linear_rows
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, p, p, i64, p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class CpuLinear(nn.Module):
+    """nn.Linear for float32 on the CPU: few rows through `linear_rows`, many through oneDNN."""
+
+    def __init__(self, linear: nn.Linear, kernel):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.detach().contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > MAX_KERNEL_ROWS or rows == 0:
+            return onednn_linear(x, self.weight, self.bias)
+        return self.kernel_forward(x)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        status = self.kernel(rows.data_ptr(), rows.shape[0], self.in_features, self.weight.data_ptr(),
+                             None if self.bias is None else self.bias.data_ptr(), self.out_features, y.data_ptr())
+        if status != 0:
+            raise MemoryError("linear_rows could not allocate its panel buffer")
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class PackedLinear(nn.Module):
+    """The fallback: oneDNN at every size, the weight reordered once into oneDNN's blocked layout."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -23,27 +82,37 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return onednn_linear(x, self.packed, self.bias)
 
 
-def _packing_works(linear: nn.Linear) -> bool:
-    x = torch.randn(3, linear.in_features, dtype=linear.weight.dtype)
+def _matches_nn_linear(module: nn.Module, linear: nn.Linear) -> bool:
+    """Checked at 3 rows (the C loop) and at MAX_KERNEL_ROWS + 1 (oneDNN)."""
     with torch.inference_mode():
-        return torch.allclose(PackedLinear(linear)(x), F.linear(x, linear.weight, linear.bias), rtol=1e-3, atol=1e-3)
+        for rows in (3, MAX_KERNEL_ROWS + 1):
+            x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
+            if not torch.allclose(module(x), F.linear(x, linear.weight, linear.bias), rtol=1e-3, atol=1e-3):
+                return False
+    return True
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of a float32 CPU model for a PackedLinear; returns how many."""
+def prepare_linears(model: nn.Module) -> str:
+    """Swap every nn.Linear of a float32 CPU model for a CpuLinear (or, without the C loop, a
+    PackedLinear); returns what was done, for the log."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears or linears[0][1].weight.device.type != "cpu" or linears[0][1].weight.dtype != torch.float32:
-        return 0
+        return "linears left as nn.Linear"
+    kernel = linear_rows()
     try:
-        if not (torch.backends.mkldnn.is_available() and _packing_works(linears[0][1])):
+        if not torch.backends.mkldnn.is_available():
+            raise RuntimeError("oneDNN is not available")
+        make = (lambda lin: CpuLinear(lin, kernel)) if kernel is not None else PackedLinear
+        if not _matches_nn_linear(make(linears[0][1]), linears[0][1]):
             raise RuntimeError("results differ from nn.Linear")
-    except Exception as e:  # a torch without the op, or one that changed it
-        log.warning("oneDNN weight packing unavailable (%s): using nn.Linear", e)
-        return 0
+    except Exception as e:  # a torch without the private ops, or one that changed them
+        log.warning("oneDNN linears unavailable (%s): using nn.Linear", e)
+        return "linears left as nn.Linear"
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(linear))
-    return len(linears)
+        setattr(model.get_submodule(parent_name), child, make(linear))
+    what = "cpu_linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
+    return f"{len(linears)} linear layers: {what}"

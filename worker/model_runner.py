@@ -11,7 +11,7 @@ from pagedserve.v1 import worker_pb2
 from worker.attention import make_attention_backend
 from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
-from worker.cpu_linear import pack_linears
+from worker.cpu_linear import prepare_linears
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput
@@ -32,7 +32,7 @@ class ModelRunner:
         self.model = self.loaded.model
         self.model.fuse_projections()
         if self.device.type == "cpu":
-            log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
+            log.info("%s", prepare_linears(self.model))
         shape = self.model.kv_cache_shape()
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)

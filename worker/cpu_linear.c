@@ -1,0 +1,84 @@
+/* y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for the few rows of a decode step, float32, the weight as
+ * the checkpoint stores it.
+ *
+ * Why: at decode sizes (M = 1 to 128 rows against weights that stream from memory every step)
+ * oneDNN's packed sgemm ran at 85-95 GFLOP/s on 2 Zen 3 cores and MKL's slower; this loop ran at
+ * 100-108 (benchmarks/linear.py). It reads each weight row once per 16 rows of x, in the order it
+ * lies, and needs no second, packed copy of the weights.
+ *
+ * How: x is copied into panels of 16 rows laid out k-major ([M/16][K][16], zero-padded), so one
+ * k step of a panel is two AVX2 vectors. Each task takes six weight rows (a strip of N) and runs
+ * them against every panel: 6 x 16 outputs in 12 accumulators, each k step two vector loads of x,
+ * six broadcasts of w and twelve FMAs. Every output is one sum over k in order, fp32. Threads:
+ * OpenMP (torch's runtime) over the strips.
+ */
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "needs AVX2 and FMA (the worker then keeps oneDNN for every linear)"
+#endif
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define PANEL 16 /* rows of x per panel: two AVX2 vectors */
+#define STRIP 6  /* rows of w per task: 6 x 2 accumulators + 2 x loads + 1 broadcast = 15 registers */
+
+static void pack_panels(const float *x, int64_t M, int64_t K, float *xt) {
+    for (int64_t p = 0; p < (M + PANEL - 1) / PANEL; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int j = 0; j < PANEL; j++) {
+                int64_t m = p * PANEL + j;
+                xt[(p * K + k) * PANEL + j] = m < M ? x[m * K + k] : 0.0f;
+            }
+}
+
+/* y[m, n + r] = sum_k w[r, k] xt[k, m] (+ bias[r]) for r < nr, m < rows. */
+static inline __attribute__((always_inline)) void strip_panel(const float *w, int64_t K, const float *xt,
+                                                              const float *bias, float *y, int64_t ldy, int rows,
+                                                              const int nr) {
+    __m256 c[STRIP][2];
+    for (int r = 0; r < nr; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 x0 = _mm256_loadu_ps(xt + k * PANEL), x1 = _mm256_loadu_ps(xt + k * PANEL + 8);
+        for (int r = 0; r < nr; r++) {
+            __m256 a = _mm256_broadcast_ss(w + r * K + k);
+            c[r][0] = _mm256_fmadd_ps(a, x0, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(a, x1, c[r][1]);
+        }
+    }
+    float out[STRIP][PANEL]; /* transposed on the way out: y is row-major in m */
+    for (int r = 0; r < nr; r++) {
+        _mm256_storeu_ps(out[r], c[r][0]);
+        _mm256_storeu_ps(out[r] + 8, c[r][1]);
+    }
+    for (int m = 0; m < rows; m++)
+        for (int r = 0; r < nr; r++) y[m * ldy + r] = bias ? out[r][m] + bias[r] : out[r][m];
+}
+
+/* Returns 0, or -1 when the panel buffer cannot be allocated (nothing written). */
+int linear_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias, int64_t N, float *y) {
+    int64_t panels = (M + PANEL - 1) / PANEL, strips = (N + STRIP - 1) / STRIP;
+    float *xt = aligned_alloc(64, ((panels * K * PANEL * sizeof(float)) + 63) / 64 * 64);
+    if (!xt) return -1;
+    pack_panels(x, M, K, xt);
+#pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < strips; s++) {
+        int64_t n = s * STRIP;
+        int nr = N - n < STRIP ? (int)(N - n) : STRIP;
+        const float *ws = w + n * K, *bs = bias ? bias + n : 0;
+        for (int64_t p = 0; p < panels; p++) {
+            int rows = M - p * PANEL < PANEL ? (int)(M - p * PANEL) : PANEL;
+            const float *xp = xt + p * K * PANEL;
+            float *yp = y + p * PANEL * N + n;
+            switch (nr) { /* a constant nr per call: the compiler unrolls the accumulators into registers */
+                case 6: strip_panel(ws, K, xp, bs, yp, N, rows, 6); break;
+                case 5: strip_panel(ws, K, xp, bs, yp, N, rows, 5); break;
+                case 4: strip_panel(ws, K, xp, bs, yp, N, rows, 4); break;
+                case 3: strip_panel(ws, K, xp, bs, yp, N, rows, 3); break;
+                case 2: strip_panel(ws, K, xp, bs, yp, N, rows, 2); break;
+                default: strip_panel(ws, K, xp, bs, yp, N, rows, 1); break;
+            }
+        }
+    }
+    free(xt);
+    return 0;
+}
