@@ -1,5 +1,6 @@
 """The CPU linears (worker/cpu_linear.py): the C loop of cpu_linear.c for up to 128 rows, oneDNN
-above, against nn.Linear: row counts on both sides of the panel width (16) and of the switch (128),
+above, against nn.Linear: row counts on both sides of the matrix-vector loop's limit (8), of the
+panel width (16) and of the switch to oneDNN (128),
 weights whose rows are no multiple of the strip (6), odd input widths, biases, 3-D and strided
 inputs."""
 import pytest
@@ -16,7 +17,7 @@ def kernel():
     return k
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 64, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 16, 17, 64, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, 300])
 @pytest.mark.parametrize("in_features,out_features,bias", [(576, 960, False), (37, 13, True), (64, 6, True)])
 def test_matches_nn_linear(kernel, rows, in_features, out_features, bias):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)

@@ -9,8 +9,9 @@
  * How: x is copied into panels of 16 rows laid out k-major ([M/16][K][16], zero-padded), so one
  * k step of a panel is two AVX2 vectors. Each task takes six weight rows (a strip of N) and runs
  * them against every panel: 6 x 16 outputs in 12 accumulators, each k step two vector loads of x,
- * six broadcasts of w and twelve FMAs. Every output is one sum over k in order, fp32. Threads:
- * OpenMP (torch's runtime) over the strips.
+ * six broadcasts of w and twelve FMAs, each output one fp32 sum over k in order. One to eight
+ * rows take a plain matrix-vector loop instead (`gemv`). Threads: OpenMP (torch's runtime) over
+ * the strips, or the weight rows.
  */
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "needs AVX2 and FMA (the worker then keeps oneDNN for every linear)"
@@ -54,8 +55,51 @@ static inline __attribute__((always_inline)) void strip_panel(const float *w, in
         for (int r = 0; r < nr; r++) y[m * ldy + r] = bias ? out[r][m] + bias[r] : out[r][m];
 }
 
+/* y[m, n] = w[n] . x[m] (+ bias[n]) for m < M <= GEMV_ROWS: each weight row read once, from memory,
+ * against the few rows of x (in L1). With up to eight rows a 16-row panel would be half zeros or more
+ * and its arithmetic, not memory, would bound the step; here memory does. */
+#define GEMV_ROWS 8
+static inline __attribute__((always_inline)) void gemv_row(const float *x, int64_t K, const float *w, float bias,
+                                                           float *y, int64_t ldy, const int M) {
+    __m256 acc[GEMV_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wk = _mm256_loadu_ps(w + k);
+        for (int m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < M; m++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        float sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        for (int64_t j = k; j < K; j++) sum += w[j] * x[m * K + j];
+        y[m * ldy] = sum + bias;
+    }
+}
+
+static void gemv(const float *x, int64_t M, int64_t K, const float *w, const float *bias, int64_t N, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float b = bias ? bias[n] : 0.0f;
+        switch (M) {
+            case 8: gemv_row(x, K, w + n * K, b, y + n, N, 8); break;
+            case 7: gemv_row(x, K, w + n * K, b, y + n, N, 7); break;
+            case 6: gemv_row(x, K, w + n * K, b, y + n, N, 6); break;
+            case 5: gemv_row(x, K, w + n * K, b, y + n, N, 5); break;
+            case 4: gemv_row(x, K, w + n * K, b, y + n, N, 4); break;
+            case 3: gemv_row(x, K, w + n * K, b, y + n, N, 3); break;
+            case 2: gemv_row(x, K, w + n * K, b, y + n, N, 2); break;
+            default: gemv_row(x, K, w + n * K, b, y + n, N, 1); break;
+        }
+    }
+}
+
 /* Returns 0, or -1 when the panel buffer cannot be allocated (nothing written). */
 int linear_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias, int64_t N, float *y) {
+    if (M <= GEMV_ROWS) {
+        gemv(x, M, K, w, bias, N, y);
+        return 0;
+    }
     int64_t panels = (M + PANEL - 1) / PANEL, strips = (N + STRIP - 1) / STRIP;
     float *xt = aligned_alloc(64, ((panels * K * PANEL * sizeof(float)) + 63) / 64 * 64);
     if (!xt) return -1;
