@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 2048])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layers", type=int, default=LAYERS, help="fewer: the weights may fit in the caches")
     p.add_argument("--num-threads", type=int, default=2)
     p.add_argument("--output", default=None, help="write the rows here as JSON")
     args = p.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
         sys.exit("worker/cpu_linear.c could not be built (no C compiler, or no AVX2)")
     g = torch.Generator().manual_seed(0)
     weights = []
-    for _ in range(LAYERS):
+    for _ in range(args.layers):
         for out_f, in_f in SHAPES:
             lin = nn.Linear(in_f, out_f, bias=False)
             lin.weight.data = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         for m in args.rows:
             inputs = {in_f: torch.randn(m, in_f, generator=g) for _, in_f in SHAPES}
-            flops = 2 * m * sum(o * i for o, i in SHAPES) * LAYERS
+            flops = 2 * m * sum(o * i for o, i in SHAPES) * args.layers
             best = {name: float("inf") for name in calls}
             for _ in range(args.rounds):
                 for name, fns in calls.items():
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
                    **{f"{name}_gflops": flops / t / 1e9 for name, t in best.items()}}
             rows.append(row)
             print(f"{m:>6}" + "".join(f"{best[n] * 1e3:>9.1f} ({flops / best[n] / 1e9:>3.0f})" for n in calls), flush=True)
-    result = {"threads": args.num_threads, "rounds": args.rounds, "layers": LAYERS, "shapes": SHAPES, "rows": rows}
+    result = {"threads": args.num_threads, "rounds": args.rounds, "layers": args.layers, "shapes": SHAPES, "rows": rows}
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result

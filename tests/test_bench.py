@@ -184,3 +184,15 @@ def test_layer_ops_benchmark_rows(tmp_path):
                                        "per forward pass (30 layers)"]
     assert all(r["tokens"] == 8 and r["torch_ms"] > 0 and r["compiled_ms"] > 0 for r in rows)
     assert "per forward pass" in proc.stdout
+
+
+def test_linear_benchmark_rows(tmp_path):
+    path = tmp_path / "linear.json"
+    proc = subprocess.run([sys.executable, "benchmarks/linear.py", "--rows", "3", "20", "--rounds", "1", "--layers", "1",
+                           "--num-threads", "1", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["rows"] for r in rows] == [3, 20]
+    for way in ("mkl", "onednn_packed", "onednn", "cpu_linear"):
+        assert all(r[f"{way}_ms"] > 0 and r[f"{way}_gflops"] > 0 for r in rows)
