@@ -11,8 +11,8 @@
  * contiguous; query and output [num_seqs, heads, head_dim], contiguous.
  * Threads: OpenMP, the same runtime (and thread count) as torch's, over (sequence, kv head).
  * With AVX2 and a head_dim that is a multiple of 32 the two hot loops use intrinsics: scores eight
- * rows at a time (plain loops wait on one horizontal sum per score), the V sums in registers for a
- * whole block (plain loops load and store them for every row); other shapes take the plain loops.
+ * rows at a time (plain loops wait on one horizontal sum per score), the V sums in registers over
+ * eight rows (plain loops load and store them for every row); other shapes take the plain loops.
  */
 #include <math.h>
 #include <omp.h>
@@ -159,8 +159,8 @@ static inline __m256 scores8(const float *q, const float *k, int64_t stride, int
     return sum_lanes8(a0, a1, a2, a3, a4, a5, a6, a7);
 }
 
-/* Block by block, eight rows at a time for every query head of the task; the rows of a block
- * (a few KiB) stay in L1 while each head of their group reads them. */
+/* Block by block (each staged into L1 first), eight rows at a time for every query head of the
+ * task. */
 static void scores_avx2(const Context *c, const float *q, float scale, float *scores) {
     int d = c->head_dim;
     int64_t stride = (int64_t)c->kv_heads * d;
@@ -170,8 +170,6 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
         const float *base = block_base(c, c->k_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
         stage_block(c, c->k_cache, i);
-        /* Eight rows (every kv head of the task) at a time, all query heads on them before the next
-         * eight. */
         for (int64_t o = 0; o < n; o += 8) {
             for (int r = 0; r < c->num_kv * c->group; r++) {
                 const float *k = base + o * stride + (r / c->group) * d, *qr = q + r * d;
