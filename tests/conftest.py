@@ -36,3 +36,22 @@ def smol_stack(model_dir, tmp_path_factory):
     with run_stack(model_dir, "--served-model-name", "SmolLM2-135M-Instruct",
                    log_dir=tmp_path_factory.mktemp("smol-stack")) as stack:
         yield stack
+
+
+STACK_LOG_TAIL = 8000  # characters of a failing test's stack log shown in its report
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a live stack reports the stack's log: CI shows only the test
+    output, and a process that died or never restarted says why only there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    from tests.stack import Stack
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, Stack):
+            lines = [line for line in value.log().splitlines() if "loading weights" not in line]
+            report.sections.append((f"log of the stack `{name}` (its end)",
+                                    "\n".join(lines)[-STACK_LOG_TAIL:]))

@@ -24,6 +24,7 @@ from tests.stack import run_stack
 MODEL = "SmolLM2-135M-Instruct"
 # A stack of its own for the tests that kill processes: a small cache keeps its memory small.
 OWN_STACK_FLAGS = ("--served-model-name", MODEL, "--kv-cache-memory-bytes", str(256 << 20),
+                   "--shutdown-timeout", "120",
                    "--max-model-len", "2048")
 
 
