@@ -196,3 +196,18 @@ def test_linear_benchmark_rows(tmp_path):
     assert [r["rows"] for r in rows] == [3, 20]
     for way in ("mkl", "onednn_packed", "onednn", "cpu_linear"):
         assert all(r[f"{way}_ms"] > 0 and r[f"{way}_gflops"] > 0 for r in rows)
+
+
+def test_fma_peak_bounds_every_matmul(tmp_path):
+    path = tmp_path / "fma_peak.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fma_peak.py", "--iters", "2000000", "--size", "256",
+                           "--rounds", "3", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(path.read_text())
+    gflops, threads = result["gflops"], result["threads"]
+    ceiling = gflops[f"FMA ceiling, {threads} threads"]
+    assert gflops["FMA ceiling, 1 thread"] > 0 and ceiling >= gflops["FMA ceiling, 1 thread"] * 0.9
+    # A matmul does at most one FMA per FMA slot: none may beat the ceiling.
+    matmuls = [name for name in gflops if not name.startswith("FMA ceiling")]
+    assert matmuls and all(0 < gflops[name] <= ceiling * 1.05 for name in matmuls)
