@@ -32,14 +32,27 @@ static void pack_panels(const float *x, int64_t M, int64_t K, float *xt) {
             }
 }
 
-/* y[m, n + r] = sum_k w[r, k] xt[k, m] (+ bias[r]) for r < nr, m < rows. */
+/* y[m, n + r] = sum_k w[r, k] xt[k, m] (+ bias[r]) for r < nr, m < rows. With `fetch`, it also
+ * asks for the 6 * K floats at `ahead` (the next strip's weight rows), three lines every eight k
+ * steps: with one or two panels a strip is computed in about the time its rows take to come from
+ * memory, and the hardware prefetcher, following six rows at once, starts each row late. Measured
+ * on 2 Zen 3 cores, 30 layers (benchmarks/linear.py): 16 rows 63 -> 86 GFLOP/s, 32 rows 81 -> 99;
+ * from 64 rows on the arithmetic hides the memory and the prefetches only crowd L1. */
 static inline __attribute__((always_inline)) void strip_panel(const float *w, int64_t K, const float *xt,
                                                               const float *bias, float *y, int64_t ldy, int rows,
-                                                              const int nr) {
+                                                              const float *ahead, const int nr, const int fetch) {
     __m256 c[STRIP][2];
     for (int r = 0; r < nr; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    /* Unrolled four k steps deep: each step's twelve FMAs come with eight loads and, rolled, four
+     * instructions of loop and address arithmetic, which kept the FMA units ~10% idle. */
+#pragma GCC unroll 4
     for (int64_t k = 0; k < K; k++) {
         __m256 x0 = _mm256_loadu_ps(xt + k * PANEL), x1 = _mm256_loadu_ps(xt + k * PANEL + 8);
+        if (fetch && (k & 7) == 0) { /* 6 rows * 8 k steps * 4 bytes = three 64-byte lines */
+            __builtin_prefetch(ahead + 6 * k);
+            __builtin_prefetch(ahead + 6 * k + 16);
+            __builtin_prefetch(ahead + 6 * k + 32);
+        }
         for (int r = 0; r < nr; r++) {
             __m256 a = _mm256_broadcast_ss(w + r * K + k);
             c[r][0] = _mm256_fmadd_ps(a, x0, c[r][0]);
@@ -94,6 +107,13 @@ static void gemv(const float *x, int64_t M, int64_t K, const float *w, const flo
     }
 }
 
+#define FETCH_PANELS 2 /* up to 32 rows: see strip_panel */
+#define STRIP_PANEL(nr)                                                              \
+    do {                                                                             \
+        if (fetch) strip_panel(ws, K, xp, bs, yp, N, rows, ahead, nr, 1);            \
+        else strip_panel(ws, K, xp, bs, yp, N, rows, ahead, nr, 0);                  \
+    } while (0)
+
 /* Returns 0, or -1 when the panel buffer cannot be allocated (nothing written). */
 int linear_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias, int64_t N, float *y) {
     if (M <= GEMV_ROWS) {
@@ -113,13 +133,16 @@ int linear_rows(const float *x, int64_t M, int64_t K, const float *w, const floa
             int rows = M - p * PANEL < PANEL ? (int)(M - p * PANEL) : PANEL;
             const float *xp = xt + p * K * PANEL;
             float *yp = y + p * PANEL * N + n;
-            switch (nr) { /* a constant nr per call: the compiler unrolls the accumulators into registers */
-                case 6: strip_panel(ws, K, xp, bs, yp, N, rows, 6); break;
-                case 5: strip_panel(ws, K, xp, bs, yp, N, rows, 5); break;
-                case 4: strip_panel(ws, K, xp, bs, yp, N, rows, 4); break;
-                case 3: strip_panel(ws, K, xp, bs, yp, N, rows, 3); break;
-                case 2: strip_panel(ws, K, xp, bs, yp, N, rows, 2); break;
-                default: strip_panel(ws, K, xp, bs, yp, N, rows, 1); break;
+            /* The strips of a thread are consecutive (static schedule), and so are their rows. */
+            int fetch = p == 0 && panels <= FETCH_PANELS && n + STRIP < N;
+            const float *ahead = ws + STRIP * K;
+            switch (nr) { /* constant nr and fetch per call: the accumulators unroll into registers */
+                case 6: STRIP_PANEL(6); break;
+                case 5: STRIP_PANEL(5); break;
+                case 4: STRIP_PANEL(4); break;
+                case 3: STRIP_PANEL(3); break;
+                case 2: STRIP_PANEL(2); break;
+                default: STRIP_PANEL(1); break;
             }
         }
     }
