@@ -31,6 +31,14 @@ def pagedserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def benchmark_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs benchmarks/NAME with ARGS from the repository root; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def expected_output_tokens(model_dir) -> int:
     """ignore_eos: every request generates exactly its output length."""
     return sum(r.output_len for r in random_requests(4, 16, 6, 0.5, vocab_size_of(str(model_dir)), seed=3))
@@ -157,10 +165,8 @@ def make_tiny_llama(path):
 def test_profile_step_splits_a_decode_step(tmp_path):
     make_tiny_llama(tmp_path / "tiny")
     path = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--model", str(tmp_path / "tiny"),
-                           "--batch", "4", "--prompt-len", "20", "--steps", "3", "--warmup", "1", "--num-threads", "1",
-                           "--json", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = benchmark_script("profile_step.py", "--model", str(tmp_path / "tiny"), "--batch", "4", "--prompt-len", "20",
+                            "--steps", "3", "--warmup", "1", "--num-threads", "1", "--json", str(path), timeout=300)
     report = json.loads(path.read_text())
     parts = report["parts_ms"]
     assert report["batch"] == 4 and report["plan_bytes"] > 0 and report["result_bytes"] > 0
@@ -175,10 +181,7 @@ def test_profile_step_splits_a_decode_step(tmp_path):
 
 def test_layer_ops_benchmark_rows(tmp_path):
     path = tmp_path / "layer_ops.json"
-    proc = subprocess.run([sys.executable, "benchmarks/layer_ops.py", "--tokens", "8", "--iters", "2",
-                           "--num-threads", "1", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = benchmark_script("layer_ops.py", "--tokens", "8", "--iters", "2", "--num-threads", "1", "--output", str(path))
     rows = json.loads(path.read_text())["rows"]
     assert [r["op"] for r in rows] == ["residual add + RMSNorm", "rotary (q and k)", "KV cache write", "SiLU * up",
                                        "per forward pass (30 layers)"]
@@ -188,10 +191,8 @@ def test_layer_ops_benchmark_rows(tmp_path):
 
 def test_linear_benchmark_rows(tmp_path):
     path = tmp_path / "linear.json"
-    proc = subprocess.run([sys.executable, "benchmarks/linear.py", "--rows", "3", "20", "--rounds", "1", "--layers", "1",
-                           "--num-threads", "1", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    benchmark_script("linear.py", "--rows", "3", "20", "--rounds", "1", "--layers", "1", "--num-threads", "1",
+                     "--output", str(path))
     rows = json.loads(path.read_text())["rows"]
     assert [r["rows"] for r in rows] == [3, 20]
     for way in ("mkl", "onednn_packed", "onednn", "cpu_linear"):
@@ -200,10 +201,7 @@ def test_linear_benchmark_rows(tmp_path):
 
 def test_fma_peak_bounds_every_matmul(tmp_path):
     path = tmp_path / "fma_peak.json"
-    proc = subprocess.run([sys.executable, "benchmarks/fma_peak.py", "--iters", "2000000", "--size", "256",
-                           "--rounds", "3", "--output", str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    benchmark_script("fma_peak.py", "--iters", "2000000", "--size", "256", "--rounds", "3", "--output", str(path))
     result = json.loads(path.read_text())
     gflops, threads = result["gflops"], result["threads"]
     ceiling = gflops[f"FMA ceiling, {threads} threads"]
