@@ -36,8 +36,9 @@ static void pack_panels(const float *x, int64_t M, int64_t K, float *xt) {
  * first panel), it also asks for the 6 * K floats at `ahead`, the next strip's weight rows, three
  * lines every eight k steps: the hardware prefetcher, following six rows at once, starts each row
  * late, and a strip's first panel then waited on memory. Measured on 2 Zen 3 cores inside decode
- * steps (ModelRunner, alternating builds step by step): batch 12-32 steps 1.11-1.22x faster, batch
- * 64-96 1.10-1.20x; in benchmarks/linear.py 16 rows 63 -> 86 GFLOP/s, 32 rows 81 -> 99. */
+ * steps (ModelRunner, alternating builds step by step): batch 12-32 steps 1.13-1.29x faster, batch
+ * 48-64 1.11x (docs/PERFORMANCE.md); in benchmarks/linear.py 16 rows 63 -> 86 GFLOP/s, 32 rows
+ * 81 -> 99. The last strip's successor may be short: prefetches past the weight's end never fault. */
 static inline __attribute__((always_inline)) void strip_panel(const float *w, int64_t K, const float *xt,
                                                               const float *bias, float *y, int64_t ldy, int rows,
                                                               const float *ahead, const int nr, const int fetch) {
