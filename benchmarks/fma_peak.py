@@ -56,8 +56,9 @@ def main() -> None:
     lib.fma_seconds.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     lib.fma_seconds.restype = ctypes.c_double
     threads = torch.get_num_threads()
-    rows = {f"FMA ceiling, 1 thread": fma_gflops(lib, 1, args.iters, args.rounds),
-            f"FMA ceiling, {threads} threads": fma_gflops(lib, threads, args.iters, args.rounds)}
+    ceiling_name = f"FMA ceiling, {threads} threads"
+    rows = {"FMA ceiling, 1 thread": fma_gflops(lib, 1, args.iters, args.rounds),
+            ceiling_name: fma_gflops(lib, threads, args.iters, args.rounds)}
     n = args.size
     a, b = torch.randn(n, n), torch.randn(n, n)
     rows[f"torch matmul {n}x{n}x{n}"] = 2 * n ** 3 / best_seconds(lambda: a @ b, args.rounds) / 1e9
@@ -65,7 +66,7 @@ def main() -> None:
         layer = CpuLinear(torch.nn.Linear(576, 3072, bias=False), linear_rows())
         x = torch.randn(64, 576)
         rows["cpu_linear.c, 64 x 576 -> 3072"] = 2 * 64 * 576 * 3072 / best_seconds(lambda: layer(x), args.rounds) / 1e9
-    ceiling = rows[f"FMA ceiling, {threads} threads"]
+    ceiling = rows[ceiling_name]
     print(f"{'':40s} {'GFLOP/s':>8s} {'of ceiling':>10s}")
     for name, gflops in rows.items():
         print(f"{name:40s} {gflops:8.1f} {gflops / ceiling:10.0%}")
