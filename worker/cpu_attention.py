@@ -1,7 +1,7 @@
-"""The CPU decode attention kernel (cpu_attention.c), compiled on first use (worker/native.py) and
-called through ctypes.
+"""The CPU attention kernels (cpu_attention.c: decodes and prefill chunks, straight from the paged
+cache), compiled on first use (worker/native.py) and called through ctypes.
 
-Where there is no compiler, or the build fails, `decode_kernel()` returns None and the torch
+Where there is no compiler, or the build fails, `attention_kernel()` returns None and the torch
 attention backend keeps its gather + SDPA path (slower, same results).
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ import ctypes
 import functools
 from pathlib import Path
 
-import torch
 
 from worker import native
 
@@ -23,28 +22,38 @@ FAST_MATH = ["-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros", "-
 FLAGS = [*native.BASE_FLAGS, *FAST_MATH]
 
 
-class DecodeKernel:
+class AttentionKernel:
     def __init__(self, lib: ctypes.CDLL):
-        fn = lib.paged_decode_attention
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        fn.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32]
-        fn.restype = None
-        self.fn = fn
+        self.decode_fn, self.prefill_fn = lib.paged_decode_attention, lib.paged_prefill_attention
+        self.decode_fn.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32]
+        self.prefill_fn.argtypes = [p, p, p, p, i64, p, p, p, p, i32, i32, i32, i32, i32, f32]
+        self.decode_fn.restype = self.prefill_fn.restype = ctypes.c_int
 
-    def __call__(self, q, k_cache, v_cache, block_tables, seq_lens, out, scale: float) -> None:
+    def decode(self, q, k_cache, v_cache, block_tables, seq_lens, out, scale: float) -> None:
         """q, out: [B, heads, head_dim] float32 contiguous; caches [num_blocks, block_size, kv_heads,
         head_dim] float32; block_tables [B, max_blocks] int32 with unit last stride; seq_lens [B] int32."""
-        num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-        self.fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], kv_heads,
-                head_dim, block_size, scale)
+        _, block_size, kv_heads, head_dim = k_cache.shape
+        status = self.decode_fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                                block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
+                                kv_heads, head_dim, block_size, scale)
+        if status != 0:
+            raise MemoryError("paged_decode_attention could not allocate its score buffers")
+
+    def prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start, query_lens, out, scale: float) -> None:
+        """Causal attention of B prefill chunks, their K/V already in the cache: sequence b's
+        query_lens[b] rows of q and out ([rows, heads, head_dim], float32 contiguous) from row
+        query_start[b] are the last of its seq_lens[b] positions. All per-sequence tensors int32."""
+        _, block_size, kv_heads, head_dim = k_cache.shape
+        status = self.prefill_fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                                 block_tables.stride(0), seq_lens.data_ptr(), query_start.data_ptr(),
+                                 query_lens.data_ptr(), out.data_ptr(), seq_lens.shape[0], q.shape[1], kv_heads,
+                                 head_dim, block_size, scale)
+        if status != 0:
+            raise MemoryError("paged_prefill_attention could not allocate its score buffers")
 
 
 @functools.cache
-def decode_kernel() -> DecodeKernel | None:
-    lib = native.load(SOURCE, FLAGS, "decodes use gather + SDPA")
-    return DecodeKernel(lib) if lib is not None else None
-
-
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+def attention_kernel() -> AttentionKernel | None:
+    lib = native.load(SOURCE, FLAGS, "attention uses gather + SDPA")
+    return AttentionKernel(lib) if lib is not None else None

@@ -88,7 +88,7 @@ def backends_for(device: torch.device, block_size: int) -> list[tuple[str, objec
         return [("triton", make_attention_backend("triton", device, block_size))]
     backends = [("torch_gather_sdpa", TorchAttention())]
     worker_backend = make_attention_backend("torch", device, block_size)
-    if worker_backend.decode_kernel is not None:
+    if worker_backend.kernel is not None:
         backends.insert(0, ("cpu_decode_kernel", worker_backend))
     return backends
 
