@@ -12,6 +12,7 @@ from worker.attention import make_attention_backend
 from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
 from worker.cpu_linear import prepare_linears
+from worker.host_memory import keep_freed_memory
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput
@@ -33,6 +34,7 @@ class ModelRunner:
         self.model.fuse_projections()
         if self.device.type == "cpu":
             log.info("%s", prepare_linears(self.model))
+            log.info("%s", keep_freed_memory())
         shape = self.model.kv_cache_shape()
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
