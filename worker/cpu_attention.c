@@ -65,15 +65,15 @@ static inline int64_t rows_in_block(const Context *c, int64_t i) {
     return left < c->block_size ? left : c->block_size;
 }
 
-/* Brings block i's rows (the task's kv heads) into L1 with plain loads, back to back, then asks
- * for block i + 1. The arithmetic reads a block's rows in an order (eight rows of one head, then
- * the next head) that the hardware prefetcher does not follow, and on a miss it waits with little
- * else in flight; loads with nothing between them keep many misses in flight at once, and the next
- * block arrives while this one is computed. Measured on 2 Zen 3 cores, batch 64, 30 layers: the
- * kernel went from 7-9 to 10-14 GB/s of K/V (`pagedserve bench kernels`, docs/PERFORMANCE.md). */
+/* Brings block i's rows (the task's kv heads) into L1 with plain loads, back to back. The
+ * arithmetic reads a block's rows in an order (eight rows of one head, then the next head) that the
+ * hardware prefetcher does not follow, and on a miss it waits with little else in flight; loads
+ * with nothing between them keep many misses in flight at once. Measured on 2 Zen 3 cores, batch
+ * 64, 30 layers: the kernel went from 7-9 to 10-14 GB/s of K/V (`pagedserve bench kernels`,
+ * docs/PERFORMANCE.md). Block i + 1 is meanwhile asked for by `Ahead`. */
 static inline void stage_block(const Context *c, const float *cache, int64_t i) {
-    int64_t stride = (int64_t)c->kv_heads * c->head_dim, span = (int64_t)c->num_kv * c->head_dim;
 #ifdef HAVE_AVX2
+    int64_t stride = (int64_t)c->kv_heads * c->head_dim, span = (int64_t)c->num_kv * c->head_dim;
     const float *base = block_base(c, cache, i);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     for (int64_t o = 0; o < rows_in_block(c, i); o++)
@@ -82,11 +82,40 @@ static inline void stage_block(const Context *c, const float *cache, int64_t i) 
             a1 = _mm256_add_ps(a1, _mm256_loadu_ps(base + o * stride + f + 16));
         }
     __asm__ volatile("" ::"x"(a0), "x"(a1)); /* the loads are the point: keep them */
+#else
+    (void)c, (void)cache, (void)i;
 #endif
+}
+
+/* The lines of block i + 1 (the task's kv heads), asked for AHEAD_LINES at a time between the
+ * steps that compute block i, and the rest when it is done. Asked for all at once (192 prefetches
+ * for SmolLM2's 16-row blocks), they filled the core's queue of misses and stalled it: a quarter
+ * of the kernel's cycles sat on them. Spread out: 12.6 -> 14.3 GB/s with consecutive blocks,
+ * 10.0 -> 11.3 scattered (2 Zen 3 cores, batch 64, context 304, 8 layers' caches in turn; 3 to 12
+ * lines a step measured, 8 best). */
+#define AHEAD_LINES 8
+typedef struct {
+    const float *base;
+    int64_t stride, span, rows, row, f;
+} Ahead;
+
+static inline Ahead ahead_of(const Context *c, const float *cache, int64_t i) {
+    Ahead a = {0, (int64_t)c->kv_heads * c->head_dim, (int64_t)c->num_kv * c->head_dim, 0, 0, 0};
     if ((i + 1) * c->block_size < c->len) {
-        const float *next = block_base(c, cache, i + 1);
-        for (int64_t o = 0; o < rows_in_block(c, i + 1); o++)
-            for (int64_t f = 0; f < span; f += 16) __builtin_prefetch(next + o * stride + f);
+        a.base = block_base(c, cache, i + 1);
+        a.rows = rows_in_block(c, i + 1);
+    }
+    return a;
+}
+
+static inline void ahead_fetch(Ahead *a, int lines) {
+    for (int l = 0; l < lines && a->row < a->rows; l++) {
+        __builtin_prefetch(a->base + a->row * a->stride + a->f);
+        a->f += 16;
+        if (a->f >= a->span) {
+            a->f = 0;
+            a->row++;
+        }
     }
 }
 
@@ -185,12 +214,14 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
         const float *base = block_base(c, c->k_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
         stage_block(c, c->k_cache, i);
+        Ahead next = ahead_of(c, c->k_cache, i);
         for (int p = 0; p < c->queries; p++) {
             int64_t seen = visible_rows(c, p, first, n);
             const float *qp = q + p * c->q_stride;
             float *sp = scores + (int64_t)p * rows * c->len + first;
             for (int64_t o = 0; o < seen; o += 8) {
                 for (int r = 0; r < rows; r++) {
+                    ahead_fetch(&next, AHEAD_LINES);
                     const float *k = base + o * stride + (r / c->group) * d, *qr = qp + r * d;
                     float *s = sp + r * c->len + o;
                     if (o + 8 <= seen) _mm256_storeu_ps(s, _mm256_mul_ps(scores8(qr, k, stride, d), scale8));
@@ -198,6 +229,7 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
                 }
             }
         }
+        ahead_fetch(&next, 1 << 30);
     }
 }
 
@@ -232,6 +264,7 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
         const float *base = block_base(c, c->v_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
         stage_block(c, c->v_cache, i);
+        Ahead next = ahead_of(c, c->v_cache, i);
         for (int q = 0; q < c->queries; q++) {
             int64_t seen = visible_rows(c, q, first, n);
             const float *pq = p + (int64_t)q * rows * c->len + first;
@@ -244,6 +277,7 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
                     nr = in_group < 3 ? in_group : 3;
                     const float *v = base + o * stride + (r / c->group) * d, *pr = pq + r * c->len + o;
                     for (int f = 0; f < d; f += 32) {
+                        ahead_fetch(&next, AHEAD_LINES);
                         float *acc = out + q * c->q_stride + r * d + f;
                         if (nr == 3) weighted_chunk(v + f, stride, m, pr, c->len, acc, d, 3);
                         else if (nr == 2) weighted_chunk(v + f, stride, m, pr, c->len, acc, d, 2);
@@ -252,6 +286,7 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
                 }
             }
         }
+        ahead_fetch(&next, 1 << 30);
     }
 }
 #endif
