@@ -142,7 +142,7 @@ def test_compare_runs_transformers_alone(model_dir, tmp_path):
 def test_kernel_benchmark_rows(tmp_path):
     path = tmp_path / "kernels.json"
     pagedserve("bench", "kernels", "--batch-sizes", "1,3", "--context-lens", "5,40", "--iters", "2",
-               "--result-filename", str(path))
+               "--prompt-lens", "7,30", "--prefill-tokens", "40", "--result-filename", str(path))
     report = json.loads(path.read_text())
     assert report["copy_bandwidth_bytes_per_s"] > 0
     kernels = {row["kernel"] for row in report["rows"]}
@@ -151,6 +151,9 @@ def test_kernel_benchmark_rows(tmp_path):
     for row in report["rows"]:
         assert row["ms"] >= row["min_ms"] > 0 and row["bytes_per_s"] > 0
         assert row["kv_bytes"] == 2 * row["batch"] * row["context"] * 3 * 64 * 4
+    prefill = [(row["kernel"], row["num_seqs"], row["prompt_len"]) for row in report["prefill_rows"]]
+    assert prefill == [("worker", 5, 7), ("sdpa_per_sequence", 5, 7), ("worker", 1, 30), ("sdpa_per_sequence", 1, 30)]
+    assert all(row["ms"] >= row["min_ms"] > 0 and row["gflops"] > 0 for row in report["prefill_rows"])
 
 
 def make_tiny_llama(path):

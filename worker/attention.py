@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from worker.cpu_ops import cpu_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
-# cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768-1024, slower beyond.
-KERNEL_MAX_FRESH_CONTEXT = 1024
+# cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768, 5% slower at 1024, 10-20% at
+# 2048 (`pagedserve bench kernels`, docs/PERFORMANCE.md).
+KERNEL_MAX_FRESH_CONTEXT = 768
 
 
 @dataclass

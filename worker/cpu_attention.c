@@ -10,7 +10,7 @@
  * A prefill chunk is the same computation for each of its query positions, causally: a task takes
  * up to QUERY_TILE consecutive positions of one sequence, so every block it reads serves all of them
  * from L1. Against one SDPA call per sequence (torch's flash kernel) on 2 Zen 3 cores, SmolLM2's
- * heads: 2.8x faster at 64-token prompts, 1.5x at 290, 1.4x at 512, level at 768-1024, slower beyond
+ * heads: 1.8-2.8x faster at 64-token prompts, 1.5x at 290, 1.4x at 512, level at 768, slower beyond
  * (the score buffer outgrows L2), where worker/attention.py keeps SDPA.
  *
  * Layout (worker/attention.py): cache [num_blocks, block_size, kv_heads, head_dim], head_dim

@@ -63,12 +63,14 @@ def add_compare(sub, name: str, systems: str, help: str) -> None:
 
 
 def add_kernels(sub) -> None:
-    p = sub.add_parser("kernels", help="paged attention decode against SDPA on contiguous K/V")
+    p = sub.add_parser("kernels", help="paged attention (decode, prefill) against SDPA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--context-lens", default="128,512,2048")
+    p.add_argument("--prompt-lens", default="64,290,512,1024,2048", help="prefill: fresh prompts of these lengths")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="prefill: tokens per step (prompts of a length)")
     p.add_argument("--num-heads", type=int, default=9)
     p.add_argument("--num-kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)

@@ -5,7 +5,10 @@ long-running server leaves them.
 
 Each row also gives the bytes of K/V the step must read and the rate achieved (at the fastest
 call), against the device's copy bandwidth measured here (a large tensor copied; read + write
-bytes per second)."""
+bytes per second).
+
+Then prefill: a step of fresh prompts of each --prompt-lens (as many as fit in --prefill-tokens),
+the worker's backend against one SDPA call per sequence, in causal GFLOP/s."""
 from __future__ import annotations
 
 import json
@@ -93,6 +96,40 @@ def backends_for(device: torch.device, block_size: int) -> list[tuple[str, objec
     return backends
 
 
+def prefill_case(prompt_len: int, args, device, dtype, backends) -> list[dict]:
+    g = torch.Generator().manual_seed(args.seed)
+    kvh, heads, d, bs = args.num_kv_heads, args.num_heads, args.head_dim, args.block_size
+    num_seqs, blocks_per_seq = max(1, args.prefill_tokens // prompt_len), -(-prompt_len // bs)
+    num_blocks = num_seqs * blocks_per_seq + 1
+    table = torch.randperm(num_blocks, generator=g)[: num_seqs * blocks_per_seq].view(num_seqs, blocks_per_seq)
+    k_cache, v_cache = (torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype) for _ in range(2))
+    tokens = num_seqs * prompt_len
+    q = torch.randn(tokens, heads, d, generator=g).to(device, dtype)
+    k_new, v_new = (torch.randn(tokens, kvh, d, generator=g).to(device, dtype) for _ in range(2))
+    seqs = [SequenceState(i, [0] * prompt_len, prompt_len, None, 0, table[i].tolist()) for i in range(num_seqs)]
+    meta = build_step_inputs([(s, prompt_len) for s in seqs], bs, device).meta
+    # Causal: query i scores and sums i + 1 keys, 2 FLOPs per multiply-add, q.k and p.v.
+    flops = num_seqs * heads * 4 * d * prompt_len * (prompt_len + 1) / 2
+    rows = []
+    for label, backend in backends:
+        def step(backend=backend):
+            backend.prepare(meta)
+            return backend.forward(q, k_new, v_new, (k_cache, v_cache), meta, d ** -0.5)
+        median, fastest = timed(step, device, args.iters)
+        rows.append({"kernel": label, "num_seqs": num_seqs, "prompt_len": prompt_len, "ms": median * 1e3,
+                     "min_ms": fastest * 1e3, "gflops": flops / fastest / 1e9})
+    return rows
+
+
+def prefill_backends_for(device: torch.device, block_size: int) -> list[tuple[str, object]]:
+    """What the worker runs for prefill chunks (on a CPU the C kernel up to
+    attention.KERNEL_MAX_FRESH_CONTEXT tokens, SDPA above), and one SDPA call per sequence."""
+    worker_backend = make_attention_backend("auto", device, block_size)
+    if device.type == "cuda":
+        return [("triton", worker_backend)]
+    return [("worker", worker_backend), ("sdpa_per_sequence", TorchAttention())]
+
+
 def main(args) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
@@ -110,9 +147,16 @@ def main(args) -> int:
                 print(f"{row['kernel']:<20}{batch:>6}{context:>9}{row['ms']:>11.3f}{row['min_ms']:>9.3f}"
                       f"{row['bytes_per_s'] / 1e9:>8.1f}"
                       f"{row['fraction_of_copy_bandwidth']:>9.0%}")
+    prefill_rows = []
+    print(f"\n{'prefill':<20}{'seqs':>6}{'prompt':>9}{'median ms':>11}{'min ms':>9}{'GFLOP/s':>9}")
+    for prompt_len in map(int, args.prompt_lens.split(",")):
+        for row in prefill_case(prompt_len, args, device, dtype, prefill_backends_for(device, args.block_size)):
+            prefill_rows.append(row)
+            print(f"{row['kernel']:<20}{row['num_seqs']:>6}{prompt_len:>9}{row['ms']:>11.3f}{row['min_ms']:>9.3f}"
+                  f"{row['gflops']:>9.1f}")
     report = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth,
               "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
-              "block_size": args.block_size, "rows": rows}
+              "block_size": args.block_size, "rows": rows, "prefill_rows": prefill_rows}
     with open(args.result_filename, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.result_filename}")
