@@ -352,9 +352,10 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
     tile_start[0] = 0;
     for (int b = 0; b < num_seqs; b++) {
         int64_t q_len = query_lens ? query_lens[b] : 1;
+        int tile = q_len < QUERY_TILE ? (int)q_len : QUERY_TILE; /* positions in its first task */
         tile_start[b + 1] = tile_start[b] + (q_len + QUERY_TILE - 1) / QUERY_TILE;
         longest = seq_lens[b] > longest ? seq_lens[b] : longest;
-        widest = q_len > widest ? (q_len < QUERY_TILE ? (int)q_len : QUERY_TILE) : widest;
+        widest = tile > widest ? tile : widest;
     }
     int64_t tiles = tile_start[num_seqs];
     int per_task = tiles >= 2 * omp_get_max_threads() ? kv_heads : 1;

@@ -10,7 +10,6 @@ import ctypes
 import functools
 from pathlib import Path
 
-
 from worker import native
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")

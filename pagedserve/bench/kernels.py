@@ -49,33 +49,45 @@ def copy_bandwidth(device: torch.device, dtype: torch.dtype, iters: int) -> floa
     return 2 * COPY_BYTES / timed(lambda: dst.copy_(src), device, iters)[1]
 
 
+class RandomStep:
+    """One step on a random paged cache, as the worker's batch builds it: `num_seqs` sequences of
+    `context` positions, the last `new` of them this step's, their blocks scattered at random."""
+
+    def __init__(self, num_seqs: int, context: int, new: int, args, device, dtype):
+        g = torch.Generator().manual_seed(args.seed)
+        kvh, heads, d, bs = args.num_kv_heads, args.num_heads, args.head_dim, args.block_size
+        blocks_per_seq = -(-context // bs)
+        num_blocks = num_seqs * blocks_per_seq + 1
+        self.table = torch.randperm(num_blocks, generator=g)[: num_seqs * blocks_per_seq].view(num_seqs, blocks_per_seq)
+        self.k_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
+        self.v_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
+        tokens = num_seqs * new
+        self.q = torch.randn(tokens, heads, d, generator=g).to(device, dtype)
+        self.k_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
+        self.v_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
+        seqs = [SequenceState(i, [0] * context, context, None, context - new, self.table[i].tolist())
+                for i in range(num_seqs)]
+        self.meta = build_step_inputs([(s, new) for s in seqs], bs, device).meta
+        self.scale = d ** -0.5
+
+    def runner(self, backend):
+        def run():
+            backend.prepare(self.meta)  # per step in the worker too: shared by every layer
+            return backend.forward(self.q, self.k_new, self.v_new, (self.k_cache, self.v_cache), self.meta, self.scale)
+        return run
+
+
 def decode_case(batch: int, context: int, args, device, dtype, backends) -> list[dict]:
-    g = torch.Generator().manual_seed(args.seed)
-    kvh, heads, d, bs = args.num_kv_heads, args.num_heads, args.head_dim, args.block_size
-    blocks_per_seq = -(-context // bs)
-    num_blocks = batch * blocks_per_seq + 1
-    table = torch.randperm(num_blocks, generator=g)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
-    k_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
-    v_cache = torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype)
-    q = torch.randn(batch, heads, d, generator=g).to(device, dtype)
-    k_new = torch.randn(batch, kvh, d, generator=g).to(device, dtype)
-    v_new = torch.randn(batch, kvh, d, generator=g).to(device, dtype)
-    seqs = [SequenceState(i, [0] * context, context, None, context - 1, table[i].tolist()) for i in range(batch)]
-    meta = build_step_inputs([(s, 1) for s in seqs], bs, device).meta
-    scale = d ** -0.5
+    step = RandomStep(batch, context, 1, args, device, dtype)
 
     # The same K/V, contiguous per sequence: [batch, kv_heads, context, head_dim].
     def contiguous(cache):
-        return cache[table].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-    k_ctx, v_ctx = contiguous(k_cache), contiguous(v_cache)
-    kv_bytes = 2 * batch * context * kvh * d * dtype.itemsize
+        return cache[step.table].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    k_ctx, v_ctx = contiguous(step.k_cache), contiguous(step.v_cache)
+    kv_bytes = 2 * batch * context * args.num_kv_heads * args.head_dim * dtype.itemsize
     runs = {"sdpa_contiguous": lambda: F.scaled_dot_product_attention(
-        q[:, :, None], k_ctx, v_ctx, scale=scale, enable_gqa=True)}
-    for label, backend in backends:
-        def step(backend=backend):
-            backend.prepare(meta)  # per step in the worker too: shared by every layer
-            return backend.forward(q, k_new, v_new, (k_cache, v_cache), meta, scale)
-        runs[label] = step
+        step.q[:, :, None], k_ctx, v_ctx, scale=step.scale, enable_gqa=True)}
+    runs.update((label, step.runner(backend)) for label, backend in backends)
     rows = []
     for name, fn in runs.items():
         median, fastest = timed(fn, device, args.iters)
@@ -97,25 +109,13 @@ def backends_for(device: torch.device, block_size: int) -> list[tuple[str, objec
 
 
 def prefill_case(prompt_len: int, args, device, dtype, backends) -> list[dict]:
-    g = torch.Generator().manual_seed(args.seed)
-    kvh, heads, d, bs = args.num_kv_heads, args.num_heads, args.head_dim, args.block_size
-    num_seqs, blocks_per_seq = max(1, args.prefill_tokens // prompt_len), -(-prompt_len // bs)
-    num_blocks = num_seqs * blocks_per_seq + 1
-    table = torch.randperm(num_blocks, generator=g)[: num_seqs * blocks_per_seq].view(num_seqs, blocks_per_seq)
-    k_cache, v_cache = (torch.randn(num_blocks, bs, kvh, d, generator=g).to(device, dtype) for _ in range(2))
-    tokens = num_seqs * prompt_len
-    q = torch.randn(tokens, heads, d, generator=g).to(device, dtype)
-    k_new, v_new = (torch.randn(tokens, kvh, d, generator=g).to(device, dtype) for _ in range(2))
-    seqs = [SequenceState(i, [0] * prompt_len, prompt_len, None, 0, table[i].tolist()) for i in range(num_seqs)]
-    meta = build_step_inputs([(s, prompt_len) for s in seqs], bs, device).meta
+    num_seqs = max(1, args.prefill_tokens // prompt_len)
+    step = RandomStep(num_seqs, prompt_len, prompt_len, args, device, dtype)
     # Causal: query i scores and sums i + 1 keys, 2 FLOPs per multiply-add, q.k and p.v.
-    flops = num_seqs * heads * 4 * d * prompt_len * (prompt_len + 1) / 2
+    flops = num_seqs * args.num_heads * 4 * args.head_dim * prompt_len * (prompt_len + 1) / 2
     rows = []
     for label, backend in backends:
-        def step(backend=backend):
-            backend.prepare(meta)
-            return backend.forward(q, k_new, v_new, (k_cache, v_cache), meta, d ** -0.5)
-        median, fastest = timed(step, device, args.iters)
+        median, fastest = timed(step.runner(backend), device, args.iters)
         rows.append({"kernel": label, "num_seqs": num_seqs, "prompt_len": prompt_len, "ms": median * 1e3,
                      "min_ms": fastest * 1e3, "gflops": flops / fastest / 1e9})
     return rows
