@@ -123,11 +123,10 @@ class Engine:
         log.info("workers ready: %s", ", ".join(self.workers.addresses))
 
     def resize_pool(self, num_blocks: int) -> None:
-        pool = self.scheduler.pool
-        if num_blocks != pool.num_blocks and not self.scheduler.requests:
-            log.warning("the workers now hold %d KV blocks (was %d)", num_blocks, pool.num_blocks)
-            pool.num_blocks = num_blocks
-            pool.reset()
+        kv = self.scheduler.kv
+        if num_blocks != kv.num_blocks and not self.scheduler.requests:
+            log.warning("the workers now hold %d KV blocks (was %d)", num_blocks, kv.num_blocks)
+            kv.reset(num_blocks)
 
     def lose_workers(self) -> None:
         """A health check failed: end the streams, so the step loop fails what is in flight."""
@@ -168,8 +167,8 @@ class Engine:
         waiting = {seq.request.request_id for seq in s.waiting} - running
         return pb.SchedulerStats(
             num_requests_running=len(running), num_requests_waiting=len(waiting),
-            num_preemptions=s.num_preemptions, kv_blocks_total=s.pool.num_blocks,
-            kv_blocks_used=s.pool.num_used, prefix_cache_queries=s.pool.queries,
-            prefix_cache_hits=s.pool.hits, prompt_tokens_total=s.prompt_tokens_total,
+            num_preemptions=s.num_preemptions, kv_blocks_total=s.kv.num_blocks,
+            kv_blocks_used=s.kv.num_used_blocks, prefix_cache_queries=s.kv.queries,
+            prefix_cache_hits=s.kv.hits, prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total, num_steps=self.num_steps,
             workers_healthy=self.healthy)

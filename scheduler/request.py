@@ -35,9 +35,6 @@ class Sequence:
     num_prompt_tokens: int
     status: Status = Status.WAITING
     num_computed: int = 0          # tokens whose K/V are in the cache
-    block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
-    num_registered: int = 0        # leading full blocks offered to the prefix cache
     admitted: int = 0              # admission order: the newest running sequence is preempted first
     num_cached_tokens: int = 0     # prompt tokens found in the prefix cache at first admission
     on_worker: bool = False        # the worker holds its state (so it must be told to free it)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
 
-from .block_pool import BlockPool
+from .kv_cache_manager import KVCacheManager
 from .request import Request, SamplingLimits, Sequence, Status
 
 
@@ -37,7 +37,7 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.pool = BlockPool(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
@@ -89,9 +89,7 @@ class Scheduler:
             self.requests.pop(seq.request.request_id, None)
 
     def free_blocks(self, seq: Sequence) -> None:
-        self.pool.release(seq.block_ids)
-        seq.block_ids = []
-        seq.num_registered = 0
+        self.kv.free(seq)
         seq.num_computed = 0
         if seq.on_worker:
             self.freed.append(seq.seq_id)
@@ -140,15 +138,12 @@ class Scheduler:
     def grow(self, seq: Sequence, n: int, scheduled: set[int]) -> list[int] | None:
         """Blocks for seq's next n tokens, preempting newer unscheduled sequences until they fit;
         None when seq itself had to be preempted."""
-        needed = self.pool.blocks_for(seq.num_computed + n) - len(seq.block_ids)
-        while needed > self.pool.num_free:
+        while (blocks := self.kv.allocate_slots(seq, n)) is None:
             candidates = [s for s in self.running if s.seq_id not in scheduled]
             victim = max(candidates, key=lambda s: s.admitted)
             self.preempt(victim)
             if victim is seq:
                 return None
-        blocks = self.pool.allocate(needed)
-        seq.block_ids.extend(blocks)
         return blocks
 
     def preempt(self, seq: Sequence) -> None:
@@ -174,24 +169,19 @@ class Scheduler:
     def waits_for_leader(self, seq: Sequence) -> bool:
         """With n > 1, the siblings of the first sequence wait until it has computed the prompt,
         then find the prompt's full blocks in the prefix cache instead of computing them again."""
-        if seq.index == 0 or not self.pool.enable_caching:
+        if seq.index == 0 or not self.kv.enable_caching:
             return False
         leader = seq.request.sequences[0]
         return not leader.finished and leader.num_computed < leader.num_prompt_tokens
 
     def admit(self, seq: Sequence, budget: int, plan: wpb.StepPlan) -> int:
         """Starts seq with as many tokens as budget and blocks allow; 0 if it cannot start now."""
-        pool = self.pool
-        cached = pool.find_cached_prefix(seq)
-        num_cached = len(cached) * pool.block_size
+        computed = self.kv.get_computed_blocks(seq)
+        num_cached = computed.num_tokens
         n = min(seq.num_tokens - num_cached, budget)
-        revived = sum(1 for b in cached if pool.ref_counts[b] == 0)
-        needed = pool.blocks_for(num_cached + n) - len(cached)
-        if needed > pool.num_free - revived:
+        block_table = self.kv.allocate_slots(seq, n, computed)
+        if block_table is None:
             return 0
-        pool.take(cached)
-        seq.block_ids = cached + pool.allocate(needed)
-        pool.record_query(seq.num_tokens, num_cached)
         if seq.admitted == 0 and seq.num_output == 0:
             seq.num_cached_tokens = num_cached
         seq.num_computed = num_cached
@@ -204,7 +194,7 @@ class Scheduler:
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
             num_computed_tokens=num_cached, num_generated=seq.num_output))
         plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
-                                                    new_block_ids=seq.block_ids))
+                                                    new_block_ids=block_table))
         self.in_flight.append((seq, n))
         return n
 
@@ -219,7 +209,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += n
-            self.pool.cache_full_blocks(seq)
+            self.kv.cache_blocks(seq)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
@@ -252,7 +242,7 @@ class Scheduler:
             self.abort(request.request_id)
         self.freed = []
         self.in_flight = []
-        self.pool.reset()
+        self.kv.reset()
         return failed
 
 

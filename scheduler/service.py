@@ -28,8 +28,9 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         info = self.model_info
         try:
+            # The pool's size now, not at start-up: a restarted worker may hold fewer blocks.
             max_tokens = validation.check(request, info.vocab_size, info.max_model_len,
-                                          info.num_kv_blocks, info.block_size)
+                                          self.engine.scheduler.kv.num_blocks, info.block_size)
         except validation.InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.engine.healthy:

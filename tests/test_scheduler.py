@@ -44,10 +44,10 @@ def drain(s, w, limit=10_000):
 
 
 def check_invariants(s: Scheduler) -> None:
-    pool = s.pool
-    owners = Counter(b for seq in s.running for b in seq.block_ids)
+    pool = s.kv.pool
+    owners = Counter(b for seq in s.running for b in s.kv.block_table(seq))
     for seq in s.waiting:
-        assert not seq.block_ids, "a waiting sequence holds blocks"
+        assert not s.kv.block_table(seq), "a waiting sequence holds blocks"
     for b in range(pool.num_blocks):
         assert pool.ref_counts[b] == owners[b], f"block {b}: ref count != owners"
         assert (b in pool.free) == (owners[b] == 0)
@@ -70,7 +70,7 @@ def test_one_request_runs_to_max_tokens_then_frees_everything():
     drain(s, w)
     seq = request.sequences[0]
     assert seq.num_output == 6 and seq.finish_reason == pb.FINISH_REASON_LENGTH
-    assert s.pool.num_used == 0 and not s.running and not s.requests
+    assert s.kv.num_used_blocks == 0 and not s.running and not s.requests
 
 
 def test_eos_finishes_with_stop():
@@ -96,7 +96,7 @@ def test_chunked_prefill_keeps_decodes_going():
         assert ids[0] == 1, "the decode was not scheduled beside the prefill chunk"
         assert sum(ids.values()) <= 8
     drain(s, w)
-    assert s.pool.num_used == 0
+    assert s.kv.num_used_blocks == 0
 
 
 def test_prefix_cache_hits_for_a_shared_prompt():
@@ -104,11 +104,11 @@ def test_prefix_cache_hits_for_a_shared_prompt():
     system = list(range(1, 21))  # 5 full blocks
     add(s, "first", system + [30, 31], max_tokens=2, ignore_eos=True)
     drain(s, w)
-    before = s.pool.hits
+    before = s.kv.hits
     req = add(s, "second", system + [40, 41, 42], max_tokens=2, ignore_eos=True)
     plan, _ = step(s, w)
     assert plan.new_sequences[0].num_computed_tokens == 20
-    assert s.pool.hits - before == 20
+    assert s.kv.hits - before == 20
     assert req.sequences[0].num_cached_tokens == 20
     drain(s, w)
     assert req.sequences[0].output_ids() == alone(system + [40, 41, 42], 2)[0]
@@ -122,7 +122,7 @@ def test_preemption_when_blocks_run_out_gives_the_same_output():
     assert s.num_preemptions > 0
     for rid, request in requests.items():
         assert request.sequences[0].output_ids() == alone(prompts[rid], 12)[0]
-    assert s.pool.num_used == 0
+    assert s.kv.num_used_blocks == 0
 
 
 def test_parallel_sampling_computes_the_prompt_once():
@@ -155,9 +155,9 @@ def test_abort_frees_blocks_and_tells_the_worker():
     s, w = make()
     add(s, "a", list(range(1, 30)), max_tokens=50, ignore_eos=True)
     step(s, w)
-    assert s.pool.num_used > 0
+    assert s.kv.num_used_blocks > 0
     s.abort("a")
-    assert s.pool.num_used == 0
+    assert s.kv.num_used_blocks == 0
     plan, _ = step(s, w)
     assert list(plan.freed_seq_ids) == [0] and not w.seqs
 
@@ -205,8 +205,8 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
                 if s.has_work():
                     step(s, w)
     drain(s, w)
-    assert s.pool.num_used == 0 and not s.running and not s.waiting and not s.requests
-    assert all(s.pool.ref_counts[b] == 0 for b in range(num_blocks))
+    assert s.kv.num_used_blocks == 0 and not s.running and not s.waiting and not s.requests
+    assert all(s.kv.pool.ref_counts[b] == 0 for b in range(num_blocks))
     assert not w.seqs, "the worker still holds sequences the scheduler forgot"
     for rid, (request, prompt, max_tokens, n) in added.items():
         if rid in aborted:
