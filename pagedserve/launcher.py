@@ -14,12 +14,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from .healthcheck import grpc_serving, http_ok
 from .parent_watch import PARENT_ENV
 
 
@@ -39,23 +36,6 @@ def local_address(host: str) -> str:
     if host in ("", "0.0.0.0", "::", "[::]", "localhost"):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def grpc_serving(address: str) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 @dataclass(eq=False)

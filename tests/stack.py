@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
+from pagedserve.healthcheck import http_ok
 from pagedserve.launcher import free_port
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
@@ -51,14 +51,6 @@ class Stack:
         return self.log_path.read_text(errors="replace")
 
 
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 @contextmanager
 def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0):
     port, grpc_port = free_port(), free_port()
@@ -71,7 +63,7 @@ def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.
     stack = Stack(proc, port, grpc_port, log_path)
     try:
         deadline = time.monotonic() + timeout
-        while not healthy(f"{stack.root_url}/health"):
+        while not http_ok(f"{stack.root_url}/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the stack did not start:\n{stack.log()[-5000:]}")
             time.sleep(0.5)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pagedserve.launcher import http_ok
+from pagedserve.healthcheck import http_ok
 from tests.stack import ROOT
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.launcher import http_ok
+from pagedserve.healthcheck import http_ok
 from tests import hf_reference
 
 MODEL = "SmolLM2-135M-Instruct"

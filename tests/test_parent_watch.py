@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 
+from pagedserve.healthcheck import http_ok
 from pagedserve.launcher import free_port
 from tests import tiny_models
 from tests.live_stack import children, poll
-from tests.stack import ROOT, healthy
+from tests.stack import ROOT
 
 
 def alive(pid: int) -> bool:
@@ -33,7 +34,7 @@ def test_children_stop_when_the_launcher_is_killed(tmp_path):
              "--port", str(port), "--grpc-port", str(free_port())],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        poll(lambda: healthy(f"http://127.0.0.1:{port}/health") or launcher.poll() is not None, timeout=180)
+        poll(lambda: http_ok(f"http://127.0.0.1:{port}/health") or launcher.poll() is not None, timeout=180)
         assert launcher.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         pids = children(launcher.pid)
         assert set(pids) == {"worker", "scheduler", "router"}

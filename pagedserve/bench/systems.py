@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from pagedserve.healthcheck import http_ok
 from pagedserve.launcher import free_port
 
 VLLM_MAX_MODEL_LEN = 2048  # the seed's setting: the benchmark's longest request is 768 tokens
@@ -43,14 +43,6 @@ def vllm_env(all_cores: bool) -> dict[str, str]:
     return env
 
 
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 def log_tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
@@ -66,7 +58,7 @@ def server_process(cmd: list[str], port: int, log_path: Path, timeout: float, en
     root = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
-        while not healthy(f"{root}/health"):
+        while not http_ok(f"{root}/health"):
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[2:5]} exited with code {proc.returncode}; the end of "
                                    f"{log_path}:\n{log_tail(log_path)}")
