@@ -8,7 +8,7 @@ import atexit
 import logging
 import tempfile
 
-from .cli import add_serve_args
+from .serve_args import add_serve_args
 from .launcher import Launcher, free_port
 
 log = logging.getLogger("pagedserve")

@@ -72,7 +72,7 @@ class PersistentBatch:
             new.seq_id, list(new.token_ids), n - new.num_generated, params, new.num_computed_tokens
         )
 
-    def schedule(self, scheduled) -> list[tuple[SequenceState, int]]:
+    def begin_step(self, scheduled) -> list[tuple[SequenceState, int]]:
         """Check the plan's ScheduledSequence entries, append their new blocks, and return
         (sequence, num_tokens) in plan order."""
         if len({s.seq_id for s in scheduled}) != len(scheduled):

@@ -76,7 +76,7 @@ class ModelRunner:
         for new in plan.new_sequences:
             apply_sampling_defaults(new.params, self.loaded.sampling_defaults)  # generation_config.json's
             self.batch.add(new)
-        work = self.batch.schedule(plan.scheduled)
+        work = self.batch.begin_step(plan.scheduled)
         if not work:
             return worker_pb2.StepResult(step_id=plan.step_id), None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .batch_file import (BatchRequest, finished_keys, plan_batch, response_record,
                          write_record)
-from .cli import add_serve_args
+from .serve_args import add_serve_args
 from .local_server import LocalServer, ServerStartError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
