@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .healthcheck import grpc_serving, http_ok
 from .parent_watch import PARENT_ENV
+from .serve_args import router_argv, scheduler_argv, worker_argv
 
 
 RESTART_WINDOW_S = 60.0   # a child that dies sooner than this after its start counts as crashing
@@ -60,43 +61,23 @@ class Launcher:
 
     def worker_command(self, rank: int, port: int, dist_port: int) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "worker", "--model", a.model, "--host", "127.0.0.1",
-               "--port", str(port), "--device", a.device, "--dtype", a.dtype,
-               "--block-size", str(a.block_size), "--load-format", a.load_format,
-               "--attention-backend", a.attention_backend, "--seed", str(a.seed)]
+        cmd = [sys.executable, "-m", "worker", *worker_argv(a), "--host", "127.0.0.1",
+               "--port", str(port)]
         if a.tensor_parallel_size > 1:
             cmd += ["--rank", str(rank), "--world-size", str(a.tensor_parallel_size),
                     "--dist-init-addr", f"127.0.0.1:{dist_port}"]
-        cmd += self.optional("--max-model-len", "--kv-cache-memory-bytes",
-                             "--num-gpu-blocks-override", "--num-threads")
         return cmd
 
     def scheduler_command(self, worker_addrs: list[str]) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "scheduler", "--worker-addrs", ",".join(worker_addrs),
-               "--host", a.host, "--port", str(a.grpc_port),
-               "--max-num-seqs", str(a.max_num_seqs),
-               "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-               "--max-waiting-requests", str(a.max_waiting_requests),
-               "--shutdown-timeout", str(a.shutdown_timeout),
-               "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching"]
-        return cmd + self.optional("--served-model-name", "--max-model-len", "--api-key")
+        return [sys.executable, "-m", "scheduler", *scheduler_argv(a),
+                "--worker-addrs", ",".join(worker_addrs), "--host", a.host, "--port", str(a.grpc_port)]
 
     def router_command(self) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "router", "--model", a.model,
-               "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
-               "--shutdown-timeout", str(a.shutdown_timeout)]
-        return cmd + self.optional("--served-model-name", "--api-key", "--chat-template",
-                                   "--max-model-len", "--max-request-body-bytes")
-
-    def optional(self, *flags: str) -> list[str]:
-        out = []
-        for flag in flags:
-            value = getattr(self.args, flag[2:].replace("-", "_"), None)
-            if value is not None:
-                out += [flag, str(value)]
-        return out
+        return [sys.executable, "-m", "router", *router_argv(a),
+                "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host,
+                "--port", str(a.port)]
 
     # ----- lifecycle ----------------------------------------------------------------------------
 

@@ -1,35 +1,54 @@
-"""The flags of `pagedserve serve`, which `run-batch` and the offline `LLM` take too (vLLM's names)."""
+"""The flags of `pagedserve serve` (which `run-batch` and the offline `LLM` take too), gathered
+from the processes' own flag dataclasses, and the argv that hands each process its share.
+
+`serve` adds only the flags of its own (LauncherArgs); a flag that several processes take
+(`--max-model-len`, `--api-key`...) appears once and goes to each of them. The addresses, ports
+and ranks that `serve` chooses itself are not options of `serve`.
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from router.settings import RouterArgs
+from scheduler.config import SchedulerArgs, SchedulerConfig
+from worker.config import WorkerArgs
+
+from .flags import add_arguments, flag, to_argv
+
+# Per process: the flags that `serve` sets itself.
+WORKER_INTERNAL = ("host", "port", "rank", "world_size", "dist_init_addr")
+SCHEDULER_INTERNAL = ("worker_addrs", "host", "port")
+ROUTER_INTERNAL = ("scheduler_addr", "host", "port")
+
+
+@dataclass
+class LauncherArgs:
+    """What only `pagedserve serve` takes."""
+
+    host: str = flag("0.0.0.0", "address the OpenAI API and the gRPC API listen on")
+    port: int = flag(8000, "HTTP port of the OpenAI API")
+    grpc_port: int = flag(50051, "the scheduler's public gRPC port")
+    tensor_parallel_size: int = flag(1, "worker ranks the model is split across", short="-tp")
+    startup_timeout: float = flag(600.0, "seconds each process gets to become healthy")
 
 
 def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--model", required=model_required, help="a Hugging Face model directory")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
-    p.add_argument("--grpc-port", type=int, default=50051, help="the scheduler's public gRPC port")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    kv = p.add_mutually_exclusive_group()
-    kv.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    kv.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-waiting-requests", type=int, default=0)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--chat-template", default=None)
-    p.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds each process gives requests in flight to finish after SIGTERM")
-    p.add_argument("--max-request-body-bytes", type=int, default=None,
-                   help="the router answers 413 to larger bodies (default: 16 MiB)")
+    seen: set[str] = set()
+    add_arguments(p, LauncherArgs, seen=seen)
+    add_arguments(p, WorkerArgs, skip=WORKER_INTERNAL, required=model_required, seen=seen)
+    add_arguments(p, SchedulerConfig, seen=seen)
+    add_arguments(p, SchedulerArgs, skip=SCHEDULER_INTERNAL, seen=seen)
+    add_arguments(p, RouterArgs, skip=ROUTER_INTERNAL, seen=seen)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    return to_argv(args, WorkerArgs, skip=WORKER_INTERNAL)
+
+
+def scheduler_argv(args: argparse.Namespace) -> list[str]:
+    return to_argv(args, SchedulerArgs, skip=SCHEDULER_INTERNAL) + to_argv(args, SchedulerConfig)
+
+
+def router_argv(args: argparse.Namespace) -> list[str]:
+    return to_argv(args, RouterArgs, skip=ROUTER_INTERNAL)

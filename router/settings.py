@@ -1,17 +1,33 @@
-"""What the router is started with (the flags of `python -m router`)."""
+"""What the router is started with: the flags of `python -m router` (those made with `flag()`,
+which `pagedserve serve` takes too) and the timings it uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
+                              served_model_name_flag, shutdown_timeout_flag)
+
 
 @dataclass
 class Settings:
-    scheduler_addr: str = "127.0.0.1:50051"
-    model: str | None = None              # tokenizer dir; default: the scheduler's model_path
-    served_model_name: str | None = None  # default: the scheduler's, else the dir's basename
-    api_key: str | None = None            # when set, /v1/* and /tokenize need `Bearer <key>`
-    chat_template: str | None = None      # a Jinja file replacing the tokenizer's template
-    max_model_len: int | None = None      # may only lower the scheduler's limit
+    scheduler_addr: str = flag("127.0.0.1:50051", "the scheduler's gRPC address")
+    model: str | None = model_flag(
+        required=False, help="model directory (its tokenizer and chat template); default: the "
+        "model_path the scheduler reports")
+    served_model_name: str | None = served_model_name_flag()
+    api_key: str | None = api_key_flag()
+    chat_template: str | None = flag(None, "a Jinja chat template file replacing the tokenizer's")
+    max_model_len: int | None = max_model_len_flag()  # may only lower the scheduler's limit
+    max_request_body_bytes: int = flag(16 << 20, "answer 413 to larger request bodies (0: no limit)")
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
-    max_request_body_bytes: int = 16 << 20  # larger bodies get 413; 0: no limit
+
+
+@dataclass
+class RouterArgs(Settings):
+    """The router's flags: its settings, and where it listens."""
+
+    host: str = flag("0.0.0.0")
+    port: int = flag(8000, "HTTP port of the OpenAI API")
+    shutdown_timeout: float = shutdown_timeout_flag()
+    log_level: str = log_level_flag()

@@ -7,11 +7,13 @@ import logging
 import os
 import signal
 
+from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import stop_with_parent
 from pagedserve.v1 import scheduler_pb2 as pb
 
+from .config import SchedulerArgs, SchedulerConfig
 from .engine import Engine
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler
 from .service import SchedulerService, build_server, watch_health
 from .workers import WorkerGroup
 
@@ -20,22 +22,8 @@ log = logging.getLogger("scheduler")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
-    p.add_argument("--worker-addrs", required=True,
-                   help="comma-separated HOST:PORT of every worker rank, rank 0 first")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="cap the context below the workers' (default: the workers')")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-waiting-requests", type=int, default=0, help="0: unbounded")
-    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
-                   help="require 'authorization: Bearer KEY' metadata on the public API")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds that requests in flight get to finish after SIGTERM")
-    p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"))
+    add_arguments(p, SchedulerArgs)
+    add_arguments(p, SchedulerConfig)
     return p.parse_args(argv)
 
 
@@ -52,12 +40,10 @@ async def serve(args) -> None:
     workers = WorkerGroup(args.worker_addrs.split(","))
     infos = await workers.wait_ready()
     info = model_info(args, infos[0])
-    config = SchedulerConfig(
-        num_blocks=min(i.num_kv_blocks for i in infos), block_size=info.block_size,
-        max_model_len=info.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 1),
-        enable_prefix_caching=args.enable_prefix_caching,
-        max_waiting_requests=args.max_waiting_requests)
+    config = from_namespace(
+        SchedulerConfig, args, num_blocks=min(i.num_kv_blocks for i in infos),
+        block_size=info.block_size, max_model_len=info.max_model_len,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 1))
     engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
     server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}",
                                            args.api_key)

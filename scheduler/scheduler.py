@@ -10,24 +10,13 @@ blocks go back and it waits at the front of the queue to be recomputed.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
 
+from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, SamplingLimits, Sequence, Status
-
-
-@dataclass
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    max_waiting_requests: int = 0  # 0 = unbounded
 
 
 class QueueFull(Exception):

@@ -10,45 +10,23 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import fields
 
+from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import stop_with_parent
-from worker.config import WorkerConfig
+from worker.config import WorkerArgs, WorkerConfig
 
 log = logging.getLogger("worker")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> WorkerArgs:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: float32 on CPU, the checkpoint's dtype on CUDA")
-    p.add_argument("--max-model-len", type=int, help="default: config.json's max_position_embeddings")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--kv-cache-memory-bytes", type=int,
-                       help="KV cache budget (default: 2 GiB on CPU, 90%% of free memory on CUDA)")
-    cache.add_argument("--num-gpu-blocks-override", type=int, help="exact number of KV cache blocks")
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="auto: triton on CUDA, torch on CPU")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                   help="dummy: random weights of the right shapes, for benchmarks")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds sampling for requests without a seed (every rank must get the same)")
-    p.add_argument("--num-threads", type=int,
-                   help="torch CPU threads (default: the cores this process may use, shared among "
-                        "--world-size ranks on the CPU, which are assumed to share a host)")
-    p.add_argument("--rank", type=int, default=0, help="tensor parallel rank of this worker")
-    p.add_argument("--world-size", type=int, default=1, help="tensor parallel size: number of worker ranks")
-    p.add_argument("--dist-init-addr", help="host:port of rank 0's torch.distributed store (tensor parallelism)")
-    p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    add_arguments(p, WorkerArgs)
+    return from_namespace(WorkerArgs, p.parse_args(argv))
 
 
-def worker_config(args) -> WorkerConfig:
-    config = WorkerConfig(**{k: v for k, v in vars(args).items() if k not in ("host", "port", "log_level")})
+def worker_config(args: WorkerArgs) -> WorkerConfig:
+    config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
     if config.num_threads is None and config.device == "cpu" and config.world_size > 1:
         config.num_threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)
     return config

@@ -1,24 +1,46 @@
 """What a worker is asked to serve: the flags of `python -m worker`, as one dataclass.
 
-Tests build a WorkerConfig directly; `__main__` builds it from argparse. Nothing here is derived
-from the model: that happens in the loader once config.json has been read.
+Tests build a WorkerConfig directly; `__main__` and `pagedserve serve` build their options from
+its fields (pagedserve/flags.py), so each default and help text is written here only. Nothing here
+is derived from the model: that happens in the loader once config.json has been read.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+
+from pagedserve.flags import flag, log_level_flag, max_model_len_flag, model_flag
 
 
 @dataclass
 class WorkerConfig:
-    model: str
-    device: str = "cpu"  # cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_model_len: int | None = None  # None: config.json's max_position_embeddings
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # None: a default per device (see kv_cache.py)
-    num_gpu_blocks_override: int | None = None  # exact number of KV blocks; wins over the bytes
-    attention_backend: str = "auto"  # auto | torch | triton
-    load_format: str = "auto"  # auto | dummy
-    seed: int = 0
-    num_threads: int | None = None  # None: every core this process may run on
-    rank: int = 0  # tensor parallel rank of this process, in [0, world_size)
-    world_size: int = 1  # tensor parallel size: how many worker processes share the model
-    dist_init_addr: str | None = None  # host:port where rank 0 hosts the ranks' rendezvous
+    model: str = model_flag()
+    device: str = flag("cpu", choices=["cpu", "cuda"])
+    dtype: str = flag("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    max_model_len: int | None = max_model_len_flag()
+    block_size: int = flag(16, "tokens per KV cache block")
+    kv_cache_memory_bytes: int | None = flag(
+        None, "KV cache budget (default: 2 GiB on CPU, 90%% of free memory on CUDA)", group="kv")
+    num_gpu_blocks_override: int | None = flag(
+        None, "exact number of KV cache blocks (wins over the bytes)", group="kv")
+    attention_backend: str = flag("auto", "auto: triton on CUDA, torch on CPU",
+                                  choices=["auto", "torch", "triton"])
+    load_format: str = flag("auto", "dummy: random weights of the right shapes, for benchmarks",
+                            choices=["auto", "dummy"])
+    seed: int = flag(0, "seeds sampling for requests without a seed (every rank gets the same)")
+    num_threads: int | None = flag(
+        None, "torch CPU threads per worker (default: the cores this process may use, shared "
+        "among --world-size ranks on the CPU, which are assumed to share a host)")
+    rank: int = flag(0, "tensor parallel rank of this worker, in [0, world_size)")
+    world_size: int = flag(1, "tensor parallel size: how many worker processes share the model")
+    dist_init_addr: str | None = flag(
+        None, "host:port of rank 0's torch.distributed store (tensor parallelism)")
+
+
+@dataclass
+class WorkerArgs(WorkerConfig):
+    """The worker's flags: what it serves, and where it listens."""
+
+    host: str = flag("127.0.0.1")
+    port: int = flag(50061)
+    log_level: str = log_level_flag()

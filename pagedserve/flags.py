@@ -1,0 +1,128 @@
+"""Flags declared once, as dataclass fields, for every process and for `pagedserve serve`.
+
+A field made with `flag()` carries its default and help; `add_arguments` turns a dataclass's flag
+fields into argparse options (`max_num_seqs` -> `--max-num-seqs`, bool -> `--x/--no-x`), and
+`to_argv` turns values back into the argv of a child process, so the launcher never spells a flag
+or a default again. Fields made without `flag()` (values the program derives) are not options.
+
+The flags that several processes share (the model, its served name, the context cap, the API key,
+the drain timeout, the log level) are made by the functions at the bottom: one default each.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from typing import Any
+
+FLAG = "pagedserve.flag"
+
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", *, choices: list | None = None,
+         group: str | None = None, env: str | None = None, short: str | None = None):
+    """A dataclass field that is also a command-line option.
+
+    `env`: an environment variable whose value, when set, replaces the default. `group`: options
+    of one group are mutually exclusive. A field without a default is a required option."""
+    meta = {FLAG: {"help": help, "choices": choices, "group": group, "env": env, "short": short}}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_fields(cls, skip=()) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if FLAG in f.metadata and f.name not in skip]
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def value_type(cls, name: str) -> type:
+    """int for `int` and `int | None`; str for str; and so on."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool | None = None,
+                  seen: set[str] | None = None) -> None:
+    """Adds cls's flag fields to parser, except those in `skip` and those already in `seen` (a
+    flag that several processes share is added once). `required` overrides whether fields without
+    a default are required."""
+    groups: dict[str, Any] = {}
+    seen = set() if seen is None else seen
+    for f in flag_fields(cls, skip):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        meta = f.metadata[FLAG]
+        kind = value_type(cls, f.name)
+        default = None if f.default is dataclasses.MISSING else f.default
+        if meta["env"] and os.environ.get(meta["env"]):
+            default = kind(os.environ[meta["env"]])
+        kwargs: dict[str, Any] = {"default": default, "help": meta["help"] or None}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=kind, choices=meta["choices"])
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True if required is None else required
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        names = [option(f.name)] + ([meta["short"]] if meta["short"] else [])
+        target.add_argument(*names, **kwargs)
+
+
+def from_namespace(cls, namespace: argparse.Namespace, **extra):
+    """An instance of cls from parsed flags (the fields namespace has) and `extra` values."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+              if hasattr(namespace, f.name)}
+    return cls(**{**values, **extra})
+
+
+def to_argv(values: Any, cls, skip=()) -> list[str]:
+    """The argv that gives a child process cls's flags with the values of `values` (an instance
+    or an argparse namespace with those attribute names). None values are left out."""
+    argv: list[str] = []
+    for f in flag_fields(cls, skip):
+        value = getattr(values, f.name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(option(f.name) if value else "--no-" + option(f.name)[2:])
+        else:
+            argv += [option(f.name), str(value)]
+    return argv
+
+
+# ----- flags that more than one process takes ------------------------------------------------------
+
+def model_flag(required: bool = True, help: str = "a Hugging Face model directory"):
+    return flag(dataclasses.MISSING if required else None, help)
+
+
+def served_model_name_flag():
+    return flag(None, "the name clients pass as `model` (default: the model directory's name)")
+
+
+def max_model_len_flag():
+    return flag(None, "context length in tokens, prompt plus output (default, and upper bound: "
+                "config.json's max_position_embeddings)")
+
+
+def api_key_flag():
+    return flag(None, "require `Authorization: Bearer KEY` on the OpenAI API and the gRPC API",
+                env="PAGEDSERVE_API_KEY")
+
+
+def shutdown_timeout_flag():
+    return flag(30.0, "seconds that requests in flight get to finish after SIGTERM")
+
+
+def log_level_flag():
+    return flag("INFO", "debug, info, warning or error", env="PAGEDSERVE_LOG_LEVEL")

@@ -1,0 +1,87 @@
+"""Flags are declared once (pagedserve/flags.py): `pagedserve serve` hands each process exactly what
+the process would parse itself, and no flag has two defaults."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pagedserve.flags import FLAG, flag_fields
+from pagedserve.local_server import serve_args
+from pagedserve.launcher import Launcher
+from pagedserve.serve_args import LauncherArgs
+from router.__main__ import parse_args as parse_router_args
+from router.settings import RouterArgs
+from scheduler.__main__ import parse_args as parse_scheduler_args
+from scheduler.config import SchedulerArgs, SchedulerConfig
+from worker.__main__ import parse_args as parse_worker_args
+from worker.config import WorkerArgs
+
+PROCESS_FLAGS = [WorkerArgs, SchedulerConfig, SchedulerArgs, RouterArgs, LauncherArgs]
+# A process's own address is not the same setting as serve's, whatever the name: the worker binds
+# loopback and the scheduler its own port.
+PER_PROCESS = {"host", "port"}
+
+
+def test_a_flag_that_several_processes_take_has_one_default_and_one_help():
+    seen: dict[str, tuple] = {}
+    for cls in PROCESS_FLAGS:
+        for f in flag_fields(cls, skip=PER_PROCESS):
+            meta = f.metadata[FLAG]
+            this = (f.default, meta["help"], meta["env"])
+            if f.name == "model" or f.name == "max_model_len":
+                this = (meta["env"],)  # required in some, optional in others; helps differ
+            assert seen.setdefault(f.name, this) == this, f"--{f.name} differs between processes"
+
+
+def serve_namespace(**flags) -> argparse.Namespace:
+    return serve_args("models/demo", **flags)
+
+
+@pytest.mark.parametrize("flags", [
+    {},
+    {"max_num_seqs": 7, "api_key": "k", "max_model_len": 512, "enable_prefix_caching": False,
+     "num_gpu_blocks_override": 40, "shutdown_timeout": 5.0, "served_model_name": "demo",
+     "chat_template": "t.jinja", "tensor_parallel_size": 2, "dtype": "bfloat16"},
+])
+def test_each_process_parses_what_serve_hands_it_into_serves_values(flags):
+    args = serve_namespace(**flags)
+    launcher = Launcher(args)
+    worker = parse_worker_args(launcher.worker_command(1, 1234, 999)[3:])
+    scheduler = parse_scheduler_args(launcher.scheduler_command(["127.0.0.1:1234"])[3:])
+    router = parse_router_args(launcher.router_command()[3:])
+    for parsed, cls, own in ((worker, WorkerArgs, {"host", "port", "rank", "world_size",
+                                                   "dist_init_addr"}),
+                             (scheduler, SchedulerArgs, {"worker_addrs", "host", "port"}),
+                             (scheduler, SchedulerConfig, set()),
+                             (router, RouterArgs, {"scheduler_addr", "host", "port"})):
+        for f in flag_fields(cls, skip=own):
+            assert getattr(parsed, f.name) == getattr(args, f.name), f"{cls.__name__}.{f.name}"
+    assert (worker.port, worker.host) == (1234, "127.0.0.1")
+    assert worker.world_size == args.tensor_parallel_size
+    assert (scheduler.port, router.port) == (args.grpc_port, args.port)
+
+
+def test_an_unknown_offline_flag_is_refused_by_name():
+    with pytest.raises(TypeError, match="max_num_seq"):
+        serve_namespace(max_num_seq=3)
+
+
+def test_the_api_key_comes_from_the_environment_when_no_flag_sets_it(monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "from-env")
+    assert parse_router_args([]).api_key == "from-env"
+    assert parse_scheduler_args(["--worker-addrs", "a:1"]).api_key == "from-env"
+    assert parse_router_args(["--api-key", "flag"]).api_key == "flag"
+
+
+def test_kv_cache_size_flags_exclude_each_other():
+    with pytest.raises(SystemExit):
+        parse_worker_args(["--model", "m", "--kv-cache-memory-bytes", "1", "--num-gpu-blocks-override", "2"])
+
+
+def test_worker_flags_build_its_config():
+    from worker.__main__ import worker_config
+    config = worker_config(parse_worker_args(["--model", "m", "--block-size", "32", "--world-size", "2",
+                                              "--device", "cpu"]))
+    assert (config.model, config.block_size, config.world_size) == ("m", 32, 2)
+    assert config.num_threads >= 1  # ranks on one CPU host share its cores
