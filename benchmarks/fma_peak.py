@@ -1,6 +1,6 @@
 """How far the matmuls are from what the cores can do: the float32 FMA ceiling (fma_peak.c, AVX2
 + FMA, nothing from memory) on 1 and on every thread, next to torch's matmul of two square
-matrices (oneDNN/MKL) and worker/cpu_linear.c at a decode size (64 rows, SmolLM2's gate/up):
+matrices (oneDNN/MKL) and worker/cpu/linear.c at a decode size (64 rows, SmolLM2's gate/up):
 
     python benchmarks/fma_peak.py --output fma_peak.json
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from worker import native  # noqa: E402
-from worker.cpu_linear import CpuLinear, linear_rows  # noqa: E402
+from worker.cpu import native  # noqa: E402
+from worker.cpu.linear import CpuLinear, linear_rows  # noqa: E402
 
 SOURCE = Path(__file__).with_name("fma_peak.c")
 FLOPS_PER_ROUND = 10 * 8 * 2  # ten 8-wide FMAs
@@ -65,7 +65,7 @@ def main() -> None:
     if linear_rows() is not None:
         layer = CpuLinear(torch.nn.Linear(576, 3072, bias=False), linear_rows())
         x = torch.randn(64, 576)
-        rows["cpu_linear.c, 64 x 576 -> 3072"] = 2 * 64 * 576 * 3072 / best_seconds(lambda: layer(x), args.rounds) / 1e9
+        rows["cpu/linear.c, 64 x 576 -> 3072"] = 2 * 64 * 576 * 3072 / best_seconds(lambda: layer(x), args.rounds) / 1e9
     ceiling = rows[ceiling_name]
     print(f"{'':40s} {'GFLOP/s':>8s} {'of ceiling':>10s}")
     for name, gflops in rows.items():

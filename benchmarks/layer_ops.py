@@ -1,4 +1,4 @@
-"""The element-wise parts of a Llama layer, torch against the compiled ops of worker/cpu_ops.c, at
+"""The element-wise parts of a Llama layer, torch against the compiled ops of worker/cpu/ops.c, at
 SmolLM2's sizes (hidden 576, 9 query and 3 KV heads of 64, intermediate 1536) for a prefill chunk
 (2048 tokens) and a decode batch (64 tokens):
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from worker.cpu_ops import _cpu_ops  # noqa: E402
+from worker.cpu.ops import _cpu_ops  # noqa: E402
 from worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 576, 9, 3, 64, 1536, 30

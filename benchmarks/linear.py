@@ -7,7 +7,7 @@ in serving), for several row counts, four ways:
 - `mkl`: nn.Linear (torch's CPU matmul; MKL's sgemm),
 - `onednn_packed`: oneDNN with the weight reordered once into its blocked layout,
 - `onednn`: oneDNN on the weight as stored (what the worker uses above 128 rows),
-- `cpu_linear`: worker/cpu_linear.c (what the worker uses up to 128 rows).
+- `cpu_linear`: worker/cpu/linear.c (what the worker uses up to 128 rows).
 
 The calls of one row count alternate between the four, rounds apart, and each keeps its fastest
 round: on a shared machine that is the best estimate of what the code itself costs.
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.cpu_linear import CpuLinear, PackedLinear, linear_rows, onednn_linear  # noqa: E402
+from worker.cpu.linear import CpuLinear, PackedLinear, linear_rows, onednn_linear  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) per layer
 LAYERS = 30
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.num_threads)
     kernel = linear_rows()
     if kernel is None:
-        sys.exit("worker/cpu_linear.c could not be built (no C compiler, or no AVX2)")
+        sys.exit("worker/cpu/linear.c could not be built (no C compiler, or no AVX2)")
     g = torch.Generator().manual_seed(0)
     weights = []
     for _ in range(args.layers):

@@ -1,4 +1,4 @@
-"""The CPU attention kernels (worker/cpu_attention.c) against the torch paths they replace
+"""The CPU attention kernels (worker/cpu/attention.c) against the torch paths they replace
 (decodes: gather the blocks, SDPA; prefill chunks: one SDPA call per sequence), on random caches
 with scattered blocks: their AVX2 loops (head_dim a multiple of 32) and their plain ones, GQA groups
 of 1 to 7, block sizes that do and do not divide the contexts, contexts of a single token, prompts
@@ -9,7 +9,7 @@ import torch
 from worker import attention
 from worker.attention import AttentionMetadata, TorchAttention
 from worker.batch import SequenceState, build_step_inputs
-from worker.cpu_attention import attention_kernel
+from worker.cpu.attention import attention_kernel
 
 SHAPES = [
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 path

@@ -1,4 +1,4 @@
-"""The CPU linears (worker/cpu_linear.py): the C loop of cpu_linear.c for up to 128 rows, oneDNN
+"""The CPU linears (worker/cpu/linear.py): the C loop of cpu/linear.c for up to 128 rows, oneDNN
 above, against nn.Linear: row counts on both sides of the matrix-vector loop's limit (8), of the
 panel width (16) and of the switch to oneDNN (128),
 weights whose rows are no multiple of the strip (6), odd input widths, biases, 3-D and strided
@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from worker.cpu_linear import MAX_KERNEL_ROWS, CpuLinear, linear_rows, prepare_linears
+from worker.cpu.linear import MAX_KERNEL_ROWS, CpuLinear, linear_rows, prepare_linears
 
 
 @pytest.fixture(scope="module")
 def kernel():
     k = linear_rows()
-    assert k is not None, "the C compiler should build cpu_linear.c on this machine (x86-64 with AVX2)"
+    assert k is not None, "the C compiler should build cpu/linear.c on this machine (x86-64 with AVX2)"
     return k
 
 
@@ -49,7 +49,7 @@ def test_prepare_linears_swaps_every_linear_and_keeps_outputs(kernel):
     x = torch.randn(9, 32, generator=g)
     with torch.inference_mode():
         want = model(x)
-        assert prepare_linears(model).startswith("2 linear layers: cpu_linear.c")
+        assert prepare_linears(model).startswith("2 linear layers: cpu/linear.c")
         assert not any(isinstance(m, nn.Linear) for m in model.modules())
         assert sum(isinstance(m, CpuLinear) for m in model.modules()) == 2
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

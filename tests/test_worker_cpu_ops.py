@@ -1,11 +1,11 @@
-"""The compiled norm and rotation (worker/cpu_ops.c) against the torch code they replace, on the
+"""The compiled norm and rotation (worker/cpu/ops.c) against the torch code they replace, on the
 layouts the Llama layers hand them: contiguous hidden states, the q and k views of a fused qkv
 output (rows further apart than their heads), Qwen3's per-head norm, odd widths that leave a tail
 after the 8-wide loop, single tokens and batches big enough to go parallel."""
 import pytest
 import torch
 
-from worker.cpu_ops import _cpu_ops
+from worker.cpu.ops import _cpu_ops
 from worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 
 

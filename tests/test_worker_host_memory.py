@@ -1,4 +1,4 @@
-"""worker/host_memory.py: with its malloc settings a step's freed activations serve the next step
+"""worker/cpu/host_memory.py: with its malloc settings a step's freed activations serve the next step
 without new page faults; with glibc's defaults they go back to the OS and fault in again."""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 # them, frees them all; the third step's page faults are printed.
 STEP = """
 import ctypes, resource, sys
-from worker.host_memory import keep_freed_memory
+from worker.cpu.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     print(keep_freed_memory())
 libc = ctypes.CDLL(None)

@@ -3,7 +3,7 @@ sequence's whole context (cached prefix + new tokens, causally).
 
 Both backends take the same inputs and must give the same results:
 - `torch`: the CPU serving path. Decodes and prefill chunks read the paged cache in place with the
-  C kernels of cpu_attention.py; where they cannot be built, decodes take one SDPA call over a padded
+  C kernels of cpu/attention.py; where they cannot be built, decodes take one SDPA call over a padded
   gather of their blocks and prefill chunks one SDPA call per sequence. Fresh prompts longer than
   KERNEL_MAX_FRESH_CONTEXT keep SDPA, which is faster there.
 - `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests).
@@ -18,7 +18,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from worker.cpu_ops import cpu_ops
+from worker.cpu.ops import cpu_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
 # cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768, 5% slower at 1024, 10-20% at
@@ -46,7 +46,7 @@ class AttentionMetadata:
 
 
 class TorchAttention:
-    """Attention on the CPU path: the C kernels of cpu_attention.py (`kernel`, an AttentionKernel)
+    """Attention on the CPU path: the C kernels of cpu/attention.py (`kernel`, an AttentionKernel)
     where one is given and the tensors suit it, else scaled_dot_product_attention over K/V gathered
     from the paged cache."""
 
@@ -187,7 +187,7 @@ def make_attention_backend(name: str, device: torch.device, block_size: int):
     if name == "torch":
         if device.type != "cpu":
             return TorchAttention()
-        from worker.cpu_attention import attention_kernel
+        from worker.cpu.attention import attention_kernel
         return TorchAttention(attention_kernel())
     if name == "triton":
         if block_size & (block_size - 1):

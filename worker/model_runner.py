@@ -11,8 +11,8 @@ from pagedserve.v1 import worker_pb2
 from worker.attention import make_attention_backend
 from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
-from worker.cpu_linear import prepare_linears
-from worker.host_memory import keep_freed_memory
+from worker.cpu.linear import prepare_linears
+from worker.cpu.host_memory import keep_freed_memory
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput

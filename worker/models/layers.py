@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.cpu_ops import cpu_ops
+from worker.cpu.ops import cpu_ops
 from worker.distributed import all_gather, all_reduce, rank
 from worker.models.sharding import Shard, even_split, head_split, padded_split
 
@@ -125,6 +125,22 @@ def activation(name: str):
     if name not in functions:
         raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(functions)})")
     return functions[name]
+
+
+class ActAndMul(nn.Module):
+    """act(gate) * up for gate_up [T, 2 * inter] (gate's half first), the gated MLP's middle
+    (vLLM's SiluAndMul): one pass of the compiled op for SiLU in float32 on the CPU."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.act = activation(name)
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        ops = cpu_ops(gate_up) if self.act is F.silu else None
+        if ops is not None:
+            return ops.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
 
 class RMSNorm(nn.Module):

@@ -10,16 +10,14 @@ heads and hidden units; the two all-reduces are the only lines that know.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from worker.cpu_ops import cpu_ops
 from worker.distributed import all_reduce
 from worker.models.base import CausalLM
 from worker.models.layers import (
+    ActAndMul,
     RMSNorm,
     RotaryEmbedding,
-    activation,
     column_linear,
     fuse_linears,
     heads_linear,
@@ -89,7 +87,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
         self.up_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
         self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias)
-        self.act = activation(config.hidden_act)
+        self.act_and_mul = ActAndMul(config.hidden_act)
         self.gate_up_proj = None  # gate and up as one linear, once fuse() has run
 
     def fuse(self) -> None:
@@ -97,14 +95,11 @@ class LlamaMLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        if self.gate_up_proj is None:
-            return all_reduce(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
-        gate_up = self.gate_up_proj(x)
-        ops = cpu_ops(gate_up) if self.act is F.silu else None
-        if ops is not None:
-            return all_reduce(self.down_proj(ops.silu_and_mul(gate_up)))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return all_reduce(self.down_proj(self.act(gate) * up))
+        if self.gate_up_proj is None:  # before fuse(): the checkpoint's own two linears
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        else:
+            gate_up = self.gate_up_proj(x)
+        return all_reduce(self.down_proj(self.act_and_mul(gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,5 +1,5 @@
-"""The CPU attention kernels (cpu_attention.c: decodes and prefill chunks, straight from the paged
-cache), compiled on first use (worker/native.py) and called through ctypes.
+"""The CPU attention kernels (cpu/attention.c: decodes and prefill chunks, straight from the paged
+cache), compiled on first use (worker/cpu/native.py) and called through ctypes.
 
 Where there is no compiler, or the build fails, `attention_kernel()` returns None and the torch
 attention backend keeps its gather + SDPA path (slower, same results).
@@ -10,9 +10,9 @@ import ctypes
 import functools
 from pathlib import Path
 
-from worker import native
+from worker.cpu import native
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("attention.c")
 # -ffast-math's optimisations one by one, not the flag itself: with it GCC links crtfastmath.o,
 # which sets flush-to-zero for the whole process on load (subnormals become 0 in torch and Python
 # too; hypothesis refuses to run). These are what lets the softmax loop vectorise and call expf.

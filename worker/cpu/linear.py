@@ -1,7 +1,7 @@
 """The float32 linears of the CPU serving path.
 
 A decode step multiplies a few dozen rows by every weight, which streams from memory each step:
-there, `linear_rows` (cpu_linear.c, compiled on first use) beats oneDNN and MKL by 10-50%
+there, `linear_rows` (cpu/linear.c, compiled on first use) beats oneDNN and MKL by 10-50%
 (`python benchmarks/linear.py`). Prefill steps (hundreds to thousands of rows) are compute-bound
 and go to oneDNN, which reorders the weight itself on each call (about 2% of a prefill step here).
 Both read the weight as the checkpoint stores it, so there is one copy of it.
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import native
+from worker.cpu import native
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
+SOURCE = Path(__file__).with_name("linear.c")
 # Up to this many rows the C loop wins (measured at 1 to 128 rows); above it, oneDNN.
 MAX_KERNEL_ROWS = 128
 
@@ -114,5 +114,5 @@ def prepare_linears(model: nn.Module) -> str:
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, make(linear))
-    what = "cpu_linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
+    what = "cpu/linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
     return f"{len(linears)} linear layers: {what}"

@@ -1,6 +1,6 @@
 """RMSNorm (with the residual add before it), the rotary embedding, the KV cache write and SiLU
-times up in one pass each (cpu_ops.c), for float32 on the CPU. Compiled on first use
-(worker/native.py); where it cannot be, `cpu_ops()` is None and the layers keep their torch code,
+times up in one pass each (cpu/ops.c), for float32 on the CPU. Compiled on first use
+(worker/cpu/native.py); where it cannot be, `cpu_ops()` is None and the layers keep their torch code,
 which gives the same results.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from worker import native
+from worker.cpu import native
 
-SOURCE = Path(__file__).with_name("cpu_ops.c")
+SOURCE = Path(__file__).with_name("ops.c")
 # No fused multiply-adds: each product and sum rounds where torch's separate ops round it.
 FLAGS = [*native.BASE_FLAGS, "-ffp-contract=off"]
 

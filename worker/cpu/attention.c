@@ -26,7 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 /* glibc's libmvec has a vector expf (within 1 ulp, reached through -lm); glibc declares it only
- * under -ffast-math, which this build avoids (see cpu_attention.py), so the softmax declares it. */
+ * under -ffast-math, which this build avoids (see cpu/attention.py), so the softmax declares it. */
 #pragma omp declare simd notinbranch
 float expf(float);
 
