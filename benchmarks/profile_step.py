@@ -65,7 +65,7 @@ class Clock:
 def instrument(runner: ModelRunner, clock: Clock) -> None:
     """Times the worker's parts by wrapping them where the step calls them."""
     batch, backend, model = runner.batch, runner.backend, runner.model
-    for name in ("free", "add", "schedule"):
+    for name in ("free", "add", "begin_step"):
         setattr(batch, name, clock.wrap("worker: persistent batch update", getattr(batch, name)))
     model_runner_module.build_step_inputs = clock.wrap("worker: input tensors and metadata",
                                                       model_runner_module.build_step_inputs)
