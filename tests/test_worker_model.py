@@ -268,15 +268,30 @@ def test_torch_and_triton_backends_agree():
 
 
 def test_triton_backend_runner_generates_the_same_tokens(tiny):
+    """Block size 4, below the 16 that tl.dot needs: the kernel's tiles span several blocks."""
     _triton_backend()
+    # Compiled Triton reads only CUDA tensors; the interpreter only CPU ones.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_runner = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=64,
-                                             attention_backend="triton"))
+                                             attention_backend="triton", device=device, dtype="float32"))
     d = Driver(triton_runner)
     d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1])], sched=[d.sched(0, 7), d.sched(1, 2)])
     for _ in range(2):
         d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
     assert d.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 3)
     assert d.outputs[1] == hf_greedy(tiny[1], PROMPTS[1], 3)
+
+
+@pytest.mark.parametrize("block_size,interpret,message", [
+    (12, "1", "power-of-two --block-size"),
+    (16, "0", "runs on CUDA tensors"),  # compiled Triton on CPU tensors would fail at the first step
+])
+def test_triton_backend_is_refused_at_start_up_where_it_cannot_run(monkeypatch, block_size, interpret, message):
+    from worker.attention import make_attention_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError, match=message):
+        make_attention_backend("triton", torch.device("cpu"), block_size)
 
 
 # ----- loading -------------------------------------------------------------------------------
