@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
+# GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
+
 
 def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="a Hugging Face model directory")
@@ -22,7 +26,13 @@ def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     kv.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step, prefill chunks and decodes together (default: by --device, "
+                        "8192 on cuda, 2048 on cpu)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs for decode steps (they are always off on the CPU)")
+    p.add_argument("--max-cudagraph-capture-size", type=int, default=512,
+                   help="largest decode batch captured as a CUDA graph (capped at --max-num-seqs)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-waiting-requests", type=int, default=0)
     p.add_argument("--api-key", default=None)
@@ -34,6 +44,11 @@ def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="seconds each process gives requests in flight to finish after SIGTERM")
     p.add_argument("--max-request-body-bytes", type=int, default=None,
                    help="the router answers 413 to larger bodies (default: 16 MiB)")
+
+
+def max_num_batched_tokens(args: argparse.Namespace) -> int:
+    """--max-num-batched-tokens, or its default for --device."""
+    return args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[args.device]
 
 
 def main(argv=None) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .cli import max_num_batched_tokens
 from .parent_watch import PARENT_ENV
 
 
@@ -83,7 +84,11 @@ class Launcher:
         cmd = [sys.executable, "-m", "worker", "--model", a.model, "--host", "127.0.0.1",
                "--port", str(port), "--device", a.device, "--dtype", a.dtype,
                "--block-size", str(a.block_size), "--load-format", a.load_format,
-               "--attention-backend", a.attention_backend, "--seed", str(a.seed)]
+               "--attention-backend", a.attention_backend, "--seed", str(a.seed),
+               "--max-num-seqs", str(a.max_num_seqs),
+               "--max-cudagraph-capture-size", str(a.max_cudagraph_capture_size)]
+        if a.enforce_eager:
+            cmd.append("--enforce-eager")
         if a.tensor_parallel_size > 1:
             cmd += ["--rank", str(rank), "--world-size", str(a.tensor_parallel_size),
                     "--dist-init-addr", f"127.0.0.1:{dist_port}"]
@@ -96,7 +101,7 @@ class Launcher:
         cmd = [sys.executable, "-m", "scheduler", "--worker-addrs", ",".join(worker_addrs),
                "--host", a.host, "--port", str(a.grpc_port),
                "--max-num-seqs", str(a.max_num_seqs),
-               "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+               "--max-num-batched-tokens", str(max_num_batched_tokens(a)),
                "--max-waiting-requests", str(a.max_waiting_requests),
                "--shutdown-timeout", str(a.shutdown_timeout),
                "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching"]

@@ -282,6 +282,53 @@ def test_triton_backend_runner_generates_the_same_tokens(tiny):
     assert d.outputs[1] == hf_greedy(tiny[1], PROMPTS[1], 3)
 
 
+def _decoding_triton_runner(tiny, device, **flags):
+    """A triton runner with three sequences prefilled, and the plan of their next decode step."""
+    runner = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=64,
+                                      attention_backend="triton", device=device, dtype="float32", **flags))
+    d = Driver(runner)
+    d.step(new=[d.new(i, PROMPTS[i]) for i in (0, 1, 3)], sched=[d.sched(0, 7), d.sched(1, 2), d.sched(3, 11)])
+    return runner, d, [d.sched(i, 1) for i in (0, 1, 3)]
+
+
+def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
+    """The eager forward pass on a decode step padded as a CUDA graph replays it (3 sequences as 8):
+    the real rows come out as unpadded, and the padding rows write only the scratch block."""
+    from worker.batch import build_step_inputs
+    from worker.cudagraph_batch import DecodeBuffers
+
+    _triton_backend()
+    runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
+    inputs = build_step_inputs(runner.batch.schedule(scheduled), BLOCK_SIZE, runner.device)
+    scratch = runner.num_blocks - 1  # no sequence here owns it
+    before = [c.clone() for pair in runner.kv_caches for c in pair]
+    with torch.inference_mode():
+        eager = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta)
+        eager_caches = [c.clone() for pair in runner.kv_caches for c in pair]
+        for cache, old in zip((c for pair in runner.kv_caches for c in pair), before):
+            cache.copy_(old)
+        buffers = DecodeBuffers.allocate(16, 64, BLOCK_SIZE, scratch, runner.device)
+        buffers.fill(inputs.input_ids, inputs.positions, inputs.meta, size=8)
+        padded = runner.model(buffers.input_ids[:8], buffers.positions[:8], runner.kv_caches, buffers.meta(8))
+    torch.testing.assert_close(padded[:3], eager, atol=1e-5, rtol=1e-5)
+    for cache, expected, old in zip((c for pair in runner.kv_caches for c in pair), eager_caches, before):
+        torch.testing.assert_close(cache[:scratch], expected[:scratch], atol=1e-5, rtol=1e-5)
+        assert not torch.equal(cache[scratch], old[scratch])  # the padding rows wrote their K/V there
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_and_eager_steps_give_identical_tokens(tiny):
+    graphed, d_graph, _ = _decoding_triton_runner(tiny, "cuda", max_num_seqs=8)
+    eager, d_eager, _ = _decoding_triton_runner(tiny, "cuda", enforce_eager=True)
+    assert list(graphed.worker_info().cudagraph_capture_sizes) == [1, 2, 4, 8]
+    assert graphed.num_blocks == eager.num_blocks - 1  # the scratch block left the pool
+    for d in (d_graph, d_eager):
+        for _ in range(4):
+            d.step(sched=[d.sched(i, 1) for i in (0, 1, 3)])
+    assert d_graph.outputs == d_eager.outputs
+    assert d_graph.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 5)
+
+
 @pytest.mark.parametrize("block_size,interpret,message", [
     (12, "1", "power-of-two --block-size"),
     (16, "0", "runs on CUDA tensors"),  # compiled Triton on CPU tensors would fail at the first step

@@ -33,6 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     cache.add_argument("--num-gpu-blocks-override", type=int, help="exact number of KV cache blocks")
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="auto: triton on CUDA, torch on CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs for decode steps (they are always off on the CPU)")
+    p.add_argument("--max-cudagraph-capture-size", type=int, default=512,
+                   help="largest decode batch captured as a CUDA graph (capped at --max-num-seqs)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="the scheduler's --max-num-seqs: no decode batch is larger, none is captured larger")
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="dummy: random weights of the right shapes, for benchmarks")
     p.add_argument("--seed", type=int, default=0,

@@ -17,6 +17,9 @@ class WorkerConfig:
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks; wins over the bytes
     attention_backend: str = "auto"  # auto | torch | triton
     load_format: str = "auto"  # auto | dummy
+    enforce_eager: bool = False  # True: no CUDA graphs
+    max_cudagraph_capture_size: int = 512  # largest decode batch captured as a CUDA graph
+    max_num_seqs: int = 256  # the scheduler's: caps the captured batch sizes
     seed: int = 0
     num_threads: int | None = None  # None: every core this process may run on
     rank: int = 0  # tensor parallel rank of this process, in [0, world_size)
