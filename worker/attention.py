@@ -165,10 +165,11 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self):
+    def __init__(self, num_splits: int | None = None):
         import kernels  # lazily: importing triton is slow and needs a GPU or TRITON_INTERPRET=1
 
         self.kernels = kernels
+        self.num_splits = num_splits  # KV splits of decode batches; None: by the SM count
 
     def prepare(self, meta: AttentionMetadata) -> None:
         pass
@@ -180,7 +181,7 @@ class TritonAttention:
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            max_query_len=meta.max_query_len,
+            max_query_len=meta.max_query_len, num_splits=self.num_splits,
         )
 
 
