@@ -162,6 +162,23 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     return min(_MAX_SPLITS, triton.next_power_of_2(triton.cdiv(_WAVES * num_sms, programs)))
 
 
+def launch_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int,
+                     num_splits: int) -> dict[str, int]:
+    """The attention kernel's constexprs for a launch of this shape (also what tests compile for
+    CUDA ahead of time, so that a shape the GPU would refuse fails on the CPU too)."""
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    return dict(GROUP=group, GROUP_PAD=group_pad,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=max(_MIN_TILE, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=block_size, TILE_N=max(_MIN_TILE, block_size),
+                BLOCK_Q=_query_tile(max_query_len, group_pad), NUM_SPLITS=num_splits)
+
+
+def combine_constants(constants: dict[str, int]) -> dict[str, int]:
+    """The split-combining kernel's constexprs, from the attention kernel's."""
+    return {k: constants[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "NUM_SPLITS")}
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                     max_query_len=None, num_splits=None):
     """Causal attention of q [T, num_heads, head_dim] over the paged cache; returns [T, H, D].
@@ -190,30 +207,25 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         num_splits = choose_num_splits(num_seqs, num_kv_heads, _num_sms(q.device)) if max_query_len == 1 else 1
     if num_splits & (num_splits - 1) or (num_splits > 1 and max_query_len != 1):
         raise ValueError(f"num_splits={num_splits}: splits are a power of two, for decode-only batches")
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    head_dim_pad = max(_MIN_TILE, triton.next_power_of_2(head_dim))
-    block_q = _query_tile(max_query_len, group_pad)
+    c = launch_constants(num_heads, num_kv_heads, head_dim, block_size, max_query_len, num_splits)
     if num_splits > 1:
-        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_out = torch.empty(num_tokens, num_heads, num_splits, c["HEAD_DIM_PAD"], dtype=torch.float32,
+                               device=q.device)
         part_ml = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_out = part_ml = out  # never touched
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    grid = (num_seqs, triton.cdiv(max_query_len, c["BLOCK_Q"]), num_kv_heads * num_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_ml,
         block_tables, seq_lens, query_start_loc,
         scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, TILE_N=max(_MIN_TILE, block_size), BLOCK_Q=block_q,
-        NUM_SPLITS=num_splits,
+        **c,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_ml, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
+            **combine_constants(c),
         )
     return out

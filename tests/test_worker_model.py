@@ -360,6 +360,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tiny, tmp_path):
     torch.testing.assert_close(logits[0], hf_last_logits(tiny[1], PROMPTS[0]), atol=1e-4, rtol=0)
     info = sharded.worker_info()
     assert (info.num_kv_blocks, info.max_model_len, list(info.eos_token_ids)) == (16, 256, [1])
+    assert list(info.cudagraph_capture_sizes) == []  # graphs are off on the CPU; no scratch block taken
 
 
 def test_dummy_weights_need_no_checkpoint(tiny, tmp_path):
