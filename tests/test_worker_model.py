@@ -292,26 +292,41 @@ def _decoding_triton_runner(tiny, device, **flags):
 
 
 def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
-    """The eager forward pass on a decode step padded as a CUDA graph replays it (3 sequences as 8):
-    the real rows come out as unpadded, and the padding rows write only the scratch block."""
+    """CudaGraphRunner.run on the CPU, each "graph" replaying the eager forward pass on the
+    persistent buffers: a decode step of 3 sequences runs as 8, its real rows come out as the
+    unpadded step's, and the padding rows write only the scratch block."""
     from worker.batch import build_step_inputs
+    from worker.cuda_graphs import CudaGraphRunner
     from worker.cudagraph_batch import DecodeBuffers
 
     _triton_backend()
     runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
     inputs = build_step_inputs(runner.batch.schedule(scheduled), BLOCK_SIZE, runner.device)
     scratch = runner.num_blocks - 1  # no sequence here owns it
-    before = [c.clone() for pair in runner.kv_caches for c in pair]
+    caches = [c for pair in runner.kv_caches for c in pair]
+    before = [c.clone() for c in caches]
+    graphs = CudaGraphRunner(runner.model, runner.kv_caches, DecodeBuffers.allocate(8, 64, BLOCK_SIZE, scratch, "cpu"),
+                             sizes=[1, 8])
+
+    class EagerReplay:  # a captured graph's stand-in: its replay() is the forward pass it would replay
+        def __init__(self, size):
+            self.size, self.hidden = size, torch.empty(size, tiny[1].config.hidden_size)
+
+        def replay(self):
+            b = graphs.buffers
+            self.hidden.copy_(runner.model(b.input_ids[:self.size], b.positions[:self.size], runner.kv_caches,
+                                           b.meta(self.size)))
+    graphs.graphs = {size: (replay, replay.hidden) for size in graphs.sizes for replay in [EagerReplay(size)]}
+
     with torch.inference_mode():
         eager = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta)
-        eager_caches = [c.clone() for pair in runner.kv_caches for c in pair]
-        for cache, old in zip((c for pair in runner.kv_caches for c in pair), before):
+        eager_caches = [c.clone() for c in caches]
+        for cache, old in zip(caches, before):
             cache.copy_(old)
-        buffers = DecodeBuffers.allocate(16, 64, BLOCK_SIZE, scratch, runner.device)
-        buffers.fill(inputs.input_ids, inputs.positions, inputs.meta, size=8)
-        padded = runner.model(buffers.input_ids[:8], buffers.positions[:8], runner.kv_caches, buffers.meta(8))
-    torch.testing.assert_close(padded[:3], eager, atol=1e-5, rtol=1e-5)
-    for cache, expected, old in zip((c for pair in runner.kv_caches for c in pair), eager_caches, before):
+        padded = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+    assert padded.shape == eager.shape and graphs.buffers.seq_lens[3:8].tolist() == [1] * 5
+    torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
+    for cache, expected, old in zip(caches, eager_caches, before):
         torch.testing.assert_close(cache[:scratch], expected[:scratch], atol=1e-5, rtol=1e-5)
         assert not torch.equal(cache[scratch], old[scratch])  # the padding rows wrote their K/V there
 
