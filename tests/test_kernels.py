@@ -141,7 +141,7 @@ LONG_DECODES = [(0, 1), (4, 1), (69, 1), (130, 1)]
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("group", [1, 2, 3, 4])
-@pytest.mark.parametrize("block_size", [4, 16, 32])
+@pytest.mark.parametrize("block_size", [4, 16])  # a tile of 4 blocks, a tile of one
 def test_split_kv_decode_matches_reference(block_size, group, num_splits, dtype, atol):
     gen = torch.Generator().manual_seed(block_size * 100 + group * 10 + num_splits)
     q, k_cache, v_cache, tables, seq_lens, qsl, _ = _build_batch(
