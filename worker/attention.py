@@ -200,6 +200,7 @@ def make_attention_backend(name: str, device: torch.device, block_size: int):
         # Compiled Triton cannot read CPU tensors: it would fail at the first step, not here.
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton attention backend runs on CUDA tensors: use --device cuda, or "
-                             "--attention-backend torch on the CPU (TRITON_INTERPRET=1 runs it there, slowly, for tests)")
+                             "--attention-backend torch on the CPU (TRITON_INTERPRET=1 runs it there, "
+                             "slowly, for tests)")
         return TritonAttention()
     raise ValueError(f"--attention-backend {name!r} is not one of auto, torch, triton")
