@@ -166,6 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (on CUDA they are captured up to --batch and replace the timed "
+                        "forward pass, whose parts then show only in the whole step)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-profile", action="store_true", help="also print torch profiler's top ops")
@@ -175,7 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    runner = ModelRunner(WorkerConfig(model=args.model, block_size=args.block_size, num_threads=args.num_threads))
+    runner = ModelRunner(WorkerConfig(model=args.model, block_size=args.block_size, num_threads=args.num_threads,
+                                      device=args.device, dtype=args.dtype, load_format=args.load_format,
+                                      enforce_eager=args.enforce_eager, max_num_seqs=args.batch))
     rng = np.random.default_rng(args.seed)
     lens = [args.prompt_len] * args.batch if args.prompt_len else rng.integers(32, 513, size=args.batch).tolist()
     clock = Clock()

@@ -3,16 +3,25 @@
 Cache layout (K and V alike), as written by `write_kv`:
     [num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous.
 Position p of sequence b lives at cache[block_tables[b, p // block_size], p % block_size].
-block_size must be a power of two (it is the KV tile of the kernel); on a GPU also >= 16, the
-smallest tile `tl.dot` accepts.
+block_size must be a power of two. Any such size works: the kernel walks the context in tiles of
+TILE_N = max(block_size, 16) positions (16 is the smallest K `tl.dot` accepts for P @ V) and looks
+up each position's block in the table, so a tile may span several small blocks.
 
 Work split: one program per (sequence, query tile, kv head). A query tile is BLOCK_Q consecutive
 query tokens of one sequence; the program handles them for every query head that shares the kv
-head (GQA/MQA), so each K/V block is loaded once for the whole group. Its rows are
+head (GQA/MQA), so each K/V tile is loaded once for the whole group. Its rows are
 (token, head-in-group) pairs, BLOCK_Q * GROUP_PAD of them, which keeps the `tl.dot` M dimension
-at >= 16 even for single-token decodes. The program walks the sequence's KV blocks up to the
-last position its tile may see, with an online softmax accumulated in fp32.
+at >= 16 even for single-token decodes. The program walks the sequence's context up to the last
+position its tile may see, with an online softmax accumulated in fp32.
+
+Split-KV decode (flash-decoding): when a batch of decodes has too few (sequence, kv head) programs
+to fill the GPU's SMs, each sequence's context is cut into `num_splits` equal ranges, one program
+each; every program writes its unnormalised output with its running max and sum, and a second
+kernel combines the splits. The split count depends only on the batch's shape (never on context
+lengths), so a captured CUDA graph stays valid for any context.
 """
+
+import functools
 
 import torch
 import triton
@@ -21,22 +30,28 @@ import triton.language as tl
 # Rows per program for prefill tiles, and the floor that keeps tl.dot legal for decodes.
 _PREFILL_ROWS = 64
 _MIN_ROWS = 16
+_MIN_TILE = 16  # the smallest K of tl.dot: the context tile, and the padded head_dim
+_MAX_SPLITS = 32  # beyond this the reduction costs more than the extra programs gain
+_WAVES = 2  # split until about this many programs per SM
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    part_out_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_co, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -62,37 +77,66 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
 
     # Causality: the tile's last query sees keys up to ctx_len + its index, never beyond.
-    last_tok = tl.minimum((tile + 1) * BLOCK_Q, q_len)
-    num_blocks = tl.cdiv(ctx_len + last_tok, BLOCK_SIZE)
-    n = tl.arange(0, BLOCK_SIZE)
-    for j in range(0, num_blocks):
-        # int64: physical block * block stride overflows int32 on large caches.
-        phys = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)
-        k_pos = j * BLOCK_SIZE + n
+    kv_end = ctx_len + tl.minimum((tile + 1) * BLOCK_Q, q_len)
+    # This program's share of the context: all of it, or one of NUM_SPLITS tile-aligned ranges
+    # (splits run only for decodes, whose single query sees every key below seq_len).
+    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE_N) * TILE_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_lo + split_len, kv_end)
+    n = tl.arange(0, TILE_N)
+    for start in range(kv_lo, kv_hi, TILE_N):
+        k_pos = start + n
         # Slots past seq_len in the last block hold stale data (maybe NaN): never load them.
         kv_ok = k_pos < seq_len
-        kv_base = k_cache_ptr + phys * stride_cb + kv_head * stride_ch
-        kt_off = n[None, :] * stride_co + d[:, None]
-        k_t = tl.load(kv_base + kt_off, mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+        # int64: physical block * block stride overflows int32 on large caches.
+        phys = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+        slot = phys * stride_cb + (k_pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch
+        k_t = tl.load(k_cache_ptr + slot[None, :] + d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
 
         s = tl.dot(q, k_t, input_precision="ieee") * scale
         s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        # Key 0 is visible to every row, so m_new is finite from the first block on.
+        # The range's first key is visible to every row, so m_new is finite from the first tile on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v_off = n[:, None] * stride_co + d[None, :]
-        v_base = v_cache_ptr + phys * stride_cb + kv_head * stride_ch
-        v = tl.load(v_base + v_off, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    o_off = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    token = q_start + tok
     o_mask = row_ok[:, None] & d_ok[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if NUM_SPLITS == 1:
+        o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        # Partials are [T, H, NUM_SPLITS, HEAD_DIM_PAD] and [T, H, NUM_SPLITS, 2] (max, sum), fp32.
+        # An empty split (its range starts past the context) leaves max -inf and sum 0.
+        part = (token * (GROUP * tl.num_programs(2) // NUM_SPLITS) + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr, part_out_ptr, part_ml_ptr,
+    stride_ot, stride_oh, num_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    # One program per (token, query head): rescale each split by exp(its max - the overall max).
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    part = (token * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    m = tl.load(part_ml_ptr + part * 2)
+    l_s = tl.load(part_ml_ptr + part * 2 + 1)
+    weight = tl.exp(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
+    d = tl.arange(0, HEAD_DIM_PAD)
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def _query_tile(max_query_len: int, group_pad: int) -> int:
@@ -101,9 +145,50 @@ def _query_tile(max_query_len: int, group_pad: int) -> int:
     return max(1, rows // group_pad)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter: no split)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """KV splits per decode sequence: 1 when num_seqs * num_kv_heads programs already fill the
+    SMs, else a power of two (<= _MAX_SPLITS) that brings the programs to about _WAVES per SM."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    return min(_MAX_SPLITS, triton.next_power_of_2(triton.cdiv(_WAVES * num_sms, programs)))
+
+
+def launch_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int,
+                     num_splits: int) -> dict[str, int]:
+    """The attention kernel's constexprs for a launch of this shape (also what tests compile for
+    CUDA ahead of time, so that a shape the GPU would refuse fails on the CPU too)."""
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    return dict(GROUP=group, GROUP_PAD=group_pad,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=max(_MIN_TILE, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=block_size, TILE_N=max(_MIN_TILE, block_size),
+                BLOCK_Q=_query_tile(max_query_len, group_pad), NUM_SPLITS=num_splits)
+
+
+def combine_constants(constants: dict[str, int]) -> dict[str, int]:
+    """The split-combining kernel's constexprs, from the attention kernel's."""
+    return {k: constants[k] for k in ("HEAD_DIM", "HEAD_DIM_PAD", "NUM_SPLITS")}
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                    max_query_len=None):
-    """Causal attention of q [T, num_heads, head_dim] over the paged cache; returns [T, H, D]."""
+                    max_query_len=None, num_splits=None):
+    """Causal attention of q [T, num_heads, head_dim] over the paged cache; returns [T, H, D].
+
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including this step's tokens),
+    query_start_loc [B + 1] int32. max_query_len: the longest query (derived with a device sync
+    when None). num_splits: KV splits per sequence for an all-decode batch (max_query_len 1);
+    None chooses by the device's SM count (choose_num_splits), 1 turns splitting off, a power of
+    two forces it (tests). Raises ValueError when splits are forced on a batch with prefills.
+    """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -118,18 +203,29 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         return out
     if max_query_len is None:  # costs a device sync; callers that know it should pass it
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    block_q = _query_tile(max_query_len, group_pad)
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, _num_sms(q.device)) if max_query_len == 1 else 1
+    if num_splits & (num_splits - 1) or (num_splits > 1 and max_query_len != 1):
+        raise ValueError(f"num_splits={num_splits}: splits are a power of two, for decode-only batches")
+    c = launch_constants(num_heads, num_kv_heads, head_dim, block_size, max_query_len, num_splits)
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, num_splits, c["HEAD_DIM_PAD"], dtype=torch.float32,
+                               device=q.device)
+        part_ml = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_ml = out  # never touched
+    grid = (num_seqs, triton.cdiv(max_query_len, c["BLOCK_Q"]), num_kv_heads * num_splits)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, out, part_out, part_ml,
         block_tables, seq_lens, query_start_loc,
         scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q,
+        **c,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            out, part_out, part_ml, out.stride(0), out.stride(1), num_heads,
+            **combine_constants(c),
+        )
     return out

@@ -115,6 +115,10 @@ def max_model_len_flag():
                 "config.json's max_position_embeddings)")
 
 
+def max_num_seqs_flag():
+    return flag(256, "most sequences in one step's batch")
+
+
 def api_key_flag():
     return flag(None, "require `Authorization: Bearer KEY` on the OpenAI API and the gRPC API",
                 env="PAGEDSERVE_API_KEY")

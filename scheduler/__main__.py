@@ -11,7 +11,7 @@ from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import stop_with_parent
 from pagedserve.v1 import scheduler_pb2 as pb
 
-from .config import SchedulerArgs, SchedulerConfig
+from .config import SchedulerArgs, SchedulerConfig, default_max_num_batched_tokens
 from .engine import Engine
 from .scheduler import Scheduler
 from .service import SchedulerService, build_server, watch_health
@@ -36,14 +36,21 @@ def model_info(args, info) -> pb.ModelInfo:
         num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size)
 
 
+def scheduler_config(args, infos) -> SchedulerConfig:
+    """The batching policy from the flags and the worker ranks' WorkerInfo (KV cache shape,
+    context length, and the device, which sets the token budget's default)."""
+    return from_namespace(
+        SchedulerConfig, args, num_blocks=min(i.num_kv_blocks for i in infos),
+        block_size=infos[0].block_size, max_model_len=model_info(args, infos[0]).max_model_len,
+        max_num_batched_tokens=max(args.max_num_batched_tokens
+                                   or default_max_num_batched_tokens(infos[0].device), 1))
+
+
 async def serve(args) -> None:
     workers = WorkerGroup(args.worker_addrs.split(","))
     infos = await workers.wait_ready()
     info = model_info(args, infos[0])
-    config = from_namespace(
-        SchedulerConfig, args, num_blocks=min(i.num_kv_blocks for i in infos),
-        block_size=info.block_size, max_model_len=info.max_model_len,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 1))
+    config = scheduler_config(args, infos)
     engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
     server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}",
                                            args.api_key)

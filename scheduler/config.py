@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, flag, log_level_flag, served_model_name_flag,
-                              shutdown_timeout_flag)
+from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_num_seqs_flag,
+                              served_model_name_flag, shutdown_timeout_flag)
+
+# Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
+# GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
 @dataclass
@@ -16,9 +20,10 @@ class SchedulerConfig:
     num_blocks: int
     block_size: int
     max_model_len: int
-    max_num_seqs: int = flag(256, "most sequences in one step's batch")
-    max_num_batched_tokens: int = flag(2048, "most tokens computed in one step (the token budget "
-                                       "that decodes and prefill chunks share)")
+    max_num_seqs: int = max_num_seqs_flag()
+    max_num_batched_tokens: int | None = flag(
+        None, "most tokens computed in one step, the budget that decodes and prefill chunks "
+        "share (default: by the workers' device, 8192 on cuda, 2048 on cpu)")
     enable_prefix_caching: bool = flag(True, "reuse the KV blocks of prompt prefixes seen before")
     max_waiting_requests: int = flag(0, "requests queued beyond the batch before Generate answers "
                                      "RESOURCE_EXHAUSTED (0: unbounded)")
@@ -36,3 +41,8 @@ class SchedulerArgs:
     api_key: str | None = api_key_flag()
     shutdown_timeout: float = shutdown_timeout_flag()
     log_level: str = log_level_flag()
+
+
+def default_max_num_batched_tokens(device: str) -> int:
+    """The token budget for the workers' device ("cpu", "cuda" or "cuda:N")."""
+    return DEFAULT_MAX_NUM_BATCHED_TOKENS[device.split(":")[0]]

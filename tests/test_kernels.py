@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.kv_write import _write_kv_kernel  # noqa: E402
-from kernels.paged_attention import _paged_attention_kernel  # noqa: E402
+from kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel, choose_num_splits  # noqa: E402
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -37,7 +37,7 @@ else:
 def test_interpreter_is_used_on_cpu():
     if DEVICE == "cuda":
         pytest.skip("compiled kernels on CUDA")
-    for fn in (_write_kv_kernel, _paged_attention_kernel, tl.max, tl.sum, tl.cdiv):
+    for fn in (_write_kv_kernel, _paged_attention_kernel, _combine_splits_kernel, tl.max, tl.sum, tl.cdiv):
         assert isinstance(fn, InterpretedFunction)
 
 
@@ -105,7 +105,7 @@ def _build_batch(requests, block_size, num_kv_heads, group, head_dim, dtype, gen
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("requests", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
 @pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (1, 3), (1, 8), (2, 4)])
-@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128), (16, 128), (32, 64)])
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (32, 128), (16, 128), (32, 64), (4, 32)])
 def test_paged_attention_matches_reference(block_size, head_dim, num_kv_heads, group, requests,
                                            dtype, atol):
     gen = torch.Generator().manual_seed(block_size * 1000 + head_dim * 10 + group)
@@ -130,3 +130,54 @@ def test_paged_attention_odd_head_dim_and_empty_query():
     out = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.1, max_q)
     ref = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, 0.1)
     assert (out.float() - ref.float()).abs().max().item() <= atol
+
+
+# ------------------------------------------------------------------------------ split-KV decodes
+
+# Contexts that divide no split size, one shorter than a tile (later splits empty), one of a token.
+LONG_DECODES = [(0, 1), (4, 1), (69, 1), (130, 1)]
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
+@pytest.mark.parametrize("block_size", [4, 16])  # a tile of 4 blocks, a tile of one
+def test_split_kv_decode_matches_reference(block_size, group, num_splits, dtype, atol):
+    gen = torch.Generator().manual_seed(block_size * 100 + group * 10 + num_splits)
+    q, k_cache, v_cache, tables, seq_lens, qsl, _ = _build_batch(
+        LONG_DECODES, block_size, 2, group, 64, dtype, gen)
+    out = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125, 1, num_splits=num_splits)
+    ref = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125)
+    assert (out.float() - ref.float()).abs().max().item() <= atol
+
+
+def test_split_kv_changes_the_summation_not_the_result():
+    """Forcing splits really takes the split path (other rounding), and agrees with no split."""
+    dtype, atol = DTYPES[0]
+    gen = torch.Generator().manual_seed(3)
+    q, k_cache, v_cache, tables, seq_lens, qsl, _ = _build_batch([(150, 1)], 16, 1, 4, 64, dtype, gen)
+    whole = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125, 1, num_splits=1)
+    split = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.125, 1, num_splits=4)
+    assert not torch.equal(whole, split)
+    assert (whole.float() - split.float()).abs().max().item() <= atol
+
+
+def test_split_kv_is_refused_for_prefills_and_odd_counts():
+    gen = torch.Generator().manual_seed(4)
+    batch = _build_batch(MIXED, 16, 1, 2, 64, DTYPES[0][0], gen)
+    with pytest.raises(ValueError, match="decode-only"):
+        kernels.paged_attention(*batch[:6], 0.125, batch[6], num_splits=2)
+    decodes = _build_batch(DECODE, 16, 1, 2, 64, DTYPES[0][0], gen)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.paged_attention(*decodes[:6], 0.125, 1, num_splits=3)
+
+
+@pytest.mark.parametrize("num_seqs,num_kv_heads,num_sms,expected", [
+    (1, 8, 132, 32),   # one sequence of the 8B shape: capped at 32 splits
+    (4, 8, 132, 16),   # 32 programs -> 264 / 32 = 8.25 -> next power of two
+    (16, 8, 132, 4),   # 128 programs leave SMs idle: 264 / 128 -> 3 -> 4
+    (17, 8, 132, 1),   # 136 programs fill 132 SMs: no split
+    (3, 3, 1, 1),      # the interpreter's single "SM": never split
+])
+def test_choose_num_splits(num_seqs, num_kv_heads, num_sms, expected):
+    assert choose_num_splits(num_seqs, num_kv_heads, num_sms) == expected

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.v1 import scheduler_pb2 as pb
+from scheduler.config import default_max_num_batched_tokens
 from scheduler.request import SamplingLimits, Status
 from scheduler.scheduler import QueueFull, Scheduler, SchedulerConfig
 from tests.fake_worker import FakeWorker
@@ -17,6 +18,7 @@ EOS = 0
 
 
 def make(num_blocks=64, block_size=4, max_model_len=256, **kw):
+    kw.setdefault("max_num_batched_tokens", default_max_num_batched_tokens("cpu"))
     config = SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
                              max_model_len=max_model_len, **kw)
     return Scheduler(config), FakeWorker(num_blocks, block_size, VOCAB)

@@ -268,15 +268,92 @@ def test_torch_and_triton_backends_agree():
 
 
 def test_triton_backend_runner_generates_the_same_tokens(tiny):
+    """Block size 4, below the 16 that tl.dot needs: the kernel's tiles span several blocks."""
     _triton_backend()
+    # Compiled Triton reads only CUDA tensors; the interpreter only CPU ones.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_runner = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=64,
-                                             attention_backend="triton"))
+                                             attention_backend="triton", device=device, dtype="float32"))
     d = Driver(triton_runner)
     d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1])], sched=[d.sched(0, 7), d.sched(1, 2)])
     for _ in range(2):
         d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
     assert d.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 3)
     assert d.outputs[1] == hf_greedy(tiny[1], PROMPTS[1], 3)
+
+
+def _decoding_triton_runner(tiny, device, **flags):
+    """A triton runner with three sequences prefilled, and the plan of their next decode step."""
+    runner = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=64,
+                                      attention_backend="triton", device=device, dtype="float32", **flags))
+    d = Driver(runner)
+    d.step(new=[d.new(i, PROMPTS[i]) for i in (0, 1, 3)], sched=[d.sched(0, 7), d.sched(1, 2), d.sched(3, 11)])
+    return runner, d, [d.sched(i, 1) for i in (0, 1, 3)]
+
+
+def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
+    """CudaGraphRunner.run on the CPU, each "graph" replaying the eager forward pass on the
+    persistent buffers: a decode step of 3 sequences runs as 8, its real rows come out as the
+    unpadded step's, and the padding rows write only the scratch block."""
+    from worker.batch import build_step_inputs
+    from worker.cuda_graphs import CudaGraphRunner
+    from worker.cudagraph_batch import DecodeBuffers
+
+    _triton_backend()
+    runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
+    inputs = build_step_inputs(runner.batch.schedule(scheduled), BLOCK_SIZE, runner.device)
+    scratch = runner.num_blocks - 1  # no sequence here owns it
+    caches = [c for pair in runner.kv_caches for c in pair]
+    before = [c.clone() for c in caches]
+    graphs = CudaGraphRunner(runner.model, runner.kv_caches, DecodeBuffers.allocate(8, 64, BLOCK_SIZE, scratch, "cpu"),
+                             sizes=[1, 8])
+
+    class EagerReplay:  # a captured graph's stand-in: its replay() is the forward pass it would replay
+        def __init__(self, size):
+            self.size, self.hidden = size, torch.empty(size, tiny[1].config.hidden_size)
+
+        def replay(self):
+            b = graphs.buffers
+            self.hidden.copy_(runner.model(b.input_ids[:self.size], b.positions[:self.size], runner.kv_caches,
+                                           b.meta(self.size)))
+    graphs.graphs = {size: (replay, replay.hidden) for size in graphs.sizes for replay in [EagerReplay(size)]}
+
+    with torch.inference_mode():
+        eager = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta)
+        eager_caches = [c.clone() for c in caches]
+        for cache, old in zip(caches, before):
+            cache.copy_(old)
+        padded = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+    assert padded.shape == eager.shape and graphs.buffers.seq_lens[3:8].tolist() == [1] * 5
+    torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
+    for cache, expected, old in zip(caches, eager_caches, before):
+        torch.testing.assert_close(cache[:scratch], expected[:scratch], atol=1e-5, rtol=1e-5)
+        assert not torch.equal(cache[scratch], old[scratch])  # the padding rows wrote their K/V there
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_and_eager_steps_give_identical_tokens(tiny):
+    graphed, d_graph, _ = _decoding_triton_runner(tiny, "cuda", max_num_seqs=8)
+    eager, d_eager, _ = _decoding_triton_runner(tiny, "cuda", enforce_eager=True)
+    assert list(graphed.worker_info().cudagraph_capture_sizes) == [1, 2, 4, 8]
+    assert graphed.num_blocks == eager.num_blocks - 1  # the scratch block left the pool
+    for d in (d_graph, d_eager):
+        for _ in range(4):
+            d.step(sched=[d.sched(i, 1) for i in (0, 1, 3)])
+    assert d_graph.outputs == d_eager.outputs
+    assert d_graph.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 5)
+
+
+@pytest.mark.parametrize("block_size,interpret,message", [
+    (12, "1", "power-of-two --block-size"),
+    (16, "0", "runs on CUDA tensors"),  # compiled Triton on CPU tensors would fail at the first step
+])
+def test_triton_backend_is_refused_at_start_up_where_it_cannot_run(monkeypatch, block_size, interpret, message):
+    from worker.attention import make_attention_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError, match=message):
+        make_attention_backend("triton", torch.device("cpu"), block_size)
 
 
 # ----- loading -------------------------------------------------------------------------------
@@ -298,6 +375,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tiny, tmp_path):
     torch.testing.assert_close(logits[0], hf_last_logits(tiny[1], PROMPTS[0]), atol=1e-4, rtol=0)
     info = sharded.worker_info()
     assert (info.num_kv_blocks, info.max_model_len, list(info.eos_token_ids)) == (16, 256, [1])
+    assert list(info.cudagraph_capture_sizes) == []  # graphs are off on the CPU; no scratch block taken
 
 
 def test_dummy_weights_need_no_checkpoint(tiny, tmp_path):

@@ -143,3 +143,20 @@ def test_invalid_params_are_rejected():
         SamplingOptions(top_p=0.0).check(VOCAB)
     with pytest.raises(ValueError, match="vocabulary"):
         SamplingOptions(logit_bias={VOCAB: 1.0}).check(VOCAB)
+
+
+@pytest.mark.parametrize("logprobs", [None, 3])
+def test_one_host_transfer_per_step(monkeypatch, logprobs):
+    """On a GPU every device-to-host read stalls the step: a batch using every feature reads once."""
+    reads = []
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _f=original, **k: (reads.append(_n), _f(self, *a, **k))[1])
+    rows = [seq(temperature=0, logprobs=logprobs), seq(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05),
+            seq(temperature=1.0, seed=3, repetition_penalty=1.3, frequency_penalty=0.5, generated=[4, 4]),
+            seq(temperature=0.5, logit_bias={7: 2.0}, min_tokens=2, logprobs=logprobs)]
+    out = sampler()(random_logits(4), rows)
+    assert reads == ["tolist"]
+    assert len(out.token_ids) == 4 and all(isinstance(t, int) for t in out.token_ids)
+    assert (out.logprobs[0] is None) == (logprobs is None)

@@ -6,12 +6,14 @@ Both backends take the same inputs and must give the same results:
   C kernels of cpu/attention.py; where they cannot be built, decodes take one SDPA call over a padded
   gather of their blocks and prefill chunks one SDPA call per sequence. Fresh prompts longer than
   KERNEL_MAX_FRESH_CONTEXT keep SDPA, which is faster there.
-- `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests).
+- `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests),
+  for any power-of-two block size (the kernel tiles the context in >= 16 positions).
 
 Cache layout (the kernels' contract): per layer, K and V of shape
 [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives in slot
 table[t // block_size] * block_size + t % block_size.
 """
+import os
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -163,20 +165,23 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self):
+    def __init__(self, num_splits: int | None = None):
         import kernels  # lazily: importing triton is slow and needs a GPU or TRITON_INTERPRET=1
 
         self.kernels = kernels
+        self.num_splits = num_splits  # KV splits of decode batches; None: by the SM count
 
     def prepare(self, meta: AttentionMetadata) -> None:
         pass
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Split-KV decodes are chosen by the batch's shape alone, so a CUDA graph captured for a
+        batch size stays right for every context length."""
         k_cache, v_cache = kv_cache
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            max_query_len=meta.max_query_len,
+            max_query_len=meta.max_query_len, num_splits=self.num_splits,
         )
 
 
@@ -190,7 +195,12 @@ def make_attention_backend(name: str, device: torch.device, block_size: int):
         from worker.cpu.attention import attention_kernel
         return TorchAttention(attention_kernel())
     if name == "triton":
-        if block_size & (block_size - 1):
+        if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"the triton attention backend needs a power-of-two --block-size, not {block_size}")
+        # Compiled Triton cannot read CPU tensors: it would fail at the first step, not here.
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton attention backend runs on CUDA tensors: use --device cuda, or "
+                             "--attention-backend torch on the CPU (TRITON_INTERPRET=1 runs it there, "
+                             "slowly, for tests)")
         return TritonAttention()
     raise ValueError(f"--attention-backend {name!r} is not one of auto, torch, triton")

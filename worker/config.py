@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import flag, log_level_flag, max_model_len_flag, model_flag
+from pagedserve.flags import flag, log_level_flag, max_model_len_flag, max_num_seqs_flag, model_flag
 
 
 @dataclass
@@ -27,6 +27,11 @@ class WorkerConfig:
                                   choices=["auto", "torch", "triton"])
     load_format: str = flag("auto", "dummy: random weights of the right shapes, for benchmarks",
                             choices=["auto", "dummy"])
+    enforce_eager: bool = flag(False, "never capture CUDA graphs for decode steps (they are always "
+                               "off on the CPU)")
+    max_cudagraph_capture_size: int = flag(512, "largest decode batch captured as a CUDA graph "
+                                           "(capped at --max-num-seqs)")
+    max_num_seqs: int = max_num_seqs_flag()  # no decode batch is larger: none is captured larger
     seed: int = flag(0, "seeds sampling for requests without a seed (every rank gets the same)")
     num_threads: int | None = flag(
         None, "torch CPU threads per worker (default: the cores this process may use, shared "

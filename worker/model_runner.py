@@ -11,8 +11,10 @@ from pagedserve.v1 import worker_pb2
 from worker.attention import make_attention_backend
 from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
-from worker.cpu.linear import prepare_linears
 from worker.cpu.host_memory import keep_freed_memory
+from worker.cpu.linear import prepare_linears
+from worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
+from worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput
@@ -38,10 +40,38 @@ class ModelRunner:
         shape = self.model.kv_cache_shape()
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
+        self.graphs = self.start_cuda_graphs()
         self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len, self.loaded.vocab_size)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads", self.loaded.architecture, config.model,
                  self.loaded.dtype, self.device, self.backend.name, torch.get_num_threads())
+
+    def start_cuda_graphs(self) -> CudaGraphRunner | None:
+        """Capture decode graphs unless graphs_off_reason says no; their padding rows take the
+        cache's last block, which then leaves the scheduler's pool (self.num_blocks shrinks)."""
+        reason = graphs_off_reason(self.config, self.device, self.backend.name)
+        if reason is not None:
+            log.info("CUDA graphs off: %s", reason)
+            return None
+        usable, scratch = reserve_scratch_block(self.num_blocks)
+        sizes = capture_sizes(self.config.max_cudagraph_capture_size, self.config.max_num_seqs)
+        max_blocks = -(-self.loaded.max_model_len // self.config.block_size)
+
+        def make_runner():
+            buffers = DecodeBuffers.allocate(sizes[-1], max_blocks, self.config.block_size, scratch, self.device)
+            return CudaGraphRunner(self.model, self.kv_caches, buffers, sizes)
+        runner = capture_or_eager(make_runner)
+        if runner is not None:
+            self.num_blocks = usable
+        return runner
+
+    def forward(self, inputs) -> torch.Tensor:
+        """Hidden states [T, hidden]: replayed from a CUDA graph where one serves the step."""
+        if self.graphs is not None:
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            if hidden is not None:
+                return hidden
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
 
     def worker_info(self) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -55,6 +85,7 @@ class ModelRunner:
             eos_token_ids=self.loaded.eos_token_ids,
             device=str(self.device),
             dtype=str(self.loaded.dtype).removeprefix("torch."),
+            cudagraph_capture_sizes=self.graphs.sizes if self.graphs is not None else [],
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
@@ -83,7 +114,7 @@ class ModelRunner:
         started, cpu_started = time.perf_counter(), time.process_time()
         inputs = build_step_inputs(work, self.config.block_size, self.device)
         self.backend.prepare(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = self.forward(inputs)
         if inputs.sampling:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             sampled = self.sampler(logits, inputs.sampling)  # returns Python ints: the device has synced

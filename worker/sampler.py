@@ -121,12 +121,9 @@ class Sampler:
         if random_rows:
             tokens[random_rows] = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
 
-        token_list = tokens.tolist()
-        logprobs = [None] * len(seqs)
-        if want_logprobs:
-            for row, entry in zip(want_logprobs, self._logprobs(raw_logprobs, want_logprobs, token_list, params)):
-                logprobs[row] = entry
-        return SamplerOutput(token_list, logprobs)
+        if not want_logprobs:
+            return SamplerOutput(tokens.tolist(), [None] * len(seqs))  # the step's one host sync
+        return self._with_logprobs(tokens, raw_logprobs, want_logprobs, params)
 
     def _apply_bias_and_min_tokens(self, logits, seqs):
         biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias.items()]
@@ -167,7 +164,7 @@ class Sampler:
             return torch.tensor([getattr(s.params, name) for s in picked], device=device, dtype=sub.dtype)[:, None]
 
         repetition = column("repetition_penalty")
-        if (repetition != 1).any():
+        if any(s.params.repetition_penalty != 1 for s in picked):  # from the host: no device sync
             # vLLM's (and CTRL's) rule: over prompt and output, divide positive logits, multiply negative.
             seen = in_output | (_token_counts([s.token_ids[: s.num_prompt] for s in picked], self.vocab_size, device) > 0)
             penalized = torch.where(sub > 0, sub / repetition, sub * repetition)
@@ -214,14 +211,24 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill((mass_before > top_p) & (top_p < 1), float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
 
-    def _logprobs(self, raw_logprobs, rows, tokens, params):
+    def _with_logprobs(self, tokens, raw_logprobs, rows, params) -> SamplerOutput:
+        """Token ids, and for `rows` the sampled token's logprob and the top k, brought to the host
+        in one transfer (one sync per step on a GPU): ids are exact in float64 (vocab < 2**53), and
+        float32 logprobs survive the round trip unchanged."""
         k_max = max(params[r].logprobs for r in rows)
-        top_values, top_ids = raw_logprobs.topk(k_max, dim=-1) if k_max else (None, None)
-        sampled = raw_logprobs.gather(1, torch.tensor([tokens[r] for r in rows], device=raw_logprobs.device)[:, None])
-        sampled = sampled.squeeze(1).tolist()
-        top_values = top_values.tolist() if k_max else None
-        top_ids = top_ids.tolist() if k_max else None
+        sampled = raw_logprobs.gather(1, tokens[rows][:, None]).squeeze(1)
+        top_values, top_ids = raw_logprobs.topk(k_max, dim=-1)
+        parts = (tokens, sampled, top_values.flatten(), top_ids.flatten())
+        packed = torch.cat([p.double() for p in parts]).tolist()
+        num, num_rows = len(params), len(rows)
+        token_list = [int(t) for t in packed[:num]]
+        sampled_list = packed[num: num + num_rows]
+        tops = packed[num + num_rows:]
+        values, ids = tops[: num_rows * k_max], tops[num_rows * k_max:]
+        logprobs = [None] * num
         for j, r in enumerate(rows):
             k = params[r].logprobs
-            top = [scheduler_pb2.TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:k], top_values[j][:k])] if k else []
-            yield scheduler_pb2.TokenLogprob(token_id=tokens[r], logprob=sampled[j], top=top)
+            top = [scheduler_pb2.TopLogprob(token_id=int(t), logprob=v)
+                   for t, v in zip(ids[j * k_max: j * k_max + k], values[j * k_max: j * k_max + k])]
+            logprobs[r] = scheduler_pb2.TokenLogprob(token_id=token_list[r], logprob=sampled_list[j], top=top)
+        return SamplerOutput(token_list, logprobs)

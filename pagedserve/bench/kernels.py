@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from worker.attention import TorchAttention, make_attention_backend
+from worker.attention import TorchAttention, TritonAttention, make_attention_backend
 from worker.batch import SequenceState, build_step_inputs
 
 COPY_BYTES = 256 << 20
@@ -99,8 +99,9 @@ def decode_case(batch: int, context: int, args, device, dtype, backends) -> list
 def backends_for(device: torch.device, block_size: int) -> list[tuple[str, object]]:
     """The worker's backends for this device: on a CPU the C decode kernel (when it builds) and the
     gather + SDPA path it replaces."""
-    if device.type == "cuda":
-        return [("triton", make_attention_backend("triton", device, block_size))]
+    if device.type == "cuda":  # split-KV as the worker chooses it, and never split (its baseline)
+        return [("triton", make_attention_backend("triton", device, block_size)),
+                ("triton_no_split", TritonAttention(num_splits=1))]
     backends = [("torch_gather_sdpa", TorchAttention())]
     worker_backend = make_attention_backend("torch", device, block_size)
     if worker_backend.kernel is not None:
