@@ -301,7 +301,7 @@ def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
 
     _triton_backend()
     runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
-    inputs = build_step_inputs(runner.batch.schedule(scheduled), BLOCK_SIZE, runner.device)
+    inputs = build_step_inputs(runner.batch.begin_step(scheduled), BLOCK_SIZE, runner.device)
     scratch = runner.num_blocks - 1  # no sequence here owns it
     caches = [c for pair in runner.kv_caches for c in pair]
     before = [c.clone() for c in caches]
