@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from router.cors import add_cors_args
+
 
 def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="a Hugging Face model directory")
@@ -34,6 +36,7 @@ def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    help="seconds each process gives requests in flight to finish after SIGTERM")
     p.add_argument("--max-request-body-bytes", type=int, default=None,
                    help="the router answers 413 to larger bodies (default: 16 MiB)")
+    add_cors_args(p)
 
 
 def main(argv=None) -> None:

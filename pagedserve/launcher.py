@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.cors import cors_flags
+
 from .parent_watch import PARENT_ENV
 
 
@@ -108,7 +110,7 @@ class Launcher:
                "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
                "--shutdown-timeout", str(a.shutdown_timeout)]
         return cmd + self.optional("--served-model-name", "--api-key", "--chat-template",
-                                   "--max-model-len", "--max-request-body-bytes")
+                                   "--max-model-len", "--max-request-body-bytes") + cors_flags(a)
 
     def optional(self, *flags: str) -> list[str]:
         out = []

@@ -9,6 +9,7 @@ import uvicorn
 
 from pagedserve.parent_watch import stop_with_parent
 from router.app import build_app
+from router.cors import add_cors_args
 from router.logs import configure_logging
 from router.settings import Settings
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="answer 413 to larger request bodies (0: no limit)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds that requests in flight get to finish after SIGTERM")
+    add_cors_args(p)
     p.add_argument("--log-level", default=os.environ.get("PAGEDSERVE_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(scheduler_addr=args.scheduler_addr, model=args.model,
                         served_model_name=args.served_model_name, api_key=args.api_key,
                         chat_template=args.chat_template, max_model_len=args.max_model_len,
-                        max_request_body_bytes=args.max_request_body_bytes)
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                        allowed_headers=args.allowed_headers,
+                        allow_credentials=args.allow_credentials)
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the
     # signal again under the handler it found: this one, so a drained router exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

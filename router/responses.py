@@ -47,6 +47,13 @@ class Responses:
             out["usage"] = None  # OpenAI's convention: only the last chunk carries usage
         return out
 
+    def token_name(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or "token_id:N" when the client asked for ids
+        (vLLM's return_tokens_as_token_ids, for tokens whose text is not unique or not UTF-8)."""
+        if self.request.tokens_as_ids:
+            return f"token_id:{token_id}"
+        return self.tokenizer.token_str(token_id)
+
     def usage_chunk(self, totals: dict) -> dict:
         out = self.chunk_envelope([])
         out["usage"] = totals
@@ -102,7 +109,7 @@ class CompletionResponses(Responses):
         if self.request.logprobs is None:
             return None
         shift = len(self.echo(index))
-        return {"tokens": [self.tokenizer.token_str(lp.token_id) for lp in delta.logprobs],
+        return {"tokens": [self.token_name(lp.token_id) for lp in delta.logprobs],
                 "token_logprobs": [clamp(lp.logprob) for lp in delta.logprobs],
                 "top_logprobs": [self.top(lp) for lp in delta.logprobs],
                 "text_offset": [shift + lp.text_offset for lp in delta.logprobs]}
@@ -111,7 +118,7 @@ class CompletionResponses(Responses):
         # As vLLM does: the sampled token is listed even when it is not among the top k.
         alternatives = {lp.token_id: lp.logprob, **dict(lp.top)}
         ranked = sorted(alternatives.items(), key=lambda tv: -tv[1])
-        return {self.tokenizer.token_str(t): clamp(v) for t, v in ranked}
+        return {self.token_name(t): clamp(v) for t, v in ranked}
 
 
 class ChatResponses(Responses):
@@ -141,7 +148,7 @@ class ChatResponses(Responses):
         return {"content": [self.entry(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs]}
 
     def entry(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> dict:
-        out = {"token": self.tokenizer.token_str(token_id), "logprob": clamp(logprob),
+        out = {"token": self.token_name(token_id), "logprob": clamp(logprob),
                "bytes": list(self.tokenizer.token_bytes(token_id))}
         if top is not None:
             out["top_logprobs"] = [self.entry(t, v, None) for t, v in top]

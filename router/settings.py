@@ -1,7 +1,7 @@
 """What the router is started with (the flags of `python -m router`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,3 +15,7 @@ class Settings:
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
     max_request_body_bytes: int = 16 << 20  # larger bodies get 413; 0: no limit
+    allowed_origins: list[str] | None = None  # CORS origins; None: CORS off (router/cors.py)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
