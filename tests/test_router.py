@@ -644,3 +644,41 @@ def test_cors_is_off_by_default_and_answers_preflights_when_on(harness, url):
                                                          "Authorization": "Bearer k"})
     assert real.status_code == 200
     assert real.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_cors_flags_travel_from_serve_to_the_router():
+    import argparse
+
+    from pagedserve.cli import add_serve_args
+    from pagedserve.launcher import Launcher
+    from router.__main__ import parse_args
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    args = parser.parse_args(["--model", "m", "--allowed-origins", '["https://a.example"]',
+                              "--allowed-headers", '["content-type"]', "--allow-credentials"])
+    cmd = Launcher(args).router_command()
+    routed = parse_args(cmd[cmd.index("router") + 1:])
+    assert routed.allowed_origins == ["https://a.example"] and routed.allow_credentials
+    assert (routed.allowed_methods, routed.allowed_headers) == (["*"], ["content-type"])
+    assert "--allowed-origins" not in Launcher(parser.parse_args(["--model", "m"])).router_command()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--allowed-origins", "https://a.example"])  # not JSON
+
+
+def test_every_field_of_the_policy_is_documented():
+    from pathlib import Path
+
+    from router.field_policy import FIELDS
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    assert [name for name in FIELDS if f"`{name}`" not in doc] == []
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_the_policy_knows_every_field_of_the_openai_sdk(endpoint):
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    from router.field_policy import FIELDS
+    params = chat_create_params if endpoint == "chat" else completion_create_params
+    sdk = {*params.CompletionCreateParamsBase.__annotations__, "stream"}
+    assert sorted(f for f in sdk if f not in FIELDS or endpoint not in FIELDS[f].endpoints) == []
