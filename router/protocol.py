@@ -40,6 +40,7 @@ class GenerationRequest:
     skip_special_tokens: bool
     hidden_stop_ids: frozenset[int]  # tokens that end a sequence without showing in its text
     include_stop_str: bool = False   # the stop string that ended a choice stays in its text
+    chat_echo: str = ""              # chat `echo`: the last assistant message, before each reply
     tokens_as_ids: bool = False      # logprobs name tokens "token_id:N" (vLLM's option)
 
 
@@ -68,9 +69,6 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     if f.raw("tools"):
         raise invalid("tools", "Tool calling is not supported by this server.")
     check_response_format(f)
-    if f.boolean("echo", False):
-        raise invalid("echo", "'echo' in chat (prepending the last assistant message) is not "
-                      "supported; add its text to the reply yourself.")
     want_logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
@@ -83,7 +81,11 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     [prompt] = truncate(f, [prompt], model)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
-    return generation(f, "chat", [prompt], params, logprobs, False, model)
+    req = generation(f, "chat", [prompt], params, logprobs, False, model)
+    # vLLM's chat echo: a reply continuing the assistant's last message starts with that message
+    if f.boolean("echo", False) and messages[-1]["role"] == "assistant":
+        req.chat_echo = messages[-1]["content"]
+    return req
 
 
 def fields_of(body: Any, model: ServedModel, endpoint: str) -> Fields:

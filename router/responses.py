@@ -126,11 +126,15 @@ class ChatResponses(Responses):
     chunk_object_name = "chat.completion.chunk"
 
     def opening(self) -> list[dict]:
-        """OpenAI streams the assistant's role first, in a chunk of its own for each choice."""
+        """OpenAI streams the assistant's role first, in a chunk of its own for each choice; with
+        vLLM's `echo`, the echoed message follows in one chunk per choice."""
         count = len(self.request.prompts) * self.request.n
-        return [self.chunk_envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])
-                for i in range(count)]
+        roles = [self.chunk_envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}])
+                 for i in range(count)]
+        echoed = [self.chunk(i, Delta(self.request.chat_echo)) for i in range(count)
+                  if self.request.chat_echo]
+        return roles + echoed
 
     def chunk(self, index: int, delta: Delta) -> dict:
         return self.chunk_envelope([{"index": index,
@@ -139,7 +143,8 @@ class ChatResponses(Responses):
                                      "finish_reason": delta.finish_reason}])
 
     def final_choice(self, index: int, result: Delta) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": result.text},
+        return {"index": index,
+                "message": {"role": "assistant", "content": self.request.chat_echo + result.text},
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
 
     def logprobs(self, delta: Delta) -> dict | None:

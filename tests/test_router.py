@@ -682,3 +682,18 @@ def test_the_policy_knows_every_field_of_the_openai_sdk(endpoint):
     params = chat_create_params if endpoint == "chat" else completion_create_params
     sdk = {*params.CompletionCreateParamsBase.__annotations__, "stream"}
     assert sorted(f for f in sdk if f not in FIELDS or endpoint not in FIELDS[f].endpoints) == []
+
+
+def test_chat_echo_starts_the_reply_with_the_last_assistant_message(client, fake, tokenizer):
+    say(fake, tokenizer, " Paris.")
+    messages = [{"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    extra = {"echo": True, "continue_final_message": True, "add_generation_prompt": False}
+    whole = chat(client, messages=messages, max_tokens=10, extra_body=extra)
+    assert whole.choices[0].message.content == "The capital of France is Paris."
+    texts, reasons, _ = streamed_text(chat(client, stream=True, messages=messages, max_tokens=10,
+                                           extra_body=extra))
+    assert texts[0] == "The capital of France is Paris." and reasons[0] == "stop"
+    # echo has nothing to prepend after a user message
+    assert chat(client, max_tokens=10, extra_body={"echo": True}).choices[0].message.content == \
+        " Paris."
