@@ -47,7 +47,7 @@ def one(value: Any) -> bool:
 class Policy:
     rule: str
     endpoints: tuple[str, ...] = BOTH
-    kind: type | tuple[type, ...] | None = None  # ACCEPTED fields: the JSON type they must have
+    kind: type | None = None                      # ACCEPTED fields: the JSON type they must have
     can_do: Callable[[Any], bool] = unset         # REFUSED fields: the values that ask nothing
     why: str = ""                                 # REFUSED fields: what the server cannot do
 
@@ -56,7 +56,7 @@ def honoured(endpoints: tuple[str, ...] = BOTH) -> Policy:
     return Policy(HONOURED, endpoints)
 
 
-def accepted(kind: type | tuple[type, ...], endpoints: tuple[str, ...] = BOTH) -> Policy:
+def accepted(kind: type, endpoints: tuple[str, ...] = BOTH) -> Policy:
     return Policy(ACCEPTED, endpoints, kind=kind)
 
 
