@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -21,13 +22,26 @@ FLAG = "pagedserve.flag"
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, choices: list | None = None,
-         group: str | None = None, env: str | None = None, short: str | None = None):
+         group: str | None = None, env: str | None = None, short: str | None = None,
+         default_factory: Any = dataclasses.MISSING):
     """A dataclass field that is also a command-line option.
 
     `env`: an environment variable whose value, when set, replaces the default. `group`: options
-    of one group are mutually exclusive. A field without a default is a required option."""
+    of one group are mutually exclusive. A field without a default is a required option. A
+    `list[str]` field takes a JSON array, as vLLM's list flags do (`--allowed-origins '["*"]'`)."""
     meta = {FLAG: {"help": help, "choices": choices, "group": group, "env": env, "short": short}}
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def json_list(text: str) -> list[str]:
+    """A flag's JSON array of strings; argparse reports the ValueError as a bad value."""
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a JSON array of strings")
+    return value
+
+
+json_list.__name__ = "JSON list"  # argparse names the type in its error message
 
 
 def flag_fields(cls, skip=()) -> list[dataclasses.Field]:
@@ -38,12 +52,20 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def value_type(cls, name: str) -> type:
-    """int for `int` and `int | None`; str for str; and so on."""
+def value_type(cls, name: str):
+    """int for `int` and `int | None`; str for str; json_list for list[str]."""
     hint = typing.get_type_hints(cls)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return json_list if typing.get_origin(hint) is list else hint
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool | None = None,
@@ -59,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool 
         seen.add(f.name)
         meta = f.metadata[FLAG]
         kind = value_type(cls, f.name)
-        default = None if f.default is dataclasses.MISSING else f.default
+        default = default_of(f)
         if meta["env"] and os.environ.get(meta["env"]):
             default = kind(os.environ[meta["env"]])
         kwargs: dict[str, Any] = {"default": default, "help": meta["help"] or None}
@@ -67,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(type=kind, choices=meta["choices"])
-        if f.default is dataclasses.MISSING:
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kwargs["required"] = True if required is None else required
         target = parser
         if meta["group"]:
@@ -95,6 +117,8 @@ def to_argv(values: Any, cls, skip=()) -> list[str]:
             continue
         if isinstance(value, bool):
             argv.append(option(f.name) if value else "--no-" + option(f.name)[2:])
+        elif isinstance(value, list):
+            argv += [option(f.name), json.dumps(value)]
         else:
             argv += [option(f.name), str(value)]
     return argv

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 import pagedserve
 from router.client import SchedulerClient
+from router.cors import cors_middleware
 from router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
                            invalid, model_not_found, scheduler_unavailable)
 from router.fields import Fields
@@ -26,7 +27,7 @@ from router.metrics import Metrics, MetricsMiddleware
 from router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from router.model import ServedModel, load_served_model
 from router.prompts import chat_messages, chat_prompt
-from router.protocol import check_model
+from router.protocol import chat_template_options, check_model
 from router.serving import read_json, serve_chat, serve_completion
 from router.settings import Settings
 
@@ -63,7 +64,9 @@ def build_app(settings: Settings) -> Starlette:
             Route("/version", version, methods=["GET"]),
             Route("/metrics", metrics.render, methods=["GET"]),
         ],
-        middleware=[Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, metrics),
+        middleware=[*cors_middleware(settings.allowed_origins, settings.allowed_methods,
+                                     settings.allowed_headers, settings.allow_credentials),
+                    Middleware(RequestIdMiddleware), Middleware(MetricsMiddleware, metrics),
                     Middleware(ApiKeyMiddleware, settings.api_key),
                     Middleware(BodyLimitMiddleware, settings.max_request_body_bytes)],
         exception_handlers={APIError: handle_api_error, HTTPException: handle_http_exception,
@@ -97,9 +100,8 @@ async def tokenize(request: Request) -> Response:
     f = Fields(await read_object(request))
     check_model(f.string("model"), model)
     if f.given("messages"):
-        text = chat_prompt(chat_messages(f.raw("messages")), model.tokenizer,
-                           f.boolean("add_generation_prompt", True)).text
-        ids = model.tokenizer.encode(text, f.boolean("add_special_tokens", False))
+        ids = chat_prompt(chat_messages(f.raw("messages")), model.tokenizer,
+                          **chat_template_options(f)).token_ids
     elif f.given("prompt"):
         ids = model.tokenizer.encode(f.string("prompt"), f.boolean("add_special_tokens", True))
     else:

@@ -9,7 +9,9 @@ those replacement characters. Instead we keep two offsets into the ids (vLLM's a
 
 Each step decodes the window from prefix_offset twice, with and without the unread tokens; the
 difference is the new text. It is emitted only once it does not end in U+FFFD (the character is
-complete), and then both offsets move forward so the window stays a few tokens long.
+complete), and then both offsets move forward so the window stays a few tokens long. Bytes of a
+character still unfinished when the sequence ends are never shown (as in vLLM): text ends only on
+whole characters.
 """
 from __future__ import annotations
 
@@ -37,12 +39,15 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """At the end of a sequence: whatever is held, even an unfinished character (as U+FFFD)."""
+        """At the end of a sequence: the whole characters still held, without the bytes of a
+        character the sequence ended inside of."""
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
         emitted = self._decode(self._ids[self._prefix_offset:self._read_offset])
         window = self._decode(self._ids[self._prefix_offset:])
+        if final:
+            window = window.rstrip(REPLACEMENT_CHAR)
         if len(window) <= len(emitted) or (window.endswith(REPLACEMENT_CHAR) and not final):
             return ""
         self._prefix_offset = self._read_offset

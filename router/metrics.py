@@ -29,6 +29,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 20)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+# vLLM's finish reasons (FINISH_REASON_STRINGS): their request_success series exist from start-up,
+# at zero, so dashboards and alerts see them before the first request ends.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 
 class SchedulerCollector:
@@ -102,6 +105,8 @@ class Metrics:
         self.inter_token_latency = self._itl.labels(model_name)
         self.e2e_latency = self._e2e.labels(model_name)
         self._model_name = model_name
+        for reason in FINISHED_REASONS:
+            self._success.labels(model_name, reason)
 
     def finished(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()

@@ -94,8 +94,22 @@ def message_text(where: str, role: str, content: Any) -> str:
     return "\n".join(texts)  # vLLM's joining of text parts, so prompts match across servers
 
 
-def chat_prompt(messages: list[dict], tokenizer: Tokenizer,
-                add_generation_prompt: bool = True) -> Prompt:
-    text = tokenizer.render_chat(messages, add_generation_prompt)
-    # The template already wrote the special tokens (BOS, role markers): add none again.
-    return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
+def chat_prompt(messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, add_special_tokens: bool = False,
+                template_kwargs: dict | None = None) -> Prompt:
+    """The chat as a prompt. `continue_final_message` leaves the last message (the assistant's)
+    open for the model to continue, as vLLM does; raises a 400 when the last message is not the
+    assistant's."""
+    if continue_final_message and messages[-1]["role"] != "assistant":
+        raise invalid("continue_final_message", "'continue_final_message' needs the last message "
+                      f"to be the assistant's; it is the {messages[-1]['role']}'s.")
+    text = tokenizer.render_chat(messages, add_generation_prompt, continue_final_message,
+                                 template_kwargs or {})
+    # The template already wrote the special tokens (BOS, role markers): by default add none again.
+    return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)
+
+
+def truncate_prompts(prompts: list[Prompt], keep: int) -> list[Prompt]:
+    """Each prompt cut to its last `keep` tokens (vLLM's truncate_prompt_tokens); a cut prompt
+    loses its text, which no longer matches its ids."""
+    return [p if len(p.token_ids) <= keep else Prompt(p.token_ids[-keep:]) for p in prompts]

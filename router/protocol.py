@@ -7,15 +7,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.v1 import scheduler_pb2 as pb
+from router.bad_words import bad_words_token_ids
 from router.errors import invalid, model_not_found
+from router.field_policy import check_fields
 from router.fields import Fields
 from router.model import ServedModel
-from router.prompts import Prompt, chat_messages, chat_prompt, check_token_ids, completion_prompts
+from router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
+                            completion_prompts, truncate_prompts)
 
 MAX_N = 128
 MAX_LOGPROBS = 20
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
 INT32_MAX = 2 ** 31 - 1  # counts travel as int32 in scheduler.proto: larger ones cannot be sent
+# apply_chat_template's own arguments: chat_template_kwargs must not smuggle them in
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 @dataclass
@@ -31,12 +39,16 @@ class GenerationRequest:
     echo: bool
     skip_special_tokens: bool
     hidden_stop_ids: frozenset[int]  # tokens that end a sequence without showing in its text
+    include_stop_str: bool = False   # the stop string that ended a choice stays in its text
+    chat_echo: str = ""              # chat `echo`: the last assistant message, before each reply
+    tokens_as_ids: bool = False      # logprobs name tokens "token_id:N" (vLLM's option)
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
-    f = fields_of(body, model)
+    f = fields_of(body, model, "completion")
     if f.string("suffix"):
         raise invalid("suffix", "'suffix' (insertion) is not supported.")
+    check_response_format(f)
     logprobs = f.integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
     echo = f.boolean("echo", False)
     if echo and logprobs is not None:
@@ -45,18 +57,18 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=1,
                            maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, "max_tokens")
-    prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size)
+    prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size,
+                                 f.boolean("add_special_tokens", True))
+    prompts = truncate(f, prompts, model)
     check_context(prompts, max_tokens, model, "prompt", "max_tokens")
     return generation(f, "completion", prompts, params, logprobs, echo, model)
 
 
 def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
-    f = fields_of(body, model)
+    f = fields_of(body, model, "chat")
     if f.raw("tools"):
         raise invalid("tools", "Tool calling is not supported by this server.")
-    fmt = f.object("response_format").get("type", "text")
-    if fmt != "text":
-        raise invalid("response_format", f"response_format {fmt!r} is not supported; only 'text'.")
+    check_response_format(f)
     want_logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
@@ -65,15 +77,21 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     max_tokens = f.integer(name, minimum=1, maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
-    prompt = chat_prompt(messages, model.tokenizer, f.boolean("add_generation_prompt", True))
+    prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f))
+    [prompt] = truncate(f, [prompt], model)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
-    return generation(f, "chat", [prompt], params, logprobs, False, model)
+    req = generation(f, "chat", [prompt], params, logprobs, False, model)
+    # vLLM's chat echo: a reply continuing the assistant's last message starts with that message
+    if f.boolean("echo", False) and messages[-1]["role"] == "assistant":
+        req.chat_echo = messages[-1]["content"]
+    return req
 
 
-def fields_of(body: Any, model: ServedModel) -> Fields:
+def fields_of(body: Any, model: ServedModel, endpoint: str) -> Fields:
     if not isinstance(body, dict):
         raise invalid(None, "The request body must be a JSON object.")
+    check_fields(body, endpoint)
     f = Fields(body)
     check_model(f.string("model"), model)
     return f
@@ -94,13 +112,18 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
     include_usage = Fields(options).boolean("include_usage", False)
     if logprobs is not None:
         params.logprobs = logprobs
+    include_stop_str = f.boolean("include_stop_str_in_output", False)
     hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else model.eos_token_ids)
     return GenerationRequest(
         kind=kind, prompts=prompts, params=params, n=params.n, stream=stream,
         include_usage=include_usage, stop=[s for s in f.strings("stop") if s],
         logprobs=logprobs, echo=echo,
         skip_special_tokens=f.boolean("skip_special_tokens", True),
-        hidden_stop_ids=frozenset(hidden))
+        # vLLM shows the stop token's text too when stop strings are kept (EOS stays hidden as
+        # a special token unless skip_special_tokens is false)
+        hidden_stop_ids=frozenset() if include_stop_str else frozenset(hidden),
+        include_stop_str=include_stop_str,
+        tokens_as_ids=f.boolean("return_tokens_as_token_ids", False))
 
 
 def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
@@ -129,8 +152,49 @@ def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
     p.stop_token_ids.extend(f.integers("stop_token_ids", 0, model.vocab_size))
     p.ignore_eos = f.boolean("ignore_eos", False)
     p.logit_bias.update(logit_bias(f, model.vocab_size))
-    f.string("user")  # accepted (OpenAI uses it for abuse monitoring); checked only for type
+    if f.given("allowed_token_ids"):
+        p.allowed_token_ids.extend(f.integers("allowed_token_ids", 0, model.vocab_size))
+        if not p.allowed_token_ids:
+            raise invalid("allowed_token_ids", "'allowed_token_ids' must not be empty.")
+    for ids in bad_words_token_ids(f.strings("bad_words"), model.tokenizer):
+        p.bad_words.add(token_ids=ids)
     return p
+
+
+def check_response_format(f: Fields) -> None:
+    fmt = f.object("response_format").get("type", "text")
+    if fmt != "text":
+        raise invalid("response_format", f"response_format {fmt!r} is not supported; only 'text'.")
+    if f.given("structured_outputs"):
+        raise invalid("structured_outputs", "'structured_outputs' is not supported.")
+
+
+def chat_template_options(f: Fields) -> dict:
+    """vLLM's chat template fields, as keyword arguments of chat_prompt."""
+    add_generation_prompt = f.boolean("add_generation_prompt", True)
+    continue_final = f.boolean("continue_final_message", False)
+    if continue_final and f.raw("add_generation_prompt") is True:
+        raise invalid("continue_final_message", "Cannot set both 'continue_final_message' and "
+                      "'add_generation_prompt' to true.")
+    template_kwargs = f.object("chat_template_kwargs")
+    clash = sorted(set(template_kwargs) & TEMPLATE_ARGUMENTS)
+    if clash:
+        raise invalid("chat_template_kwargs", f"'chat_template_kwargs' may not set {clash[0]!r}: "
+                      "it is a request field of its own or the server's.")
+    return {"add_generation_prompt": add_generation_prompt and not continue_final,
+            "continue_final_message": continue_final,
+            "add_special_tokens": f.boolean("add_special_tokens", False),
+            "template_kwargs": template_kwargs}
+
+
+def truncate(f: Fields, prompts: list[Prompt], model: ServedModel) -> list[Prompt]:
+    """vLLM's `truncate_prompt_tokens`: keep each prompt's last k tokens (-1: max_model_len)."""
+    keep = f.integer("truncate_prompt_tokens", minimum=-1, maximum=INT32_MAX)
+    if keep is None:
+        return prompts
+    if keep == 0:
+        raise invalid("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 or >= 1.")
+    return truncate_prompts(prompts, model.max_model_len if keep == -1 else keep)
 
 
 def set_if(params: pb.SamplingParams, name: str, value: Any) -> None:

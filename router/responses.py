@@ -47,6 +47,13 @@ class Responses:
             out["usage"] = None  # OpenAI's convention: only the last chunk carries usage
         return out
 
+    def token_name(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or "token_id:N" when the client asked for ids
+        (vLLM's return_tokens_as_token_ids, for tokens whose text is not unique or not UTF-8)."""
+        if self.request.tokens_as_ids:
+            return f"token_id:{token_id}"
+        return self.tokenizer.token_str(token_id)
+
     def usage_chunk(self, totals: dict) -> dict:
         out = self.chunk_envelope([])
         out["usage"] = totals
@@ -102,7 +109,7 @@ class CompletionResponses(Responses):
         if self.request.logprobs is None:
             return None
         shift = len(self.echo(index))
-        return {"tokens": [self.tokenizer.token_str(lp.token_id) for lp in delta.logprobs],
+        return {"tokens": [self.token_name(lp.token_id) for lp in delta.logprobs],
                 "token_logprobs": [clamp(lp.logprob) for lp in delta.logprobs],
                 "top_logprobs": [self.top(lp) for lp in delta.logprobs],
                 "text_offset": [shift + lp.text_offset for lp in delta.logprobs]}
@@ -111,7 +118,7 @@ class CompletionResponses(Responses):
         # As vLLM does: the sampled token is listed even when it is not among the top k.
         alternatives = {lp.token_id: lp.logprob, **dict(lp.top)}
         ranked = sorted(alternatives.items(), key=lambda tv: -tv[1])
-        return {self.tokenizer.token_str(t): clamp(v) for t, v in ranked}
+        return {self.token_name(t): clamp(v) for t, v in ranked}
 
 
 class ChatResponses(Responses):
@@ -119,11 +126,15 @@ class ChatResponses(Responses):
     chunk_object_name = "chat.completion.chunk"
 
     def opening(self) -> list[dict]:
-        """OpenAI streams the assistant's role first, in a chunk of its own for each choice."""
+        """OpenAI streams the assistant's role first, in a chunk of its own for each choice; with
+        vLLM's `echo`, the echoed message follows in one chunk per choice."""
         count = len(self.request.prompts) * self.request.n
-        return [self.chunk_envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])
-                for i in range(count)]
+        roles = [self.chunk_envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}])
+                 for i in range(count)]
+        echoed = [self.chunk(i, Delta(self.request.chat_echo)) for i in range(count)
+                  if self.request.chat_echo]
+        return roles + echoed
 
     def chunk(self, index: int, delta: Delta) -> dict:
         return self.chunk_envelope([{"index": index,
@@ -132,7 +143,8 @@ class ChatResponses(Responses):
                                      "finish_reason": delta.finish_reason}])
 
     def final_choice(self, index: int, result: Delta) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": result.text},
+        return {"index": index,
+                "message": {"role": "assistant", "content": self.request.chat_echo + result.text},
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
 
     def logprobs(self, delta: Delta) -> dict | None:
@@ -141,7 +153,7 @@ class ChatResponses(Responses):
         return {"content": [self.entry(lp.token_id, lp.logprob, lp.top) for lp in delta.logprobs]}
 
     def entry(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> dict:
-        out = {"token": self.tokenizer.token_str(token_id), "logprob": clamp(logprob),
+        out = {"token": self.token_name(token_id), "logprob": clamp(logprob),
                "bytes": list(self.tokenizer.token_bytes(token_id))}
         if top is not None:
             out["top_logprobs"] = [self.entry(t, v, None) for t, v in top]

@@ -57,7 +57,8 @@ class Run:
     def new_choice(self, model: ServedModel, prompt_ids: list[int]) -> ChoiceOutput:
         skip = self.req.skip_special_tokens
         decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
-        return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), StopStrings(self.req.stop),
+        stop = StopStrings(self.req.stop, self.req.include_stop_str)
+        return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), stop,
                             self.req.hidden_stop_ids, self.req.params.min_tokens)
 
     def handle(self, event: Event) -> tuple[int, Delta]:

@@ -19,6 +19,15 @@ class Settings:
     chat_template: str | None = flag(None, "a Jinja chat template file replacing the tokenizer's")
     max_model_len: int | None = max_model_len_flag()  # may only lower the scheduler's limit
     max_request_body_bytes: int = flag(16 << 20, "answer 413 to larger request bodies (0: no limit)")
+    # CORS (router/cors.py), vLLM's four flags: off unless origins are given.
+    allowed_origins: list[str] | None = flag(
+        None, 'origins allowed to call the API from a browser, as JSON: \'["*"]\' or '
+        '\'["https://app.example"]\'; default: CORS off')
+    allowed_methods: list[str] = flag(help="HTTP methods allowed across origins, as JSON (with "
+                                      "--allowed-origins)", default_factory=lambda: ["*"])
+    allowed_headers: list[str] = flag(help="request headers allowed across origins, as JSON (with "
+                                      "--allowed-origins)", default_factory=lambda: ["*"])
+    allow_credentials: bool = flag(False, "let browsers send cookies and auth headers across origins")
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 

@@ -1,4 +1,5 @@
-"""Stop strings: the output ends just before the first one, and no part of it is ever streamed.
+"""Stop strings: the output ends just before the first one (or just after it, with vLLM's
+include_stop_str_in_output), and no part of it is streamed before it is known to be text.
 
 Text arrives in deltas, so a stop string can be split across them ("<|" now, "end|>" later). Each
 push releases only the text that cannot be the beginning of a stop string; the longest tail that
@@ -10,8 +11,9 @@ from typing import Iterable
 
 
 class StopStrings:
-    def __init__(self, stops: Iterable[str]):
+    def __init__(self, stops: Iterable[str], include_in_output: bool = False):
         self._stops = [s for s in stops if s]
+        self._include = include_in_output
         self._held = ""
 
     @property
@@ -21,7 +23,8 @@ class StopStrings:
     def push(self, text: str, can_stop: bool = True) -> tuple[str, bool]:
         """Adds a delta; returns (text safe to emit, whether a stop string matched).
 
-        After a match the returned text ends right before the stop string and nothing is held.
+        After a match the returned text ends right before the stop string (right after it when
+        it is included in the output) and nothing is held.
         `can_stop` is False while min_tokens is not reached: stop strings do not count yet.
         """
         held = self._held + text
@@ -31,7 +34,8 @@ class StopStrings:
         match = first_match(held, self._stops)
         if match is not None:
             self._held = ""
-            return held[:match], True
+            start, stop = match
+            return held[:start + len(stop) if self._include else start], True
         keep = partial_match_length(held, self._stops)
         self._held = held[len(held) - keep:]
         return held[:len(held) - keep], False
@@ -42,10 +46,10 @@ class StopStrings:
         return held
 
 
-def first_match(text: str, stops: list[str]) -> int | None:
-    """Where the earliest stop string in `text` begins, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def first_match(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """The earliest stop string in `text` and where it begins, as (index, stop), or None."""
+    found = [(i, s) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
+    return min(found, key=lambda found: found[0]) if found else None
 
 
 def partial_match_length(text: str, stops: list[str]) -> int:

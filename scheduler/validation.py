@@ -58,7 +58,11 @@ def check_sampling(p: pb.SamplingParams, vocab_size: int, max_tokens: int) -> No
     if p.HasField("min_tokens") and not 0 <= p.min_tokens <= max_tokens:
         raise InvalidRequest(f"min_tokens: must be between 0 and max_tokens ({max_tokens}), "
                              f"got {p.min_tokens}")
-    for name, ids in (("logit_bias", p.logit_bias.keys()), ("stop_token_ids", p.stop_token_ids)):
+    if any(not word.token_ids for word in p.bad_words):
+        raise InvalidRequest("bad_words: a banned sequence has no token ids")
+    banned = [t for word in p.bad_words for t in word.token_ids]
+    for name, ids in (("logit_bias", p.logit_bias.keys()), ("stop_token_ids", p.stop_token_ids),
+                      ("allowed_token_ids", p.allowed_token_ids), ("bad_words", banned)):
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")

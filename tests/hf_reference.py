@@ -21,3 +21,20 @@ def greedy(model_dir, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bo
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
                              **kwargs)
     return out[0, len(prompt_ids):].tolist()
+
+
+def constrained_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int,
+                       allowed: list[int] | None = None, forbidden=lambda output: ()) -> list[int]:
+    """Greedy decoding by transformers' forward pass, one token at a time, where each step's
+    argmax is taken only over `allowed` (all tokens when None) minus `forbidden(output so far)`.
+    Runs to max_new_tokens (no EOS stop): the judge of allowed_token_ids and bad_words."""
+    model = load(str(model_dir))
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            mask = torch.full_like(logits, float("-inf"))
+            mask[allowed if allowed is not None else slice(None)] = 0
+            mask[list(forbidden(ids[len(prompt_ids):]))] = float("-inf")
+            ids.append(int((logits + mask).argmax()))
+    return ids[len(prompt_ids):]

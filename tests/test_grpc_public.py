@@ -168,12 +168,18 @@ def test_compose_publishes_the_grpc_port():
 
 # ----- errors and the end of a request -----------------------------------------------------------
 
-def test_invalid_request_names_the_field(smol_stack):
-    request = pb.GenerateRequest(prompt_token_ids=[1, 2], params=pb.SamplingParams(top_p=0))
+@pytest.mark.parametrize("params, field", [
+    (pb.SamplingParams(top_p=0), "top_p"),
+    (pb.SamplingParams(allowed_token_ids=[5, 10 ** 6]), "allowed_token_ids"),
+    (pb.SamplingParams(bad_words=[pb.TokenBanSequence(token_ids=[5, -1])]), "bad_words"),
+    (pb.SamplingParams(bad_words=[pb.TokenBanSequence()]), "bad_words"),
+])
+def test_invalid_request_names_the_field(smol_stack, params, field):
+    request = pb.GenerateRequest(prompt_token_ids=[1, 2], params=params)
     with pytest.raises(grpc.RpcError) as err:
         list(smol_stack.scheduler.Generate(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("top_p")
+    assert err.value.details().startswith(field)
 
 
 def test_deadline_aborts_the_request_and_frees_its_blocks(smol_stack):

@@ -58,13 +58,27 @@ def byte_decoder(pieces: dict[int, bytes], strip_leading_space: bool = False):
     return decode
 
 
-def test_detokenizer_holds_partial_utf8_and_flushes_it_at_the_end():
+def test_detokenizer_holds_partial_utf8_and_withholds_it_at_the_end():
     euro = "€".encode()  # three bytes
-    pieces = {1: b"a", 2: euro[:1], 3: euro[1:2], 4: euro[2:]}
+    pieces = {1: b"a", 2: euro[:1], 3: euro[1:2], 4: euro[2:], 5: b"b" + euro[:1]}
     assert stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 2, 3, 4]) == \
         ["a", "", "", "€", ""]
-    # A sequence that ends inside a character shows it as U+FFFD, as a full decode would.
-    assert "".join(stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 2])) == "a\ufffd"
+    # A sequence that ends inside a character never shows its bytes (no U+FFFD), as vLLM's; a
+    # whole character in the same token as the broken one's first byte still shows.
+    assert stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 2, 3]) == ["a", "", "", ""]
+    assert "".join(stream(IncrementalDetokenizer(byte_decoder(pieces)), [1, 5])) == "ab"
+
+
+def test_detokenizer_ends_an_emoji_cut_by_max_tokens_on_the_last_whole_character(tokenizer):
+    text = "月🌙月🌙"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    for cut in range(1, len(ids) + 1):
+        whole = tokenizer.decode(ids[:cut])
+        expected = whole.rstrip("\ufffd")
+        assert "".join(stream(IncrementalDetokenizer(tokenizer.decode), ids[:cut])) == expected
+        assert text.startswith(expected)
+    assert any(tokenizer.decode(ids[:cut]).endswith("\ufffd") for cut in range(len(ids))), \
+        "the test needs a cut inside a character"
 
 
 def test_detokenizer_uses_prompt_context_for_leading_spaces():
@@ -83,8 +97,8 @@ def test_detokenizer_skips_special_tokens(tokenizer):
 
 # ----- stop strings ------------------------------------------------------------------------------
 
-def run_stop(stops, deltas):
-    checker, out = StopStrings(stops), []
+def run_stop(stops, deltas, include=False):
+    checker, out = StopStrings(stops, include), []
     for delta in deltas:
         released, matched = checker.push(delta)
         out.append(released)
@@ -102,6 +116,13 @@ def test_stop_string_truncates_output():
 def test_stop_string_split_across_deltas_is_held_back():
     out, matched = run_stop(["<|end|>"], ["abc<", "|e", "nd", "|>tail"])
     assert matched and out == ["abc", "", "", ""]
+
+
+def test_included_stop_string_ends_the_text_after_it_and_is_still_held_back():
+    assert run_stop(["G"], ["ABC", "DEF", "GHI"], include=True) == (["ABC", "DEF", "G"], True)
+    out, matched = run_stop(["<|end|>"], ["abc<", "|e", "nd", "|>tail"], include=True)
+    assert matched and out == ["abc", "", "", "<|end|>"]
+    assert run_stop(["world", "lo w"], ["hello world"], include=True) == (["hello w"], True)
 
 
 def test_partial_match_that_fails_is_released():
@@ -158,6 +179,14 @@ def test_choice_hides_its_stop_token_but_counts_it(tokenizer):
     out = choice(tokenizer, hidden=frozenset({stop_id}))
     delta = out.add(message([*ids, stop_id], pb.FINISH_REASON_STOP))
     assert (delta.text, delta.finish_reason, out.num_tokens) == ("Hi there", "stop", len(ids) + 1)
+
+
+def test_choice_with_included_stop_strings_shows_its_stop_token(tokenizer):
+    ids = tokenizer.encode("Hi there", add_special_tokens=False).ids
+    stop_id = tokenizer.token_to_id("!")
+    out = ChoiceOutput(IncrementalDetokenizer(tokenizer.decode), StopStrings([], True), frozenset())
+    delta = out.add(message([*ids, stop_id], pb.FINISH_REASON_STOP))
+    assert (delta.text, delta.finish_reason) == ("Hi there!", "stop")
 
 
 def test_choice_stops_counting_at_the_stop_string(tokenizer):

@@ -143,6 +143,10 @@ def test_invalid_params_are_rejected():
         SamplingOptions(top_p=0.0).check(VOCAB)
     with pytest.raises(ValueError, match="vocabulary"):
         SamplingOptions(logit_bias={VOCAB: 1.0}).check(VOCAB)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SamplingOptions(allowed_token_ids=(VOCAB,)).check(VOCAB)
+    with pytest.raises(ValueError, match="empty"):
+        SamplingOptions(bad_words=((),)).check(VOCAB)
 
 
 @pytest.mark.parametrize("logprobs", [None, 3])
@@ -160,3 +164,33 @@ def test_one_host_transfer_per_step(monkeypatch, logprobs):
     assert reads == ["tolist"]
     assert len(out.token_ids) == 4 and all(isinstance(t, int) for t in out.token_ids)
     assert (out.logprobs[0] is None) == (logprobs is None)
+
+
+def test_allowed_token_ids_are_the_only_draws_greedy_or_hot():
+    logits = random_logits(4)
+    allowed = (5, 17, 30)
+    rows = [seq(temperature=0, allowed_token_ids=allowed), seq(temperature=2.0, allowed_token_ids=allowed),
+            seq(temperature=0), seq(temperature=0, allowed_token_ids=(9,), logprobs=1)]
+    for s in range(10):
+        out = sampler(s)(logits, rows)
+        assert out.token_ids[0] == max(allowed, key=lambda t: logits[0, t])
+        assert out.token_ids[1] in allowed
+        assert out.token_ids[2] == int(logits[2].argmax())  # its neighbours' bans do not reach it
+        assert out.token_ids[3] == 9
+    # logprobs stay the model's own: the forced token keeps its raw log-softmax value
+    assert out.logprobs[3].logprob == pytest.approx(float(torch.log_softmax(logits[3], -1)[9]), abs=1e-5)
+
+
+def test_bad_words_ban_a_sequence_only_after_its_prefix():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 7], logits[0, 8] = 5.0, 4.0  # greedy: 7, else 8
+    words = ((3, 7), (6, 6, 7))
+    assert sampler()(logits, [seq(generated=[3], bad_words=words)]).token_ids == [8]  # "3 7" banned
+    assert sampler()(logits, [seq(generated=[6, 6], bad_words=words)]).token_ids == [8]
+    # the prefix only in the prompt, or not at the end of the output, bans nothing
+    assert sampler()(logits, [seq(prompt=(2, 3), bad_words=words)]).token_ids == [7]
+    assert sampler()(logits, [seq(generated=[3, 4], bad_words=words)]).token_ids == [7]
+    assert sampler()(logits, [seq(generated=[5, 6], bad_words=words)]).token_ids == [7]
+    # a one-token word is banned everywhere
+    logits[0, 20] = 1.0
+    assert sampler()(logits, [seq(bad_words=((7,), (8,)))]).token_ids == [20]

@@ -1,9 +1,10 @@
 """Turning one row of logits per sampling sequence into one token each, in a single batched pass.
 
-The order is vLLM's: logprobs from the raw logits; then logit_bias and min_tokens; then
-repetition, frequency and presence penalties; greedy rows take the argmax of that; random rows
-go on through temperature, min_p, top-k/top-p and an exponential-race draw (argmax of p / q with
-q ~ Exp(1), which picks token i with probability p_i). A feature no row uses costs nothing.
+The order is vLLM's: logprobs from the raw logits; then token bans (allowed_token_ids, bad_words),
+logit_bias and min_tokens; then repetition, frequency and presence penalties; greedy rows take the
+argmax of that; random rows go on through temperature, min_p, top-k/top-p and an exponential-race
+draw (argmax of p / q with q ~ Exp(1), which picks token i with probability p_i). A feature no row
+uses costs nothing.
 
 Seeded rows draw their noise from a generator seeded by (seed, num_generated): the same request
 draws the same token whatever else is in the batch, and again after preemption and recompute.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.v1 import scheduler_pb2
+from worker.token_bans import apply_token_bans
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class SamplingOptions:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+    allowed_token_ids: tuple[int, ...] = ()  # empty: all (worker/token_bans.py)
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_proto(cls, p: scheduler_pb2.SamplingParams, vocab_size: int) -> "SamplingOptions":
@@ -50,6 +54,8 @@ class SamplingOptions:
             min_tokens=get("min_tokens", 0),
             stop_token_ids=tuple(p.stop_token_ids),
             logprobs=get("logprobs", None),
+            allowed_token_ids=tuple(p.allowed_token_ids),
+            bad_words=tuple(tuple(w.token_ids) for w in p.bad_words),
         )
         opts.check(vocab_size)
         return opts
@@ -63,6 +69,9 @@ class SamplingOptions:
             f"logprobs={self.logprobs} must be >= 0" if self.logprobs is not None and self.logprobs < 0 else "",
             "logit_bias names token ids outside the vocabulary"
             if any(not 0 <= t < vocab_size for t in self.logit_bias) else "",
+            "allowed_token_ids or bad_words name token ids outside the vocabulary"
+            if any(not 0 <= t < vocab_size for t in (*self.allowed_token_ids, *sum(self.bad_words, ()))) else "",
+            "a bad_words sequence is empty" if any(not w for w in self.bad_words) else "",
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -114,6 +123,7 @@ class Sampler:
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
+        logits = apply_token_bans(logits, seqs)
         logits = self._apply_bias_and_min_tokens(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
