@@ -58,6 +58,8 @@ class Scheduler:
         if limit and len(self.waiting) >= limit:
             raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
         request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests))
+        if params.HasField("num_prompt_logprobs"):
+            request.num_prompt_logprobs = params.num_prompt_logprobs
         n = params.n if params.HasField("n") else 1
         for index in range(n):
             seq = Sequence(self.next_seq_id, request, index, list(prompt), len(prompt))
@@ -183,6 +185,11 @@ class Scheduler:
         """Starts seq with as many tokens as budget and blocks allow; 0 if it cannot start now."""
         pool = self.pool
         cached = pool.find_cached_prefix(seq)
+        prompt_logprobs = self.prompt_logprobs_of(seq)
+        if prompt_logprobs is not None:
+            # Cached blocks would skip the rows whose logprobs are still wanted: use only those
+            # whose positions are done (none at first; the part computed before a preemption).
+            cached = cached[:len(seq.request.prompt_logprobs) // pool.block_size]
         num_cached = len(cached) * pool.block_size
         n = min(seq.num_tokens - num_cached, budget)
         revived = sum(1 for b in cached if pool.ref_counts[b] == 0)
@@ -202,7 +209,8 @@ class Scheduler:
         seq.on_worker = True
         plan.new_sequences.append(wpb.NewSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
-            num_computed_tokens=num_cached, num_generated=seq.num_output))
+            num_computed_tokens=num_cached, num_generated=seq.num_output,
+            num_prompt_logprobs=prompt_logprobs))
         plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
                                                     new_block_ids=seq.block_ids))
         self.in_flight.append((seq, n))
@@ -210,16 +218,27 @@ class Scheduler:
 
     # ----- results ------------------------------------------------------------------------------
 
+    @staticmethod
+    def prompt_logprobs_of(seq: Sequence) -> int | None:
+        """The k the worker must compute seq's prompt logprobs with, or None. The first of n
+        sequences computes them for the request; its siblings share its prompt."""
+        request = seq.request
+        return request.num_prompt_logprobs if seq.index == 0 and request.needs_prompt_logprobs else None
+
     def update(self, result: wpb.StepResult) -> list[Sequence]:
         """Applies a step's sampled tokens; returns the sequences that have news for their client."""
         sampled = dict(zip(result.seq_ids, result.token_ids))
         logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs}
+        prompt_chunks = {chunk.seq_id: chunk for chunk in result.prompt_logprobs}
         news = []
         for seq, n in self.in_flight:
             if seq.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += n
             self.pool.cache_full_blocks(seq)
+            chunk = prompt_chunks.get(seq.seq_id)
+            if chunk is not None:
+                seq.request.add_prompt_logprobs(chunk.first_position, chunk.logprobs)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
