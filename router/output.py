@@ -15,6 +15,13 @@ from router.stop import StopStrings
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}
 
+# JSON has no -inf; a token the model rules out entirely still needs a number (vLLM's choice).
+MIN_LOGPROB = -9999.0
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
 
 @dataclass
 class TokenLogprob:
