@@ -7,25 +7,14 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from openai import OpenAI
-from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests import hf_reference
+from tests.test_api_stack import client, tokenizer  # noqa: F401 (fixtures)
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."
 TOLERANCE = 1e-3  # fp32
-
-
-@pytest.fixture(scope="module")
-def client(smol_stack):
-    return OpenAI(base_url=smol_stack.base_url, api_key="none", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def hf_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
@@ -150,3 +139,14 @@ def test_grpc_num_prompt_logprobs(smol_stack, tokenizer, model_dir):
         assert entry.token_id == ids[i]
         assert abs(entry.logprob - expected[i - 1, ids[i]].item()) < TOLERANCE
         assert [t.token_id for t in entry.top] == expected[i - 1].topk(2).indices.tolist()
+
+
+def test_logprobs_keep_the_stop_token_that_the_text_hides(client, tokenizer):
+    """lm-eval drops the last echoed entry as the generated token: when that token is EOS it
+    must still be there (as vLLM's), or lm-eval would drop a prompt token's logprob instead."""
+    prompt = "Question: What is two plus two?\nAnswer: twenty-two"
+    reply = echo(client, prompt, logprobs=1, max_tokens=1)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == prompt  # greedy: EOS comes next
+    assert len(choice.logprobs.tokens) == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert choice.logprobs.tokens[-1] == tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)

@@ -1,10 +1,14 @@
-"""The worker's prompt logprobs against transformers' log_softmax on a tiny random Llama: a whole
-prompt beside decodes, a prompt chunked over steps, and a sequence that starts on prefix-cached
-blocks (only the positions it computes come back)."""
+"""The worker's prompt logprobs against transformers' log_softmax on tiny random Llamas: a whole
+prompt beside decodes, a prompt chunked over steps, a sequence that starts on prefix-cached blocks
+(only the positions it computes come back), and every rank at tensor parallel size 2."""
 import torch
 
-from pagedserve.v1 import scheduler_pb2
+from pagedserve.v1 import scheduler_pb2, worker_pb2
+from tests import tiny_models
 from tests.test_worker_model import LONG_PROMPT, PROMPTS, Driver, runner, tiny  # noqa: F401 (fixtures)
+from tests.tiny_models import BLOCKS_PER_SEQUENCE, runner_config
+from tests.tiny_models import PROMPTS as TINY_PROMPTS
+from worker import distributed
 
 TOLERANCE = 1e-3  # fp32 on both sides
 K = 3
@@ -75,3 +79,34 @@ def test_prefix_cached_start_returns_only_computed_positions(runner, tiny):  # n
     chunk = result.prompt_logprobs[0]
     assert chunk.first_position == 9
     assert_matches(tiny[1], prompt, 9, chunk.logprobs)
+
+
+def rank_prompt_logprobs(model_dir) -> list[list[tuple[int, float, int, list[int]]]]:
+    """One tensor parallel rank's prompt logprobs (run by worker.distributed.run_local_ranks) for
+    tiny_models.PROMPTS prefilled together: per prompt, (token, logprob, rank, top ids) per position."""
+    from worker import distributed
+    from worker.model_runner import ModelRunner
+
+    runner = ModelRunner(runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size()))
+    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=scheduler_pb2.SamplingParams(temperature=0),
+                                  num_prompt_logprobs=K) for i, p in enumerate(TINY_PROMPTS)]
+    scheduled = [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=len(p), new_block_ids=list(
+        range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE))) for i, p in enumerate(TINY_PROMPTS)]
+    result, _ = runner.run_step(worker_pb2.StepPlan(step_id=1, new_sequences=new, scheduled=scheduled))
+    by_seq = {chunk.seq_id: chunk.logprobs for chunk in result.prompt_logprobs}
+    return [[(e.token_id, e.logprob, e.rank, [t.token_id for t in e.top]) for e in by_seq.get(i, [])]
+            for i in range(len(TINY_PROMPTS))]
+
+
+def test_tensor_parallel_ranks_give_transformers_prompt_logprobs(tmp_path):
+    hf_model = tiny_models.build("llama", tmp_path)
+    for rank, per_prompt in enumerate(distributed.run_local_ranks(2, rank_prompt_logprobs, tmp_path)):
+        for prompt, entries in zip(TINY_PROMPTS, per_prompt):
+            expected = hf_prompt_logprobs(hf_model, prompt) if len(prompt) > 1 else torch.empty(0)
+            assert len(entries) == len(prompt) - 1, f"rank {rank}"
+            for position, (token, logprob, token_rank, top) in enumerate(entries, start=1):
+                row = expected[position - 1]
+                assert token == prompt[position]
+                assert abs(logprob - row[token].item()) < TOLERANCE, f"rank {rank}, position {position}"
+                assert token_rank == int((row >= row[token]).sum())
+                assert top == row.topk(K).indices.tolist()

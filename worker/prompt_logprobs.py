@@ -63,12 +63,12 @@ def compute(model, hidden: torch.Tensor, seqs, query_lens: list[int]) -> list[wo
 
     chunks, i = [], 0
     for seq, first, _, count in wanted:
-        entries = []
-        for j in range(i, i + count):
-            kk = seq.num_prompt_logprobs
-            top = [scheduler_pb2.TopLogprob(token_id=t, logprob=v)
-                   for t, v in zip(top_ids[j][:kk], top_values[j][:kk])] if kk else []
-            entries.append(scheduler_pb2.PromptLogprob(token_id=targets[j], logprob=chosen[j], rank=ranks[j], top=top))
+        n = seq.num_prompt_logprobs
+        entries = [scheduler_pb2.PromptLogprob(
+            token_id=targets[j], logprob=chosen[j], rank=ranks[j],
+            top=[scheduler_pb2.TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:n], top_values[j][:n])]
+            if n else [])
+            for j in range(i, i + count)]
         chunks.append(worker_pb2.PromptLogprobsChunk(seq_id=seq.seq_id, first_position=first, logprobs=entries))
         i += count
     return chunks
