@@ -2,6 +2,8 @@
 order, on the stream's first message, whatever chunking, prefix cache hits, preemption or n do."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from pagedserve.v1 import scheduler_pb2 as pb
@@ -76,8 +78,10 @@ def test_preemption_mid_prompt_neither_repeats_nor_skips_positions():
     engine = engine_for(num_blocks=10, block_size=4, max_num_batched_tokens=6)
     prompts = {f"r{i}": [i + 2] * 3 + list(range(10, 21 + i)) for i in range(3)}
     queues = {rid: start(engine, rid, p, max_tokens=6) for rid, p in prompts.items()}
-    run(engine)
-    assert engine.scheduler.num_preemptions > 0
+    plans = []
+    run(engine, plans)
+    asked = Counter(new.seq_id for plan in plans for new in plan.new_sequences if new.HasField("num_prompt_logprobs"))
+    assert max(asked.values()) > 1, "a sequence was preempted before its prompt logprobs were all in"
     for rid, prompt in prompts.items():
         msgs = messages(queues[rid])
         assert received(msgs) == expected(prompt), rid
@@ -108,3 +112,18 @@ def test_a_one_token_prompt_has_no_entries():
 def test_num_prompt_logprobs_out_of_range_is_refused_by_name(k):
     with pytest.raises(InvalidRequest, match="^num_prompt_logprobs"):
         check_sampling(pb.SamplingParams(num_prompt_logprobs=k), vocab_size=64, max_tokens=4)
+
+
+def test_after_preemption_the_positions_already_answered_come_from_the_cache():
+    engine = engine_for(block_size=4, max_num_batched_tokens=6)
+    s = engine.scheduler
+    prompt = list(range(1, 21))
+    queue = start(engine, "resumed", prompt)
+    for _ in range(2):  # 12 of 20 prompt tokens computed: positions 1..12 answered
+        engine.publish(s.update(engine.workers.execute(s.schedule())))
+    s.preempt(s.running[0])
+    plans = []
+    run(engine, plans)
+    readmitted = plans[0].new_sequences[0]
+    assert readmitted.num_computed_tokens == 12 and readmitted.HasField("num_prompt_logprobs")
+    assert received(messages(queue)) == expected(prompt)
