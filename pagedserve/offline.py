@@ -206,8 +206,12 @@ class RecordingRun(Run):
     def request_output(self, request_id: str, body: dict) -> RequestOutput:
         prompt = self.req.prompts[0]  # one prompt per request: generate() sends them one by one
         outputs = [self.completion_output(c) for c in body["choices"]]
-        return RequestOutput(request_id, prompt.text, prompt.token_ids, outputs,
-                             self.cached_tokens[0])
+        output = RequestOutput(request_id, prompt.text, prompt.token_ids, outputs, self.cached_tokens[0])
+        k = self.req.prompt_logprobs
+        if k is not None and prompt.logprobs is not None:
+            output.prompt_logprobs = [None] + [{e.token_id: e.logprob, **{t.token_id: t.logprob for t in e.top[:k]}}
+                                               for e in prompt.logprobs]
+        return output
 
     def completion_output(self, choice: dict) -> CompletionOutput:
         index = choice["index"]

@@ -26,3 +26,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0    # prompt tokens found in the prefix cache
     finished: bool = True
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per token
+    # {token id: logprob} of the prompt's token and the alternatives (vLLM's, as plain floats).
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None      # the sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
 

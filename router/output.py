@@ -15,6 +15,13 @@ from router.stop import StopStrings
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}
 
+# JSON has no -inf; a token the model rules out entirely still needs a number (vLLM's choice).
+MIN_LOGPROB = -9999.0
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
 
 @dataclass
 class TokenLogprob:
@@ -65,10 +72,12 @@ class ChoiceOutput:
         ends_on_stop_token = message.finish_reason == pb.FINISH_REASON_STOP
         for k, token_id in enumerate(ids):
             self.num_tokens += 1
-            if k == last and ends_on_stop_token and token_id in self._hidden_stop_ids:
-                break
+            # Logprobs keep every token, the hidden stop token too (as vLLM's): lm-eval drops the
+            # last entry of an echoed completion as the generated one.
             if k < len(message.logprobs):
                 delta.logprobs.append(token_logprob(message.logprobs[k], self._decoded_chars))
+            if k == last and ends_on_stop_token and token_id in self._hidden_stop_ids:
+                break
             if self._push(self._detokenizer.add(token_id), delta):
                 self.finish_reason, self.stopped_here = "stop", True
                 return delta

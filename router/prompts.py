@@ -17,6 +17,7 @@ ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system rol
 class Prompt:
     token_ids: list[int]
     text: str | None = None  # as given; None when the client sent token ids
+    logprobs: list | None = None  # scheduler_pb2.PromptLogprob for positions 1.., once received
 
 
 def completion_prompts(value: Any, tokenizer: Tokenizer, vocab_size: int,

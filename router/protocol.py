@@ -37,6 +37,8 @@ class GenerationRequest:
     stop: list[str]
     logprobs: int | None          # alternatives per token; None: no logprobs at all
     echo: bool
+    prompt_logprobs: int | None   # vLLM's field: the choice's (chat: response's) prompt_logprobs
+    generate: bool                # False for max_tokens 0 with echo: the prompt alone comes back
     skip_special_tokens: bool
     hidden_stop_ids: frozenset[int]  # tokens that end a sequence without showing in its text
     include_stop_str: bool = False   # the stop string that ended a choice stays in its text
@@ -51,17 +53,17 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     check_response_format(f)
     logprobs = f.integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
     echo = f.boolean("echo", False)
-    if echo and logprobs is not None:
-        raise invalid("echo", "'echo' with 'logprobs' needs the prompt's logprobs, which this "
-                      "server does not compute; drop one of them.")
-    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=1,
+    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=0 if echo else 1,
                            maximum=INT32_MAX)
-    params = sampling_params(f, model, max_tokens, "max_tokens")
+    # vLLM's way with max_tokens 0 (echo only): the scheduler makes one token, which is dropped.
+    params = sampling_params(f, model, max(max_tokens, 1), "max_tokens")
     prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size,
                                  f.boolean("add_special_tokens", True))
     prompts = truncate(f, prompts, model)
     check_context(prompts, max_tokens, model, "prompt", "max_tokens")
-    return generation(f, "completion", prompts, params, logprobs, echo, model)
+    # Echoed logprobs start with the prompt's: they come from the scheduler's prompt logprobs.
+    return generation(f, "completion", prompts, params, logprobs, echo, model,
+                      echo_logprobs=logprobs if echo else None, generate=max_tokens > 0)
 
 
 def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
@@ -104,7 +106,8 @@ def check_model(name: str | None, model: ServedModel) -> None:
 
 
 def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingParams,
-               logprobs: int | None, echo: bool, model: ServedModel) -> GenerationRequest:
+               logprobs: int | None, echo: bool, model: ServedModel,
+               echo_logprobs: int | None = None, generate: bool = True) -> GenerationRequest:
     stream = f.boolean("stream", False)
     options = f.object("stream_options")
     if f.given("stream_options") and not stream:
@@ -113,11 +116,18 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
     if logprobs is not None:
         params.logprobs = logprobs
     include_stop_str = f.boolean("include_stop_str_in_output", False)
+    prompt_logprobs = f.integer("prompt_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:
+        raise invalid("prompt_logprobs", "'prompt_logprobs' is not available with 'stream': "
+                      "true (as in vLLM); use 'echo' with 'logprobs' to stream them.")
+    wanted = [k for k in (prompt_logprobs, echo_logprobs) if k is not None]
+    if wanted:
+        params.num_prompt_logprobs = max(wanted)
     hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else model.eos_token_ids)
     return GenerationRequest(
         kind=kind, prompts=prompts, params=params, n=params.n, stream=stream,
         include_usage=include_usage, stop=[s for s in f.strings("stop") if s],
-        logprobs=logprobs, echo=echo,
+        logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs, generate=generate,
         skip_special_tokens=f.boolean("skip_special_tokens", True),
         # vLLM shows the stop token's text too when stop strings are kept (EOS stays hidden as
         # a special token unless skip_special_tokens is false)

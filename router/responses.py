@@ -5,12 +5,10 @@ Choices are numbered prompt-major: choice `i * n + j` is sequence j of prompt i.
 """
 from __future__ import annotations
 
-from router.output import Delta, TokenLogprob
+from router.output import Delta, TokenLogprob, clamp
+from router.prompt_logprobs import echoed, vllm_prompt_logprobs
 from router.protocol import GenerationRequest
 from router.tokenizer import Tokenizer
-
-# JSON has no -inf; a token the model rules out entirely still needs a number (vLLM's choice).
-MIN_LOGPROB = -9999.0
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
@@ -19,10 +17,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     if cached_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return out
-
-
-def clamp(logprob: float) -> float:
-    return max(logprob, MIN_LOGPROB)
 
 
 class Responses:
@@ -68,6 +62,14 @@ class Responses:
     def opening(self) -> list[dict]:
         return []
 
+    def prompt_logprobs(self, index: int) -> list[dict | None] | None:
+        """vLLM's prompt_logprobs of choice `index`'s prompt, when the request asked for them."""
+        k = self.request.prompt_logprobs
+        prompt = self.request.prompts[index // self.request.n]
+        if k is None or prompt.logprobs is None:
+            return None
+        return vllm_prompt_logprobs(prompt.logprobs, k, self.tokenizer)
+
     def chunk(self, index: int, delta: Delta) -> dict:
         raise NotImplementedError
 
@@ -78,6 +80,10 @@ class Responses:
 class CompletionResponses(Responses):
     object_name = chunk_object_name = "text_completion"
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.echoed: set[int] = set()  # streamed choices whose first chunk (the echo) went out
+
     def echo(self, index: int) -> str:
         """The prompt text a choice starts with when `echo` is set."""
         if not self.request.echo:
@@ -87,32 +93,45 @@ class CompletionResponses(Responses):
             prompt.text = self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
         return prompt.text
 
-    def opening(self) -> list[dict]:
-        count = len(self.request.prompts) * self.request.n
-        return [self.chunk_envelope([self.choice(i, self.echo(i), None, None)])
-                for i in range(count) if self.request.echo]
-
     def chunk(self, index: int, delta: Delta) -> dict:
-        return self.chunk_envelope([self.choice(index, delta.text, self.logprobs(index, delta),
+        # The echo goes with a choice's first chunk: its prompt logprobs come with the first news.
+        first = index not in self.echoed
+        self.echoed.add(index)
+        text = (self.echo(index) if first else "") + delta.text
+        return self.chunk_envelope([self.choice(index, text, self.logprobs(index, delta, first),
                                                 delta.finish_reason)])
 
     def final_choice(self, index: int, result: Delta) -> dict:
-        return self.choice(index, self.echo(index) + result.text, self.logprobs(index, result),
-                           result.finish_reason)
+        out = self.choice(index, self.echo(index) + result.text, self.logprobs(index, result, True),
+                          result.finish_reason)
+        if self.request.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs(index)
+        return out
 
     @staticmethod
     def choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
         return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def logprobs(self, index: int, delta: Delta) -> dict | None:
+    def logprobs(self, index: int, delta: Delta, with_echo: bool) -> dict | None:
         if self.request.logprobs is None:
             return None
         shift = len(self.echo(index))
-        return {"tokens": [self.token_name(lp.token_id) for lp in delta.logprobs],
-                "token_logprobs": [clamp(lp.logprob) for lp in delta.logprobs],
-                "top_logprobs": [self.top(lp) for lp in delta.logprobs],
-                "text_offset": [shift + lp.text_offset for lp in delta.logprobs]}
+        out = {"tokens": [self.token_name(lp.token_id) for lp in delta.logprobs],
+               "token_logprobs": [clamp(lp.logprob) for lp in delta.logprobs],
+               "top_logprobs": [self.top(lp) for lp in delta.logprobs],
+               "text_offset": [shift + lp.text_offset for lp in delta.logprobs]}
+        return self.with_prompt(index, out) if with_echo and self.request.echo else out
+
+    def with_prompt(self, index: int, out: dict) -> dict:
+        """The prompt's tokens before the output's, the first with null logprobs (as vLLM)."""
+        prompt = self.request.prompts[index // self.request.n]
+        offsets, logprobs = echoed(prompt.token_ids, prompt.logprobs or [], self.request.logprobs,
+                                   self.tokenizer)
+        return {"tokens": [self.token_name(t) for t in prompt.token_ids] + out["tokens"],
+                "token_logprobs": [None] + [clamp(lp.logprob) for lp in logprobs] + out["token_logprobs"],
+                "top_logprobs": [None] + [self.top(lp) for lp in logprobs] + out["top_logprobs"],
+                "text_offset": offsets + out["text_offset"]}
 
     def top(self, lp: TokenLogprob) -> dict[str, float]:
         # As vLLM does: the sampled token is listed even when it is not among the top k.
@@ -146,6 +165,12 @@ class ChatResponses(Responses):
         return {"index": index,
                 "message": {"role": "assistant", "content": self.request.chat_echo + result.text},
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
+
+    def final(self, results: list[Delta], totals: dict) -> dict:
+        out = super().final(results, totals)
+        if self.request.prompt_logprobs is not None:  # one prompt: vLLM puts them on the response
+            out["prompt_logprobs"] = self.prompt_logprobs(0)
+        return out
 
     def logprobs(self, delta: Delta) -> dict | None:
         if self.request.logprobs is None:

@@ -64,6 +64,10 @@ class Run:
     def handle(self, event: Event) -> tuple[int, Delta]:
         prompt, message = event
         index = prompt * self.req.n + message.index
+        if self.req.params.HasField("num_prompt_logprobs") and self.req.prompts[prompt].logprobs is None:
+            self.req.prompts[prompt].logprobs = list(message.prompt_logprobs)  # the first message's
+        if not self.req.generate:
+            message = prompt_only(message)
         self.time_output(index)
         delta = self.choices[index].add(message)
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
@@ -103,6 +107,16 @@ class Run:
         self.metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
         for choice in self.choices:
             self.metrics.finished(choice.finish_reason or "abort")
+
+
+def prompt_only(message: pb.GenerateResponse) -> pb.GenerateResponse:
+    """max_tokens 0: the token the scheduler had to generate is not shown, and the choice ends
+    as vLLM's does, on "length"."""
+    reason = message.finish_reason
+    if reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH):
+        reason = pb.FINISH_REASON_LENGTH
+    return pb.GenerateResponse(index=message.index, prompt_tokens=message.prompt_tokens,
+                               cached_tokens=message.cached_tokens, finish_reason=reason)
 
 
 async def serve_completion(request: Request) -> Response:

@@ -87,6 +87,11 @@ class Engine:
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output,
             cached_tokens=seq.num_cached_tokens)
         seq.pending_logprobs = []
+        request = seq.request
+        if request.num_prompt_logprobs is not None and not request.prompt_logprobs_sent \
+                and not request.needs_prompt_logprobs:
+            reply.prompt_logprobs.extend(request.prompt_logprobs)  # once, on the first message
+            request.prompt_logprobs_sent = True
         return reply
 
     def fail_all(self, error: Exception) -> None:

@@ -56,12 +56,17 @@ class KVCacheManager:
 
     # ----- the scheduler's questions ----------------------------------------------------------
 
-    def get_computed_blocks(self, seq: Sequence) -> ComputedBlocks:
-        """The cached blocks that hold a leading part of seq's tokens. At least one token is always
-        left to compute, since the worker needs a position whose logits it samples from."""
+    def get_computed_blocks(self, seq: Sequence, max_num_tokens: int | None = None) -> ComputedBlocks:
+        """The cached blocks that hold a leading part of seq's tokens, at most max_num_tokens of
+        them (a request that wants its prompt's logprobs must compute the positions it wants). At
+        least one token is always left to compute, since the worker needs a position whose logits
+        it samples from."""
         if not self.enable_caching:
             return NO_BLOCKS
-        hashes = self.full_block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        num_full = (seq.num_tokens - 1) // self.block_size
+        if max_num_tokens is not None:
+            num_full = min(num_full, max_num_tokens // self.block_size)
+        hashes = self.full_block_hashes(seq, num_full)
         found = []
         for h in hashes:
             block = self.pool.get_cached_block(h)

@@ -66,6 +66,23 @@ class Request:
     limits: SamplingLimits
     arrival: int                    # admission order, FCFS
     sequences: list[Sequence] = field(default_factory=list)
+    # SamplingParams.num_prompt_logprobs: None, or k and the entries for prompt positions 1.. so far
+    num_prompt_logprobs: int | None = None
+    prompt_logprobs: list[pb.PromptLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions remain whose logprobs are still to be computed."""
+        return (self.num_prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
+
+    def add_prompt_logprobs(self, first_position: int, entries) -> None:
+        """Keeps the entries not known yet: a sequence recomputed after preemption may repeat
+        some positions (it restarts at its last full cached block)."""
+        skip = len(self.prompt_logprobs) + 1 - first_position
+        if skip >= 0:
+            self.prompt_logprobs.extend(entries[skip:])
 
     @property
     def finished(self) -> bool:

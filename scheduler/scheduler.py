@@ -47,6 +47,8 @@ class Scheduler:
         if limit and len(self.waiting) >= limit:
             raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
         request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests))
+        if params.HasField("num_prompt_logprobs"):
+            request.num_prompt_logprobs = params.num_prompt_logprobs
         n = params.n if params.HasField("n") else 1
         for index in range(n):
             seq = Sequence(self.next_seq_id, request, index, list(prompt), len(prompt))
@@ -165,7 +167,11 @@ class Scheduler:
 
     def admit(self, seq: Sequence, budget: int, plan: wpb.StepPlan) -> int:
         """Starts seq with as many tokens as budget and blocks allow; 0 if it cannot start now."""
-        computed = self.kv.get_computed_blocks(seq)
+        prompt_logprobs = self.prompt_logprobs_of(seq)
+        # Cached blocks would skip the rows whose logprobs are still wanted: use only those whose
+        # positions are done (none at first; the part computed before a preemption).
+        limit = None if prompt_logprobs is None else len(seq.request.prompt_logprobs)
+        computed = self.kv.get_computed_blocks(seq, max_num_tokens=limit)
         num_cached = computed.num_tokens
         n = min(seq.num_tokens - num_cached, budget)
         block_table = self.kv.allocate_slots(seq, n, computed)
@@ -181,7 +187,8 @@ class Scheduler:
         seq.on_worker = True
         plan.new_sequences.append(wpb.NewSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
-            num_computed_tokens=num_cached, num_generated=seq.num_output))
+            num_computed_tokens=num_cached, num_generated=seq.num_output,
+            num_prompt_logprobs=prompt_logprobs))
         plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
                                                     new_block_ids=block_table))
         self.in_flight.append((seq, n))
@@ -189,16 +196,27 @@ class Scheduler:
 
     # ----- results ------------------------------------------------------------------------------
 
+    @staticmethod
+    def prompt_logprobs_of(seq: Sequence) -> int | None:
+        """The k the worker must compute seq's prompt logprobs with, or None. The first of n
+        sequences computes them for the request; its siblings share its prompt."""
+        request = seq.request
+        return request.num_prompt_logprobs if seq.index == 0 and request.needs_prompt_logprobs else None
+
     def update(self, result: wpb.StepResult) -> list[Sequence]:
         """Applies a step's sampled tokens; returns the sequences that have news for their client."""
         sampled = dict(zip(result.seq_ids, result.token_ids))
         logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs}
+        prompt_chunks = {chunk.seq_id: chunk for chunk in result.prompt_logprobs}
         news = []
         for seq, n in self.in_flight:
             if seq.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed += n
             self.kv.cache_blocks(seq)
+            chunk = prompt_chunks.get(seq.seq_id)
+            if chunk is not None:
+                seq.request.add_prompt_logprobs(chunk.first_position, chunk.logprobs)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue

@@ -55,6 +55,9 @@ def check_sampling(p: pb.SamplingParams, vocab_size: int, max_tokens: int) -> No
         raise InvalidRequest(f"n: must be between 1 and {MAX_N}, got {p.n}")
     if p.HasField("logprobs") and not 0 <= p.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs: must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}")
+    if p.HasField("num_prompt_logprobs") and not 0 <= p.num_prompt_logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"num_prompt_logprobs: must be between 0 and {MAX_LOGPROBS}, got "
+                             f"{p.num_prompt_logprobs}")
     if p.HasField("min_tokens") and not 0 <= p.min_tokens <= max_tokens:
         raise InvalidRequest(f"min_tokens: must be between 0 and max_tokens ({max_tokens}), "
                              f"got {p.min_tokens}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
 
 
@@ -15,11 +16,18 @@ def next_token(tokens: list[int], vocab_size: int) -> int:
     return int.from_bytes(digest, "little") % vocab_size
 
 
+def prompt_logprob(tokens: list[int], position: int) -> float:
+    """The fake model's logprob of tokens[position] given the tokens before it."""
+    return -next_token(tokens[:position + 1], 1000) / 100
+
+
 @dataclass
 class FakeSequence:
     tokens: list[int]
     computed: int
     table: list[int] = field(default_factory=list)
+    num_prompt: int = 0
+    num_prompt_logprobs: int | None = None
 
 
 class KVCorruption(AssertionError):
@@ -45,7 +53,9 @@ class FakeWorker:
             del self.seqs[seq_id]
         for new in plan.new_sequences:
             assert new.seq_id not in self.seqs, f"sequence {new.seq_id} added twice"
-            self.seqs[new.seq_id] = FakeSequence(list(new.token_ids), new.num_computed_tokens)
+            self.seqs[new.seq_id] = FakeSequence(
+                list(new.token_ids), new.num_computed_tokens, num_prompt=len(new.token_ids) - new.num_generated,
+                num_prompt_logprobs=new.num_prompt_logprobs if new.HasField("num_prompt_logprobs") else None)
         result = wpb.StepResult(step_id=plan.step_id)
         for item in plan.scheduled:
             seq = self.seqs[item.seq_id]
@@ -54,6 +64,7 @@ class FakeWorker:
             self.check_cached(item.seq_id, seq)
             for pos in range(seq.computed, seq.computed + item.num_tokens):
                 self.slots[self.slot(seq, pos)] = tuple(seq.tokens[:pos + 1])
+            self.add_prompt_logprobs(result, item, seq)
             seq.computed += item.num_tokens
             if seq.computed == len(seq.tokens):
                 token = next_token(seq.tokens, self.vocab_size)
@@ -61,6 +72,17 @@ class FakeWorker:
                 result.seq_ids.append(item.seq_id)
                 result.token_ids.append(token)
         return result
+
+    @staticmethod
+    def add_prompt_logprobs(result: wpb.StepResult, item, seq: FakeSequence) -> None:
+        """Entries for the prompt positions whose predecessor this step computes."""
+        positions = range(seq.computed + 1, min(seq.computed + item.num_tokens, seq.num_prompt - 1) + 1)
+        if seq.num_prompt_logprobs is None or not positions:
+            return
+        result.prompt_logprobs.append(wpb.PromptLogprobsChunk(
+            seq_id=item.seq_id, first_position=positions[0],
+            logprobs=[pb.PromptLogprob(token_id=seq.tokens[p], logprob=prompt_logprob(seq.tokens, p), rank=1)
+                      for p in positions]))
 
     def check_cached(self, seq_id: int, seq: FakeSequence) -> None:
         for pos in range(seq.computed):

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.healthcheck import http_ok
@@ -88,6 +89,20 @@ def test_chat_as_the_http_api_answers(llm, http):
         assert len(completion.logprobs) == len(completion.token_ids)
         for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
             assert max(alternatives, key=alternatives.get) == token_id
+
+
+def test_prompt_logprobs_equal_transformers(llm, model_dir):
+    [output] = llm.generate(["The capital of France is Paris."], SamplingParams(
+        temperature=0, max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+    ids = output.prompt_token_ids
+    with torch.inference_mode():
+        logits = hf_reference.load(str(model_dir))(torch.tensor([ids])).logits[0, :-1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(ids)
+    for position, entry in enumerate(output.prompt_logprobs[1:], start=1):
+        row = expected[position - 1]
+        assert set(entry) == {ids[position], *row.topk(2).indices.tolist()}
+        assert all(abs(v - row[t].item()) < 1e-3 for t, v in entry.items()), f"position {position}"
 
 
 def test_bad_sampling_params_raise_before_anything_runs(llm):

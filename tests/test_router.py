@@ -247,22 +247,22 @@ def test_several_prompts_are_indexed_prompt_major(client, fake, tokenizer):
 
 
 def test_completion_logprobs_shape(client, fake, tokenizer):
-    ids = say(fake, tokenizer, " alpha beta")
+    ids = say(fake, tokenizer, " alpha beta") + [EOS]  # the EOS the text hides keeps its logprob
     out = client.completions.create(model="smol", prompt="x", max_tokens=10, logprobs=2)
     lp = out.choices[0].logprobs
     assert fake.last_params.logprobs == 2
-    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.tokens == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     assert lp.token_logprobs == [-0.25] * len(ids)
     assert all(len(top) == 2 and top[tok] == -0.25 for top, tok in zip(lp.top_logprobs, lp.tokens))
-    assert lp.text_offset == [len(tokenizer.decode(ids[:k])) for k in range(len(ids))]
+    assert lp.text_offset == [len(tokenizer.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids))]
 
 
 def test_chat_logprobs_shape(client, fake, tokenizer):
     ids = say(fake, tokenizer, "Hi 🎉")
     out = chat(client, max_tokens=10, logprobs=True, top_logprobs=3)
     content = out.choices[0].logprobs.content
-    assert len(content) == len(ids)
-    assert b"".join(bytes(c.bytes) for c in content).decode() == "Hi 🎉"
+    assert len(content) == len(ids) + 1 and content[-1].token == tokenizer.decode([EOS], skip_special_tokens=False)
+    assert b"".join(bytes(c.bytes) for c in content[:-1]).decode() == "Hi 🎉"
     assert all(len(c.top_logprobs) == 3 and c.logprob == -0.25 for c in content)
     assert any(c.token.startswith("bytes:") for c in content)  # a piece of the emoji
     chunks = list(chat(client, stream=True, max_tokens=10, logprobs=True, top_logprobs=3))

@@ -25,6 +25,7 @@ class SequenceState:
     params: SamplingOptions
     num_computed: int = 0  # leading tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
+    num_prompt_logprobs: int | None = None  # set while the scheduler wants its prompt logprobs
 
     @property
     def num_generated(self) -> int:
@@ -38,6 +39,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S]: the last token of each sequence that samples
     sampling: list[SequenceState]  # the S sequences that sample, in the order of logits_indices
+    seqs: list[SequenceState]  # every scheduled sequence, in batch order (meta.query_lens_cpu's)
 
 
 class PersistentBatch:
@@ -69,7 +71,8 @@ class PersistentBatch:
             raise PlanError(f"new sequence {new.seq_id} has token ids outside the vocabulary [0, {self.vocab_size})")
         params = SamplingOptions.from_proto(new.params, self.vocab_size)
         self.seqs[new.seq_id] = SequenceState(
-            new.seq_id, list(new.token_ids), n - new.num_generated, params, new.num_computed_tokens
+            new.seq_id, list(new.token_ids), n - new.num_generated, params, new.num_computed_tokens,
+            num_prompt_logprobs=new.num_prompt_logprobs if new.HasField("num_prompt_logprobs") else None,
         )
 
     def begin_step(self, scheduled) -> list[tuple[SequenceState, int]]:
@@ -151,4 +154,5 @@ def build_step_inputs(work: list[tuple[SequenceState, int]], block_size: int, de
         meta=meta,
         logits_indices=logits_indices.to(**to),
         sampling=[seqs[i] for i in sampling],
+        seqs=seqs,
     )

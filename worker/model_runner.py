@@ -8,6 +8,7 @@ import time
 import torch
 
 from pagedserve.v1 import worker_pb2
+from worker import prompt_logprobs
 from worker.attention import make_attention_backend
 from worker.batch import PersistentBatch, PlanError, build_step_inputs
 from worker.config import WorkerConfig
@@ -120,6 +121,7 @@ class ModelRunner:
             sampled = self.sampler(logits, inputs.sampling)  # returns Python ints: the device has synced
         else:  # only prefill chunks that do not reach their end
             logits, sampled = None, SamplerOutput([], [])
+        prompt_chunks = prompt_logprobs.compute(self.model, hidden, inputs.seqs, inputs.meta.query_lens_cpu)
         elapsed = time.perf_counter() - started
         if log.isEnabledFor(logging.DEBUG):  # cores busy below the thread count: the step waited on something
             log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
@@ -143,6 +145,7 @@ class ModelRunner:
                 if sampled.logprobs[j] is not None
             ],
             forward_seconds=elapsed,
+            prompt_logprobs=sorted(prompt_chunks, key=lambda c: plan_index[c.seq_id]),
         )
         if logits is not None and order != sorted(order):  # a copy of [S, vocab]: only when reordered
             logits = logits[order]
