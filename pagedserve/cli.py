@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from router.tool_parsers import PARSERS as TOOL_PARSERS
+
 
 def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="a Hugging Face model directory")
@@ -27,6 +29,10 @@ def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     p.add_argument("--max-waiting-requests", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--chat-template", default=None)
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto" (needs --tool-call-parser)')
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help='how tool calls are found in the text of tool_choice "auto" replies')
     p.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=600.0)

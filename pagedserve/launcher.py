@@ -107,8 +107,11 @@ class Launcher:
         cmd = [sys.executable, "-m", "router", "--model", a.model,
                "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host, "--port", str(a.port),
                "--shutdown-timeout", str(a.shutdown_timeout)]
+        if getattr(a, "enable_auto_tool_choice", False):
+            cmd.append("--enable-auto-tool-choice")
         return cmd + self.optional("--served-model-name", "--api-key", "--chat-template",
-                                   "--max-model-len", "--max-request-body-bytes")
+                                   "--max-model-len", "--max-request-body-bytes",
+                                   "--tool-call-parser")
 
     def optional(self, *flags: str) -> list[str]:
         out = []

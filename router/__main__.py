@@ -11,6 +11,7 @@ from pagedserve.parent_watch import stop_with_parent
 from router.app import build_app
 from router.logs import configure_logging
 from router.settings import Settings
+from router.tool_parsers import PARSERS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="require `Authorization: Bearer KEY` on /v1/* and /tokenize; also sent "
                    "to the scheduler, which takes the same flag")
     p.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto" (needs --tool-call-parser)')
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS),
+                   help='how tool calls are found in the text of tool_choice "auto" replies')
     p.add_argument("--max-model-len", type=int,
                    help="lower the context length the scheduler allows")
     p.add_argument("--max-request-body-bytes", type=int, default=Settings.max_request_body_bytes,
@@ -44,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(scheduler_addr=args.scheduler_addr, model=args.model,
                         served_model_name=args.served_model_name, api_key=args.api_key,
                         chat_template=args.chat_template, max_model_len=args.max_model_len,
-                        max_request_body_bytes=args.max_request_body_bytes)
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        enable_auto_tool_choice=args.enable_auto_tool_choice,
+                        tool_call_parser=args.tool_call_parser)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the
     # signal again under the handler it found: this one, so a drained router exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

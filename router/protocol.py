@@ -11,6 +11,8 @@ from router.errors import invalid, model_not_found
 from router.fields import Fields
 from router.model import ServedModel
 from router.prompts import Prompt, chat_messages, chat_prompt, check_token_ids, completion_prompts
+from router.structured_outputs import Constraint, one_constraint, request_constraint
+from router.tool_calls import Tools, parse_tools, tool_constraint
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -31,6 +33,8 @@ class GenerationRequest:
     echo: bool
     skip_special_tokens: bool
     hidden_stop_ids: frozenset[int]  # tokens that end a sequence without showing in its text
+    tools: Tools | None = None       # chat's tools, when calls can be made
+    constraint_param: str | None = None  # the field a structured-output constraint came from
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
@@ -47,16 +51,14 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     params = sampling_params(f, model, max_tokens, "max_tokens")
     prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size)
     check_context(prompts, max_tokens, model, "prompt", "max_tokens")
-    return generation(f, "completion", prompts, params, logprobs, echo, model)
+    req = generation(f, "completion", prompts, params, logprobs, echo, model)
+    return constrained(req, request_constraint(f))
 
 
 def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     f = fields_of(body, model)
-    if f.raw("tools"):
-        raise invalid("tools", "Tool calling is not supported by this server.")
-    fmt = f.object("response_format").get("type", "text")
-    if fmt != "text":
-        raise invalid("response_format", f"response_format {fmt!r} is not supported; only 'text'.")
+    tools = parse_tools(f, model.tool_call_parser)
+    constraint = one_constraint(request_constraint(f), tool_constraint(tools))
     want_logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
@@ -65,10 +67,21 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     max_tokens = f.integer(name, minimum=1, maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
-    prompt = chat_prompt(messages, model.tokenizer, f.boolean("add_generation_prompt", True))
+    prompt = chat_prompt(messages, model.tokenizer, f.boolean("add_generation_prompt", True),
+                         tools.definitions if tools else None)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
-    return generation(f, "chat", [prompt], params, logprobs, False, model)
+    req = generation(f, "chat", [prompt], params, logprobs, False, model)
+    req.tools = tools if tools and tools.calls_possible else None
+    return constrained(req, constraint)
+
+
+def constrained(req: GenerationRequest, constraint: Constraint | None) -> GenerationRequest:
+    """The request with its structured-output constraint (router/structured_outputs.py)."""
+    if constraint is not None:
+        req.params.structured_outputs.CopyFrom(constraint.params)
+        req.constraint_param = constraint.param
+    return req
 
 
 def fields_of(body: Any, model: ServedModel) -> Fields:

@@ -15,3 +15,5 @@ class Settings:
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
     max_request_body_bytes: int = 16 << 20  # larger bodies get 413; 0: no limit
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" allowed (needs tool_call_parser)
+    tool_call_parser: str | None = None    # how "auto" finds calls in the text: router/tool_parsers.py

@@ -63,15 +63,17 @@ class Tokenizer:
         # The Rust decoder directly: it runs for every generated token.
         return self.fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to the messages, as text that still has to be encoded."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The chat template applied to the messages (and the OpenAI `tools`, for templates that
+        describe them to the model), as text that still has to be encoded."""
         if self.chat_template is None and not getattr(self.hf, "chat_template", None):
             raise invalid("messages", "This model has no chat template; start the router with "
                           "--chat-template FILE or use /v1/completions.")
         try:
             return self.hf.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt)
+                add_generation_prompt=add_generation_prompt, tools=tools or None)
         except Exception as exc:  # jinja's raise_exception, e.g. roles that do not alternate
             raise invalid("messages", f"The chat template rejected the messages: {exc}") from exc
 

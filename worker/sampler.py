@@ -1,7 +1,8 @@
 """Turning one row of logits per sampling sequence into one token each, in a single batched pass.
 
 The order is vLLM's: logprobs from the raw logits; then logit_bias and min_tokens; then
-repetition, frequency and presence penalties; greedy rows take the argmax of that; random rows
+repetition, frequency and presence penalties; the structured-output bitmask of constrained rows
+(worker/structured_output.py); greedy rows take the argmax of that; random rows
 go on through temperature, min_p, top-k/top-p and an exponential-race draw (argmax of p / q with
 q ~ Exp(1), which picks token i with probability p_i). A feature no row uses costs nothing.
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.v1 import scheduler_pb2
+from worker.structured_output import apply_bitmask
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Sampler:
 
         logits = self._apply_bias_and_min_tokens(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
+        logits = apply_bitmask(logits, seqs)  # structured outputs: only constrained rows
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

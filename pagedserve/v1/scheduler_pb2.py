@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\"\x95\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_logprobs\"n\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc5\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xb9\x02\n\x0eSchedulerStats\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x17\n\x0fworkers_healthy\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb7\x02\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\"\xd8\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12\x41\n\x12structured_outputs\x18\x1e \x01(\x0b\x32%.pagedserve.v1.StructuredOutputParams\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_logprobs\"k\n\x16StructuredOutputParams\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x0f\n\x07grammar\x18\x04 \x01(\t\x12\x13\n\x0bjson_object\x18\x05 \x01(\x08\"n\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\xf4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc5\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xb9\x02\n\x0eSchedulerStats\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x17\n\x0fworkers_healthy\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb7\x02\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1837
-  _globals['_FINISHREASON']._serialized_end=1957
+  _globals['_FINISHREASON']._serialized_start=2013
+  _globals['_FINISHREASON']._serialized_end=2133
   _globals['_SAMPLINGPARAMS']._serialized_start=49
-  _globals['_SAMPLINGPARAMS']._serialized_end=710
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=492
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=540
-  _globals['_GENERATEREQUEST']._serialized_start=712
-  _globals['_GENERATEREQUEST']._serialized_end=822
-  _globals['_TOPLOGPROB']._serialized_start=824
-  _globals['_TOPLOGPROB']._serialized_end=871
-  _globals['_TOKENLOGPROB']._serialized_start=873
-  _globals['_TOKENLOGPROB']._serialized_end=962
-  _globals['_GENERATERESPONSE']._serialized_start=965
-  _globals['_GENERATERESPONSE']._serialized_end=1209
-  _globals['_ABORTREQUEST']._serialized_start=1211
-  _globals['_ABORTREQUEST']._serialized_end=1245
-  _globals['_ABORTRESPONSE']._serialized_start=1247
-  _globals['_ABORTRESPONSE']._serialized_end=1277
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1279
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1300
-  _globals['_MODELINFO']._serialized_start=1303
-  _globals['_MODELINFO']._serialized_end=1500
-  _globals['_GETSTATSREQUEST']._serialized_start=1502
-  _globals['_GETSTATSREQUEST']._serialized_end=1519
-  _globals['_SCHEDULERSTATS']._serialized_start=1522
-  _globals['_SCHEDULERSTATS']._serialized_end=1835
-  _globals['_SCHEDULER']._serialized_start=1960
-  _globals['_SCHEDULER']._serialized_end=2271
+  _globals['_SAMPLINGPARAMS']._serialized_end=777
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=559
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=607
+  _globals['_STRUCTUREDOUTPUTPARAMS']._serialized_start=779
+  _globals['_STRUCTUREDOUTPUTPARAMS']._serialized_end=886
+  _globals['_GENERATEREQUEST']._serialized_start=888
+  _globals['_GENERATEREQUEST']._serialized_end=998
+  _globals['_TOPLOGPROB']._serialized_start=1000
+  _globals['_TOPLOGPROB']._serialized_end=1047
+  _globals['_TOKENLOGPROB']._serialized_start=1049
+  _globals['_TOKENLOGPROB']._serialized_end=1138
+  _globals['_GENERATERESPONSE']._serialized_start=1141
+  _globals['_GENERATERESPONSE']._serialized_end=1385
+  _globals['_ABORTREQUEST']._serialized_start=1387
+  _globals['_ABORTREQUEST']._serialized_end=1421
+  _globals['_ABORTRESPONSE']._serialized_start=1423
+  _globals['_ABORTRESPONSE']._serialized_end=1453
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1455
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1476
+  _globals['_MODELINFO']._serialized_start=1479
+  _globals['_MODELINFO']._serialized_end=1676
+  _globals['_GETSTATSREQUEST']._serialized_start=1678
+  _globals['_GETSTATSREQUEST']._serialized_end=1695
+  _globals['_SCHEDULERSTATS']._serialized_start=1698
+  _globals['_SCHEDULERSTATS']._serialized_end=2011
+  _globals['_SCHEDULER']._serialized_start=2136
+  _globals['_SCHEDULER']._serialized_end=2447
 # @@protoc_insertion_point(module_scope)
