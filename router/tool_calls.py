@@ -101,15 +101,33 @@ def tool_constraint(tools: Tools | None) -> Constraint | None:
     return Constraint(pb.StructuredOutputParams(json=json.dumps(schema)), "tools")
 
 
-def parse_constrained(tools: Tools, text: str) -> list[ParsedCall]:
-    """The calls in a `required` or named choice's output (empty when it was cut short)."""
+def parse_constrained(tools: Tools, text: str, finish_reason: str) -> list[ParsedCall]:
+    """The calls in a `required` or named choice's output. A `required` array that max_tokens cut
+    short still gives the calls it completed (a small model may repeat calls until the limit);
+    a named call cut short gives none."""
+    if tools.choice == "required":
+        return [ParsedCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                for c in complete_items(text)]
     try:
-        value = json.loads(text)
+        value = json.loads(text) if finish_reason == "stop" else None
     except json.JSONDecodeError:
         return []
-    if tools.choice == "named":
-        return [ParsedCall(tools.named, json.dumps(value, ensure_ascii=False))]
-    return [ParsedCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+    return [ParsedCall(tools.named, json.dumps(value, ensure_ascii=False))] if value else []
+
+
+def complete_items(text: str) -> list:
+    """The items of the JSON array `text` that are complete, the array itself finished or not."""
+    decoder = json.JSONDecoder()
+    items, pos = [], text.find("[") + 1
+    while 0 < pos < len(text):
+        while pos < len(text) and text[pos] in " \t\n\r,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        items.append(item)
+    return items
 
 
 class ToolCallOutput:
@@ -128,11 +146,12 @@ class ToolCallOutput:
         if delta.finish_reason is None:
             out.text = self.release(self.safe_end())
             return out
-        content_end, calls = self.parse() if delta.finish_reason == "stop" else (len(self.text), [])
+        content_end, calls = self.parse(delta.finish_reason)
         out.text = self.release(content_end if calls else len(self.text))
         if calls:
             out.tool_calls = [tool_call(c) for c in calls]
-            out.finish_reason = "tool_calls"
+            if delta.finish_reason == "stop":
+                out.finish_reason = "tool_calls"  # "length" stays: the output was cut short
         return out
 
     def release(self, end: int) -> str:
@@ -149,10 +168,10 @@ class ToolCallOutput:
             return start
         return len(self.text) - longest_prefix_suffix(self.text, self.parser.start)
 
-    def parse(self) -> tuple[int, list[ParsedCall]]:
+    def parse(self, finish_reason: str) -> tuple[int, list[ParsedCall]]:
         if self.parser is None:
-            return 0, parse_constrained(self.tools, self.text)
-        return self.parser.parse(self.text)
+            return 0, parse_constrained(self.tools, self.text, finish_reason)
+        return self.parser.parse(self.text) if finish_reason == "stop" else (len(self.text), [])
 
 
 def tool_call(call: ParsedCall) -> dict:
