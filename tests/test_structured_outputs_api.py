@@ -233,7 +233,7 @@ def test_auto_parses_hermes_tool_calls_from_the_text(client):
     # The model is made to write a Hermes call (a regex), which the hermes parser then finds.
     forced = (r'Let me check\.<tool_call>\{"name": "get_weather", "arguments": '
               r'\{"city": "(Paris|Lyon)", "unit": "celsius"\}\}</tool_call>')
-    kw = dict(tools=TOOLS, tool_choice="auto", structured_outputs={"regex": forced})
+    kw = dict(tools=TOOLS, tool_choice="auto", structured_outputs={"regex": forced}, max_tokens=120)
     whole = chat(client, ASK_WEATHER, **kw).choices[0]
     assert whole.finish_reason == "tool_calls"
     assert whole.message.content == "Let me check."
@@ -242,6 +242,8 @@ def test_auto_parses_hermes_tool_calls_from_the_text(client):
     validate_call(*calls[0])
     assert streamed_calls(chat(client, ASK_WEATHER, stream=True, **kw)) == (calls, "tool_calls",
                                                                            "Let me check.")
+    whole_text = chat(client, ASK_WEATHER, structured_outputs={"regex": forced}, max_tokens=120)
+    assert whole_text.choices[0].message.content.startswith("Let me check.<tool_call>")  # no tools: text
     plain = chat(client, ASK_WEATHER, tools=TOOLS, structured_outputs={"choice": ["Sunny."]})
     assert plain.choices[0].message.content == "Sunny." and not plain.choices[0].message.tool_calls
 
