@@ -234,18 +234,21 @@ def test_auto_parses_hermes_tool_calls_from_the_text(client):
     forced = (r'Let me check\.<tool_call>\{"name": "get_weather", "arguments": '
               r'\{"city": "(Paris|Lyon)", "unit": "celsius"\}\}</tool_call>')
     kw = dict(tools=TOOLS, tool_choice="auto", structured_outputs={"regex": forced}, max_tokens=120)
-    whole = chat(client, ASK_WEATHER, **kw).choices[0]
+    with ThreadPoolExecutor(4) as pool:  # one batch: the forced text takes SmolLM2 many tokens
+        whole = pool.submit(chat, client, ASK_WEATHER, **kw)
+        streamed = pool.submit(lambda: streamed_calls(chat(client, ASK_WEATHER, stream=True, **kw)))
+        no_tools = pool.submit(chat, client, ASK_WEATHER, structured_outputs={"regex": forced}, max_tokens=120)
+        plain = pool.submit(chat, client, ASK_WEATHER, tools=TOOLS, structured_outputs={"choice": ["Sunny."]})
+    whole = whole.result().choices[0]
     assert whole.finish_reason == "tool_calls"
     assert whole.message.content == "Let me check."
     calls = calls_of(whole.message)
     assert calls[0][0] == "get_weather"
     validate_call(*calls[0])
-    assert streamed_calls(chat(client, ASK_WEATHER, stream=True, **kw)) == (calls, "tool_calls",
-                                                                           "Let me check.")
-    whole_text = chat(client, ASK_WEATHER, structured_outputs={"regex": forced}, max_tokens=120)
-    assert whole_text.choices[0].message.content.startswith("Let me check.<tool_call>")  # no tools: text
-    plain = chat(client, ASK_WEATHER, tools=TOOLS, structured_outputs={"choice": ["Sunny."]})
-    assert plain.choices[0].message.content == "Sunny." and not plain.choices[0].message.tool_calls
+    assert streamed.result() == (calls, "tool_calls", "Let me check.")
+    assert no_tools.result().choices[0].message.content.startswith("Let me check.<tool_call>")
+    assert plain.result().choices[0].message.content == "Sunny."
+    assert not plain.result().choices[0].message.tool_calls
 
 
 def test_tool_results_and_assistant_calls_render_through_the_chat_template(client, smol_stack, model_dir):
