@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> RouterArgs:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
     configure_logging(args.log_level)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the

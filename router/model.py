@@ -23,6 +23,7 @@ class ServedModel:
     eos_token_ids: frozenset[int]
     tokenizer: Tokenizer
     created: int
+    tool_call_parser: str | None = None  # set with --enable-auto-tool-choice: tool_choice "auto"
 
 
 def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
@@ -38,7 +39,8 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
         [tokenizer.hf.eos_token_id] if tokenizer.hf.eos_token_id is not None else [])
     # The model's vocabulary can be padded past the tokenizer's: any id below it is valid input.
     vocab = info.vocab_size or len(tokenizer)
-    return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()))
+    parser = settings.tool_call_parser if settings.enable_auto_tool_choice else None
+    return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser)
 
 
 def context_length(flag: int | None, scheduler: int) -> int:

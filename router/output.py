@@ -36,14 +36,16 @@ class Delta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's, whole (router/tool_calls.py)
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.logprobs or self.finish_reason)
+        return bool(self.text or self.logprobs or self.finish_reason or self.tool_calls)
 
     def absorb(self, later: "Delta") -> None:
         """Appends a later delta of the same choice (to build a non-streamed response)."""
         self.text += later.text
         self.logprobs.extend(later.logprobs)
+        self.tool_calls.extend(later.tool_calls)
         self.finish_reason = later.finish_reason or self.finish_reason
 
 

@@ -2,6 +2,7 @@
 `prompt` in its four forms, or a chat's `messages` through the chat template."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ from router.errors import invalid
 from router.fields import is_int
 from router.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 
@@ -74,13 +75,14 @@ def chat_message(i: int, message: Any) -> dict:
     out = {"role": role, "content": message_text(where, role, message.get("content"))}
     if isinstance(message.get("name"), str):
         out["name"] = message["name"]
+    out.update(tool_fields(where, role, message))
     return out
 
 
 def message_text(where: str, role: str, content: Any) -> str:
     if isinstance(content, str):
         return content
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if not isinstance(content, list):
         raise invalid(f"{where}.content", f"'{where}.content' must be a string or an array of "
@@ -97,7 +99,7 @@ def message_text(where: str, role: str, content: Any) -> str:
 
 def chat_prompt(messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False,
-                template_kwargs: dict | None = None) -> Prompt:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> Prompt:
     """The chat as a prompt. `continue_final_message` leaves the last message (the assistant's)
     open for the model to continue, as vLLM does; raises a 400 when the last message is not the
     assistant's."""
@@ -105,7 +107,7 @@ def chat_prompt(messages: list[dict], tokenizer: Tokenizer, add_generation_promp
         raise invalid("continue_final_message", "'continue_final_message' needs the last message "
                       f"to be the assistant's; it is the {messages[-1]['role']}'s.")
     text = tokenizer.render_chat(messages, add_generation_prompt, continue_final_message,
-                                 template_kwargs or {})
+                                 template_kwargs or {}, tools)
     # The template already wrote the special tokens (BOS, role markers): by default add none again.
     return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)
 
@@ -114,3 +116,32 @@ def truncate_prompts(prompts: list[Prompt], keep: int) -> list[Prompt]:
     """Each prompt cut to its last `keep` tokens (vLLM's truncate_prompt_tokens); a cut prompt
     loses its text, which no longer matches its ids."""
     return [p if len(p.token_ids) <= keep else Prompt(p.token_ids[-keep:]) for p in prompts]
+
+
+def tool_fields(where: str, role: str, message: dict) -> dict:
+    """A tool result's `tool_call_id`, an assistant's `tool_calls` with their arguments as objects
+    (chat templates write them out with `tojson`; OpenAI sends them as JSON text)."""
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        return {"tool_call_id": call_id} if isinstance(call_id, str) else {}
+    calls = message.get("tool_calls")
+    if role != "assistant" or calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise invalid(f"{where}.tool_calls", f"'{where}.tool_calls' must be an array.")
+    return {"tool_calls": [template_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(calls)]}
+
+
+def template_call(where: str, call) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        raise invalid(where, f"'{where}.function.arguments' is not valid JSON.") from None
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(arguments, dict)):
+        raise invalid(where, f"'{where}' must be {{\"id\", \"type\": \"function\", \"function\": "
+                      "{\"name\", \"arguments\"}}.")
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}

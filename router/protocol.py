@@ -14,6 +14,8 @@ from router.fields import Fields
 from router.model import ServedModel
 from router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
                             completion_prompts, truncate_prompts)
+from router.structured_outputs import Constraint, one_constraint, request_constraint
+from router.tool_calls import Tools, parse_tools, tool_constraint
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -44,13 +46,14 @@ class GenerationRequest:
     include_stop_str: bool = False   # the stop string that ended a choice stays in its text
     chat_echo: str = ""              # chat `echo`: the last assistant message, before each reply
     tokens_as_ids: bool = False      # logprobs name tokens "token_id:N" (vLLM's option)
+    tools: Tools | None = None       # chat's tools, when calls can be made
+    constraint_param: str | None = None  # the field a structured-output constraint came from
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     f = fields_of(body, model, "completion")
     if f.string("suffix"):
         raise invalid("suffix", "'suffix' (insertion) is not supported.")
-    check_response_format(f)
     logprobs = f.integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
     echo = f.boolean("echo", False)
     max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=0 if echo else 1,
@@ -62,15 +65,15 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     prompts = truncate(f, prompts, model)
     check_context(prompts, max_tokens, model, "prompt", "max_tokens")
     # Echoed logprobs start with the prompt's: they come from the scheduler's prompt logprobs.
-    return generation(f, "completion", prompts, params, logprobs, echo, model,
-                      echo_logprobs=logprobs if echo else None, generate=max_tokens > 0)
+    req = generation(f, "completion", prompts, params, logprobs, echo, model,
+                     echo_logprobs=logprobs if echo else None, generate=max_tokens > 0)
+    return constrained(req, request_constraint(f))
 
 
 def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     f = fields_of(body, model, "chat")
-    if f.raw("tools"):
-        raise invalid("tools", "Tool calling is not supported by this server.")
-    check_response_format(f)
+    tools = parse_tools(f, model.tool_call_parser)
+    constraint = one_constraint(request_constraint(f), tool_constraint(tools))
     want_logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
@@ -79,7 +82,8 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     max_tokens = f.integer(name, minimum=1, maximum=INT32_MAX)
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
-    prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f))
+    prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f),
+                         tools=tools.definitions if tools else None)
     [prompt] = truncate(f, [prompt], model)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
@@ -87,6 +91,15 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     # vLLM's chat echo: a reply continuing the assistant's last message starts with that message
     if f.boolean("echo", False) and messages[-1]["role"] == "assistant":
         req.chat_echo = messages[-1]["content"]
+    req.tools = tools if tools and tools.calls_possible else None
+    return constrained(req, constraint)
+
+
+def constrained(req: GenerationRequest, constraint: Constraint | None) -> GenerationRequest:
+    """The request with its structured-output constraint (router/structured_outputs.py)."""
+    if constraint is not None:
+        req.params.structured_outputs.CopyFrom(constraint.params)
+        req.constraint_param = constraint.param
     return req
 
 
@@ -169,14 +182,6 @@ def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
     for ids in bad_words_token_ids(f.strings("bad_words"), model.tokenizer):
         p.bad_words.add(token_ids=ids)
     return p
-
-
-def check_response_format(f: Fields) -> None:
-    fmt = f.object("response_format").get("type", "text")
-    if fmt != "text":
-        raise invalid("response_format", f"response_format {fmt!r} is not supported; only 'text'.")
-    if f.given("structured_outputs"):
-        raise invalid("structured_outputs", "'structured_outputs' is not supported.")
 
 
 def chat_template_options(f: Fields) -> dict:

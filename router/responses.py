@@ -156,14 +156,18 @@ class ChatResponses(Responses):
         return roles + echoed
 
     def chunk(self, index: int, delta: Delta) -> dict:
-        return self.chunk_envelope([{"index": index,
-                                     "delta": {"content": delta.text} if delta.text else {},
+        message = {"content": delta.text} if delta.text else {}
+        if delta.tool_calls:  # OpenAI numbers a choice's calls in the chunks that carry them
+            message["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.tool_calls)]
+        return self.chunk_envelope([{"index": index, "delta": message,
                                      "logprobs": self.logprobs(delta),
                                      "finish_reason": delta.finish_reason}])
 
     def final_choice(self, index: int, result: Delta) -> dict:
-        return {"index": index,
-                "message": {"role": "assistant", "content": self.request.chat_echo + result.text},
+        message = {"role": "assistant", "content": self.request.chat_echo + result.text}
+        if result.tool_calls:
+            message.update(content=result.text or None, tool_calls=result.tool_calls)
+        return {"index": index, "message": message,
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
 
     def final(self, results: list[Delta], totals: dict) -> dict:

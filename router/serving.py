@@ -26,6 +26,7 @@ from router.protocol import GenerationRequest, parse_chat, parse_completion
 from router.responses import ChatResponses, CompletionResponses, Responses, usage
 from router.sse import DONE, EventStream, event
 from router.stop import StopStrings
+from router.tool_calls import ToolCallOutput
 
 Event = tuple[int, pb.GenerateResponse]
 
@@ -51,6 +52,8 @@ class Run:
                         for prompt in req.prompts for _ in range(req.n)]
         self.last_output = [None] * len(self.choices)  # when each choice last got tokens
         self.cached_tokens = [0] * len(req.prompts)
+        # With tools, each choice's text goes through its tool-call parser (router/tool_calls.py).
+        self.tool_calls = [ToolCallOutput(req.tools) for _ in self.choices] if req.tools else None
         self.closed = False
         metrics.in_flight.inc()
 
@@ -70,6 +73,8 @@ class Run:
             message = prompt_only(message)
         self.time_output(index)
         delta = self.choices[index].add(message)
+        if self.tool_calls:
+            delta = self.tool_calls[index].process(delta)
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
         mine = self.choices[prompt * self.req.n:(prompt + 1) * self.req.n]
         # Stop strings are the router's: once they have ended every choice of a prompt, the
@@ -86,7 +91,10 @@ class Run:
         self.last_output[index] = now
 
     def abandoned(self) -> list[tuple[int, Delta]]:
-        return [(i, c.abandon()) for i, c in enumerate(self.choices) if not c.finished]
+        out = [(i, c.abandon()) for i, c in enumerate(self.choices) if not c.finished]
+        if self.tool_calls:
+            out = [(i, self.tool_calls[i].process(delta)) for i, delta in out]
+        return out
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens(), self.completion_tokens(), sum(self.cached_tokens))
@@ -153,6 +161,11 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
         return JSONResponse(await until_disconnect(request, collect(run, responses, first)))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except APIError as err:
+        # The scheduler names "structured_outputs"; the client wrote response_format or tools.
+        if err.param == "structured_outputs" and req.constraint_param:
+            err.param = req.constraint_param
+        raise
     finally:
         if not streaming:
             run.close()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
                               served_model_name_flag, shutdown_timeout_flag)
+from router.tool_parsers import PARSERS
 
 
 @dataclass
@@ -28,6 +29,10 @@ class Settings:
     allowed_headers: list[str] = flag(help="request headers allowed across origins, as JSON (with "
                                       "--allowed-origins)", default_factory=lambda: ["*"])
     allow_credentials: bool = flag(False, "let browsers send cookies and auth headers across origins")
+    # Tool calls (router/tool_calls.py), vLLM's flags: "auto" parses calls out of the reply's text.
+    enable_auto_tool_choice: bool = flag(False, 'allow tool_choice "auto" (needs --tool-call-parser)')
+    tool_call_parser: str | None = flag(None, 'how tool calls are found in the text of tool_choice '
+                                        '"auto" replies', choices=sorted(PARSERS))
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 

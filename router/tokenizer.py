@@ -64,16 +64,18 @@ class Tokenizer:
         return self.fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
-        """The chat template applied to the messages, as text that still has to be encoded.
-        `template_kwargs` (vLLM's chat_template_kwargs) reach the template as variables."""
+                    continue_final_message: bool = False, template_kwargs: dict | None = None,
+                    tools: list[dict] | None = None) -> str:
+        """The chat template applied to the messages (and the OpenAI `tools`, for templates that
+        describe them to the model), as text that still has to be encoded. `template_kwargs` (vLLM's
+        chat_template_kwargs) reach the template as variables."""
         if self.chat_template is None and not getattr(self.hf, "chat_template", None):
             raise invalid("messages", "This model has no chat template; start the router with "
                           "--chat-template FILE or use /v1/completions.")
         try:
             return self.hf.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt, tools=tools or None,
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as exc:  # jinja's raise_exception, e.g. roles that do not alternate
             raise invalid("messages", f"The chat template rejected the messages: {exc}") from exc

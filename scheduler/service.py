@@ -16,6 +16,7 @@ from . import validation
 from .auth import ApiKeyInterceptor
 from .engine import DONE, Engine
 from .scheduler import QueueFull
+from .workers import WorkerLost
 
 log = logging.getLogger("scheduler.service")
 
@@ -35,6 +36,7 @@ class SchedulerService(pbgrpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.engine.healthy:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is serving; retry later")
+        await self.check_structured_output(request.params, context)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.engine.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
@@ -60,6 +62,18 @@ class SchedulerService(pbgrpc.SchedulerServicer):
                 # The client cancelled, its deadline passed, or it went away: give the blocks back.
                 log.info("request %s cancelled by its client", request_id)
                 self.engine.abort(request_id)
+
+    async def check_structured_output(self, params: pb.SamplingParams, context) -> None:
+        """A constraint that does not compile is refused here, before it is queued: a step
+        never fails on it. The worker compiles it (the scheduler holds no tokenizer)."""
+        if not params.HasField("structured_outputs"):
+            return
+        try:
+            error = await self.engine.workers.check_structured_output(params.structured_outputs)
+        except WorkerLost as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"structured_outputs: {error}")
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=self.engine.abort(request.request_id))

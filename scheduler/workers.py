@@ -18,6 +18,8 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# The first constraint a worker sees loads the tokenizer's vocabulary (seconds); later ones are cached.
+CHECK_TIMEOUT_S = 60.0
 
 
 class WorkerLost(Exception):
@@ -83,6 +85,16 @@ class WorkerGroup:
         if result is grpc.aio.EOF:
             raise WorkerLost(f"worker {address} closed its Execute stream")
         return result
+
+    async def check_structured_output(self, params) -> str:
+        """Rank 0 compiles a StructuredOutputParams against the served tokenizer (and keeps it
+        cached for the steps): '' when it compiles, else why not. Raises WorkerLost when rank 0
+        cannot be asked."""
+        try:
+            reply = await self.stubs[0].CheckStructuredOutput(params, timeout=CHECK_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise WorkerLost(f"worker {self.addresses[0]} failed: {e.code().name}: {e.details()}") from e
+        return reply.error
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

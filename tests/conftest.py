@@ -34,6 +34,7 @@ def smol_stack(model_dir, tmp_path_factory):
     server's state (kill a process, restart, special flags) start their own with tests.stack.run_stack."""
     from tests.stack import run_stack
     with run_stack(model_dir, "--served-model-name", "SmolLM2-135M-Instruct",
+                   "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                    log_dir=tmp_path_factory.mktemp("smol-stack")) as stack:
         yield stack
 

@@ -6,6 +6,7 @@ holds (an inconsistent plan is a bug on the other side, reported back as StepRes
 """
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ class SequenceState:
     num_computed: int = 0  # leading tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
     num_prompt_logprobs: int | None = None  # set while the scheduler wants its prompt logprobs
+    grammar: Any = None  # its xgrammar.GrammarMatcher when structured outputs constrain it
 
     @property
     def num_generated(self) -> int:

@@ -19,6 +19,7 @@ from worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from worker.loader import apply_sampling_defaults, load_model
 from worker.sampler import Sampler, SamplerOutput
+from worker.structured_output import Grammars, advance
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ModelRunner:
         self.graphs = self.start_cuda_graphs()
         self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len, self.loaded.vocab_size)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
+        self.grammars = Grammars(config.model, self.loaded.vocab_size, self.loaded.eos_token_ids)
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads", self.loaded.architecture, config.model,
                  self.loaded.dtype, self.device, self.backend.name, torch.get_num_threads())
 
@@ -108,6 +110,9 @@ class ModelRunner:
         for new in plan.new_sequences:
             apply_sampling_defaults(new.params, self.loaded.sampling_defaults)  # generation_config.json's
             self.batch.add(new)
+            if new.params.HasField("structured_outputs"):
+                seq = self.batch.seqs[new.seq_id]
+                seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
         work = self.batch.begin_step(plan.scheduled)
         if not work:
             return worker_pb2.StepResult(step_id=plan.step_id), None
@@ -131,6 +136,7 @@ class ModelRunner:
             seq.num_computed += num_tokens
         for seq, token in zip(inputs.sampling, sampled.token_ids):
             seq.token_ids.append(token)
+        advance(inputs.sampling, sampled.token_ids)
 
         # The batch ran decodes first; results go back in plan order.
         plan_index = {seq.seq_id: i for i, (seq, _) in enumerate(work)}

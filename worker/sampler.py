@@ -1,10 +1,10 @@
 """Turning one row of logits per sampling sequence into one token each, in a single batched pass.
 
 The order is vLLM's: logprobs from the raw logits; then token bans (allowed_token_ids, bad_words),
-logit_bias and min_tokens; then repetition, frequency and presence penalties; greedy rows take the
-argmax of that; random rows go on through temperature, min_p, top-k/top-p and an exponential-race
-draw (argmax of p / q with q ~ Exp(1), which picks token i with probability p_i). A feature no row
-uses costs nothing.
+logit_bias and min_tokens; then repetition, frequency and presence penalties; the structured-output
+bitmask of constrained rows (worker/structured_output.py); greedy rows take the argmax of that;
+random rows go on through temperature, min_p, top-k/top-p and an exponential-race draw (argmax of
+p / q with q ~ Exp(1), which picks token i with probability p_i). A feature no row uses costs nothing.
 
 Seeded rows draw their noise from a generator seeded by (seed, num_generated): the same request
 draws the same token whatever else is in the batch, and again after preemption and recompute.
@@ -15,6 +15,7 @@ import torch
 
 from pagedserve.v1 import scheduler_pb2
 from worker.token_bans import apply_token_bans
+from worker.structured_output import apply_bitmask
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Sampler:
         logits = apply_token_bans(logits, seqs)
         logits = self._apply_bias_and_min_tokens(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
+        logits = apply_bitmask(logits, seqs)  # structured outputs: only constrained rows
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

@@ -6,7 +6,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pagedserve.v1 import worker_pb2_grpc
+from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.model_runner import ModelRunner
 from worker.step_loop import StepLoop
 
@@ -44,6 +44,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def GetWorkerInfo(self, request, context):
         return self.runner.worker_info()
+
+    def CheckStructuredOutput(self, request, context):
+        # On the handler's thread: compiling must not wait for (or hold up) the steps.
+        return worker_pb2.StructuredOutputCheck(error=self.runner.grammars.check(request))
 
 
 def build_server(runner: ModelRunner, address: str,

@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import scheduler_pb2 as pagedserve_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1dpagedserve/v1/scheduler.proto\"\xcd\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\x12 \n\x13num_prompt_logprobs\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_num_prompt_logprobs\"N\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\"\x9a\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x15\n\rfreed_seq_ids\x18\x04 \x03(\x04\"\xd8\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.pagedserve.v1.SequenceLogprob\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0f\x66orward_seconds\x18\x06 \x01(\x02\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".pagedserve.v1.PromptLogprobsChunk\"m\n\x13PromptLogprobsChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"O\n\x0fSequenceLogprob\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12,\n\x07logprob\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"\x16\n\x14GetWorkerInfoRequest\"\xef\x01\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x1f\n\x17\x63udagraph_capture_sizes\x18\x0b \x03(\r2\x9c\x01\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12O\n\rGetWorkerInfo\x12#.pagedserve.v1.GetWorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1dpagedserve/v1/scheduler.proto\"&\n\x15StructuredOutputCheck\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\xcd\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\x12 \n\x13num_prompt_logprobs\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_num_prompt_logprobs\"N\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\"\x9a\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x15\n\rfreed_seq_ids\x18\x04 \x03(\x04\"\xd8\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.pagedserve.v1.SequenceLogprob\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0f\x66orward_seconds\x18\x06 \x01(\x02\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".pagedserve.v1.PromptLogprobsChunk\"m\n\x13PromptLogprobsChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"O\n\x0fSequenceLogprob\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12,\n\x07logprob\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"\x16\n\x14GetWorkerInfoRequest\"\xef\x01\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x1f\n\x17\x63udagraph_capture_sizes\x18\x0b \x03(\r2\x82\x02\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12O\n\rGetWorkerInfo\x12#.pagedserve.v1.GetWorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12\x64\n\x15\x43heckStructuredOutput\x12%.pagedserve.v1.StructuredOutputParams\x1a$.pagedserve.v1.StructuredOutputCheckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NEWSEQUENCE']._serialized_start=77
-  _globals['_NEWSEQUENCE']._serialized_end=282
-  _globals['_SCHEDULEDSEQUENCE']._serialized_start=284
-  _globals['_SCHEDULEDSEQUENCE']._serialized_end=362
-  _globals['_STEPPLAN']._serialized_start=365
-  _globals['_STEPPLAN']._serialized_end=519
-  _globals['_STEPRESULT']._serialized_start=522
-  _globals['_STEPRESULT']._serialized_end=738
-  _globals['_PROMPTLOGPROBSCHUNK']._serialized_start=740
-  _globals['_PROMPTLOGPROBSCHUNK']._serialized_end=849
-  _globals['_SEQUENCELOGPROB']._serialized_start=851
-  _globals['_SEQUENCELOGPROB']._serialized_end=930
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=932
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=954
-  _globals['_WORKERINFO']._serialized_start=957
-  _globals['_WORKERINFO']._serialized_end=1196
-  _globals['_WORKER']._serialized_start=1199
-  _globals['_WORKER']._serialized_end=1355
+  _globals['_STRUCTUREDOUTPUTCHECK']._serialized_start=76
+  _globals['_STRUCTUREDOUTPUTCHECK']._serialized_end=114
+  _globals['_NEWSEQUENCE']._serialized_start=117
+  _globals['_NEWSEQUENCE']._serialized_end=322
+  _globals['_SCHEDULEDSEQUENCE']._serialized_start=324
+  _globals['_SCHEDULEDSEQUENCE']._serialized_end=402
+  _globals['_STEPPLAN']._serialized_start=405
+  _globals['_STEPPLAN']._serialized_end=559
+  _globals['_STEPRESULT']._serialized_start=562
+  _globals['_STEPRESULT']._serialized_end=778
+  _globals['_PROMPTLOGPROBSCHUNK']._serialized_start=780
+  _globals['_PROMPTLOGPROBSCHUNK']._serialized_end=889
+  _globals['_SEQUENCELOGPROB']._serialized_start=891
+  _globals['_SEQUENCELOGPROB']._serialized_end=970
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=972
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=994
+  _globals['_WORKERINFO']._serialized_start=997
+  _globals['_WORKERINFO']._serialized_end=1236
+  _globals['_WORKER']._serialized_start=1239
+  _globals['_WORKER']._serialized_end=1497
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StructuredOutputCheck(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    def __init__(self, error: _Optional[str] = ...) -> None: ...
+
 class NewSequence(_message.Message):
     __slots__ = ("seq_id", "token_ids", "params", "num_computed_tokens", "num_generated", "num_prompt_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]

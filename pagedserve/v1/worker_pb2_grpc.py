@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from pagedserve.v1 import scheduler_pb2 as pagedserve_dot_v1_dot_scheduler__pb2
 from pagedserve.v1 import worker_pb2 as pagedserve_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -44,6 +45,11 @@ class WorkerStub:
                 request_serializer=pagedserve_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.CheckStructuredOutput = channel.unary_unary(
+                '/pagedserve.v1.Worker/CheckStructuredOutput',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.StructuredOutputParams.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_worker__pb2.StructuredOutputCheck.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -63,6 +69,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckStructuredOutput(self, request, context):
+        """Compiles a constraint against the served tokenizer (and caches it), so the scheduler can
+        refuse one that does not compile before it is queued: a step never fails on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetWorkerInfo,
                     request_deserializer=pagedserve_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'CheckStructuredOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckStructuredOutput,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.StructuredOutputParams.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_worker__pb2.StructuredOutputCheck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Worker:
             '/pagedserve.v1.Worker/GetWorkerInfo',
             pagedserve_dot_v1_dot_worker__pb2.GetWorkerInfoRequest.SerializeToString,
             pagedserve_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckStructuredOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Worker/CheckStructuredOutput',
+            pagedserve_dot_v1_dot_scheduler__pb2.StructuredOutputParams.SerializeToString,
+            pagedserve_dot_v1_dot_worker__pb2.StructuredOutputCheck.FromString,
             options,
             channel_credentials,
             insecure,
