@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -24,8 +25,24 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     def __init__(self, engine: Engine, model_info: pb.ModelInfo):
         self.engine = engine
         self.model_info = model_info
+        # Generate calls not yet ended: the requests a shutdown lets finish.
+        self.generating = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        self.generating += 1
+        self.idle.clear()
+        try:
+            async with contextlib.aclosing(self.generate(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            self.generating -= 1
+            if not self.generating:
+                self.idle.set()
+
+    async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         info = self.model_info
         try:
             max_tokens = validation.check(request, info.vocab_size, info.max_model_len,
@@ -83,6 +100,24 @@ def build_server(service: SchedulerService, address: str,
     reflection.enable_server_reflection(names, server)
     server.add_insecure_port(address)
     return server, health_servicer
+
+
+STATUS_GRACE_S = 1.0  # for the last replies and statuses of calls that have just ended
+
+
+async def drain(server: grpc.aio.Server, service: SchedulerService, timeout: float) -> None:
+    """Stops taking calls, lets the Generate calls in flight finish (at most `timeout` seconds),
+    then ends the server. Returns as soon as no Generate call is left: other calls a client may
+    keep open (a health Watch, a reflection stream) are no request in flight, and are cancelled."""
+    stopping = asyncio.ensure_future(server.stop(grace=timeout))  # refuses new calls from now on
+    idle = asyncio.ensure_future(service.idle.wait())
+    await asyncio.wait([stopping, idle], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    idle.cancel()
+    if service.generating:
+        log.warning("%d requests still in flight after %.0f s: cancelling them", service.generating,
+                    timeout)
+    await server.stop(grace=STATUS_GRACE_S)
+    await stopping
 
 
 async def watch_health(engine: Engine, health_servicer, interval: float = 1.0) -> None:

@@ -59,8 +59,8 @@ def healthy(url: str) -> bool:
         return False
 
 
-@contextmanager
-def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0):
+def launch(model_dir: Path, *flags: str, log_dir: Path) -> Stack:
+    """Starts `pagedserve serve` (its log in log_dir) and returns at once, before it is healthy."""
     port, grpc_port = free_port(), free_port()
     log_path = log_dir / f"stack-{port}.log"
     cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--model", str(model_dir),
@@ -68,7 +68,13 @@ def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    stack = Stack(proc, port, grpc_port, log_path)
+    return Stack(proc, port, grpc_port, log_path)
+
+
+@contextmanager
+def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0):
+    stack = launch(model_dir, *flags, log_dir=log_dir)
+    proc = stack.proc
     try:
         deadline = time.monotonic() + timeout
         while not healthy(f"{stack.root_url}/health"):

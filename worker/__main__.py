@@ -11,10 +11,13 @@ import signal
 import sys
 import threading
 
-from pagedserve.parent_watch import stop_with_parent
+from pagedserve.parent_watch import exit_within, stop_with_parent
 from worker.config import WorkerConfig
 
 log = logging.getLogger("worker")
+
+GRACE_S = 5.0  # for the steps the scheduler has already sent when the worker is told to stop
+SHUTDOWN_DEADLINE_S = 30.0  # from the signal to the end of the process, whatever happens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +65,9 @@ def main(argv=None) -> int:
     def on_signal(*_):
         signaled.set()
         stop.set()
+        # The graceful part below takes GRACE_S and a step; should anything in it hang (a gRPC
+        # thread, a collective), the process still ends, with every thread's stack in the log.
+        exit_within(SHUTDOWN_DEADLINE_S)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     stop_with_parent()
@@ -87,6 +93,7 @@ def main(argv=None) -> int:
         log.error("%s", e)
         return 1
     if stop.is_set():
+        log.info("stopped while loading: exiting")
         return 0
     step_loop = StepLoop()
     server, health_servicer = build_server(runner, f"{args.host}:{args.port}", step_loop)
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
         log.error("the tensor parallel group is broken (a rank died): exiting so that every rank restarts")
     log.info("shutting down")
     health_servicer.enter_graceful_shutdown()
-    stopped = server.stop(grace=0 if code else 5)
+    stopped = server.stop(grace=0 if code else GRACE_S)
     step_loop.serve(until=stopped)  # steps already asked for still run in the grace period
     step_loop.close()
     distributed.shutdown()
