@@ -32,7 +32,9 @@ class Stack:
     def stats(self) -> pb.SchedulerStats:
         return self.scheduler.GetStats(pb.GetStatsRequest(), timeout=10)
 
-    def wait_idle(self, timeout: float = 30.0) -> pb.SchedulerStats:
+    def wait_idle(self, timeout: float = 120.0) -> pb.SchedulerStats:
+        """The scheduler's stats once nothing runs, waits or holds a KV block (or, on a machine
+        too busy for that, after `timeout` seconds: the caller's assertions then say what is left)."""
         deadline = time.monotonic() + timeout
         while True:
             stats = self.stats()
