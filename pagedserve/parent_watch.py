@@ -46,6 +46,25 @@ def exit_within(seconds: float) -> None:
         faulthandler.dump_traceback_later(seconds, exit=True)
 
 
+def exit_within_after_signal(seconds: float, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """From the moment one of `signals` arrives, this process has `seconds` to end (exit_within).
+    Armed by a thread of its own that Python's C-level signal handler wakes through
+    signal.set_wakeup_fd: Python runs signal handlers on the main thread only, and the main
+    thread may be the one that is stuck. Call from the main thread, once its handlers for
+    `signals` are installed; not in a process whose asyncio loop handles signals (it owns the
+    wakeup fd)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # set_wakeup_fd's requirement: a signal never blocks on it
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    wanted = {int(s) for s in signals}
+
+    def wait() -> None:
+        while not wanted & set(os.read(read_end, 64)):
+            pass
+        exit_within(seconds)
+    threading.Thread(target=wait, daemon=True, name="exit-after-signal").start()
+
+
 def _watch(parent: int, poll_seconds: float) -> None:
     while os.getppid() == parent:
         time.sleep(poll_seconds)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests import tiny_models
 from tests.live_stack import children, is_zombie, poll
-from tests.stack import Stack, launch, run_stack
+from tests.stack import ROOT, Stack, launch, run_stack
 
 # Generous for a loaded machine: an orphan's own deadline (parent_watch.ORPHAN_EXIT_S) is 10 s.
 GONE_WITHIN_S = 60.0
@@ -111,3 +113,32 @@ def test_sigterm_on_an_idle_server_exits_without_waiting_for_the_drain(deep_mode
         print(f"pagedserve serve exited {time.monotonic() - started:.1f} s after SIGTERM")
         assert not any(alive(pid) for pid in pids.values())
         watch.cancel()
+
+
+# A main thread deadlocked in native code (a mutex locked twice through ctypes, which lets go of
+# the GIL): Python's own handler for SIGTERM never gets to run there.
+STUCK = """
+import ctypes, signal, sys
+from pagedserve.parent_watch import exit_within_after_signal
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+exit_within_after_signal(1.0)
+print("stuck", flush=True)
+libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)
+libc.pthread_mutex_lock(mutex)
+libc.pthread_mutex_lock(mutex)
+"""
+
+
+def test_a_process_stuck_in_native_code_still_ends_after_sigterm():
+    proc = subprocess.Popen([sys.executable, "-c", STUCK], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "stuck\n"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=GONE_WITHIN_S)
+    finally:
+        proc.kill()
+    # Ended by the deadline (exit status 1), with the stack of the thread that held it up.
+    assert proc.returncode == 1
+    assert "Timeout (0:00:01)!" in stderr
+    assert 'File "<string>", line 9' in stderr  # the second pthread_mutex_lock

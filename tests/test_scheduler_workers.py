@@ -6,6 +6,7 @@ ended the step loop and left every request in flight (and a shutdown waiting on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -24,42 +25,38 @@ class SilentWorker(wgrpc.WorkerServicer):
             await self.plans.put(plan.step_id)  # and no result, ever
 
 
-async def silent_worker() -> tuple[grpc.aio.Server, SilentWorker, WorkerGroup]:
+@contextlib.asynccontextmanager
+async def step_in_flight():
+    """(a WorkerGroup, its step 1 as a task) once the silent worker has received that step."""
     worker, server = SilentWorker(), grpc.aio.server()
     wgrpc.add_WorkerServicer_to_server(worker, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, worker, WorkerGroup([f"127.0.0.1:{port}"])
+    group = WorkerGroup([f"127.0.0.1:{port}"])
+    try:
+        group.open()
+        step = asyncio.ensure_future(group.execute(wpb.StepPlan(step_id=1)))
+        assert await asyncio.wait_for(worker.plans.get(), 60) == 1
+        yield group, step
+    finally:
+        await group.close()
+        await server.stop(None)
 
 
 def test_a_step_whose_stream_is_cancelled_ends_in_worker_lost():
     async def scenario():
-        server, worker, group = await silent_worker()
-        try:
-            group.open()
-            step = asyncio.ensure_future(group.execute(wpb.StepPlan(step_id=1)))
-            assert await asyncio.wait_for(worker.plans.get(), 60) == 1  # the step is in flight
+        async with step_in_flight() as (group, step):
             group.cancel()  # what a failed health check does
             with pytest.raises(WorkerLost, match="cancelled"):
                 await asyncio.wait_for(step, 60)
-        finally:
-            await group.close()
-            await server.stop(None)
     asyncio.run(scenario())
 
 
 def test_a_step_whose_own_task_is_cancelled_stays_cancelled():
     """The scheduler's shutdown cancels the step loop's task: that must not read as a lost worker."""
     async def scenario():
-        server, worker, group = await silent_worker()
-        try:
-            group.open()
-            step = asyncio.ensure_future(group.execute(wpb.StepPlan(step_id=1)))
-            assert await asyncio.wait_for(worker.plans.get(), 60) == 1
+        async with step_in_flight() as (_, step):
             step.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await step
-        finally:
-            await group.close()
-            await server.stop(None)
     asyncio.run(scenario())

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from pagedserve.parent_watch import exit_within, stop_with_parent
+from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent
 from worker.config import WorkerConfig
 
 log = logging.getLogger("worker")
@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     def on_signal(*_):
         signaled.set()
         stop.set()
-        # The graceful part below takes GRACE_S and a step; should anything in it hang (a gRPC
-        # thread, a collective), the process still ends, with every thread's stack in the log.
-        exit_within(SHUTDOWN_DEADLINE_S)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # The graceful part below takes GRACE_S and a step; should anything hang (a gRPC thread, a
+    # collective, the main thread itself), the process still ends, every thread's stack in its log.
+    exit_within_after_signal(SHUTDOWN_DEADLINE_S)
     stop_with_parent()
 
     # After the flags: importing torch takes seconds.
