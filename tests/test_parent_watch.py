@@ -1,8 +1,9 @@
 """Every process of `pagedserve serve` ends when it should. The launcher SIGKILLed (no chance to
 stop its children) while the worker loads its weights, while the server is idle, in the middle of
 a long generation, or after its scheduler died: the worker, scheduler and router notice that their
-launcher is gone and exit by themselves instead of living on as orphans. And SIGTERM on an idle
-server ends it at once, not after --shutdown-timeout."""
+launcher is gone and exit by themselves instead of living on as orphans. SIGTERM on an idle
+server ends it at once, not after --shutdown-timeout. And a process stuck in native code, where
+Python's own signal handler never runs, still ends by its deadline."""
 from __future__ import annotations
 
 import os
