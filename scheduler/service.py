@@ -120,11 +120,17 @@ async def drain(server: grpc.aio.Server, service: SchedulerService, timeout: flo
     await stopping
 
 
+# How long a worker may take to answer a health check before it counts as lost. Generous: a
+# worker deep in a long step on a busy machine answers late, and failing it fails every request
+# in flight; a worker that dies is noticed at once anyway (its Execute stream breaks).
+HEALTH_TIMEOUT_S = 10.0
+
+
 async def watch_health(engine: Engine, health_servicer, interval: float = 1.0) -> None:
     """Mirrors the workers' health into the scheduler's own health status, once a second."""
     service = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
     while True:
-        ok = engine.healthy and await engine.workers.healthy(timeout=interval)
+        ok = engine.healthy and await engine.workers.healthy(timeout=HEALTH_TIMEOUT_S)
         if engine.healthy and not ok:
             log.error("a worker stopped answering health checks")
             engine.lose_workers()

@@ -40,7 +40,7 @@ def stream_times(stub, prompt: list[int], max_tokens: int, first_token: threadin
     request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
         temperature=0, max_tokens=max_tokens, ignore_eos=True))
     times = []
-    for reply in stub.Generate(request, timeout=600):
+    for reply in stub.Generate(request, timeout=1800):  # a hang guard: a busy machine is slow
         times.extend(time.monotonic() for _ in reply.token_ids)
         if first_token is not None:
             first_token.set()
