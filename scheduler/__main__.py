@@ -14,7 +14,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from .config import SchedulerArgs, SchedulerConfig, default_max_num_batched_tokens
 from .engine import Engine
 from .scheduler import Scheduler
-from .service import SchedulerService, build_server, watch_health
+from .service import SchedulerService, build_server, drain, watch_health
 from .workers import WorkerGroup
 
 log = logging.getLogger("scheduler")
@@ -52,8 +52,8 @@ async def serve(args) -> None:
     info = model_info(args, infos[0])
     config = scheduler_config(args, infos)
     engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
-    server, health_servicer = build_server(SchedulerService(engine, info), f"{args.host}:{args.port}",
-                                           args.api_key)
+    service = SchedulerService(engine, info)
+    server, health_servicer = build_server(service, f"{args.host}:{args.port}", args.api_key)
     await server.start()
     tasks = [asyncio.create_task(engine.run()), asyncio.create_task(watch_health(engine, health_servicer))]
     log.info("scheduler listening on %s:%d (model %s, %d KV blocks of %d tokens)", args.host,
@@ -67,7 +67,7 @@ async def serve(args) -> None:
     await stop.wait()
     log.info("shutting down: letting requests in flight finish (up to %.0f s)", args.shutdown_timeout)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=args.shutdown_timeout)
+    await drain(server, service, args.shutdown_timeout)
     for task in tasks:
         task.cancel()
     await workers.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -25,8 +26,24 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     def __init__(self, engine: Engine, model_info: pb.ModelInfo):
         self.engine = engine
         self.model_info = model_info
+        # Generate calls not yet ended: the requests a shutdown lets finish.
+        self.generating = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        self.generating += 1
+        self.idle.clear()
+        try:
+            async with contextlib.aclosing(self.generate(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            self.generating -= 1
+            if not self.generating:
+                self.idle.set()
+
+    async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         info = self.model_info
         try:
             # The pool's size now, not at start-up: a restarted worker may hold fewer blocks.
@@ -100,11 +117,35 @@ def build_server(service: SchedulerService, address: str,
     return server, health_servicer
 
 
+STATUS_GRACE_S = 1.0  # for the last replies and statuses of calls that have just ended
+
+
+async def drain(server: grpc.aio.Server, service: SchedulerService, timeout: float) -> None:
+    """Stops taking calls, lets the Generate calls in flight finish (at most `timeout` seconds),
+    then ends the server. Returns as soon as no Generate call is left: other calls a client may
+    keep open (a health Watch, a reflection stream) are no request in flight, and are cancelled."""
+    stopping = asyncio.ensure_future(server.stop(grace=timeout))  # refuses new calls from now on
+    idle = asyncio.ensure_future(service.idle.wait())
+    await asyncio.wait([stopping, idle], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    idle.cancel()
+    if service.generating:
+        log.warning("%d requests still in flight after %.0f s: cancelling them", service.generating,
+                    timeout)
+    await server.stop(grace=STATUS_GRACE_S)
+    await stopping
+
+
+# How long a worker may take to answer a health check before it counts as lost. Generous: a
+# worker deep in a long step on a busy machine answers late, and failing it fails every request
+# in flight; a worker that dies is noticed at once anyway (its Execute stream breaks).
+HEALTH_TIMEOUT_S = 10.0
+
+
 async def watch_health(engine: Engine, health_servicer, interval: float = 1.0) -> None:
     """Mirrors the workers' health into the scheduler's own health status, once a second."""
     service = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
     while True:
-        ok = engine.healthy and await engine.workers.healthy(timeout=interval)
+        ok = engine.healthy and await engine.workers.healthy(timeout=HEALTH_TIMEOUT_S)
         if engine.healthy and not ok:
             log.error("a worker stopped answering health checks")
             engine.lose_workers()

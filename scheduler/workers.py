@@ -26,6 +26,13 @@ class WorkerLost(Exception):
     """A worker rank stopped answering: the state of every sequence in flight is gone."""
 
 
+def cancelled_by_us() -> bool:
+    """Whether the CancelledError being handled came from a call that WorkerGroup.cancel
+    cancelled (grpc.aio raises it from such a call's reads and writes), not from a cancellation
+    of the task itself (shutdown), which must go on."""
+    return not asyncio.current_task().cancelling()
+
+
 class WorkerGroup:
     def __init__(self, addresses: list[str]):
         self.addresses = addresses
@@ -59,14 +66,19 @@ class WorkerGroup:
         samples the same ones), a failed rank's result its error. Tensor parallel ranks wait for
         each other inside a step, so the first rank lost ends the step at once: the others would
         never answer."""
+        calls = self.calls  # cancel() may empty self.calls while this step waits
         try:
-            for call in self.calls:
+            for call in calls:
                 await call.write(plan)
         except grpc.aio.AioRpcError as e:
             raise WorkerLost(f"a worker failed: {e.code().name}: {e.details()}") from e
         except asyncio.InvalidStateError as e:  # writing to a stream that already ended
             raise WorkerLost("a worker's Execute stream has ended") from e
-        reads = [asyncio.ensure_future(self.read(a, c)) for a, c in zip(self.addresses, self.calls)]
+        except asyncio.CancelledError:
+            if not cancelled_by_us():
+                raise
+            raise WorkerLost("a worker's Execute stream was cancelled (a failed health check)") from None
+        reads = [asyncio.ensure_future(self.read(a, c)) for a, c in zip(self.addresses, calls)]
         done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_EXCEPTION)
         for read in pending:
             read.cancel()
@@ -82,6 +94,11 @@ class WorkerGroup:
             result = await call.read()
         except grpc.aio.AioRpcError as e:
             raise WorkerLost(f"worker {address} failed: {e.code().name}: {e.details()}") from e
+        except asyncio.CancelledError:
+            if not cancelled_by_us():
+                raise
+            raise WorkerLost(f"worker {address}: its Execute stream was cancelled (a failed health "
+                             "check)") from None
         if result is grpc.aio.EOF:
             raise WorkerLost(f"worker {address} closed its Execute stream")
         return result

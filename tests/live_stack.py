@@ -52,7 +52,7 @@ def is_zombie(pid: int) -> bool:
 
 
 def wait_for_child(launcher_pid: int, role: str, not_pid: int | None = None,
-                   timeout: float = 30.0) -> int:
+                   timeout: float = 60.0) -> int:
     """The pid of the launcher's `role` child, waiting until there is one other than `not_pid`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,9 +80,8 @@ def test_tokenizer_applies_chat_template(tokenizer):
     assert tokenizer.decode(ids) == CHATML_PROMPT
 
 
-def test_second_fetch_is_a_fast_no_op(model_dir):
+def test_second_fetch_is_a_no_op(model_dir):
     before = {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()}
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "pagedserve.fetch_model", "--output", str(model_dir)],
         capture_output=True,
@@ -91,7 +89,5 @@ def test_second_fetch_is_a_fast_no_op(model_dir):
         check=True,
         timeout=60,
     )
-    elapsed = time.monotonic() - started
     assert "already complete" in result.stdout
-    assert elapsed < 10, f"no-op took {elapsed:.1f}s"
     assert {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()} == before

@@ -40,7 +40,7 @@ def stream_times(stub, prompt: list[int], max_tokens: int, first_token: threadin
     request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
         temperature=0, max_tokens=max_tokens, ignore_eos=True))
     times = []
-    for reply in stub.Generate(request, timeout=600):
+    for reply in stub.Generate(request, timeout=1800):  # a hang guard: a busy machine is slow
         times.extend(time.monotonic() for _ in reply.token_ids)
         if first_token is not None:
             first_token.set()
@@ -64,12 +64,11 @@ def test_32_requests_through_a_cache_for_4_all_finish_as_with_a_large_cache(mode
         assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
 
         # A request that could never fit is refused at once, not queued forever.
-        too_big = ids[:28 * BLOCK_SIZE + 1]
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            small.generate(too_big, 4)
+        too_big = pb.GenerateRequest(prompt_token_ids=ids[:28 * BLOCK_SIZE + 1],
+                                     params=pb.SamplingParams(max_tokens=4))
+        with pytest.raises(grpc.RpcError) as err:  # queued, it would end in DEADLINE_EXCEEDED
+            list(small.scheduler.Generate(too_big, timeout=120))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert time.monotonic() - started < 5
 
     with ThreadPoolExecutor(8) as pool:
         expected = list(pool.map(lambda p: smol_stack.generate(p, max_tokens, ignore_eos=True), prompts))

@@ -87,7 +87,7 @@ def test_worker_process_serves_and_stops_cleanly(tiny_model):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=20)
+            code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise

@@ -13,10 +13,13 @@ import threading
 from dataclasses import fields
 
 from pagedserve.flags import add_arguments, from_namespace
-from pagedserve.parent_watch import stop_with_parent
+from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent
 from worker.config import WorkerArgs, WorkerConfig
 
 log = logging.getLogger("worker")
+
+GRACE_S = 5.0  # for the steps the scheduler has already sent when the worker is told to stop
+SHUTDOWN_DEADLINE_S = 30.0  # from the signal to the end of the process, whatever happens
 
 
 def parse_args(argv=None) -> WorkerArgs:
@@ -42,6 +45,9 @@ def main(argv=None) -> int:
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # The graceful part below takes GRACE_S and a step; should anything hang (a gRPC thread, a
+    # collective, the main thread itself), the process still ends, every thread's stack in its log.
+    exit_within_after_signal(SHUTDOWN_DEADLINE_S)
     stop_with_parent()
 
     # After the flags: importing torch takes seconds.
@@ -65,6 +71,7 @@ def main(argv=None) -> int:
         log.error("%s", e)
         return 1
     if stop.is_set():
+        log.info("stopped while loading: exiting")
         return 0
     step_loop = StepLoop()
     server, health_servicer = build_server(runner, f"{args.host}:{args.port}", step_loop)
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
         log.error("the tensor parallel group is broken (a rank died): exiting so that every rank restarts")
     log.info("shutting down")
     health_servicer.enter_graceful_shutdown()
-    stopped = server.stop(grace=0 if code else 5)
+    stopped = server.stop(grace=0 if code else GRACE_S)
     step_loop.serve(until=stopped)  # steps already asked for still run in the grace period
     step_loop.close()
     distributed.shutdown()
