@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool 
 
 
 def from_namespace(cls, namespace: argparse.Namespace, **extra):
-    """An instance of cls from parsed flags (the fields namespace has) and `extra` values."""
+    """An instance of cls from parsed flags, or from an instance of a dataclass that extends cls
+    (the fields `namespace` has), and `extra` values."""
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
               if hasattr(namespace, f.name)}
     return cls(**{**values, **extra})

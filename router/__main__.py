@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-from dataclasses import fields
 
 import uvicorn
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
     configure_logging(args.log_level)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    settings = from_namespace(Settings, args)
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the
     # signal again under the handler it found: this one, so a drained router exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import fields
 
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent
@@ -29,7 +28,7 @@ def parse_args(argv=None) -> WorkerArgs:
 
 
 def worker_config(args: WorkerArgs) -> WorkerConfig:
-    config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
+    config = from_namespace(WorkerConfig, args)
     if config.num_threads is None and config.device == "cpu" and config.world_size > 1:
         config.num_threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)
     return config
