@@ -117,11 +117,13 @@ def test_sigterm_on_an_idle_server_exits_without_waiting_for_the_drain(deep_mode
 
 
 # A main thread deadlocked in native code (a mutex locked twice through ctypes, which lets go of
-# the GIL): Python's own handler for SIGTERM never gets to run there.
+# the GIL): Python's own handler for SIGTERM never gets to run there. The handler ends nothing
+# either way, so a SIGTERM that lands just before the deadlock (after "stuck" is printed) cannot
+# end the process on its own: only the deadline can.
 STUCK = """
 import ctypes, signal, sys
 from pagedserve.parent_watch import exit_within_after_signal
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.signal(signal.SIGTERM, lambda *_: None)
 exit_within_after_signal(1.0)
 print("stuck", flush=True)
 libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)
