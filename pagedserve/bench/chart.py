@@ -1,4 +1,5 @@
-"""The PNG chart of a comparison: output tokens/s of each system, and its median TTFT and TPOT."""
+"""The PNG chart of a comparison: output tokens/s of each system, and its median TTFT and TPOT
+(a bar of 0 marked "-" where none was measured: plain requests)."""
 from __future__ import annotations
 
 
@@ -12,11 +13,11 @@ def draw(systems: dict[str, dict], title: str, path: str) -> None:
     panels = [("output_throughput", 1, "output tokens/s (higher is better)", "{:.0f}"),
               ("median_ttft_ms", 1e-3, "median TTFT, s (lower is better)", "{:.1f}"),
               ("median_tpot_ms", 1, "median TPOT, ms (lower is better)", "{:.0f}")]
-    colors = ["#1f77b4" if n == "pagedserve" else "#999999" for n in names]
+    colors = ["#1f77b4" if systems[n].get("system", n) == "pagedserve" else "#999999" for n in names]
     for ax, (key, scale, label, fmt) in zip(axes, panels):
-        values = [systems[n][key] * scale for n in names]
-        bars = ax.barh(names, values, color=colors)
-        ax.bar_label(bars, [fmt.format(v) for v in values], padding=3)
+        values = [None if systems[n][key] is None else systems[n][key] * scale for n in names]
+        bars = ax.barh(names, [v or 0 for v in values], color=colors)
+        ax.bar_label(bars, ["-" if v is None else fmt.format(v) for v in values], padding=3)
         ax.set_title(label, fontsize=10)
         ax.invert_yaxis()
         ax.margins(x=0.2)

@@ -1,13 +1,21 @@
-"""The flags of `pagedserve bench serve|compare|compare-hf|kernels` (vLLM's names for the workload),
-each subcommand's code imported only when it runs."""
+"""The flags of `pagedserve bench serve|compare|compare-hf|host|kernels` (vLLM's names for the
+workload), each subcommand's code imported only when it runs."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
+
+from .model_dir import NOOP_OVERRIDES
 
 DEFAULT_SYSTEMS = "pagedserve,vllm,transformers"
 HF_SYSTEMS = "transformers-sequential,transformers,pagedserve"
+# `bench host`: the serving stack's own cost, with a model whose forward pass costs almost nothing
+# (issue 22): 256 requests of 64 random tokens, 256 out, all at once.
+HOST_DEFAULTS = {"model": "models/SmolLM2-135M-Instruct", "systems": None, "hf_overrides": json.dumps(NOOP_OVERRIDES), "load_format": "dummy",
+                 "modes": "streamed", "served_model_name": "noop", "num_prompts": 256, "random_input_len": 64,
+                 "random_output_len": 256, "random_range_ratio": 0.0}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -37,19 +45,32 @@ def add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the name to send, when --model is a directory")
     p.add_argument("--tokenizer", default=None, help="a model directory for the vocabulary of random prompts")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-stream: plain requests, measured end to end only (no TTFT, TPOT, ITL)")
     add_workload_args(p)
     p.add_argument("--save-result", action="store_true", help="write the result as JSON")
     p.add_argument("--result-filename", default=None)
     p.set_defaults(bench_main="pagedserve.bench.serve:main")
 
 
-def add_compare(sub, name: str, systems: str, help: str) -> None:
+def add_compare(sub, name: str, help: str, **defaults) -> None:
+    """A comparison subcommand; `defaults` replace the flags' own (a workload, systems, modes)."""
     p = sub.add_parser(name, help=help)
-    p.add_argument("--model", required=True, help="a Hugging Face model directory, served by every system")
+    p.add_argument("--model", required="model" not in defaults,
+                   help="a Hugging Face model directory, served by every system")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--systems", default=systems,
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS,
                    help="comma-separated, in run order: pagedserve, vllm (both cores), vllm-default, "
                         "transformers (static batches of --hf-batch-size), transformers-sequential")
+    p.add_argument("--modes", default="streamed,plain",
+                   help="comma-separated: streamed, plain (stream: false); a server runs the workload once "
+                        "per mode, each time freshly started")
+    p.add_argument("--hf-overrides", default=None, metavar="JSON",
+                   help='vLLM\'s flag: config.json fields to change, e.g. \'{"num_hidden_layers": 1}\'; '
+                        "the servers get a directory of --model's config and tokenizer in that shape (no weights: "
+                        "use --load-format dummy)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights, for every server (not transformers)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--vllm-python", default=".peers/vllm/bin/python", help="the venv `make peers` creates")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
@@ -59,7 +80,7 @@ def add_compare(sub, name: str, systems: str, help: str) -> None:
     add_workload_args(p)
     p.add_argument("--result-filename", default=f"{name}.json")
     p.add_argument("--chart", default=f"{name}.png", help="PNG chart of the results")
-    p.set_defaults(bench_main="pagedserve.bench.compare:main")
+    p.set_defaults(bench_main="pagedserve.bench.compare:main", **defaults)
 
 
 def add_kernels(sub) -> None:
@@ -83,13 +104,15 @@ def add_kernels(sub) -> None:
 
 def add_bench_parser(sub) -> None:
     """`pagedserve bench ...`, on the top-level subparsers of `pagedserve`."""
-    bench = sub.add_parser("bench", help="benchmarks: serve, compare, compare-hf, kernels")
+    bench = sub.add_parser("bench", help="benchmarks: serve, compare, compare-hf, host, kernels")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     add_serve(kinds)
-    add_compare(kinds, "compare", DEFAULT_SYSTEMS,
-                "start each system in turn on one model and run one workload through each")
-    add_compare(kinds, "compare-hf", HF_SYSTEMS,
-                "transformers one request at a time, in static batches, and pagedserve, on one workload")
+    add_compare(kinds, "compare", "start each system in turn on one model and run one workload through each")
+    add_compare(kinds, "compare-hf", "transformers one request at a time, in static batches, and pagedserve, "
+                "on one workload", systems=HF_SYSTEMS, modes="streamed")
+    add_compare(kinds, "host", "the serving stack's own cost: pagedserve (and vLLM, where `make peers` installed "
+                "it) serving a one-layer model of --model's tokenizer with dummy weights (--hf-overrides), "
+                "256 requests of 64 tokens in, 256 out; CPU seconds per process", **HOST_DEFAULTS)
     add_kernels(kinds)
 
 

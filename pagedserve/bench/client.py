@@ -1,6 +1,8 @@
-"""One streamed completion request against an OpenAI-compatible server, timed the way vLLM's
+"""One completion request against an OpenAI-compatible server. Streamed, it is timed the way vLLM's
 `bench serve` times it: TTFT at the first chunk that carries a choice, one inter-token latency per
-later chunk, the token count from the final usage chunk."""
+later chunk, the token count from the final usage chunk. Plain (`"stream": false`), only its
+end-to-end latency and its usage are measured: its tokens all arrive at once, so it has no TTFT,
+TPOT or inter-token latency."""
 from __future__ import annotations
 
 import json
@@ -21,15 +23,14 @@ class RequestOutput:
     itl: list[float] = field(default_factory=list)  # seconds between consecutive chunks
     latency: float = 0.0  # end to end, seconds
     error: str = ""
+    streamed: bool = True  # False: a plain request, whose ttft and itl are not measured
 
 
-def completion_body(model: str, request: BenchRequest) -> dict:
+def completion_body(model: str, request: BenchRequest, stream: bool = True) -> dict:
     # Greedy with ignore_eos: every system generates exactly output_len tokens.
-    return {
-        "model": model, "prompt": request.prompt, "max_tokens": request.output_len,
-        "temperature": 0.0, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": stream}
+    return body | {"stream_options": {"include_usage": True}} if stream else body
 
 
 def sse_event(line: str) -> dict | None:
@@ -40,7 +41,11 @@ def sse_event(line: str) -> dict | None:
     return None if data == "[DONE]" else json.loads(data)
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest) -> RequestOutput:
+async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
+               stream: bool = True) -> RequestOutput:
+    """One request, streamed or plain; a failure is in the output's `error`, never raised."""
+    if not stream:
+        return await send_plain(client, url, model, request)
     out = RequestOutput(prompt_len=request.prompt_len)
     start = last = time.perf_counter()
     try:
@@ -66,6 +71,26 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
         out.success = out.ttft > 0
         if not out.success:
             out.error = "the stream ended without a single token"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+    return out
+
+
+async def send_plain(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest) -> RequestOutput:
+    out = RequestOutput(prompt_len=request.prompt_len, streamed=False)
+    start = time.perf_counter()
+    try:
+        reply = await client.post(url, json=completion_body(model, request, stream=False))
+        out.latency = time.perf_counter() - start
+        if reply.status_code != 200:
+            out.error = f"HTTP {reply.status_code}: {reply.text[:500]}"
+            return out
+        usage = reply.json().get("usage") or {}
+        out.output_tokens = usage.get("completion_tokens", 0)
+        out.prompt_len = usage.get("prompt_tokens", out.prompt_len)
+        out.success = out.output_tokens > 0
+        if not out.success:
+            out.error = "the response holds no tokens"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         out.error = f"{type(e).__name__}: {e}"
     return out

@@ -1,5 +1,6 @@
 """`pagedserve bench serve`: sends a workload to an OpenAI-compatible server (pagedserve, vLLM,
-...) through /v1/completions with streaming and ignore_eos, and reports vLLM's serving metrics."""
+...) through /v1/completions with ignore_eos, streamed (or plain with --no-stream), and reports
+vLLM's serving metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -43,9 +44,11 @@ async def check_server(client: httpx.AsyncClient, base_url: str) -> None:
 
 async def run_workload(base_url: str, model: str, requests: list[BenchRequest], max_concurrency: int | None = None,
                        request_rate: float = math.inf, seed: int = 0, disable_tqdm: bool = False,
-                       api_key: str | None = None, endpoint: str = "/v1/completions") -> tuple[list[RequestOutput], float]:
-    """All requests, each sent after its arrival gap and while fewer than max_concurrency are in
-    flight; returns their outputs in request order and the run's duration in seconds."""
+                       api_key: str | None = None, endpoint: str = "/v1/completions",
+                       stream: bool = True) -> tuple[list[RequestOutput], float]:
+    """All requests (streamed, or plain ones), each sent after its arrival gap and while fewer
+    than max_concurrency are in flight; returns their outputs in request order and the run's
+    duration in seconds."""
     limit = max_concurrency or len(requests)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), headers=headers,
@@ -59,7 +62,7 @@ async def run_workload(base_url: str, model: str, requests: list[BenchRequest], 
         async def one(request: BenchRequest) -> RequestOutput:
             nonlocal tokens
             async with gate:
-                out = await send(client, api_url(base_url, endpoint), model, request)
+                out = await send(client, api_url(base_url, endpoint), model, request, stream)
             tokens += out.output_tokens
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} output tok/s", refresh=False)
             bar.update(1)
@@ -102,12 +105,12 @@ def main(args) -> int:
     requests = build_requests(args)
     outputs, duration = asyncio.run(run_workload(
         args.base_url, args.served_model_name or args.model, requests, args.max_concurrency, args.request_rate,
-        args.seed, args.disable_tqdm, args.api_key, args.endpoint))
+        args.seed, args.disable_tqdm, args.api_key, args.endpoint, args.stream))
     percentiles = percentiles_of(args)
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai", "base_url": args.base_url,
         "model_id": args.model, "num_prompts": len(requests), "request_rate": args.request_rate,
-        "max_concurrency": args.max_concurrency, **summarize(outputs, duration, percentiles),
+        "max_concurrency": args.max_concurrency, "stream": args.stream, **summarize(outputs, duration, percentiles),
     }
     print(format_result(result, percentiles))
     failures = [e for e in result["errors"] if e]

