@@ -7,6 +7,14 @@ and every part of the step is timed on its own:
 forward pass (matmuls, norms, rotary), attention, LM head, sampling, the worker's input tensors and
 persistent batch, plan building and result handling in the scheduler, protobuf serialization,
 gRPC transport, and what is left (Python overhead). --torch-profile adds torch's op table.
+
+Any model shape, with dummy weights, on the CPU or CUDA: --hf-overrides (vLLM's flag) and
+--vocab-size change --model's config.json in a temporary directory of its config and tokenizer,
+e.g. the no-op model of `pagedserve bench host` with a 150k vocabulary, to time the sampler:
+
+    python benchmarks/profile_step.py --load-format dummy --batch 256 --prompt-len 64 \
+        --hf-overrides '{"num_hidden_layers": 1, "hidden_size": 128, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 64, "intermediate_size": 256}' --vocab-size 151936
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -27,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import worker.model_runner as model_runner_module  # noqa: E402
+from pagedserve.bench.model_dir import build_model_dir, parse_overrides  # noqa: E402
 from pagedserve.launcher import free_port  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
 from pagedserve.v1 import worker_pb2 as wpb  # noqa: E402
@@ -168,7 +178,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights (needed with --hf-overrides and --vocab-size)")
+    p.add_argument("--hf-overrides", default=None, metavar="JSON",
+                   help='config.json fields to change, e.g. \'{"num_hidden_layers": 1, "hidden_size": 128}\'')
+    p.add_argument("--vocab-size", type=int, default=None, help="the LM head's and sampler's vocabulary")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs (on CUDA they are captured up to --batch and replace the timed "
                         "forward pass, whose parts then show only in the whole step)")
@@ -179,8 +193,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def overrides_of(args) -> dict:
+    """--hf-overrides and --vocab-size as one dict of config.json fields; exits when they are
+    malformed or ask for real weights (the shaped directory has none)."""
+    try:
+        overrides = parse_overrides(args.hf_overrides)
+    except ValueError as e:
+        raise SystemExit(f"profile_step: {e}") from None
+    if args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    if overrides and args.load_format != "dummy":
+        raise SystemExit("profile_step: --hf-overrides and --vocab-size change the model's shape, which its "
+                         "weights no longer fit: add --load-format dummy")
+    return overrides
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    overrides = overrides_of(args)
+    with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp:
+        if overrides:
+            args.model = str(build_model_dir(args.model, Path(tmp) / "model", overrides))
+        return profile(args, overrides)
+
+
+def profile(args, overrides: dict) -> dict:
+    """Runs the steps of `args` and prints their breakdown; returns what --json writes."""
     runner = ModelRunner(WorkerConfig(model=args.model, block_size=args.block_size, num_threads=args.num_threads,
                                       device=args.device, dtype=args.dtype, load_format=args.load_format,
                                       enforce_eager=args.enforce_eager, max_num_seqs=args.batch))
@@ -236,7 +274,9 @@ def main(argv=None) -> dict:
     print(report(parts, info))
     if args.torch_profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    out = {"parts_ms": parts, **info, "steps": args.steps, "cpu_count": len(os.sched_getaffinity(0))}
+    out = {"parts_ms": parts, **info, "steps": args.steps, "cpu_count": len(os.sched_getaffinity(0)),
+           "vocab_size": runner.loaded.vocab_size, "num_layers": runner.loaded.hf_config.num_hidden_layers,
+           "hidden_size": runner.loaded.hf_config.hidden_size, "hf_overrides": overrides}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
