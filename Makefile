@@ -8,7 +8,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 
-.PHONY: install model protos serve test test-loaded peers bench-compare
+.PHONY: install model protos serve test test-loaded peers bench-compare bench-host
 
 install: $(VENV)/.installed
 
@@ -60,9 +60,21 @@ $(VLLM_VENV)/.installed:
 
 # The comparison in docs/PERFORMANCE.md: pagedserve, vLLM (both cores), transformers in static
 # batches of 16 and one request at a time, on one workload (64 requests, prompts of 32-512 tokens,
-# outputs of 16-256, seed 0), side by side. About 30 minutes on 2 quiet cores.
+# outputs of 16-256, seed 0), side by side; the servers with streamed and with plain requests.
+# About 35 minutes on 2 quiet cores.
 BENCH_SYSTEMS ?= pagedserve,vllm,transformers,transformers-sequential
+BENCH_MODES ?= streamed,plain
 
 bench-compare: install model peers
-	$(BIN)/pagedserve bench compare --model $(MODEL_DIR) --systems $(BENCH_SYSTEMS) \
+	$(BIN)/pagedserve bench compare --model $(MODEL_DIR) --systems $(BENCH_SYSTEMS) --modes $(BENCH_MODES) \
 		--result-filename bench-results/compare.json --chart bench-results/compare.png --log-dir bench-results/logs
+
+# The serving stack's own cost (issue 22): pagedserve, and vLLM where `make peers` installed it,
+# serving a one-layer Llama of SmolLM2's tokenizer with dummy weights, whose forward pass costs
+# almost nothing; 256 requests of 64 tokens in, 256 out, all at once. Output tok/s, TPOT and each
+# process's CPU seconds per 1,000 output tokens. BENCH_HOST_MODES=streamed,plain adds plain requests.
+BENCH_HOST_MODES ?= streamed
+
+bench-host: install model
+	$(BIN)/pagedserve bench host --model $(MODEL_DIR) --modes $(BENCH_HOST_MODES) \
+		--result-filename bench-results/host.json --chart bench-results/host.png --log-dir bench-results/host-logs

@@ -1,7 +1,8 @@
-"""The benchmarks at a tiny size, through their real command lines: `pagedserve bench serve` against
-the shared SmolLM2 stack, `bench compare-hf` and `bench compare` (transformers both ways and a
-pagedserve of their own, no vLLM), `bench kernels`, and benchmarks/profile_step.py on a tiny
-random Llama. Each result must hold every field with plausible values."""
+"""The benchmarks at a tiny size, through their real command lines: `pagedserve bench serve`
+(streamed and plain) against the shared SmolLM2 stack, `bench compare-hf` and `bench compare`
+(transformers both ways and a pagedserve of their own, no vLLM), `bench host` (a pagedserve of its
+own on the no-op model), `bench kernels`, and benchmarks/profile_step.py on a tiny random Llama and
+on a shape given by --hf-overrides. Each result must hold every field with plausible values."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ import sys
 import pytest
 
 from pagedserve.bench.client import RequestOutput
+from pagedserve.bench.compare import ratios
 from pagedserve.bench.datasets import length_range, random_requests, vocab_size_of
 from pagedserve.bench.metrics import LATENCIES, summarize
+from pagedserve.bench.model_dir import NOOP_OVERRIDES, build_model_dir
 from tests.conftest import REPO_ROOT
 
 LATENCY_KEYS = [f"{stat}_{name}_ms" for name in LATENCIES for stat in ("mean", "median", "std", "p99")]
@@ -74,6 +77,36 @@ def test_summarize_follows_vllm_definitions():
     assert result["errors"] == ["", "", "HTTP 500"]
 
 
+def test_plain_requests_have_latency_but_no_ttft_or_tpot():
+    outputs = [RequestOutput(True, 10, 4, latency=0.2, streamed=False),
+               RequestOutput(True, 10, 6, latency=0.4, streamed=False)]
+    result = summarize(outputs, duration=0.5)
+    assert result["output_throughput"] == pytest.approx(20)
+    assert result["median_e2el_ms"] == pytest.approx(300)
+    for name in ("ttft", "tpot", "itl"):
+        assert result[f"median_{name}_ms"] is None and result[f"p99_{name}_ms"] is None, name
+    assert result["ttfts"] == [None, None]
+
+
+def test_ratios_compare_each_mode_with_pagedserve_in_that_mode():
+    def row(system, mode, tok_s):
+        return {"system": system, "mode": mode, "output_throughput": tok_s}
+    rows = {"pagedserve": row("pagedserve", "streamed", 300.0), "pagedserve (plain)": row("pagedserve", "plain", 200.0),
+            "vllm": row("vllm", "streamed", 150.0), "vllm (plain)": row("vllm", "plain", 400.0),
+            "transformers": row("transformers", "generate", 100.0)}
+    assert ratios(rows) == {"pagedserve/vllm": 2.0, "pagedserve (plain)/vllm (plain)": 0.5,
+                            "pagedserve/transformers": 3.0}
+
+
+def test_model_dir_of_another_shape_keeps_the_tokenizer_and_no_weights(model_dir, tmp_path):
+    built = build_model_dir(model_dir, tmp_path / "noop", NOOP_OVERRIDES | {"vocab_size": 150000})
+    config = json.loads((built / "config.json").read_text())
+    source = json.loads((model_dir / "config.json").read_text())
+    assert config == source | NOOP_OVERRIDES | {"vocab_size": 150000}
+    assert (built / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    assert not list(built.glob("*.safetensors")) and list(model_dir.glob("*.safetensors"))
+
+
 def test_random_workload_lengths_follow_the_range_ratio():
     # The defaults of `bench compare`: prompts of 32-512 tokens, outputs of 16-256.
     assert length_range(272, 0.8824) == (32, 512) and length_range(136, 0.8824) == (16, 256)
@@ -96,6 +129,47 @@ def test_bench_serve_reports_vllm_result_keys(smol_stack, model_dir, tmp_path):
     assert result["p50_ttft_ms"] == pytest.approx(result["median_ttft_ms"])
     assert len(result["ttfts"]) == len(result["itls"]) == 4 and result["errors"] == [""] * 4
     assert result["input_lens"] == [r.prompt_len for r in random_requests(4, 16, 6, 0.5, 49152, seed=3)]
+
+
+def test_bench_serve_plain_requests(smol_stack, model_dir, tmp_path):
+    path = tmp_path / "plain.json"
+    proc = pagedserve("bench", "serve", "--base-url", smol_stack.root_url, "--model", "SmolLM2-135M-Instruct",
+                      "--tokenizer", str(model_dir), "--no-stream", *TINY_WORKLOAD,
+                      "--save-result", "--result-filename", str(path))
+    result = json.loads(path.read_text())
+    assert result["stream"] is False and result["completed"] == 4 and result["failed"] == 0
+    assert result["total_output_tokens"] == expected_output_tokens(model_dir)
+    assert 0 < result["median_e2el_ms"] <= result["p99_e2el_ms"] and result["output_throughput"] > 0
+    assert result["median_ttft_ms"] is None and result["median_tpot_ms"] is None
+    assert "Median TPOT (ms):" in proc.stdout
+
+
+def test_host_bench_runs_the_noop_model_streamed_and_plain(model_dir, tmp_path):
+    """`bench host` builds the no-op model from the SmolLM2 directory and serves it with dummy
+    weights, once per mode; each process's CPU seconds per 1,000 output tokens come back."""
+    result_path = tmp_path / "host.json"
+    proc = pagedserve("bench", "host", "--model", str(model_dir), "--systems", "pagedserve",
+                      "--modes", "streamed,plain", "--num-prompts", "4", "--random-input-len", "8",
+                      "--random-output-len", "32", "--disable-tqdm", "--server-arg=--num-threads=1",
+                      "--result-filename", str(result_path), "--chart", str(tmp_path / "host.png"),
+                      "--log-dir", str(tmp_path / "logs"))
+    report = json.loads(result_path.read_text())
+    assert report["hf_overrides"] == NOOP_OVERRIDES and report["load_format"] == "dummy"
+    assert report["workload"]["prompt_len_range"] == [8, 8] and report["workload"]["output_tokens"] == 4 * 32
+    rows = report["systems"]
+    assert list(rows) == ["pagedserve", "pagedserve (plain)"] and report["failed_systems"] == {}
+    for name, row in rows.items():
+        assert row["completed"] == 4 and row["total_output_tokens"] == 4 * 32, name
+        per_1k = row["cpu_seconds_per_1k_output_tokens"]
+        for process in ("router", "scheduler", "worker"):
+            assert per_1k[process] > 0, (name, process)
+            assert per_1k[process] == pytest.approx(row["cpu_seconds"][process] * 1000 / (4 * 32), abs=1e-4)
+        assert "--load-format dummy" in row["settings"] and name in proc.stdout
+    assert rows["pagedserve"]["median_tpot_ms"] > 0 and rows["pagedserve (plain)"]["median_tpot_ms"] is None
+    assert "CPU seconds per 1,000 output tokens" in proc.stdout
+    # The worker loaded the built directory, not SmolLM2's.
+    log = (tmp_path / "logs" / "pagedserve-streamed.log").read_text()
+    assert "LlamaForCausalLM loaded from " in log and f"{model_dir.name}-hf-overrides:" in log
 
 
 def test_compare_hf_runs_transformers_both_ways_and_pagedserve(model_dir, tmp_path):
@@ -180,6 +254,20 @@ def test_profile_step_splits_a_decode_step(tmp_path):
     total = parts.pop("step total")
     assert sum(parts.values()) == pytest.approx(total, rel=1e-6)
     assert "outside the forward pass" in proc.stdout
+
+
+def test_profile_step_takes_any_shape_with_dummy_weights(model_dir, tmp_path):
+    path = tmp_path / "profile.json"
+    overrides = {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+                 "head_dim": 32, "intermediate_size": 128}
+    benchmark_script("profile_step.py", "--model", str(model_dir), "--load-format", "dummy",
+                     "--hf-overrides", json.dumps(overrides), "--vocab-size", "3000", "--batch", "3",
+                     "--prompt-len", "10", "--steps", "2", "--warmup", "1", "--num-threads", "1",
+                     "--json", str(path), timeout=300)
+    report = json.loads(path.read_text())
+    assert (report["num_layers"], report["hidden_size"], report["vocab_size"]) == (1, 64, 3000)
+    assert report["hf_overrides"] == overrides | {"vocab_size": 3000}
+    assert report["batch"] == 3 and report["parts_ms"]["LM head"] > 0 and report["parts_ms"]["sampling"] > 0
 
 
 def test_layer_ops_benchmark_rows(tmp_path):

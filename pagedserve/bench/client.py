@@ -41,56 +41,55 @@ def sse_event(line: str) -> dict | None:
     return None if data == "[DONE]" else json.loads(data)
 
 
+def take_usage(out: RequestOutput, usage: dict) -> None:
+    """The token counts of a response's `usage`: the server's count of the prompt wins."""
+    out.output_tokens = usage.get("completion_tokens", 0)
+    out.prompt_len = usage.get("prompt_tokens", out.prompt_len)
+
+
 async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
                stream: bool = True) -> RequestOutput:
     """One request, streamed or plain; a failure is in the output's `error`, never raised."""
-    if not stream:
-        return await send_plain(client, url, model, request)
-    out = RequestOutput(prompt_len=request.prompt_len)
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=completion_body(model, request)) as reply:
-            if reply.status_code != 200:
-                out.error = f"HTTP {reply.status_code}: {(await reply.aread()).decode(errors='replace')[:500]}"
-                return out
-            async for line in reply.aiter_lines():
-                event = sse_event(line)
-                if event is None:
-                    continue
-                now = time.perf_counter()
-                if event.get("choices"):
-                    if out.ttft == 0.0:
-                        out.ttft = now - start
-                    else:
-                        out.itl.append(now - last)
-                    last = now
-                if event.get("usage"):
-                    out.output_tokens = event["usage"].get("completion_tokens", 0)
-                    out.prompt_len = event["usage"].get("prompt_tokens", out.prompt_len)
-        out.latency = time.perf_counter() - start
-        out.success = out.ttft > 0
-        if not out.success:
-            out.error = "the stream ended without a single token"
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-    return out
-
-
-async def send_plain(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest) -> RequestOutput:
-    out = RequestOutput(prompt_len=request.prompt_len, streamed=False)
+    out = RequestOutput(prompt_len=request.prompt_len, streamed=stream)
     start = time.perf_counter()
     try:
-        reply = await client.post(url, json=completion_body(model, request, stream=False))
-        out.latency = time.perf_counter() - start
-        if reply.status_code != 200:
-            out.error = f"HTTP {reply.status_code}: {reply.text[:500]}"
-            return out
-        usage = reply.json().get("usage") or {}
-        out.output_tokens = usage.get("completion_tokens", 0)
-        out.prompt_len = usage.get("prompt_tokens", out.prompt_len)
-        out.success = out.output_tokens > 0
-        if not out.success:
-            out.error = "the response holds no tokens"
+        body = completion_body(model, request, stream)
+        await (read_stream if stream else read_plain)(client, url, body, out, start)
+        if not out.error:
+            out.latency = time.perf_counter() - start
+            # A stream counts from its first token; a plain response from its usage.
+            out.success = out.ttft > 0 if stream else out.output_tokens > 0
+            if not out.success:
+                out.error = "the stream ended without a single token" if stream else "the response holds no tokens"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         out.error = f"{type(e).__name__}: {e}"
     return out
+
+
+async def read_stream(client: httpx.AsyncClient, url: str, body: dict, out: RequestOutput, start: float) -> None:
+    last = start
+    async with client.stream("POST", url, json=body) as reply:
+        if reply.status_code != 200:
+            out.error = f"HTTP {reply.status_code}: {(await reply.aread()).decode(errors='replace')[:500]}"
+            return
+        async for line in reply.aiter_lines():
+            event = sse_event(line)
+            if event is None:
+                continue
+            now = time.perf_counter()
+            if event.get("choices"):
+                if out.ttft == 0.0:
+                    out.ttft = now - start
+                else:
+                    out.itl.append(now - last)
+                last = now
+            if event.get("usage"):
+                take_usage(out, event["usage"])
+
+
+async def read_plain(client: httpx.AsyncClient, url: str, body: dict, out: RequestOutput, start: float) -> None:
+    reply = await client.post(url, json=body)
+    if reply.status_code != 200:
+        out.error = f"HTTP {reply.status_code}: {reply.text[:500]}"
+        return
+    take_usage(out, reply.json().get("usage") or {})
