@@ -214,7 +214,12 @@ def runs(systems: list[str], modes: list[str]) -> list[tuple[str, str]]:
 
 def main(args) -> int:
     systems, modes = check_systems(args), check_modes(args)
-    overrides = parse_overrides(args.hf_overrides)
+    try:
+        overrides = parse_overrides(args.hf_overrides)
+    except ValueError as e:
+        raise SystemExit(f"bench: {e}") from None
+    if overrides and args.load_format != "dummy":
+        raise SystemExit("bench: --hf-overrides builds a model directory without weights: add --load-format dummy")
     args.source_model = args.model
     with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as tmp:
         if overrides:
