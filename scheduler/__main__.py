@@ -33,7 +33,8 @@ def model_info(args, info) -> pb.ModelInfo:
     return pb.ModelInfo(
         served_model_name=name, model_path=info.model_path, max_model_len=max_model_len,
         eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size, block_size=info.block_size,
-        num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size)
+        num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size,
+        sampling_defaults=info.sampling_defaults)
 
 
 def scheduler_config(args, infos) -> SchedulerConfig:
