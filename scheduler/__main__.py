@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from pagedserve.flags import add_arguments, from_namespace
+from pagedserve.flags import add_arguments, from_namespace, lower_max_model_len
 from pagedserve.parent_watch import stop_with_parent
 from pagedserve.v1 import scheduler_pb2 as pb
 
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_info(args, info) -> pb.ModelInfo:
-    max_model_len = min(args.max_model_len or info.max_model_len, info.max_model_len)
+    max_model_len = lower_max_model_len(args.max_model_len, info.max_model_len, "worker")
     name = args.served_model_name or os.path.basename(os.path.normpath(info.model_path))
     return pb.ModelInfo(
         served_model_name=name, model_path=info.model_path, max_model_len=max_model_len,
