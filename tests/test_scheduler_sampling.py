@@ -5,6 +5,7 @@ router's OpenAI checks read too. The last tests run a real `python -m scheduler`
 worker over gRPC and look at what it hands the worker."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
@@ -218,3 +219,15 @@ def test_a_bad_value_is_refused_by_the_scheduler_before_any_worker_sees_it(sched
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == "top_p: must be in (0, 1], got 0"
     assert not [new for new in scheduler.worker.new_sequences() if list(new.token_ids) == prompt]
+
+
+def test_the_worker_reports_generation_configs_sampling_fields_and_refuses_unreadable_ones(tmp_path):
+    from worker.checkpoint import LoadError
+    from worker.loader import sampling_defaults
+
+    config = tmp_path / "generation_config.json"
+    config.write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.95, "do_sample": True}))
+    assert sampling_defaults(tmp_path) == pb.SamplingParams(temperature=0.6, top_p=0.95)
+    config.write_text(json.dumps({"top_k": 2.5}))
+    with pytest.raises(LoadError, match="generation_config.json"):
+        sampling_defaults(tmp_path)
