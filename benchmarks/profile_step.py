@@ -41,6 +41,7 @@ from pagedserve.launcher import free_port  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
 from pagedserve.v1 import worker_pb2 as wpb  # noqa: E402
 from scheduler.request import SamplingLimits  # noqa: E402
+from scheduler.validation import with_defaults  # noqa: E402
 from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from scheduler.workers import WorkerGroup  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
@@ -89,9 +90,8 @@ def instrument(runner: ModelRunner, clock: Clock) -> None:
 
 def add_requests(scheduler: Scheduler, batch: int, prompt_lens: list[int], vocab_size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    params = pb.SamplingParams(temperature=0.0, ignore_eos=True)
-    limits = SamplingLimits(max_tokens=10**6, min_tokens=0, stop_token_ids=frozenset(), eos_token_ids=frozenset(),
-                            ignore_eos=True)
+    params = with_defaults(pb.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=10**6))
+    limits = SamplingLimits.of(params, eos_token_ids=frozenset())
     for i in range(batch):
         prompt = rng.integers(1000, vocab_size, size=prompt_lens[i]).tolist()
         scheduler.add_request(f"r{i}", prompt, params, limits)

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
 from scheduler.request import SamplingLimits  # noqa: E402
 from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from scheduler.validation import with_defaults  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 
@@ -36,15 +37,13 @@ def new_batch(runner: ModelRunner, batch: int, constrained: int, prompt_len: int
     scheduler = Scheduler(SchedulerConfig(num_blocks=runner.num_blocks, block_size=runner.config.block_size,
                                           max_model_len=runner.loaded.max_model_len, max_num_seqs=batch,
                                           max_num_batched_tokens=batch * prompt_len, enable_prefix_caching=False))
-    limits = SamplingLimits(max_tokens=10**6, min_tokens=0, stop_token_ids=frozenset(), eos_token_ids=frozenset(),
-                            ignore_eos=True)
     rng = np.random.default_rng(seed)
     for i in range(batch):
-        params = pb.SamplingParams(temperature=0.0, ignore_eos=True)
+        params = with_defaults(pb.SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=10**6))
         if i < constrained:
             params.structured_outputs.json = json.dumps(SCHEMA)
         prompt = rng.integers(1000, runner.loaded.vocab_size, size=prompt_len).tolist()
-        scheduler.add_request(f"r{i}", prompt, params, limits)
+        scheduler.add_request(f"r{i}", prompt, params, SamplingLimits.of(params, eos_token_ids=frozenset()))
     return scheduler
 
 

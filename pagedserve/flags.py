@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import types
 import typing
 from typing import Any
 
 FLAG = "pagedserve.flag"
+
+log = logging.getLogger(__name__)
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, choices: list | None = None,
@@ -138,6 +141,20 @@ def served_model_name_flag():
 def max_model_len_flag():
     return flag(None, "context length in tokens, prompt plus output (default, and upper bound: "
                 "config.json's max_position_embeddings)")
+
+
+def lower_max_model_len(flag: int | None, served: int, served_by: str) -> int:
+    """The context length (tokens) a process serves: `served`, what the process it talks to serves
+    (`served_by`: "worker", "scheduler"), lowered by its own --max-model-len, never raised (that
+    process refuses what does not fit). The worker sets the first value, from the model
+    (worker/loader.py:context_length). Raises SystemExit when neither says."""
+    if not (flag or served):
+        raise SystemExit(f"The {served_by} reported no max_model_len: pass --max-model-len N.")
+    if flag and served and flag > served:
+        log.warning("--max-model-len %d exceeds the %s's %d; using %d", flag, served_by, served,
+                    served)
+        return served
+    return flag or served
 
 
 def max_num_seqs_flag():

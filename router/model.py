@@ -1,17 +1,15 @@
 """The model being served, as the router knows it: the scheduler's ModelInfo and the tokenizer."""
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.flags import lower_max_model_len
 from pagedserve.v1 import scheduler_pb2 as pb
 from router.settings import Settings
 from router.tokenizer import Tokenizer
-
-log = logging.getLogger("router")
 
 
 @dataclass
@@ -34,7 +32,7 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
     tokenizer = Tokenizer(path, template)
     name = (settings.served_model_name or info.served_model_name
             or os.path.basename(os.path.normpath(path)))
-    max_len = context_length(settings.max_model_len, info.max_model_len)
+    max_len = lower_max_model_len(settings.max_model_len, info.max_model_len, "scheduler")
     eos = frozenset(info.eos_token_ids) or frozenset(
         [tokenizer.hf.eos_token_id] if tokenizer.hf.eos_token_id is not None else [])
     # The model's vocabulary can be padded past the tokenizer's: any id below it is valid input.
@@ -42,14 +40,3 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
     parser = settings.tool_call_parser if settings.enable_auto_tool_choice else None
     return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser)
 
-
-def context_length(flag: int | None, scheduler: int) -> int:
-    """--max-model-len may lower the scheduler's limit, never raise it: the scheduler would reject
-    what does not fit its KV cache anyway."""
-    if flag and scheduler and flag > scheduler:
-        log.warning("--max-model-len %d exceeds the scheduler's %d; using %d", flag, scheduler,
-                    scheduler)
-        return scheduler
-    if not (flag or scheduler):
-        raise SystemExit("The scheduler reported no max_model_len: pass --max-model-len N.")
-    return flag or scheduler

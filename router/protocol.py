@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.sampling_ranges import INT32_MAX, OPENAI_RANGES
 from pagedserve.v1 import scheduler_pb2 as pb
 from router.bad_words import bad_words_token_ids
 from router.errors import invalid, model_not_found
@@ -17,10 +18,7 @@ from router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
 from router.structured_outputs import Constraint, one_constraint, request_constraint
 from router.tool_calls import Tools, parse_tools, tool_constraint
 
-MAX_N = 128
-MAX_LOGPROBS = 20
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
-INT32_MAX = 2 ** 31 - 1  # counts travel as int32 in scheduler.proto: larger ones cannot be sent
 # apply_chat_template's own arguments: chat_template_kwargs must not smuggle them in
 TEMPLATE_ARGUMENTS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -54,11 +52,11 @@ def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
     f = fields_of(body, model, "completion")
     if f.string("suffix"):
         raise invalid("suffix", "'suffix' (insertion) is not supported.")
-    logprobs = f.integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    logprobs = integer(f, "logprobs")
     echo = f.boolean("echo", False)
+    # vLLM's way with max_tokens 0 (echo only): the scheduler makes one token, which is dropped.
     max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, minimum=0 if echo else 1,
                            maximum=INT32_MAX)
-    # vLLM's way with max_tokens 0 (echo only): the scheduler makes one token, which is dropped.
     params = sampling_params(f, model, max(max_tokens, 1), "max_tokens")
     prompts = completion_prompts(f.raw("prompt"), model.tokenizer, model.vocab_size,
                                  f.boolean("add_special_tokens", True))
@@ -75,11 +73,11 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     tools = parse_tools(f, model.tool_call_parser)
     constraint = one_constraint(request_constraint(f), tool_constraint(tools))
     want_logprobs = f.boolean("logprobs", False)
-    top = f.integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    top = integer(f, "top_logprobs", "logprobs")
     if top is not None and not want_logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     name = "max_completion_tokens" if f.given("max_completion_tokens") else "max_tokens"
-    max_tokens = f.integer(name, minimum=1, maximum=INT32_MAX)
+    max_tokens = integer(f, name, "max_tokens")
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
     prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f),
@@ -129,7 +127,7 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
     if logprobs is not None:
         params.logprobs = logprobs
     include_stop_str = f.boolean("include_stop_str_in_output", False)
-    prompt_logprobs = f.integer("prompt_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    prompt_logprobs = integer(f, "prompt_logprobs", "num_prompt_logprobs")
     if prompt_logprobs is not None and stream:
         raise invalid("prompt_logprobs", "'prompt_logprobs' is not available with 'stream': "
                       "true (as in vLLM); use 'echo' with 'logprobs' to stream them.")
@@ -151,23 +149,21 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
 
 def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,
                     max_tokens_param: str) -> pb.SamplingParams:
-    """The OpenAI and vLLM sampling fields, range-checked, in the scheduler's message."""
-    p = pb.SamplingParams(n=f.integer("n", 1, minimum=1, maximum=MAX_N))
+    """The OpenAI and vLLM sampling fields, range-checked, in the scheduler's message. Fields left
+    out stay unset: the scheduler resolves them (the model's defaults, then the proto's)."""
+    p = pb.SamplingParams(n=integer(f, "n", default=1))
     best_of = f.integer("best_of")
     if best_of is not None and best_of != p.n:
         raise invalid("best_of", "'best_of' other than 'n' is not supported.")
-    set_if(p, "temperature", f.number("temperature", minimum=0, maximum=2))
-    set_if(p, "top_p", f.number("top_p", above=0, maximum=1))
-    set_if(p, "top_k", f.integer("top_k", minimum=-1, maximum=INT32_MAX))
-    set_if(p, "min_p", f.number("min_p", minimum=0, maximum=1))
-    set_if(p, "presence_penalty", f.number("presence_penalty", minimum=-2, maximum=2))
-    set_if(p, "frequency_penalty", f.number("frequency_penalty", minimum=-2, maximum=2))
-    set_if(p, "repetition_penalty", f.number("repetition_penalty", above=0))
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        set_if(p, name, number(f, name))
+    set_if(p, "top_k", integer(f, "top_k"))
     seed = f.integer("seed")
     if seed is not None:
         p.seed = seed % (1 << 64)  # OpenAI seeds are signed; the proto's is uint64
     set_if(p, "max_tokens", max_tokens)
-    min_tokens = f.integer("min_tokens", minimum=0, maximum=INT32_MAX)
+    min_tokens = integer(f, "min_tokens")
     if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
         raise invalid("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed "
                       f"'{max_tokens_param}' ({max_tokens}).")
@@ -212,6 +208,19 @@ def truncate(f: Fields, prompts: list[Prompt], model: ServedModel) -> list[Promp
     return truncate_prompts(prompts, model.max_model_len if keep == -1 else keep)
 
 
+def integer(f: Fields, name: str, field: str | None = None, default: int | None = None) -> int | None:
+    """Body field `name`, an integer in the range of SamplingParams.`field` (default: the same
+    name), from the one table of ranges that the scheduler checks too."""
+    allowed = OPENAI_RANGES[field or name]
+    return f.integer(name, default, minimum=allowed.minimum, maximum=allowed.maximum)
+
+
+def number(f: Fields, name: str) -> float | None:
+    """Body field `name`, a number in the range of SamplingParams.`name`."""
+    allowed = OPENAI_RANGES[name]
+    return f.number(name, minimum=allowed.minimum, maximum=allowed.maximum, above=allowed.above)
+
+
 def set_if(params: pb.SamplingParams, name: str, value: Any) -> None:
     if value is not None:
         setattr(params, name, value)
@@ -228,8 +237,9 @@ def logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
         check_token_ids([token], vocab_size, "logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid("logit_bias", f"'logit_bias' value for {key} must be a number.")
-        if not -100 <= value <= 100:
-            raise invalid("logit_bias", f"'logit_bias' value for {key} must be in [-100, 100].")
+        if value not in OPENAI_RANGES["logit_bias"]:
+            raise invalid("logit_bias", f"'logit_bias' value for {key} must be "
+                          f"{OPENAI_RANGES['logit_bias']}.")
         bias[token] = float(value)
     return bias
 

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 
-from pagedserve.flags import add_arguments, from_namespace
+from pagedserve.flags import add_arguments, from_namespace, lower_max_model_len
 from pagedserve.parent_watch import stop_with_parent
 from pagedserve.v1 import scheduler_pb2 as pb
 
@@ -28,12 +28,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_info(args, info) -> pb.ModelInfo:
-    max_model_len = min(args.max_model_len or info.max_model_len, info.max_model_len)
+    max_model_len = lower_max_model_len(args.max_model_len, info.max_model_len, "worker")
     name = args.served_model_name or os.path.basename(os.path.normpath(info.model_path))
     return pb.ModelInfo(
         served_model_name=name, model_path=info.model_path, max_model_len=max_model_len,
         eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size, block_size=info.block_size,
-        num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size)
+        num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size,
+        sampling_defaults=info.sampling_defaults)
 
 
 def scheduler_config(args, infos) -> SchedulerConfig:

@@ -32,21 +32,15 @@ class Engine:
 
     # ----- requests -----------------------------------------------------------------------------
 
-    def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-            max_tokens: int) -> asyncio.Queue:
-        limits = SamplingLimits(
-            max_tokens=max_tokens,
-            min_tokens=params.min_tokens if params.HasField("min_tokens") else 0,
-            stop_token_ids=frozenset(params.stop_token_ids),
-            eos_token_ids=self.eos_token_ids,
-            ignore_eos=params.ignore_eos,
-        )
+    def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams) -> asyncio.Queue:
+        """Queues a request whose params validation.check resolved."""
+        limits = SamplingLimits.of(params, self.eos_token_ids)
         request = self.scheduler.add_request(request_id, prompt, params, limits)
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = queue
         self.wakeup.set()
         log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d", request_id,
-                 len(prompt), max_tokens, len(request.sequences))
+                 len(prompt), limits.max_tokens, len(request.sequences))
         return queue
 
     def abort(self, request_id: str) -> bool:

@@ -23,6 +23,12 @@ class SamplingLimits:
     eos_token_ids: frozenset[int]
     ignore_eos: bool
 
+    @classmethod
+    def of(cls, params: pb.SamplingParams, eos_token_ids: frozenset[int]) -> "SamplingLimits":
+        """Read from a request's resolved params (scheduler/validation.py: max_tokens is set)."""
+        return cls(params.max_tokens, params.min_tokens, frozenset(params.stop_token_ids),
+                   eos_token_ids, params.ignore_eos)
+
 
 @dataclass(eq=False)
 class Sequence:

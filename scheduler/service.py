@@ -44,23 +44,19 @@ class SchedulerService(pbgrpc.SchedulerServicer):
                 self.idle.set()
 
     async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        info = self.model_info
         try:
-            # The pool's size now, not at start-up: a restarted worker may hold fewer blocks.
-            max_tokens = validation.check(request, info.vocab_size, info.max_model_len,
-                                          self.engine.scheduler.kv.num_blocks, info.block_size)
+            params = validation.check(request, self.model_info, self.engine.scheduler.kv)
         except validation.InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.engine.healthy:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is serving; retry later")
-        await self.check_structured_output(request.params, context)
+        await self.check_structured_output(params, context)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.engine.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id: {request_id!r} is already in flight")
         try:
-            queue = self.engine.add(request_id, list(request.prompt_token_ids), request.params,
-                                    max_tokens)
+            queue = self.engine.add(request_id, list(request.prompt_token_ids), params)
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         finished = False

@@ -1,21 +1,61 @@
-"""Checks a Generate request before it is queued: every error names the field that is wrong."""
+"""A Generate request checked and its sampling parameters resolved, once, before it is queued.
+
+The effective SamplingParams are the request's own fields, then the model's defaults
+(generation_config.json, which the workers read and report: ModelInfo.sampling_defaults), then
+scheduler.proto's defaults; unset max_tokens becomes the room the context leaves, top_k -1 becomes
+0 (both mean off). Every range is checked here (the table is pagedserve/sampling_ranges.py) and an
+error names the field. The one message that results is the request's params from then on: the
+scheduler's SamplingLimits are read from it, and every NewSequence carries it to the workers, which
+read it as it is.
+"""
 from __future__ import annotations
 
+from pagedserve.sampling_ranges import RANGES
 from pagedserve.v1 import scheduler_pb2 as pb
 
-MAX_N = 128
-MAX_LOGPROBS = 20
+from .kv_cache_manager import KVCacheManager
+
+# scheduler.proto's default of every field that has one (seed, logprobs, num_prompt_logprobs:
+# unset means none, and stays unset).
+PROTO_DEFAULTS = pb.SamplingParams(
+    temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+    repetition_penalty=1.0, min_tokens=0, n=1)
 
 
 class InvalidRequest(ValueError):
-    pass
+    """A request the scheduler refuses; the message starts with the field's name."""
 
 
-def check(request: pb.GenerateRequest, vocab_size: int, max_model_len: int, num_blocks: int,
-          block_size: int) -> int:
-    """Raises InvalidRequest naming the field; returns the request's max_tokens."""
+def check(request: pb.GenerateRequest, info: pb.ModelInfo, kv: KVCacheManager) -> pb.SamplingParams:
+    """The request's effective SamplingParams, every field with a default set. `info` gives the
+    vocabulary, the context length and the model's defaults; `kv` says whether the sequence could
+    ever fit the cache (its size now: a restarted worker may hold fewer blocks).
+    Raises InvalidRequest naming the field."""
     prompt = request.prompt_token_ids
-    p = request.params
+    check_prompt(prompt, info.vocab_size, info.max_model_len)
+    params = with_defaults(request.params, info.sampling_defaults)
+    if not request.params.HasField("max_tokens"):
+        params.max_tokens = info.max_model_len - len(prompt)
+    check_sampling(params, info.vocab_size)
+    check_length(len(prompt), params.max_tokens, info.max_model_len, kv)
+    return params
+
+
+def with_defaults(params: pb.SamplingParams,
+                  model_defaults: pb.SamplingParams | None = None) -> pb.SamplingParams:
+    """A copy of `params` whose unset fields take `model_defaults`' values, else the proto's
+    (max_tokens stays as it is: its default needs the prompt)."""
+    resolved = pb.SamplingParams()
+    resolved.CopyFrom(PROTO_DEFAULTS)
+    if model_defaults is not None:
+        resolved.MergeFrom(model_defaults)
+    resolved.MergeFrom(params)  # proto3 optional: only the fields the request set
+    if resolved.top_k == -1:
+        resolved.top_k = 0  # vLLM's "off", as 0 is: the worker knows one spelling
+    return resolved
+
+
+def check_prompt(prompt, vocab_size: int, max_model_len: int) -> None:
     if not prompt:
         raise InvalidRequest("prompt_token_ids: the prompt is empty")
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
@@ -25,41 +65,30 @@ def check(request: pb.GenerateRequest, vocab_size: int, max_model_len: int, num_
     if len(prompt) >= max_model_len:
         raise InvalidRequest(f"prompt_token_ids: the prompt has {len(prompt)} tokens, but the "
                              f"maximum context length is {max_model_len} (prompt plus output)")
-    room = max_model_len - len(prompt)
-    max_tokens = p.max_tokens if p.HasField("max_tokens") else room
-    if max_tokens < 1:
-        raise InvalidRequest(f"max_tokens: must be at least 1, got {max_tokens}")
-    if max_tokens > room:
+
+
+def check_length(num_prompt: int, max_tokens: int, max_model_len: int, kv: KVCacheManager) -> None:
+    """Prompt plus max_tokens must fit the context and, alone, the whole KV cache (else the
+    request would wait forever)."""
+    if num_prompt + max_tokens > max_model_len:
         raise InvalidRequest(f"max_tokens: {max_tokens} output tokens plus the prompt's "
-                             f"{len(prompt)} exceed the maximum context length {max_model_len}")
-    needed = -(-(len(prompt) + max_tokens) // block_size)
-    if needed > num_blocks:
+                             f"{num_prompt} exceed the maximum context length {max_model_len}")
+    needed = kv.blocks_for(num_prompt + max_tokens)
+    if needed > kv.num_blocks:
         raise InvalidRequest(f"max_tokens: the request needs {needed} KV blocks, more than the "
-                             f"whole cache holds ({num_blocks}); lower max_tokens or the prompt")
-    check_sampling(p, vocab_size, max_tokens)
-    return max_tokens
+                             f"whole cache holds ({kv.num_blocks}); lower max_tokens or the prompt")
 
 
-def check_sampling(p: pb.SamplingParams, vocab_size: int, max_tokens: int) -> None:
-    if p.HasField("temperature") and not p.temperature >= 0:
-        raise InvalidRequest(f"temperature: must be >= 0, got {p.temperature}")
-    if p.HasField("top_p") and not 0 < p.top_p <= 1:
-        raise InvalidRequest(f"top_p: must be in (0, 1], got {p.top_p}")
-    if p.HasField("top_k") and p.top_k < -1:
-        raise InvalidRequest(f"top_k: must be -1, 0 (off) or positive, got {p.top_k}")
-    if p.HasField("min_p") and not 0 <= p.min_p <= 1:
-        raise InvalidRequest(f"min_p: must be in [0, 1], got {p.min_p}")
-    if p.HasField("repetition_penalty") and not p.repetition_penalty > 0:
-        raise InvalidRequest(f"repetition_penalty: must be > 0, got {p.repetition_penalty}")
-    if p.HasField("n") and not 1 <= p.n <= MAX_N:
-        raise InvalidRequest(f"n: must be between 1 and {MAX_N}, got {p.n}")
-    if p.HasField("logprobs") and not 0 <= p.logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest(f"logprobs: must be between 0 and {MAX_LOGPROBS}, got {p.logprobs}")
-    if p.HasField("num_prompt_logprobs") and not 0 <= p.num_prompt_logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest(f"num_prompt_logprobs: must be between 0 and {MAX_LOGPROBS}, got "
-                             f"{p.num_prompt_logprobs}")
-    if p.HasField("min_tokens") and not 0 <= p.min_tokens <= max_tokens:
-        raise InvalidRequest(f"min_tokens: must be between 0 and max_tokens ({max_tokens}), "
+def check_sampling(p: pb.SamplingParams, vocab_size: int) -> None:
+    """Every set field in its range (min_tokens also within max_tokens, when that is set), every
+    token id in the vocabulary. Raises InvalidRequest naming the field."""
+    for name, allowed in RANGES.items():
+        value = getattr(p, name)
+        if p.HasField(name) and value not in allowed:
+            shown = f"{value:.6g}" if isinstance(value, float) else value
+            raise InvalidRequest(f"{name}: must be {allowed}, got {shown}")
+    if p.HasField("max_tokens") and p.min_tokens > p.max_tokens:
+        raise InvalidRequest(f"min_tokens: must be at most max_tokens ({p.max_tokens}), "
                              f"got {p.min_tokens}")
     if any(not word.token_ids for word in p.bad_words):
         raise InvalidRequest("bad_words: a banned sequence has no token ids")

@@ -18,6 +18,8 @@ import torch
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2
+from scheduler import validation
+from scheduler.kv_cache_manager import KVCacheManager
 from tests import hf_reference, tiny_models
 from tests.stack import ROOT, run_stack
 from tests.tiny_models import PROMPTS, generate_in_process, runner_config
@@ -149,10 +151,19 @@ def test_generation_config_sets_defaults_a_request_leaves_unset(tiny, tmp_path):
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 9], "temperature": 0.0,
                                                                    "top_k": 3}))
     runner = ModelRunner(runner_config(model_dir))
-    assert list(runner.worker_info().eos_token_ids) == [0, 9]
-    unset = worker_pb2.NewSequence(seq_id=0, token_ids=PROMPTS[1], params=pb.SamplingParams())
-    explicit = worker_pb2.NewSequence(seq_id=1, token_ids=PROMPTS[1], params=pb.SamplingParams(temperature=0.5))
-    runner.run_step(worker_pb2.StepPlan(step_id=1, new_sequences=[unset, explicit]))
+    info = runner.worker_info()
+    assert list(info.eos_token_ids) == [0, 9]
+    assert info.sampling_defaults == pb.SamplingParams(temperature=0.0, top_k=3)
+    # The worker reports them; the scheduler resolves each request against them, once ...
+    model = pb.ModelInfo(vocab_size=info.vocab_size, max_model_len=info.max_model_len,
+                         sampling_defaults=info.sampling_defaults)
+    kv = KVCacheManager(info.num_kv_blocks, info.block_size)
+    unset, explicit = (validation.check(pb.GenerateRequest(prompt_token_ids=PROMPTS[1], params=params), model, kv)
+                       for params in (pb.SamplingParams(), pb.SamplingParams(temperature=0.5)))
+    # ... and the worker samples with what it is handed.
+    runner.run_step(worker_pb2.StepPlan(step_id=1, new_sequences=[
+        worker_pb2.NewSequence(seq_id=0, token_ids=PROMPTS[1], params=unset),
+        worker_pb2.NewSequence(seq_id=1, token_ids=PROMPTS[1], params=explicit)]))
     assert (runner.batch.seqs[0].params.temperature, runner.batch.seqs[0].params.top_k) == (0.0, 3)
     assert (runner.batch.seqs[1].params.temperature, runner.batch.seqs[1].params.top_k) == (0.5, 3)
 

@@ -222,7 +222,7 @@ def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
     s, w = make()
     engine = Engine(s, workers=None, eos_token_ids=[EOS])
     params = pb.SamplingParams(max_tokens=3, n=3, temperature=0, ignore_eos=True)
-    queue = engine.add("together", [5, 6, 7], params, max_tokens=3)
+    queue = engine.add("together", [5, 6, 7], params)
     while s.has_work():
         plan = s.schedule()
         engine.publish(s.update(w.execute(plan)))

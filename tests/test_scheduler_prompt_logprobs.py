@@ -16,7 +16,7 @@ from tests.test_scheduler import EOS, check_invariants, make
 def start(engine: Engine, rid: str, prompt: list[int], max_tokens=3, n=1, k=2):
     params = pb.SamplingParams(max_tokens=max_tokens, n=n, temperature=0, ignore_eos=True,
                                num_prompt_logprobs=k)
-    return engine.add(rid, prompt, params, max_tokens=max_tokens)
+    return engine.add(rid, prompt, params)
 
 
 def run(engine: Engine, plans: list | None = None) -> None:
@@ -62,7 +62,7 @@ def test_chunked_prefill_gives_every_position_once():
 def test_prefix_cache_hits_are_not_taken_for_the_positions_wanted():
     engine = engine_for()
     prompt = list(range(1, 22))  # 5 full blocks
-    engine.add("first", prompt, pb.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), max_tokens=2)
+    engine.add("first", prompt, pb.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     run(engine)
     plans = []
     queue = start(engine, "second", prompt)
@@ -111,7 +111,7 @@ def test_a_one_token_prompt_has_no_entries():
 @pytest.mark.parametrize("k", [-1, 21])
 def test_num_prompt_logprobs_out_of_range_is_refused_by_name(k):
     with pytest.raises(InvalidRequest, match="^num_prompt_logprobs"):
-        check_sampling(pb.SamplingParams(num_prompt_logprobs=k), vocab_size=64, max_tokens=4)
+        check_sampling(pb.SamplingParams(num_prompt_logprobs=k), vocab_size=64)
 
 
 def test_after_preemption_the_positions_already_answered_come_from_the_cache():

@@ -6,7 +6,7 @@ import pytest
 from pagedserve.launcher import Launcher
 from pagedserve.local_server import serve_args
 from pagedserve.v1 import worker_pb2 as wpb
-from scheduler.__main__ import parse_args as parse_scheduler_args, scheduler_config
+from scheduler.__main__ import model_info, parse_args as parse_scheduler_args, scheduler_config
 from worker.__main__ import parse_args, worker_config
 
 
@@ -20,6 +20,14 @@ def test_max_num_batched_tokens_defaults_by_the_workers_device(device, given, ex
     config = scheduler_config(parse_scheduler_args(argv), infos)
     assert config.max_num_batched_tokens == expected
     assert (config.num_blocks, config.block_size, config.max_model_len) == (80, 16, 4096)
+
+
+@pytest.mark.parametrize("flag, expected", [(None, 4096), (1024, 1024), (8192, 4096)])
+def test_max_model_len_may_lower_what_the_workers_serve_never_raise_it(flag, expected):
+    args = parse_scheduler_args(["--worker-addrs", "127.0.0.1:1"]
+                                + (["--max-model-len", str(flag)] if flag else []))
+    info = wpb.WorkerInfo(device="cpu", num_kv_blocks=8, block_size=16, max_model_len=4096, model_path="m")
+    assert model_info(args, info).max_model_len == scheduler_config(args, [info]).max_model_len == expected
 
 
 @pytest.mark.parametrize("flags", [{}, {"enforce_eager": True, "max_cudagraph_capture_size": 64, "max_num_seqs": 32}])

@@ -17,10 +17,11 @@ if not torch.cuda.is_available():
 from pagedserve.v1 import scheduler_pb2, worker_pb2  # noqa: E402
 from worker.attention import AttentionMetadata, TorchAttention, TritonAttention  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
+from scheduler.validation import with_defaults  # noqa: E402
 from worker.model_runner import ModelRunner  # noqa: E402
 
 BLOCK_SIZE = 4  # small, so every sequence spans several blocks
-GREEDY = scheduler_pb2.SamplingParams(temperature=0)
+GREEDY = with_defaults(scheduler_pb2.SamplingParams(temperature=0))  # resolved, as the scheduler sends
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 11],
     [3, 4],
@@ -199,7 +200,7 @@ def test_invalid_plan_is_an_error_result_not_an_exception(runner, bad):
 
 def test_logprobs_come_back_for_the_sequences_that_ask(runner, tiny):
     d = Driver(runner)
-    asks = scheduler_pb2.SamplingParams(temperature=0, logprobs=3)
+    asks = with_defaults(scheduler_pb2.SamplingParams(temperature=0, logprobs=3))
     plan = worker_pb2.StepPlan(step_id=1, new_sequences=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1], params=asks)],
                                scheduled=[d.sched(0, 7), d.sched(1, 2)])
     result, _ = runner.run_step(plan)

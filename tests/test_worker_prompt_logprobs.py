@@ -3,9 +3,9 @@ prompt beside decodes, a prompt chunked over steps, a sequence that starts on pr
 (only the positions it computes come back), and every rank at tensor parallel size 2."""
 import torch
 
-from pagedserve.v1 import scheduler_pb2, worker_pb2
+from pagedserve.v1 import worker_pb2
 from tests import tiny_models
-from tests.test_worker_model import LONG_PROMPT, PROMPTS, Driver, runner, tiny  # noqa: F401 (fixtures)
+from tests.test_worker_model import GREEDY, LONG_PROMPT, PROMPTS, Driver, runner, tiny  # noqa: F401 (fixtures)
 from tests.tiny_models import BLOCKS_PER_SEQUENCE, runner_config
 from tests.tiny_models import PROMPTS as TINY_PROMPTS
 from worker import distributed
@@ -21,7 +21,7 @@ def hf_prompt_logprobs(hf_model, prompt):
 
 
 def new_with_logprobs(d, seq_id, prompt, k=K, **kw):
-    new = d.new(seq_id, prompt, params=scheduler_pb2.SamplingParams(temperature=0), **kw)
+    new = d.new(seq_id, prompt, params=GREEDY, **kw)
     new.num_prompt_logprobs = k
     return new
 
@@ -88,7 +88,7 @@ def rank_prompt_logprobs(model_dir) -> list[list[tuple[int, float, int, list[int
     from worker.model_runner import ModelRunner
 
     runner = ModelRunner(runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size()))
-    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=scheduler_pb2.SamplingParams(temperature=0),
+    new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=GREEDY,
                                   num_prompt_logprobs=K) for i, p in enumerate(TINY_PROMPTS)]
     scheduled = [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=len(p), new_block_ids=list(
         range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE))) for i, p in enumerate(TINY_PROMPTS)]

@@ -138,17 +138,6 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
     assert len(out.logprobs[1].top) == 0
 
 
-def test_invalid_params_are_rejected():
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingOptions(top_p=0.0).check(VOCAB)
-    with pytest.raises(ValueError, match="vocabulary"):
-        SamplingOptions(logit_bias={VOCAB: 1.0}).check(VOCAB)
-    with pytest.raises(ValueError, match="vocabulary"):
-        SamplingOptions(allowed_token_ids=(VOCAB,)).check(VOCAB)
-    with pytest.raises(ValueError, match="empty"):
-        SamplingOptions(bad_words=((),)).check(VOCAB)
-
-
 @pytest.mark.parametrize("logprobs", [None, 3])
 def test_one_host_transfer_per_step(monkeypatch, logprobs):
     """On a GPU every device-to-host read stalls the step: a batch using every feature reads once."""

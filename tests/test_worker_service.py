@@ -13,6 +13,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.validation import with_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ def test_worker_process_serves_and_stops_cleanly(tiny_model):
             plans.put(worker_pb2.StepPlan(
                 step_id=1,
                 new_sequences=[worker_pb2.NewSequence(seq_id=3, token_ids=prompt,
-                                                      params=scheduler_pb2.SamplingParams(temperature=0))],
+                                                      params=with_defaults(scheduler_pb2.SamplingParams(temperature=0)))],
                 scheduled=[worker_pb2.ScheduledSequence(seq_id=3, num_tokens=7, new_block_ids=[0, 1])]))
             first = next(results)
             plans.put(worker_pb2.StepPlan(step_id=2, scheduled=[worker_pb2.ScheduledSequence(seq_id=3, num_tokens=1)]))

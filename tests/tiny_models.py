@@ -109,8 +109,9 @@ def generate_in_process(runner, prompts: list[list[int]], max_tokens: int, tempe
     decoded together, and the logits of every step ([step][prompt] -> [vocab]): what
     transformers is held to."""
     from pagedserve.v1 import scheduler_pb2, worker_pb2
+    from scheduler.validation import with_defaults
 
-    params = scheduler_pb2.SamplingParams(temperature=temperature)
+    params = with_defaults(scheduler_pb2.SamplingParams(temperature=temperature))  # as the scheduler sends
     new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=params) for i, p in enumerate(prompts)]
     scheduled = [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=len(p), new_block_ids=list(
         range(i * BLOCKS_PER_SEQUENCE, (i + 1) * BLOCKS_PER_SEQUENCE))) for i, p in enumerate(prompts)]

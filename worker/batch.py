@@ -71,7 +71,7 @@ class PersistentBatch:
             )
         if min(new.token_ids) < 0 or max(new.token_ids) >= self.vocab_size:
             raise PlanError(f"new sequence {new.seq_id} has token ids outside the vocabulary [0, {self.vocab_size})")
-        params = SamplingOptions.from_proto(new.params, self.vocab_size)
+        params = SamplingOptions.from_proto(new.params)
         self.seqs[new.seq_id] = SequenceState(
             new.seq_id, list(new.token_ids), n - new.num_generated, params, new.num_computed_tokens,
             num_prompt_logprobs=new.num_prompt_logprobs if new.HasField("num_prompt_logprobs") else None,

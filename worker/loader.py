@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pagedserve.v1 import scheduler_pb2
 from worker import distributed
 from worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
 from worker.models import model_class
@@ -47,7 +48,7 @@ class LoadedModel:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
-    sampling_defaults: dict
+    sampling_defaults: scheduler_pb2.SamplingParams
 
 
 def inspect_model_dir(config) -> ModelSpec:
@@ -110,17 +111,15 @@ def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
     return ids
 
 
-def sampling_defaults(model_dir: Path) -> dict:
-    """The sampling parameters the model's authors recommend, for requests that leave them unset."""
+def sampling_defaults(model_dir: Path) -> scheduler_pb2.SamplingParams:
+    """The sampling parameters the model's authors recommend, for requests that leave them unset:
+    reported in WorkerInfo, applied by the scheduler (scheduler/validation.py), which checks them."""
     generation = generation_config(model_dir)
-    return {key: generation[key] for key in SAMPLING_DEFAULTS if generation.get(key) is not None}
-
-
-def apply_sampling_defaults(params, defaults: dict) -> None:
-    """Fill a request's unset SamplingParams fields (proto3 optional) from `defaults`."""
-    for key, value in defaults.items():
-        if not params.HasField(key):
-            setattr(params, key, value)
+    values = {key: generation[key] for key in SAMPLING_DEFAULTS if generation.get(key) is not None}
+    try:
+        return scheduler_pb2.SamplingParams(**values)
+    except (TypeError, ValueError) as e:  # a string or a fractional top_k
+        raise LoadError(f"{model_dir / 'generation_config.json'}: {e}") from None
 
 
 # ----- weights ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from worker.cpu.linear import prepare_linears
 from worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
 from worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
 from worker.kv_cache import allocate_kv_cache, choose_num_blocks
-from worker.loader import apply_sampling_defaults, load_model
+from worker.loader import load_model
 from worker.sampler import Sampler, SamplerOutput
 from worker.structured_output import Grammars, advance
 
@@ -89,6 +89,7 @@ class ModelRunner:
             device=str(self.device),
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             cudagraph_capture_sizes=self.graphs.sizes if self.graphs is not None else [],
+            sampling_defaults=self.loaded.sampling_defaults,
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
@@ -108,7 +109,6 @@ class ModelRunner:
         which tests compare with transformers."""
         self.batch.free(plan.freed_seq_ids)
         for new in plan.new_sequences:
-            apply_sampling_defaults(new.params, self.loaded.sampling_defaults)  # generation_config.json's
             self.batch.add(new)
             if new.params.HasField("structured_outputs"):
                 seq = self.batch.seqs[new.seq_id]

@@ -20,7 +20,8 @@ from worker.structured_output import apply_bitmask
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """SamplingParams with their defaults filled in (see scheduler.proto)."""
+    """One sequence's sampling parameters, as the sampler reads them. The defaults here serve rows
+    built by hand (tests, benchmarks); the scheduler's resolved params set every field."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -38,45 +39,25 @@ class SamplingOptions:
     bad_words: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
-    def from_proto(cls, p: scheduler_pb2.SamplingParams, vocab_size: int) -> "SamplingOptions":
-        def get(name, default):
-            return getattr(p, name) if p.HasField(name) else default
-
-        opts = cls(
-            temperature=get("temperature", 1.0),
-            top_p=get("top_p", 1.0),
-            top_k=max(get("top_k", 0), 0),  # vLLM's -1 also means off
-            min_p=get("min_p", 0.0),
-            seed=get("seed", None),
-            presence_penalty=get("presence_penalty", 0.0),
-            frequency_penalty=get("frequency_penalty", 0.0),
-            repetition_penalty=get("repetition_penalty", 1.0),
+    def from_proto(cls, p: scheduler_pb2.SamplingParams) -> "SamplingOptions":
+        """Reads the params the scheduler resolved and checked (scheduler/validation.py): every
+        field with a default is set, top_k -1 is already 0; an unset seed or logprobs is none."""
+        return cls(
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            min_p=p.min_p,
+            seed=p.seed if p.HasField("seed") else None,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
             logit_bias=dict(p.logit_bias),
-            min_tokens=get("min_tokens", 0),
+            min_tokens=p.min_tokens,
             stop_token_ids=tuple(p.stop_token_ids),
-            logprobs=get("logprobs", None),
+            logprobs=p.logprobs if p.HasField("logprobs") else None,
             allowed_token_ids=tuple(p.allowed_token_ids),
             bad_words=tuple(tuple(w.token_ids) for w in p.bad_words),
         )
-        opts.check(vocab_size)
-        return opts
-
-    def check(self, vocab_size: int) -> None:
-        problems = [
-            f"temperature={self.temperature} must be >= 0" if self.temperature < 0 else "",
-            f"top_p={self.top_p} must be in (0, 1]" if not 0 < self.top_p <= 1 else "",
-            f"min_p={self.min_p} must be in [0, 1]" if not 0 <= self.min_p <= 1 else "",
-            f"repetition_penalty={self.repetition_penalty} must be > 0" if self.repetition_penalty <= 0 else "",
-            f"logprobs={self.logprobs} must be >= 0" if self.logprobs is not None and self.logprobs < 0 else "",
-            "logit_bias names token ids outside the vocabulary"
-            if any(not 0 <= t < vocab_size for t in self.logit_bias) else "",
-            "allowed_token_ids or bad_words name token ids outside the vocabulary"
-            if any(not 0 <= t < vocab_size for t in (*self.allowed_token_ids, *sum(self.bad_words, ()))) else "",
-            "a bad_words sequence is empty" if any(not w for w in self.bad_words) else "",
-        ]
-        problems = [p for p in problems if p]
-        if problems:
-            raise ValueError("invalid sampling params: " + "; ".join(problems))
 
     @property
     def greedy(self) -> bool:

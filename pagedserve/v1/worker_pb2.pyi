@@ -92,7 +92,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes")
+    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class WorkerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CUDAGRAPH_CAPTURE_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     model_path: str
@@ -115,4 +116,5 @@ class WorkerInfo(_message.Message):
     device: str
     dtype: str
     cudagraph_capture_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    sampling_defaults: _scheduler_pb2.SamplingParams
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
