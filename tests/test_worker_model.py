@@ -71,7 +71,7 @@ class Driver:
     """A minimal scheduler: tracks each sequence's length and blocks, builds plans, runs them."""
 
     def __init__(self, runner, first_block=0):
-        runner.batch.seqs.clear()  # each test starts from an empty persistent batch
+        runner.batch.clear()  # each test starts from an empty persistent batch
         self.runner = runner
         self.next_block = first_block
         self.tables: dict[int, list[int]] = {}
@@ -258,9 +258,7 @@ def test_torch_and_triton_backends_agree():
     outs, caches = [], []
     for backend in (TorchAttention(), triton_backend):
         kv = (cache[0].clone(), cache[1].clone())
-        m = meta()
-        backend.prepare(m)
-        outs.append(backend.forward(q, k, v, kv, m, head_dim**-0.5))
+        outs.append(backend.forward(q, k, v, kv, backend.prepare(meta()), head_dim**-0.5))
         caches.append(kv)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[0][0], caches[1][0])
@@ -295,13 +293,12 @@ def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
     """CudaGraphRunner.run on the CPU, each "graph" replaying the eager forward pass on the
     persistent buffers: a decode step of 3 sequences runs as 8, its real rows come out as the
     unpadded step's, and the padding rows write only the scratch block."""
-    from worker.batch import build_step_inputs
     from worker.cuda_graphs import CudaGraphRunner
     from worker.cudagraph_batch import DecodeBuffers
 
     _triton_backend()
     runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
-    inputs = build_step_inputs(runner.batch.begin_step(scheduled), BLOCK_SIZE, runner.device)
+    inputs = runner.batch.prepare_inputs(runner.batch.begin_step(scheduled))
     scratch = runner.num_blocks - 1  # no sequence here owns it
     caches = [c for pair in runner.kv_caches for c in pair]
     before = [c.clone() for c in caches]
