@@ -180,6 +180,26 @@ def test_preempted_sequence_recomputes_and_continues(runner, tiny):
     assert d.outputs[1] == hf_greedy(tiny[1], PROMPTS[3], 9)
 
 
+def test_batch_rows_grow_past_max_num_seqs_and_are_reused_after_free(tiny):
+    """Four sequences in a batch sized for two (its arrays grow), then new sequences in the rows
+    that freed ones left, over their stale tokens and block tables: all as transformers."""
+    small = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=128,
+                                     max_num_seqs=2))
+    d = Driver(small)
+    d.step(new=[d.new(i, p) for i, p in enumerate(PROMPTS)], sched=[d.sched(i, len(p)) for i, p in enumerate(PROMPTS)])
+    for _ in range(2):
+        d.step(sched=[d.sched(i, 1) for i in range(4)])
+    rows = {i: small.batch.seqs[i].row for i in (2, 3)}
+    d.step(freed=[2, 3], new=[d.new(4, PROMPTS[1]), d.new(5, LONG_PROMPT[:6])], sched=[d.sched(4, 2), d.sched(5, 6)])
+    assert {small.batch.seqs[i].row for i in (4, 5)} == set(rows.values())
+    for _ in range(3):
+        d.step(sched=[d.sched(i, 1) for i in (0, 1, 4, 5)])
+    assert d.outputs[4] == hf_greedy(tiny[1], PROMPTS[1], 4)
+    assert d.outputs[5] == hf_greedy(tiny[1], LONG_PROMPT[:6], 4)
+    for i in (0, 1):
+        assert d.outputs[i] == hf_greedy(tiny[1], PROMPTS[i], 6)
+
+
 @pytest.mark.parametrize("bad", ["unknown sequence", "too many tokens", "missing blocks", "token outside vocab"])
 def test_invalid_plan_is_an_error_result_not_an_exception(runner, bad):
     d = Driver(runner)
