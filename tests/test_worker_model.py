@@ -196,6 +196,9 @@ def test_batch_rows_grow_past_max_num_seqs_and_are_reused_after_free(tiny):
         d.step(sched=[d.sched(i, 1) for i in (0, 1, 4, 5)])
     assert d.outputs[4] == hf_greedy(tiny[1], PROMPTS[1], 4)
     assert d.outputs[5] == hf_greedy(tiny[1], LONG_PROMPT[:6], 4)
+    for i, prompt in ((4, PROMPTS[1]), (5, LONG_PROMPT[:6])):  # nothing of the rows' last owners is left
+        seq = small.batch.seqs[i]
+        assert (seq.block_table, seq.token_ids, seq.num_computed) == (d.tables[i], prompt + d.outputs[i], d.computed[i])
     for i in (0, 1):
         assert d.outputs[i] == hf_greedy(tiny[1], PROMPTS[i], 6)
 
@@ -215,6 +218,23 @@ def test_invalid_plan_is_an_error_result_not_an_exception(runner, bad):
     assert result.step_id == 9 and result.error != ""
     # The worker is still alive and sequence 0 still decodes.
     assert d.step(sched=[d.sched(0, 1)]).seq_ids == [0]
+
+
+def test_a_rejected_plan_changes_nothing(runner, tiny):
+    """The first sequence's new block is fine, the second asks for more tokens than it has: the
+    plan is refused whole, and the first sequence's table does not keep the block."""
+    d = Driver(runner)
+    d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1])], sched=[d.sched(0, 7), d.sched(1, 2)])
+    seqs = [runner.batch.seqs[0], runner.batch.seqs[1]]
+    before = [(s.block_table, s.num_computed, s.token_ids) for s in seqs]
+    plan = worker_pb2.StepPlan(step_id=9, scheduled=[
+        worker_pb2.ScheduledSequence(seq_id=0, num_tokens=1, new_block_ids=[120]),
+        worker_pb2.ScheduledSequence(seq_id=1, num_tokens=5)])
+    assert "sequence 1: cannot compute 5 tokens" in runner.execute(plan).error
+    assert [(s.block_table, s.num_computed, s.token_ids) for s in seqs] == before
+    for _ in range(2):
+        d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    assert d.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 3)
 
 
 def test_logprobs_come_back_for_the_sequences_that_ask(runner, tiny):
