@@ -124,7 +124,9 @@ class ModelRunner:
         hidden = self.forward(inputs.input_ids, inputs.positions, meta)
         sampling = self.batch.seqs_at(inputs.sampling_rows)
         if sampling:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            # Every row samples in a pure decode step: no gather (logits_indices is 0..T-1).
+            rows = hidden if len(sampling) == len(hidden) else hidden.index_select(0, inputs.logits_indices)
+            logits = self.model.compute_logits(rows)
             sampled = self.sampler(logits, sampling)  # returns Python ints: the device has synced
         else:  # only prefill chunks that do not reach their end
             logits, sampled = None, SamplerOutput([], [])
