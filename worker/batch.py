@@ -306,6 +306,7 @@ class PersistentBatch:
         return inputs
 
     def seqs_at(self, rows: np.ndarray) -> list[SequenceState]:
+        """The live sequences at these batch rows, in their order (for the sampler)."""
         by_row = self.by_row
         return [by_row[r] for r in rows.tolist()]
 
