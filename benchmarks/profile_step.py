@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import worker.model_runner as model_runner_module  # noqa: E402
 from pagedserve.bench.model_dir import build_model_dir, parse_overrides  # noqa: E402
 from pagedserve.launcher import free_port  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
@@ -76,10 +75,9 @@ class Clock:
 def instrument(runner: ModelRunner, clock: Clock) -> None:
     """Times the worker's parts by wrapping them where the step calls them."""
     batch, backend, model = runner.batch, runner.backend, runner.model
-    for name in ("free", "add", "begin_step"):
+    for name in ("free", "add", "begin_step", "finish_step"):
         setattr(batch, name, clock.wrap("worker: persistent batch update", getattr(batch, name)))
-    model_runner_module.build_step_inputs = clock.wrap("worker: input tensors and metadata",
-                                                      model_runner_module.build_step_inputs)
+    batch.prepare_inputs = clock.wrap("worker: input tensors and metadata", batch.prepare_inputs)
     backend.prepare = clock.wrap("attention", backend.prepare)
     backend.forward = clock.wrap("attention", backend.forward)
     model.forward = clock.wrap("forward (all)", model.forward)

@@ -8,7 +8,7 @@ import torch
 
 from worker import attention
 from worker.attention import AttentionMetadata, TorchAttention
-from worker.batch import SequenceState, build_step_inputs
+from worker.batch import standalone_step
 from worker.cpu.attention import attention_kernel
 
 SHAPES = [
@@ -49,8 +49,7 @@ def test_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim, block_size, s
     for backend in (TorchAttention(kernel), TorchAttention()):
         meta = decode_metadata(seq_lens, block_size, num_blocks, torch.Generator().manual_seed(1))
         cache = tuple(c.clone() for c in caches)
-        backend.prepare(meta)
-        outputs.append(backend.forward(q, k, v, cache, meta, head_dim ** -0.5))
+        outputs.append(backend.forward(q, k, v, cache, backend.prepare(meta), head_dim ** -0.5))
     torch.testing.assert_close(outputs[0], outputs[1], atol=2e-6, rtol=1e-5)
 
 
@@ -72,16 +71,15 @@ def run_step(backend: TorchAttention, work: list[tuple[int, int]], shape, seed: 
     num_blocks = sum(widths) + 3
     order = torch.randperm(num_blocks, generator=g).tolist()
     seqs = []
-    for i, ((done, new), width) in enumerate(zip(work, widths)):
+    for (done, new), width in zip(work, widths):
         table, order = order[:width], order[width:]
-        seqs.append((SequenceState(i, [0] * (done + new), done + new, None, done, table), new))
-    meta = build_step_inputs(seqs, block_size, torch.device("cpu")).meta
+        seqs.append(([0] * (done + new), done, new, table))
+    meta = standalone_step(seqs, block_size, num_blocks).meta
     tokens = sum(new for _, new in work)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2))
     q = torch.randn(tokens, heads, head_dim, generator=g)
     k, v = (torch.randn(tokens, kv_heads, head_dim, generator=g) for _ in range(2))
-    backend.prepare(meta)
-    return backend.forward(q, k, v, (k_cache, v_cache), meta, head_dim ** -0.5)
+    return backend.forward(q, k, v, (k_cache, v_cache), backend.prepare(meta), head_dim ** -0.5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -6,11 +6,10 @@ import logging
 import pytest
 import torch
 
-from worker.batch import SequenceState, build_step_inputs
+from worker.batch import standalone_step
 from worker.config import WorkerConfig
 from worker.cuda_graphs import capture_or_eager, graphs_off_reason
 from worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size, reserve_scratch_block
-from worker.sampler import SamplingOptions
 
 BLOCK_SIZE = 4
 
@@ -47,12 +46,8 @@ def test_the_last_block_is_kept_back_for_padding():
 
 def _decode_step(tables, lengths):
     """A decode step of sequences with the given block tables and context lengths (new token included)."""
-    seqs = []
-    for i, (table, n) in enumerate(zip(tables, lengths)):
-        s = SequenceState(seq_id=i, token_ids=[(7 * i + t) % 50 for t in range(n)], num_prompt=n - 1,
-                          params=SamplingOptions(temperature=0), num_computed=n - 1, block_table=table)
-        seqs.append((s, 1))
-    return build_step_inputs(seqs, BLOCK_SIZE, "cpu")
+    work = [([(7 * i + t) % 50 for t in range(n)], n - 1, 1, table) for i, (table, n) in enumerate(zip(tables, lengths))]
+    return standalone_step(work, BLOCK_SIZE, num_blocks=32)
 
 
 def test_fill_copies_real_rows_and_pads_the_rest_into_the_scratch_block():
@@ -82,8 +77,7 @@ def test_steps_that_no_buffer_serves_are_refused():
     assert not buffers.fits(wide.input_ids, wide.meta)
     many = _decode_step([[1], [2], [3]], [2, 2, 2])  # more sequences than rows
     assert not buffers.fits(many.input_ids, many.meta)
-    seq = SequenceState(seq_id=0, token_ids=[1, 2, 3], num_prompt=3, params=SamplingOptions(), block_table=[1])
-    prefill = build_step_inputs([(seq, 3)], BLOCK_SIZE, "cpu")
+    prefill = standalone_step([([1, 2, 3], 0, 3, [1])], BLOCK_SIZE, num_blocks=32)
     assert not buffers.fits(prefill.input_ids, prefill.meta)
 
 

@@ -72,7 +72,7 @@ class Driver:
     """A minimal scheduler: tracks each sequence's length and blocks, builds plans, runs them."""
 
     def __init__(self, runner, first_block=0):
-        runner.batch.seqs.clear()  # each test starts from an empty persistent batch
+        runner.batch.clear()  # each test starts from an empty persistent batch
         self.runner = runner
         self.next_block = first_block
         self.tables: dict[int, list[int]] = {}
@@ -181,6 +181,29 @@ def test_preempted_sequence_recomputes_and_continues(runner, tiny):
     assert d.outputs[1] == hf_greedy(tiny[1], PROMPTS[3], 9)
 
 
+def test_batch_rows_grow_past_max_num_seqs_and_are_reused_after_free(tiny):
+    """Four sequences in a batch sized for two (its arrays grow), then new sequences in the rows
+    that freed ones left, over their stale tokens and block tables: all as transformers."""
+    small = ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=128,
+                                     max_num_seqs=2))
+    d = Driver(small)
+    d.step(new=[d.new(i, p) for i, p in enumerate(PROMPTS)], sched=[d.sched(i, len(p)) for i, p in enumerate(PROMPTS)])
+    for _ in range(2):
+        d.step(sched=[d.sched(i, 1) for i in range(4)])
+    rows = {i: small.batch.seqs[i].row for i in (2, 3)}
+    d.step(freed=[2, 3], new=[d.new(4, PROMPTS[1]), d.new(5, LONG_PROMPT[:6])], sched=[d.sched(4, 2), d.sched(5, 6)])
+    assert {small.batch.seqs[i].row for i in (4, 5)} == set(rows.values())
+    for _ in range(3):
+        d.step(sched=[d.sched(i, 1) for i in (0, 1, 4, 5)])
+    assert d.outputs[4] == hf_greedy(tiny[1], PROMPTS[1], 4)
+    assert d.outputs[5] == hf_greedy(tiny[1], LONG_PROMPT[:6], 4)
+    for i, prompt in ((4, PROMPTS[1]), (5, LONG_PROMPT[:6])):  # nothing of the rows' last owners is left
+        seq = small.batch.seqs[i]
+        assert (seq.block_table, seq.token_ids, seq.num_computed) == (d.tables[i], prompt + d.outputs[i], d.computed[i])
+    for i in (0, 1):
+        assert d.outputs[i] == hf_greedy(tiny[1], PROMPTS[i], 6)
+
+
 @pytest.mark.parametrize("bad", ["unknown sequence", "too many tokens", "missing blocks", "token outside vocab"])
 def test_invalid_plan_is_an_error_result_not_an_exception(runner, bad):
     d = Driver(runner)
@@ -196,6 +219,23 @@ def test_invalid_plan_is_an_error_result_not_an_exception(runner, bad):
     assert result.step_id == 9 and result.error != ""
     # The worker is still alive and sequence 0 still decodes.
     assert d.step(sched=[d.sched(0, 1)]).seq_ids == [0]
+
+
+def test_a_rejected_plan_changes_nothing(runner, tiny):
+    """The first sequence's new block is fine, the second asks for more tokens than it has: the
+    plan is refused whole, and the first sequence's table does not keep the block."""
+    d = Driver(runner)
+    d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1])], sched=[d.sched(0, 7), d.sched(1, 2)])
+    seqs = [runner.batch.seqs[0], runner.batch.seqs[1]]
+    before = [(s.block_table, s.num_computed, s.token_ids) for s in seqs]
+    plan = worker_pb2.StepPlan(step_id=9, scheduled=[
+        worker_pb2.ScheduledSequence(seq_id=0, num_tokens=1, new_block_ids=[120]),
+        worker_pb2.ScheduledSequence(seq_id=1, num_tokens=5)])
+    assert "sequence 1: cannot compute 5 tokens" in runner.execute(plan).error
+    assert [(s.block_table, s.num_computed, s.token_ids) for s in seqs] == before
+    for _ in range(2):
+        d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    assert d.outputs[0] == hf_greedy(tiny[1], PROMPTS[0], 3)
 
 
 def test_logprobs_come_back_for_the_sequences_that_ask(runner, tiny):
@@ -259,9 +299,7 @@ def test_torch_and_triton_backends_agree():
     outs, caches = [], []
     for backend in (TorchAttention(), triton_backend):
         kv = (cache[0].clone(), cache[1].clone())
-        m = meta()
-        backend.prepare(m)
-        outs.append(backend.forward(q, k, v, kv, m, head_dim**-0.5))
+        outs.append(backend.forward(q, k, v, kv, backend.prepare(meta()), head_dim**-0.5))
         caches.append(kv)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[0][0], caches[1][0])
@@ -296,13 +334,12 @@ def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
     """CudaGraphRunner.run on the CPU, each "graph" replaying the eager forward pass on the
     persistent buffers: a decode step of 3 sequences runs as 8, its real rows come out as the
     unpadded step's, and the padding rows write only the scratch block."""
-    from worker.batch import build_step_inputs
     from worker.cuda_graphs import CudaGraphRunner
     from worker.cudagraph_batch import DecodeBuffers
 
     _triton_backend()
     runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
-    inputs = build_step_inputs(runner.batch.begin_step(scheduled), BLOCK_SIZE, runner.device)
+    inputs = runner.batch.prepare_inputs(runner.batch.begin_step(scheduled))
     scratch = runner.num_blocks - 1  # no sequence here owns it
     caches = [c for pair in runner.kv_caches for c in pair]
     before = [c.clone() for c in caches]

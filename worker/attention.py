@@ -14,9 +14,10 @@ Cache layout (the kernels' contract): per layer, K and V of shape
 table[t // block_size] * block_size + t % block_size.
 """
 import os
-from dataclasses import dataclass, field
-from itertools import accumulate
+from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +31,8 @@ KERNEL_MAX_FRESH_CONTEXT = 768
 
 @dataclass
 class AttentionMetadata:
-    """Where a step's tokens come from and go, shared by every layer.
+    """Where a step's tokens come from and go, shared by every layer; what every backend reads.
+    A backend's prepare() returns it, or its own subclass with what that backend precomputes.
 
     Sequences are ordered decodes first: the first `num_decodes` have exactly one query token.
     """
@@ -41,80 +43,91 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: where each sequence's tokens start in the step
     max_query_len: int
     num_decodes: int
-    query_lens_cpu: list[int]
-    seq_lens_cpu: list[int]
+    query_lens_cpu: np.ndarray  # [B]: the same numbers as above, on the host (no device sync)
+    seq_lens_cpu: np.ndarray  # [B]
     block_size: int
-    prepared: dict = field(default_factory=dict)  # the backend's per-step precomputation
+
+
+class SdpaChunk(NamedTuple):
+    """A prefill chunk attended with one SDPA call: its rows of the step, and its cached context's
+    blocks and causal mask (None, None when its whole context is new: plain causal)."""
+
+    rows: slice
+    blocks: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """The torch backend's step: which parts go to the C kernels, and what SDPA needs for the rest."""
+
+    use_kernel: bool  # the C kernels serve decodes and the prefill chunks of kernel_prefills
+    kernel_prefills: tuple | None  # (block_tables, seq_lens, query_start, query_lens) per sequence
+    decode_blocks: torch.Tensor | None  # without the kernel: the decodes' block ids, flat
+    decode_valid: torch.Tensor | None  # [num_decodes, 1, 1, L] bool: their padding mask
+    sdpa_chunks: list[SdpaChunk]
 
 
 class TorchAttention:
     """Attention on the CPU path: the C kernels of cpu/attention.py (`kernel`, an AttentionKernel)
-    where one is given and the tensors suit it, else scaled_dot_product_attention over K/V gathered
-    from the paged cache."""
+    where one is given and the dtype suits it (float32 on the CPU), else
+    scaled_dot_product_attention over K/V gathered from the paged cache."""
 
     name = "torch"
 
     def __init__(self, kernel=None):
         self.kernel = kernel
 
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """The step's prefill chunks, (sequence, first row, rows, context) each; what the kernel or
-        SDPA needs for them is built on first use (`kernel_prefills`, `sdpa_context`) and shared by
-        every layer."""
-        starts = list(accumulate(meta.query_lens_cpu, initial=0))  # from CPU lists: no device sync
-        meta.prepared["prefills"] = [(i, starts[i], meta.query_lens_cpu[i], meta.seq_lens_cpu[i])
-                                     for i in range(meta.num_decodes, len(meta.query_lens_cpu))]
-
-    @staticmethod
-    def kernel_prefills(meta: AttentionMetadata) -> tuple[tuple | None, list]:
-        """The prefill chunks the C kernel takes, as its per-sequence tensors (None if none), and
-        the rest, for SDPA: fresh prompts longer than KERNEL_MAX_FRESH_CONTEXT."""
-        if "kernel_prefills" not in meta.prepared:
-            mine, rest = [], []
-            for chunk in meta.prepared["prefills"]:
-                _, _, q_len, ctx = chunk
-                (mine if q_len < ctx or ctx <= KERNEL_MAX_FRESH_CONTEXT else rest).append(chunk)
-            tensors = None
+    def prepare(self, meta: AttentionMetadata, dtype: torch.dtype = torch.float32) -> TorchAttentionMetadata:
+        """What every layer of the step shares, built once; `dtype` is the KV cache's. Everything
+        is derived from host-side lists: no device sync."""
+        use_kernel = self.kernel is not None and meta.seq_lens.device.type == "cpu" and dtype == torch.float32
+        nd, num_seqs = meta.num_decodes, len(meta.query_lens_cpu)
+        starts = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)]).tolist()
+        chunks = [(i, starts[i], int(meta.query_lens_cpu[i]), int(meta.seq_lens_cpu[i])) for i in range(nd, num_seqs)]
+        kernel_prefills = decode_blocks = decode_valid = None
+        if use_kernel:
+            mine = [c for c in chunks if c[2] < c[3] or c[3] <= KERNEL_MAX_FRESH_CONTEXT]
+            chunks = [c for c in chunks if not (c[2] < c[3] or c[3] <= KERNEL_MAX_FRESH_CONTEXT)]
             if mine:
-                seqs = torch.tensor([c[0] for c in mine])
-                tensors = (meta.block_tables[seqs], meta.seq_lens[seqs],
-                           torch.tensor([c[1] for c in mine], dtype=torch.int32),
-                           torch.tensor([c[2] for c in mine], dtype=torch.int32))
-            meta.prepared["kernel_prefills"] = (tensors, rest)
-        return meta.prepared["kernel_prefills"]
+                kernel_prefills = self._kernel_prefills(meta, mine)
+        elif nd:
+            decode_blocks, decode_valid = self._gathered_decodes(meta)
+        return TorchAttentionMetadata(
+            **vars(meta), use_kernel=use_kernel, kernel_prefills=kernel_prefills, decode_blocks=decode_blocks,
+            decode_valid=decode_valid, sdpa_chunks=[self._sdpa_chunk(meta, *c) for c in chunks])
 
     @staticmethod
-    def sdpa_context(meta: AttentionMetadata, seq: int, q_len: int, ctx: int):
-        """A chunk's cache blocks and causal mask for SDPA; (None, None) when the whole context is
-        new (SDPA attends to this step's K/V directly, plain causal)."""
+    def _kernel_prefills(meta: AttentionMetadata, chunks: list[tuple[int, int, int, int]]) -> tuple:
+        """The C kernel's per-sequence tensors for the prefill chunks it takes."""
+        seqs = torch.tensor([c[0] for c in chunks])
+        return (meta.block_tables[seqs], meta.seq_lens[seqs],
+                torch.tensor([c[1] for c in chunks], dtype=torch.int32),
+                torch.tensor([c[2] for c in chunks], dtype=torch.int32))
+
+    @staticmethod
+    def _sdpa_chunk(meta: AttentionMetadata, seq: int, q_start: int, q_len: int, ctx: int) -> SdpaChunk:
+        rows = slice(q_start, q_start + q_len)
         if q_len == ctx:
-            return None, None
-        key = ("sdpa", seq)
-        if key not in meta.prepared:
-            blocks = meta.block_tables[seq, : -(-ctx // meta.block_size)]
-            # Query i sits at position ctx - q_len + i and sees keys up to that position.
-            q_pos = torch.arange(ctx - q_len, ctx, device=blocks.device)
-            mask = torch.arange(ctx, device=blocks.device)[None, :] <= q_pos[:, None]
-            meta.prepared[key] = (blocks, mask)
-        return meta.prepared[key]
+            return SdpaChunk(rows, None, None)
+        blocks = meta.block_tables[seq, : -(-ctx // meta.block_size)]
+        # Query i sits at position ctx - q_len + i and sees keys up to that position.
+        q_pos = torch.arange(ctx - q_len, ctx, device=blocks.device)
+        mask = torch.arange(ctx, device=blocks.device)[None, :] <= q_pos[:, None]
+        return SdpaChunk(rows, blocks, mask)
 
     @staticmethod
-    def gathered_decodes(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered_decodes(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """The decodes' block ids, flat, and their padding mask. Blocks are gathered with
         index_select over a flat list of block ids: several times faster on CPU than advanced
         indexing with the 2-D table."""
-        if "decode" not in meta.prepared:
-            nd, bs = meta.num_decodes, meta.block_size
-            num_blocks = -(-max(meta.seq_lens_cpu[:nd]) // bs)
-            valid = torch.arange(num_blocks * bs, device=meta.seq_lens.device) < meta.seq_lens[:nd, None]
-            blocks = meta.block_tables[:nd, :num_blocks].flatten()
-            meta.prepared["decode"] = (blocks, valid[:, None, None, :])
-        return meta.prepared["decode"]
+        nd, bs = meta.num_decodes, meta.block_size
+        num_blocks = -(-int(max(meta.seq_lens_cpu[:nd])) // bs)
+        valid = torch.arange(num_blocks * bs, device=meta.seq_lens.device) < meta.seq_lens[:nd, None]
+        blocks = meta.block_tables[:nd, :num_blocks].flatten()
+        return blocks, valid[:, None, None, :]
 
-    def kernel_suits(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        return self.kernel is not None and q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32
-
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
         ops = cpu_ops(k)
@@ -124,30 +137,24 @@ class TorchAttention:
 
         out = q.new_empty(q.shape)  # contiguous, whatever q's strides: the kernels write rows of it
         nd, num_heads = meta.num_decodes, q.shape[1]
-        use_kernel = self.kernel_suits(q, k_cache)
-        if nd and use_kernel:
+        if nd and meta.use_kernel:
             self.kernel.decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
                                out[:nd], scale)
         elif nd:
-            blocks, valid = self.gathered_decodes(meta)
             # One call for every decode: the padded context [nd, kv_heads, L, d], and the query
             # heads of a KV group laid out as that group's "query rows", so GQA needs no repeat.
-            k_ctx = k_cache.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
-            v_ctx = v_cache.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            k_ctx = k_cache.index_select(0, meta.decode_blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            v_ctx = v_cache.index_select(0, meta.decode_blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
             q_grouped = q[:nd].view(nd, kv_heads, num_heads // kv_heads, head_dim)
-            o = F.scaled_dot_product_attention(q_grouped, k_ctx, v_ctx, attn_mask=valid, scale=scale)
+            o = F.scaled_dot_product_attention(q_grouped, k_ctx, v_ctx, attn_mask=meta.decode_valid, scale=scale)
             out[:nd] = o.reshape(nd, num_heads, head_dim)
-        chunks = meta.prepared["prefills"]
-        if chunks and use_kernel:
-            picked, chunks = self.kernel_prefills(meta)
-            if picked is not None:
-                self.kernel.prefill(q.contiguous(), k_cache, v_cache, *picked, out, scale)
-        for seq, q_start, q_len, ctx in chunks:
-            rows = slice(q_start, q_start + q_len)
-            blocks, mask = self.sdpa_context(meta, seq, q_len, ctx)
+        if meta.kernel_prefills is not None:
+            self.kernel.prefill(q.contiguous(), k_cache, v_cache, *meta.kernel_prefills, out, scale)
+        for rows, blocks, mask in meta.sdpa_chunks:
             if blocks is None:
                 k_seq, v_seq = k[rows], v[rows]
             else:
+                ctx = len(mask[0])
                 k_seq = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
                 v_seq = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
             # 4-D [1, heads, len, d]: with 3-D inputs the CPU dispatcher falls back to the math
@@ -171,8 +178,9 @@ class TritonAttention:
         self.kernels = kernels
         self.num_splits = num_splits  # KV splits of decode batches; None: by the SM count
 
-    def prepare(self, meta: AttentionMetadata) -> None:
-        pass
+    def prepare(self, meta: AttentionMetadata, dtype: torch.dtype | None = None) -> AttentionMetadata:
+        """The kernel reads the common metadata as it is: nothing to precompute."""
+        return meta
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Split-KV decodes are chosen by the batch's shape alone, so a CUDA graph captured for a

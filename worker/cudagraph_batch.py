@@ -11,6 +11,7 @@ Nothing here needs a GPU: tests run it on CPU tensors. Capture and replay are cu
 import bisect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker.attention import AttentionMetadata
@@ -103,7 +104,7 @@ class DecodeBuffers:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size], query_start_loc=self.query_start_loc[: size + 1],
-            max_query_len=1, num_decodes=size, query_lens_cpu=[1] * size,
-            seq_lens_cpu=[1] * size,  # unknown at capture; the triton backend never reads it
+            max_query_len=1, num_decodes=size, query_lens_cpu=np.ones(size, dtype=np.int64),
+            seq_lens_cpu=np.ones(size, dtype=np.int64),  # unknown at capture; the triton backend never reads it
             block_size=self.block_size,
         )

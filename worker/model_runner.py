@@ -5,12 +5,13 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from pagedserve.v1 import worker_pb2
 from worker import prompt_logprobs
 from worker.attention import make_attention_backend
-from worker.batch import PersistentBatch, PlanError, build_step_inputs
+from worker.batch import PersistentBatch, PlanError, blocks_per_seq
 from worker.config import WorkerConfig
 from worker.cpu.host_memory import keep_freed_memory
 from worker.cpu.linear import prepare_linears
@@ -43,7 +44,8 @@ class ModelRunner:
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
         self.graphs = self.start_cuda_graphs()
-        self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len, self.loaded.vocab_size)
+        self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len,
+                                     self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(config.model, self.loaded.vocab_size, self.loaded.eos_token_ids)
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads", self.loaded.architecture, config.model,
@@ -58,7 +60,7 @@ class ModelRunner:
             return None
         usable, scratch = reserve_scratch_block(self.num_blocks)
         sizes = capture_sizes(self.config.max_cudagraph_capture_size, self.config.max_num_seqs)
-        max_blocks = -(-self.loaded.max_model_len // self.config.block_size)
+        max_blocks = blocks_per_seq(self.loaded.max_model_len, self.config.block_size)
 
         def make_runner():
             buffers = DecodeBuffers.allocate(sizes[-1], max_blocks, self.config.block_size, scratch, self.device)
@@ -68,13 +70,13 @@ class ModelRunner:
             self.num_blocks = usable
         return runner
 
-    def forward(self, inputs) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """Hidden states [T, hidden]: replayed from a CUDA graph where one serves the step."""
         if self.graphs is not None:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.graphs.run(input_ids, positions, meta)
             if hidden is not None:
                 return hidden
-        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def worker_info(self) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -109,50 +111,52 @@ class ModelRunner:
         which tests compare with transformers."""
         self.batch.free(plan.freed_seq_ids)
         for new in plan.new_sequences:
-            self.batch.add(new)
+            seq = self.batch.add(new)
             if new.params.HasField("structured_outputs"):
-                seq = self.batch.seqs[new.seq_id]
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
-        work = self.batch.begin_step(plan.scheduled)
-        if not work:
+        if not plan.scheduled:
             return worker_pb2.StepResult(step_id=plan.step_id), None
+        step = self.batch.begin_step(plan.scheduled)
 
         started, cpu_started = time.perf_counter(), time.process_time()
-        inputs = build_step_inputs(work, self.config.block_size, self.device)
-        self.backend.prepare(inputs.meta)
-        hidden = self.forward(inputs)
-        if inputs.sampling:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            sampled = self.sampler(logits, inputs.sampling)  # returns Python ints: the device has synced
+        inputs = self.batch.prepare_inputs(step)
+        meta = self.backend.prepare(inputs.meta, self.loaded.dtype)
+        hidden = self.forward(inputs.input_ids, inputs.positions, meta)
+        sampling = self.batch.seqs_at(inputs.sampling_rows)
+        if sampling:
+            # Every row samples in a pure decode step: no gather (logits_indices is 0..T-1).
+            rows = hidden if len(sampling) == len(hidden) else hidden.index_select(0, inputs.logits_indices)
+            logits = self.model.compute_logits(rows)
+            sampled = self.sampler(logits, sampling)  # returns Python ints: the device has synced
         else:  # only prefill chunks that do not reach their end
             logits, sampled = None, SamplerOutput([], [])
-        prompt_chunks = prompt_logprobs.compute(self.model, hidden, inputs.seqs, inputs.meta.query_lens_cpu)
+        prompt_chunks = prompt_logprobs.compute(self.model, hidden, self.batch.seqs_at(inputs.rows),
+                                                inputs.meta.query_lens_cpu)
         elapsed = time.perf_counter() - started
         if log.isEnabledFor(logging.DEBUG):  # cores busy below the thread count: the step waited on something
             log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
                       elapsed * 1e3, (time.process_time() - cpu_started) / elapsed)
 
-        for seq, num_tokens in work:
-            seq.num_computed += num_tokens
-        for seq, token in zip(inputs.sampling, sampled.token_ids):
-            seq.token_ids.append(token)
-        advance(inputs.sampling, sampled.token_ids)
+        self.batch.finish_step(inputs, sampled.token_ids)
+        advance(sampling, sampled.token_ids)
+        return self._result(plan.step_id, inputs, sampled, elapsed, prompt_chunks, logits)
 
-        # The batch ran decodes first; results go back in plan order.
-        plan_index = {seq.seq_id: i for i, (seq, _) in enumerate(work)}
-        order = sorted(range(len(inputs.sampling)), key=lambda j: plan_index[inputs.sampling[j].seq_id])
+    def _result(self, step_id: int, inputs, sampled: SamplerOutput, elapsed: float, prompt_chunks,
+                logits: torch.Tensor | None) -> tuple[worker_pb2.StepResult, torch.Tensor | None]:
+        """The StepResult in plan order (the batch ran decodes first), built from whole lists."""
+        order = np.argsort(inputs.plan_index[inputs.sampling_index], kind="stable")
+        reordered = bool((order != np.arange(len(order))).any())
+        seq_ids = self.batch.seq_id_of_row[inputs.sampling_rows[order]].tolist()
+        token_ids = np.asarray(sampled.token_ids, dtype=np.int64)[order].tolist() if reordered else sampled.token_ids
+        logprobs = [sampled.logprobs[j] for j in order.tolist()] if reordered else sampled.logprobs
         result = worker_pb2.StepResult(
-            step_id=plan.step_id,
-            seq_ids=[inputs.sampling[j].seq_id for j in order],
-            token_ids=[sampled.token_ids[j] for j in order],
-            logprobs=[
-                worker_pb2.SequenceLogprob(seq_id=inputs.sampling[j].seq_id, logprob=sampled.logprobs[j])
-                for j in order
-                if sampled.logprobs[j] is not None
-            ],
-            forward_seconds=elapsed,
-            prompt_logprobs=sorted(prompt_chunks, key=lambda c: plan_index[c.seq_id]),
+            step_id=step_id, seq_ids=seq_ids, token_ids=token_ids, forward_seconds=elapsed,
+            logprobs=[worker_pb2.SequenceLogprob(seq_id=seq_id, logprob=entry)
+                      for seq_id, entry in zip(seq_ids, logprobs) if entry is not None],
         )
-        if logits is not None and order != sorted(order):  # a copy of [S, vocab]: only when reordered
-            logits = logits[order]
+        if prompt_chunks:  # batch order to plan order
+            place = dict(zip(self.batch.seq_id_of_row[inputs.rows].tolist(), inputs.plan_index.tolist()))
+            result.prompt_logprobs.extend(sorted(prompt_chunks, key=lambda c: place[c.seq_id]))
+        if logits is not None and reordered:  # a copy of [S, vocab]: only when reordered
+            logits = logits[torch.from_numpy(order)]
         return result, logits

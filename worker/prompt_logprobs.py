@@ -24,11 +24,12 @@ def prompt_rows(seqs, query_lens: list[int]) -> list[tuple[object, int, int, int
     that wants prompt logprobs and computes prompt positions with a next prompt token. `seqs` and
     `query_lens` are in batch order; call before the sequences' num_computed moves on."""
     found, row = [], 0
-    for seq, n in zip(seqs, query_lens):
-        start = seq.num_computed
-        end = min(start + n, seq.num_prompt - 1)
-        if seq.num_prompt_logprobs is not None and end > start:
-            found.append((seq, start + 1, row, end - start))
+    for seq, n in zip(seqs, query_lens.tolist() if hasattr(query_lens, "tolist") else query_lens):
+        if seq.num_prompt_logprobs is not None:  # checked first: most sequences want none
+            start = seq.num_computed
+            end = min(start + n, seq.num_prompt - 1)
+            if end > start:
+                found.append((seq, start + 1, row, end - start))
         row += n
     return found
 

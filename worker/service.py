@@ -32,7 +32,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         with self.lock:
             self.stream_id += 1
             mine = self.stream_id
-            self.runner.batch.free(list(self.runner.batch.seqs))
+            self.runner.batch.clear()
         log.info("Execute stream %d opened by %s: batch reset", mine, context.peer())
         for plan in request_iterator:
             with self.lock:

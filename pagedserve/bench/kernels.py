@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import TorchAttention, TritonAttention, make_attention_backend
-from worker.batch import SequenceState, build_step_inputs
+from worker.batch import standalone_step
 
 COPY_BYTES = 256 << 20
 
@@ -65,15 +65,14 @@ class RandomStep:
         self.q = torch.randn(tokens, heads, d, generator=g).to(device, dtype)
         self.k_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
         self.v_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
-        seqs = [SequenceState(i, [0] * context, context, None, context - new, self.table[i].tolist())
-                for i in range(num_seqs)]
-        self.meta = build_step_inputs([(s, new) for s in seqs], bs, device).meta
+        work = [([0] * context, context - new, new, self.table[i].tolist()) for i in range(num_seqs)]
+        self.meta = standalone_step(work, bs, num_blocks, device).meta
         self.scale = d ** -0.5
 
     def runner(self, backend):
         def run():
-            backend.prepare(self.meta)  # per step in the worker too: shared by every layer
-            return backend.forward(self.q, self.k_new, self.v_new, (self.k_cache, self.v_cache), self.meta, self.scale)
+            meta = backend.prepare(self.meta, self.q.dtype)  # per step in the worker too: shared by every layer
+            return backend.forward(self.q, self.k_new, self.v_new, (self.k_cache, self.v_cache), meta, self.scale)
         return run
 
 
