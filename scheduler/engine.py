@@ -1,13 +1,16 @@
 """The step loop: plan, execute on the workers, apply the results, stream news to the clients.
 
 Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate and Abort
-handlers change it between steps, and a step's results are applied before the next plan is made.
+handlers change it between steps. Without async scheduling a step's results are applied before the
+next plan is made; with it (--async-scheduling) the next plan is built and sent while the step
+before it runs, one plan ahead, and results are applied in the order the plans were sent.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
@@ -141,26 +144,39 @@ class Engine:
 
     async def serve_steps(self) -> None:
         scheduler = self.scheduler
+        ahead = 2 if scheduler.config.async_scheduling else 1  # plans sent and not yet answered
+        sent: deque[tuple[int, float]] = deque()  # their step ids and send times, oldest first
         while True:
             if not self.healthy:
                 raise WorkerLost("a worker stopped answering health checks")
-            if not scheduler.has_work():
+            if len(sent) < ahead and scheduler.has_work():
+                plan = scheduler.schedule()
+                if plan.scheduled or plan.freed_seq_ids:
+                    await self.workers.send(plan)
+                    sent.append((plan.step_id, time.perf_counter()))
+                    self.log_plan(plan)
+                    continue  # with async scheduling, build the next one while this one runs
+            if not sent:
+                # No work, or nothing fits right now (cannot happen while anything runs).
                 await self.idle()
                 continue
-            plan = scheduler.schedule()
-            if not plan.scheduled and not plan.freed_seq_ids:
-                # Nothing fits right now (cannot happen while anything runs); wait for news.
-                await self.idle()
-                continue
-            started = time.perf_counter()
-            result = await self.workers.execute(plan)
+            step_id, started = sent.popleft()
+            result = await self.workers.receive()
             if result.error:
-                raise WorkerLost(f"step {plan.step_id} failed on the worker: {result.error}")
+                raise WorkerLost(f"step {step_id} failed on the worker: {result.error}")
+            if result.step_id != step_id:
+                raise WorkerLost(f"the worker answered step {result.step_id} for step {step_id}")
             self.num_steps += 1
             self.publish(scheduler.update(result))
-            log.debug("step %d: %d seqs, %d tokens in %.1f ms (worker forward %.1f ms)", plan.step_id,
-                      len(plan.scheduled), sum(s.num_tokens for s in plan.scheduled),
-                      (time.perf_counter() - started) * 1e3, result.forward_seconds * 1e3)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step %d done in %.1f ms (worker forward %.1f ms)", step_id,
+                          (time.perf_counter() - started) * 1e3, result.forward_seconds * 1e3)
+
+    @staticmethod
+    def log_plan(plan) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # a sum over the batch: only when it is logged
+            log.debug("step %d sent: %d seqs, %d tokens", plan.step_id, len(plan.scheduled),
+                      sum(s.num_tokens for s in plan.scheduled))
 
     async def idle(self) -> None:
         self.wakeup.clear()
