@@ -69,9 +69,10 @@ class Engine:
             queue = self.streams.get(request.request_id)
             if queue is None:
                 continue
-            if seq.num_output > seq.num_sent or seq.finished:
+            finished = seq.finished
+            if finished or seq.num_output > seq.num_sent:
                 queue.put_nowait(self.response(seq))
-            if request.finished:
+            if finished and request.finished:  # only a sequence's end can end its request
                 ended[request.request_id] = request
         # Only after every sibling's news: n sequences may finish in the same step.
         for request_id, request in ended.items():
@@ -82,14 +83,16 @@ class Engine:
 
     @staticmethod
     def response(seq: Sequence) -> pb.GenerateResponse:
-        tokens = seq.output_ids()[seq.num_sent:]
-        seq.num_sent = seq.num_output
+        # Only the tokens not sent yet: no copy of the whole output each step.
+        tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_sent:]
+        seq.num_sent = num_output = seq.num_output
         reply = pb.GenerateResponse(
             request_id=seq.request.request_id, index=seq.index, token_ids=tokens,
-            logprobs=seq.pending_logprobs, finish_reason=seq.finish_reason,
-            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output,
-            cached_tokens=seq.num_cached_tokens)
-        seq.pending_logprobs = []
+            finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=num_output, cached_tokens=seq.num_cached_tokens)
+        if seq.pending_logprobs:
+            reply.logprobs.extend(seq.pending_logprobs)
+            seq.pending_logprobs = []
         request = seq.request
         if request.num_prompt_logprobs is not None and not request.prompt_logprobs_sent \
                 and not request.needs_prompt_logprobs:
