@@ -122,7 +122,9 @@ async def drive(scheduler: Scheduler, workers: WorkerGroup, clock: Clock, warmup
 async def drive_ahead(scheduler: Scheduler, workers: WorkerGroup, clock: Clock, warmup: int, steps: int) -> dict:
     """drive() with async scheduling, as the engine runs it: plan N+1 is built and sent before
     result N is applied, so plan building and result handling overlap the worker's step. Only the
-    wall time per step and the scheduler's own parts are timed (the rest overlaps)."""
+    wall time per step and the scheduler's own parts are timed (the rest overlaps). Here the
+    scheduler is a thread of the worker's process, so its work still takes the worker's GIL;
+    served, it is a process of its own."""
     workers.open()
     sent = 0
     measured, started = -1, 0.0
