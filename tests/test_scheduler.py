@@ -133,6 +133,24 @@ def test_async_scheduling_does_not_run_ahead_of_a_certain_end():
     assert computed == len(prompt) + 2, "a token was computed after max_tokens"
 
 
+def test_async_scheduling_does_not_run_a_structured_output_ahead_of_its_token():
+    """Its grammar must not be asked for a token after the one that ends it."""
+    s, w = make(async_scheduling=True)
+    params = pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                               structured_outputs=pb.StructuredOutputParams(regex="[a-z]+"))
+    constrained = s.add_request("regex", [5, 6, 7], params,
+                                SamplingLimits(4, 0, frozenset(), frozenset({EOS}), True))
+    free = add(s, "free", [8, 9, 10], max_tokens=4, ignore_eos=True)
+    scheduled = []
+    while s.has_work() or w.__dict__.get("sent"):
+        scheduled.append(sorted(sc.seq_id for sc in step(s, w)[0].scheduled))
+    # The free sequence (1) runs every step; the constrained one (0) only once its token is in.
+    assert scheduled[:4] == [[0, 1], [1], [0, 1], [1]]
+    assert constrained.sequences[0].output_ids() == alone([5, 6, 7], 4)[0]
+    assert free.sequences[0].output_ids() == alone([8, 9, 10], 4)[0]
+    assert not w.seqs and s.kv.num_used_blocks == 0
+
+
 def test_chunked_prefill_keeps_decodes_going():
     s, w = make(num_blocks=128, max_num_batched_tokens=8)
     add(s, "short", [1, 2, 3], max_tokens=30, ignore_eos=True)
