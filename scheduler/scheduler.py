@@ -123,9 +123,9 @@ class Scheduler:
         decodes, chunks = [], []
         for seq in self.running:
             n = seq.num_tokens - seq.num_computed - seq.num_scheduled
-            if n == 0:  # its step in flight samples a token: one more follows, if it can
-                if not self.runs_ahead(seq):
-                    continue
+            if n <= 0:  # its step in flight samples a token: one more follows, if it can
+                if n < 0 or not self.runs_ahead(seq):
+                    continue  # (n < 0: already run ahead; never with one plan ahead at most)
                 n = 1
             (decodes if n == 1 else chunks).append((seq, n))
         preempted = False
