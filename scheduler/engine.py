@@ -131,7 +131,8 @@ class Engine:
         self.resize_pool(min(info.num_kv_blocks for info in infos))
         self.workers.open()
         self.healthy = True
-        log.info("workers ready: %s", ", ".join(self.workers.addresses))
+        log.info("workers ready: %s%s", ", ".join(self.workers.addresses),
+                 " (async scheduling)" if self.scheduler.config.async_scheduling else "")
 
     def resize_pool(self, num_blocks: int) -> None:
         kv = self.scheduler.kv
