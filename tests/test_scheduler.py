@@ -1,7 +1,7 @@
 """The scheduler's policy against a fake worker: no torch, no processes, milliseconds per case."""
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,7 +40,7 @@ def step(s: Scheduler, w: FakeWorker):
         news = s.update(w.execute(plan))
         check_invariants(s)
         return plan, news
-    sent = w.__dict__.setdefault("sent", deque())
+    sent = w.sent
     while len(sent) < 2 and s.has_work():
         plan = s.schedule()
         if not (plan.scheduled or plan.freed_seq_ids):
@@ -54,7 +54,7 @@ def step(s: Scheduler, w: FakeWorker):
 
 def drain(s, w, limit=10_000):
     for _ in range(limit):
-        if not s.has_work() and not getattr(w, "sent", None):
+        if not s.has_work() and not w.sent:
             return
         step(s, w)
     raise AssertionError("the scheduler did not finish its work")
@@ -111,7 +111,7 @@ def test_async_scheduling_throws_away_the_token_computed_after_a_stop():
     s, w = make(async_scheduling=True)
     request = add(s, "a", eos_prompt(), max_tokens=5)
     plans = []
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         plans.append(step(s, w)[0])
     seq = request.sequences[0]
     assert seq.output_ids() == [EOS] and seq.finish_reason == pb.FINISH_REASON_STOP
@@ -127,7 +127,7 @@ def test_async_scheduling_does_not_run_ahead_of_a_certain_end():
     prompt = [5, 6, 7, 8, 9]
     request = add(s, "a", prompt, max_tokens=3, ignore_eos=True)
     computed = 0
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         computed += sum(sc.num_tokens for sc in step(s, w)[0].scheduled)
     assert request.sequences[0].output_ids() == alone(prompt, 3)[0]
     assert computed == len(prompt) + 2, "a token was computed after max_tokens"
@@ -142,7 +142,7 @@ def test_async_scheduling_does_not_run_a_structured_output_ahead_of_its_token():
                                 SamplingLimits(4, 0, frozenset(), frozenset({EOS}), True))
     free = add(s, "free", [8, 9, 10], max_tokens=4, ignore_eos=True)
     scheduled = []
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         scheduled.append(sorted(sc.seq_id for sc in step(s, w)[0].scheduled))
     # The free sequence (1) runs every step; the constrained one (0) only once its token is in.
     assert scheduled[:4] == [[0, 1], [1], [0, 1], [1]]
@@ -187,7 +187,7 @@ def test_preemption_when_blocks_run_out_gives_the_same_output(ahead):
     prompts = {f"r{i}": [i + 1] * (5 + i) for i in range(6)}
     requests = {rid: add(s, rid, p, max_tokens=12, ignore_eos=True) for rid, p in prompts.items()}
     kept = 0  # tokens of sequences preempted by a plan built while their step ran
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         _, news = step(s, w)
         kept += sum(seq.status is Status.WAITING for seq in news)
     assert s.num_preemptions > 0
@@ -206,7 +206,7 @@ def test_parallel_sampling_computes_the_prompt_once(ahead):
     prompt = list(range(1, 14))  # 3 full blocks + 1 token
     request = add(s, "n", prompt, max_tokens=3, n=3, ignore_eos=True)
     computed = 0
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         plan, _ = step(s, w)
         computed += sum(sc.num_tokens for sc in plan.scheduled)
     # 13 prompt tokens once, then 1 recomputed token per sibling, then 2 decodes per sequence.
@@ -221,7 +221,7 @@ def test_seeded_siblings_get_distinct_reproducible_seeds(ahead):
     params = pb.SamplingParams(max_tokens=2, n=3, temperature=1.0, seed=7)
     s.add_request("seeded", [1, 2, 3], params, SamplingLimits(2, 0, frozenset(), frozenset({EOS}), True))
     seeds = {}
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         plan, _ = step(s, w)
         seeds.update({new.seq_id: new.params.seed for new in plan.new_sequences})
     assert sorted(seeds.values()) == [7, 8, 9]
@@ -281,7 +281,7 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
             aborted.add(rid)
         else:
             for _ in range(arg):
-                if s.has_work() or w.__dict__.get("sent"):
+                if s.has_work() or w.sent:
                     step(s, w)
     drain(s, w)
     assert s.kv.num_used_blocks == 0 and not s.running and not s.waiting and not s.requests

@@ -22,7 +22,7 @@ def start(engine: Engine, rid: str, prompt: list[int], max_tokens=3, n=1, k=2):
 def run(engine: Engine, plans: list | None = None) -> None:
     """Steps until nothing is left (with async scheduling, as the engine runs them: see step)."""
     s, w = engine.scheduler, engine.workers
-    while s.has_work() or w.__dict__.get("sent"):
+    while s.has_work() or w.sent:
         plan, news = step(s, w)
         if plans is not None:
             plans.append(plan)
