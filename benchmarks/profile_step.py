@@ -156,8 +156,7 @@ async def drive_ahead(scheduler: Scheduler, workers: WorkerGroup, clock: Clock, 
     return {"batch": float(len(scheduler.running))}
 
 
-def report_ahead(totals: dict[str, float], info: dict, steps: int) -> str:
-    ms = {k: v * 1e3 / steps for k, v in totals.items()}
+def report_ahead(ms: dict[str, float], info: dict) -> str:
     total = ms["step (wall, overlapped)"]
     return "\n".join([
         f"decode step at batch {info['batch']:.0f} with async scheduling: {total:.1f} ms "
@@ -285,10 +284,11 @@ def main(argv=None) -> dict:
         server.stop(grace=None)
     info["threads"] = torch.get_num_threads()
     if args.async_scheduling:
-        print(report_ahead(clock.totals, info, args.steps))
-        return {"parts_ms": {k: v * 1e3 / args.steps for k, v in clock.totals.items()}, **info}
-    parts = breakdown(clock.totals, args.steps)
-    print(report(parts, info))
+        parts = {k: v * 1e3 / args.steps for k, v in clock.totals.items()}
+        print(report_ahead(parts, info))
+    else:
+        parts = breakdown(clock.totals, args.steps)
+        print(report(parts, info))
     if args.torch_profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     out = {"parts_ms": parts, **info, "steps": args.steps, "cpu_count": len(os.sched_getaffinity(0))}
