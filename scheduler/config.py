@@ -27,6 +27,10 @@ class SchedulerConfig:
     enable_prefix_caching: bool = flag(True, "reuse the KV blocks of prompt prefixes seen before")
     max_waiting_requests: int = flag(0, "requests queued beyond the batch before Generate answers "
                                      "RESOURCE_EXHAUSTED (0: unbounded)")
+    async_scheduling: bool = flag(False, "build and send the next step's plan while the current step "
+                                  "runs, so the scheduler's work overlaps the workers' (outputs are "
+                                  "unchanged; a sequence that finishes computes one token that is "
+                                  "thrown away)")
 
 
 @dataclass

@@ -1,13 +1,16 @@
 """The step loop: plan, execute on the workers, apply the results, stream news to the clients.
 
 Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate and Abort
-handlers change it between steps, and a step's results are applied before the next plan is made.
+handlers change it between steps. Without async scheduling a step's results are applied before the
+next plan is made; with it (--async-scheduling) the next plan is built and sent while the step
+before it runs, one plan ahead, and results are applied in the order the plans were sent.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
@@ -60,9 +63,10 @@ class Engine:
             queue = self.streams.get(request.request_id)
             if queue is None:
                 continue
-            if seq.num_output > seq.num_sent or seq.finished:
+            finished = seq.finished
+            if finished or seq.num_output > seq.num_sent:
                 queue.put_nowait(self.response(seq))
-            if request.finished:
+            if finished and request.finished:  # only a sequence's end can end its request
                 ended[request.request_id] = request
         # Only after every sibling's news: n sequences may finish in the same step.
         for request_id, request in ended.items():
@@ -73,14 +77,16 @@ class Engine:
 
     @staticmethod
     def response(seq: Sequence) -> pb.GenerateResponse:
-        tokens = seq.output_ids()[seq.num_sent:]
-        seq.num_sent = seq.num_output
+        # Only the tokens not sent yet: no copy of the whole output each step.
+        tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_sent:]
+        seq.num_sent = num_output = seq.num_output
         reply = pb.GenerateResponse(
             request_id=seq.request.request_id, index=seq.index, token_ids=tokens,
-            logprobs=seq.pending_logprobs, finish_reason=seq.finish_reason,
-            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output,
-            cached_tokens=seq.num_cached_tokens)
-        seq.pending_logprobs = []
+            finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=num_output, cached_tokens=seq.num_cached_tokens)
+        if seq.pending_logprobs:
+            reply.logprobs.extend(seq.pending_logprobs)
+            seq.pending_logprobs = []
         request = seq.request
         if request.num_prompt_logprobs is not None and not request.prompt_logprobs_sent \
                 and not request.needs_prompt_logprobs:
@@ -119,7 +125,8 @@ class Engine:
         self.resize_pool(min(info.num_kv_blocks for info in infos))
         self.workers.open()
         self.healthy = True
-        log.info("workers ready: %s", ", ".join(self.workers.addresses))
+        log.info("workers ready: %s%s", ", ".join(self.workers.addresses),
+                 " (async scheduling)" if self.scheduler.config.async_scheduling else "")
 
     def resize_pool(self, num_blocks: int) -> None:
         kv = self.scheduler.kv
@@ -135,26 +142,39 @@ class Engine:
 
     async def serve_steps(self) -> None:
         scheduler = self.scheduler
+        ahead = 2 if scheduler.config.async_scheduling else 1  # plans sent and not yet answered
+        sent: deque[tuple[int, float]] = deque()  # their step ids and send times, oldest first
         while True:
             if not self.healthy:
                 raise WorkerLost("a worker stopped answering health checks")
-            if not scheduler.has_work():
+            if len(sent) < ahead and scheduler.has_work():
+                plan = scheduler.schedule()
+                if plan.scheduled or plan.freed_seq_ids:
+                    await self.workers.send(plan)
+                    sent.append((plan.step_id, time.perf_counter()))
+                    self.log_plan(plan)
+                    continue  # with async scheduling, build the next one while this one runs
+            if not sent:
+                # No work, or nothing fits right now (cannot happen while anything runs).
                 await self.idle()
                 continue
-            plan = scheduler.schedule()
-            if not plan.scheduled and not plan.freed_seq_ids:
-                # Nothing fits right now (cannot happen while anything runs); wait for news.
-                await self.idle()
-                continue
-            started = time.perf_counter()
-            result = await self.workers.execute(plan)
+            step_id, started = sent.popleft()
+            result = await self.workers.receive()
             if result.error:
-                raise WorkerLost(f"step {plan.step_id} failed on the worker: {result.error}")
+                raise WorkerLost(f"step {step_id} failed on the worker: {result.error}")
+            if result.step_id != step_id:
+                raise WorkerLost(f"the worker answered step {result.step_id} for step {step_id}")
             self.num_steps += 1
             self.publish(scheduler.update(result))
-            log.debug("step %d: %d seqs, %d tokens in %.1f ms (worker forward %.1f ms)", plan.step_id,
-                      len(plan.scheduled), sum(s.num_tokens for s in plan.scheduled),
-                      (time.perf_counter() - started) * 1e3, result.forward_seconds * 1e3)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step %d done in %.1f ms (worker forward %.1f ms)", step_id,
+                          (time.perf_counter() - started) * 1e3, result.forward_seconds * 1e3)
+
+    @staticmethod
+    def log_plan(plan) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # a sum over the batch: only when it is logged
+            log.debug("step %d sent: %d seqs, %d tokens", plan.step_id, len(plan.scheduled),
+                      sum(s.num_tokens for s in plan.scheduled))
 
     async def idle(self) -> None:
         self.wakeup.clear()

@@ -83,10 +83,16 @@ class KVCacheManager:
         `computed` admits a sequence that holds no blocks: its cached prefix joins the table
         first, and the answer is the whole table. Otherwise the answer is the blocks appended.
         """
-        prefix = computed.block_ids if computed else []
-        table = self.tables.get(seq.seq_id, [])
-        start = computed.num_tokens if computed else seq.num_computed
-        needed = self.blocks_for(start + num_new_tokens) - len(table) - len(prefix)
+        table = self.tables.get(seq.seq_id, ())
+        if computed is None:
+            # The tokens of steps still in flight (async scheduling) hold their slots already.
+            needed = self.blocks_for(seq.num_computed + seq.num_scheduled + num_new_tokens) - len(table)
+            if needed <= 0:
+                return []  # most decode steps: the last block has room
+            prefix = []
+        else:
+            prefix = computed.block_ids
+            needed = self.blocks_for(computed.num_tokens + num_new_tokens) - len(table) - len(prefix)
         if needed > self.pool.num_free - self.pool.num_revivable(prefix):
             return None
         self.pool.touch(prefix)

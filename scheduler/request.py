@@ -40,7 +40,8 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     status: Status = Status.WAITING
-    num_computed: int = 0          # tokens whose K/V are in the cache
+    num_computed: int = 0          # tokens whose K/V are in the cache (steps whose results came back)
+    num_scheduled: int = 0         # tokens of steps sent whose results have not come back yet
     admitted: int = 0              # admission order: the newest running sequence is preempted first
     num_cached_tokens: int = 0     # prompt tokens found in the prefix cache at first admission
     on_worker: bool = False        # the worker holds its state (so it must be told to free it)

@@ -6,6 +6,13 @@ step). Each step spends a token budget on running sequences first, decodes befor
 that a long prompt never stalls the streams beside it, then admits waiting sequences first come,
 first served. When blocks run out, the most recently admitted running sequence is preempted: its
 blocks go back and it waits at the front of the queue to be recomputed.
+
+With async scheduling (vLLM's --async-scheduling) the engine asks for plan N+1 while step N runs.
+A sequence whose step N samples a token is then scheduled for one more token before that token is
+known: the worker appends its own sampled tokens, so the plan needs only the count. Such a sequence
+finishing at step N computes one token in step N+1 that update() throws away, and is freed in plan
+N+2. Sequences that step N certainly finishes (max_tokens, max_model_len) are not run ahead, nor
+those with structured outputs, whose grammar must not see a token past its end.
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
-        self.in_flight: list[tuple[Sequence, int]] = []
+        # Per plan sent and not yet answered, oldest first: (sequence, tokens) in plan order.
+        self.in_flight: deque[list[tuple[Sequence, int]]] = deque()
         self.freed: list[int] = []  # sequences the workers must forget in the next plan
         self.next_seq_id = 0
         self.next_admission = 0
@@ -65,14 +73,14 @@ class Scheduler:
             return None
         for seq in request.sequences:
             if not seq.finished:
-                if seq.status is Status.WAITING:
-                    self.waiting.remove(seq)
                 self.finish(seq, pb.FINISH_REASON_ABORT)
         return request
 
     def finish(self, seq: Sequence, reason: int) -> None:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)  # aborted, or preempted while the step that ended it ran
         self.free_blocks(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -82,6 +90,7 @@ class Scheduler:
     def free_blocks(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed = 0
+        seq.num_scheduled = 0
         if seq.on_worker:
             self.freed.append(seq.seq_id)
             seq.on_worker = False
@@ -92,45 +101,69 @@ class Scheduler:
     # ----- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> wpb.StepPlan:
-        """The next step's plan. Its sequences are remembered until update() gets the result."""
+        """The next step's plan. Its sequences are remembered until update() gets its result; an
+        empty plan (nothing scheduled, nothing freed) is not, since it is never sent. With async
+        scheduling this may be called again before the previous plan's result came back."""
         plan = wpb.StepPlan(step_id=self.next_step_id)
         self.next_step_id += 1
-        self.in_flight = []
+        scheduled: list[tuple[Sequence, int]] = []
         budget = self.config.max_num_batched_tokens
-        budget, preempted = self.schedule_running(plan, budget)
+        budget, preempted = self.schedule_running(plan, scheduled, budget)
         if not preempted:
-            self.schedule_waiting(plan, budget)
+            self.schedule_waiting(plan, scheduled, budget)
         plan.freed_seq_ids.extend(self.freed)
         self.freed = []
+        if scheduled or plan.freed_seq_ids:
+            self.in_flight.append(scheduled)
         return plan
 
-    def schedule_running(self, plan: wpb.StepPlan, budget: int) -> tuple[int, bool]:
-        # Decodes first, prefill chunks after, each in admission order.
-        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.admitted))
-        scheduled: set[int] = set()
+    def schedule_running(self, plan: wpb.StepPlan, scheduled: list, budget: int) -> tuple[int, bool]:
+        # Decodes first, prefill chunks after, each in admission order: self.running is in that
+        # order already (admit() appends, and the admission counter only grows), so no sort.
+        decodes, chunks = [], []
+        for seq in self.running:
+            n = seq.num_tokens - seq.num_computed - seq.num_scheduled
+            if n <= 0:  # its step in flight samples a token: one more follows, if it can
+                if n < 0 or not self.runs_ahead(seq):
+                    continue  # (n < 0: already run ahead; never with one plan ahead at most)
+                n = 1
+            (decodes if n == 1 else chunks).append((seq, n))
         preempted = False
-        for seq in order:
+        add = plan.scheduled.add
+        for seq, n in decodes + chunks:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            new_blocks = self.grow(seq, n, scheduled)
+            n = min(n, budget)
+            new_blocks = self.kv.allocate_slots(seq, n)
             if new_blocks is None:
-                preempted = True
-                continue
-            scheduled.add(seq.seq_id)
-            plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
-                                                        new_block_ids=new_blocks))
-            self.in_flight.append((seq, n))
+                new_blocks = self.make_room(seq, n, scheduled)
+                if new_blocks is None:
+                    preempted = True
+                    continue
+            entry = add(seq_id=seq.seq_id, num_tokens=n)
+            if new_blocks:
+                entry.new_block_ids.extend(new_blocks)
+            seq.num_scheduled += n
+            scheduled.append((seq, n))
             budget -= n
         return budget, preempted
 
-    def grow(self, seq: Sequence, n: int, scheduled: set[int]) -> list[int] | None:
-        """Blocks for seq's next n tokens, preempting newer unscheduled sequences until they fit;
-        None when seq itself had to be preempted."""
+    def runs_ahead(self, seq: Sequence) -> bool:
+        """Whether seq, whose step in flight samples a token, is scheduled for the next one before
+        that token is known (async scheduling): not when that token certainly ends it."""
+        limits = seq.request.limits
+        return not (seq.num_output + 1 >= limits.max_tokens
+                    or seq.num_tokens + 1 >= self.config.max_model_len
+                    or seq.request.params.HasField("structured_outputs"))
+
+    def make_room(self, seq: Sequence, n: int, scheduled: list) -> list[int] | None:
+        """Blocks for seq's next n tokens, preempting the newest running sequences not in this
+        plan until they fit; None when seq itself had to be preempted."""
+        in_plan = {s.seq_id for s, _ in scheduled}
         while (blocks := self.kv.allocate_slots(seq, n)) is None:
-            candidates = [s for s in self.running if s.seq_id not in scheduled]
+            candidates = [s for s in self.running if s.seq_id not in in_plan]
             victim = max(candidates, key=lambda s: s.admitted)
             self.preempt(victim)
             if victim is seq:
@@ -144,14 +177,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule_waiting(self, plan: wpb.StepPlan, budget: int) -> None:
+    def schedule_waiting(self, plan: wpb.StepPlan, scheduled: list, budget: int) -> None:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[i]
             if self.waits_for_leader(seq):
                 i += 1
                 continue
-            n = self.admit(seq, budget, plan)
+            n = self.admit(seq, budget, plan, scheduled)
             if n == 0:
                 break  # first come, first served: nobody overtakes a request that does not fit
             del self.waiting[i]
@@ -165,7 +198,7 @@ class Scheduler:
         leader = seq.request.sequences[0]
         return not leader.finished and leader.num_computed < leader.num_prompt_tokens
 
-    def admit(self, seq: Sequence, budget: int, plan: wpb.StepPlan) -> int:
+    def admit(self, seq: Sequence, budget: int, plan: wpb.StepPlan, scheduled: list) -> int:
         """Starts seq with as many tokens as budget and blocks allow; 0 if it cannot start now."""
         prompt_logprobs = self.prompt_logprobs_of(seq)
         # Cached blocks would skip the rows whose logprobs are still wanted: use only those whose
@@ -189,9 +222,9 @@ class Scheduler:
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
             num_computed_tokens=num_cached, num_generated=seq.num_output,
             num_prompt_logprobs=prompt_logprobs))
-        plan.scheduled.append(wpb.ScheduledSequence(seq_id=seq.seq_id, num_tokens=n,
-                                                    new_block_ids=block_table))
-        self.in_flight.append((seq, n))
+        plan.scheduled.add(seq_id=seq.seq_id, num_tokens=n, new_block_ids=block_table)
+        seq.num_scheduled = n
+        scheduled.append((seq, n))
         return n
 
     # ----- results ------------------------------------------------------------------------------
@@ -204,41 +237,51 @@ class Scheduler:
         return request.num_prompt_logprobs if seq.index == 0 and request.needs_prompt_logprobs else None
 
     def update(self, result: wpb.StepResult) -> list[Sequence]:
-        """Applies a step's sampled tokens; returns the sequences that have news for their client."""
+        """Applies the oldest plan's result (results come back in the order plans were sent);
+        returns the sequences that have news for their client."""
+        scheduled = self.in_flight.popleft()
         sampled = dict(zip(result.seq_ids, result.token_ids))
-        logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs}
-        prompt_chunks = {chunk.seq_id: chunk for chunk in result.prompt_logprobs}
+        logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs} if result.logprobs else None
+        prompt_chunks = ({chunk.seq_id: chunk for chunk in result.prompt_logprobs}
+                         if result.prompt_logprobs else None)
+        block_size = self.kv.block_size
         news = []
-        for seq, n in self.in_flight:
-            if seq.status is not Status.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed += n
-            self.kv.cache_blocks(seq)
-            chunk = prompt_chunks.get(seq.seq_id)
-            if chunk is not None:
+        for seq, n in scheduled:
+            if seq.status is Status.RUNNING:
+                before = seq.num_computed
+                seq.num_computed = before + n
+                seq.num_scheduled -= n
+                if (before + n) // block_size != before // block_size:
+                    self.kv.cache_blocks(seq)  # a block was filled
+            elif seq.status is Status.FINISHED:
+                continue  # aborted, or ended by the token of the step before (async scheduling)
+            # else preempted by a plan built while this step ran (async scheduling): its blocks
+            # went back, but what the step computed and sampled for it holds.
+            if prompt_chunks is not None and (chunk := prompt_chunks.get(seq.seq_id)) is not None:
                 seq.request.add_prompt_logprobs(chunk.first_position, chunk.logprobs)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
-            if seq.seq_id in logprobs:
+            if logprobs is not None and seq.seq_id in logprobs:
                 seq.pending_logprobs.append(logprobs[seq.seq_id])
             reason = self.finish_reason(seq, token)
             if reason:
                 self.finish(seq, reason)
             news.append(seq)
-        self.in_flight = []
         return news
 
     def finish_reason(self, seq: Sequence, token: int) -> int:
         limits = seq.request.limits
-        if seq.num_output >= limits.min_tokens:
+        num_tokens = len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        if num_output >= limits.min_tokens:
             if token in limits.eos_token_ids and not limits.ignore_eos:
                 return pb.FINISH_REASON_STOP
             if token in limits.stop_token_ids:
                 return pb.FINISH_REASON_STOP
-        if seq.num_output >= limits.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if num_output >= limits.max_tokens or num_tokens >= self.config.max_model_len:
             return pb.FINISH_REASON_LENGTH
         return pb.FINISH_REASON_UNSPECIFIED
 
@@ -248,7 +291,7 @@ class Scheduler:
         for request in failed:
             self.abort(request.request_id)
         self.freed = []
-        self.in_flight = []
+        self.in_flight.clear()
         self.kv.reset()
         return failed
 

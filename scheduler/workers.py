@@ -1,4 +1,7 @@
-"""The scheduler's side of the Execute streams: one per worker rank, the same plan to every rank."""
+"""The scheduler's side of the Execute streams: one per worker rank, the same plan to every rank.
+
+A plan is serialized once and the same bytes are written to every rank. Plans may be sent ahead of
+results (async scheduling): each stream answers in order, so receive() returns the oldest step's."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +25,9 @@ CHANNEL_OPTIONS = [
 CHECK_TIMEOUT_S = 60.0
 
 
+EXECUTE = "/pagedserve.v1.Worker/Execute"
+
+
 class WorkerLost(Exception):
     """A worker rank stopped answering: the state of every sequence in flight is gone."""
 
@@ -38,6 +44,10 @@ class WorkerGroup:
         self.addresses = addresses
         self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [wgrpc.WorkerStub(c) for c in self.channels]
+        # Execute taking the plan's bytes: serialized once for every rank, not once per rank.
+        self.executes = [c.stream_stream(EXECUTE, request_serializer=None,
+                                         response_deserializer=wpb.StepResult.FromString)
+                         for c in self.channels]
         self.calls: list = []
 
     async def wait_ready(self, timeout: float | None = None) -> list[wpb.WorkerInfo]:
@@ -59,17 +69,20 @@ class WorkerGroup:
 
     def open(self) -> None:
         """New Execute streams; a worker starts each stream with an empty batch."""
-        self.calls = [stub.Execute() for stub in self.stubs]
+        self.calls = [execute() for execute in self.executes]
 
     async def execute(self, plan: wpb.StepPlan) -> wpb.StepResult:
-        """Runs one step on every rank; rank 0's result carries the sampled tokens (every rank
-        samples the same ones), a failed rank's result its error. Tensor parallel ranks wait for
-        each other inside a step, so the first rank lost ends the step at once: the others would
-        never answer."""
+        """Runs one step on every rank (send, then receive)."""
+        await self.send(plan)
+        return await self.receive()
+
+    async def send(self, plan: wpb.StepPlan) -> None:
+        """Writes the plan to every rank's stream. Raises WorkerLost when a stream has ended."""
         calls = self.calls  # cancel() may empty self.calls while this step waits
+        data = plan.SerializeToString()
         try:
             for call in calls:
-                await call.write(plan)
+                await call.write(data)
         except grpc.aio.AioRpcError as e:
             raise WorkerLost(f"a worker failed: {e.code().name}: {e.details()}") from e
         except asyncio.InvalidStateError as e:  # writing to a stream that already ended
@@ -78,6 +91,17 @@ class WorkerGroup:
             if not cancelled_by_us():
                 raise
             raise WorkerLost("a worker's Execute stream was cancelled (a failed health check)") from None
+
+    async def receive(self) -> wpb.StepResult:
+        """The oldest step sent's result: rank 0's carries the sampled tokens (every rank samples
+        the same ones), a failed rank's its error. Tensor parallel ranks wait for each other inside
+        a step, so the first rank lost ends the step at once: the others would never answer.
+        Raises WorkerLost."""
+        calls = self.calls
+        if not calls:
+            raise WorkerLost("the Execute streams were cancelled (a failed health check)")
+        if len(calls) == 1:  # no task per read for a single rank
+            return await self.read(self.addresses[0], calls[0])
         reads = [asyncio.ensure_future(self.read(a, c)) for a, c in zip(self.addresses, calls)]
         done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_EXCEPTION)
         for read in pending:

@@ -5,6 +5,7 @@ on what else runs beside it, unless the scheduler breaks the KV cache."""
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import scheduler_pb2 as pb
@@ -41,6 +42,9 @@ class FakeWorker:
         self.vocab_size = vocab_size
         self.slots: dict[int, tuple] = {}  # slot -> the prefix whose last token's K/V it holds
         self.seqs: dict[int, FakeSequence] = {}
+        # (plan, result) of plans run whose results the scheduler has not applied yet: with async
+        # scheduling a plan is sent before the result of the one before it is applied.
+        self.sent: deque[tuple[wpb.StepPlan, wpb.StepResult]] = deque()
 
     def slot(self, seq: FakeSequence, pos: int) -> int:
         block = seq.table[pos // self.block_size]

@@ -270,6 +270,21 @@ def test_profile_step_takes_any_shape_with_dummy_weights(model_dir, tmp_path):
     assert report["batch"] == 3 and report["parts_ms"]["LM head"] > 0 and report["parts_ms"]["sampling"] > 0
 
 
+def test_profile_step_with_async_scheduling_times_the_overlapped_step(tmp_path):
+    make_tiny_llama(tmp_path / "tiny")
+    path = tmp_path / "profile.json"
+    proc = benchmark_script("profile_step.py", "--model", str(tmp_path / "tiny"), "--batch", "4", "--prompt-len", "20",
+                            "--steps", "3", "--warmup", "1", "--num-threads", "1", "--async-scheduling",
+                            "--json", str(path), timeout=300)
+    report = json.loads(path.read_text())
+    parts = report["parts_ms"]
+    assert report["batch"] == 4
+    for name in ("step (wall, overlapped)", "worker: whole step", "scheduler: plan building",
+                 "scheduler: result handling"):
+        assert parts[name] > 0, name
+    assert "with async scheduling" in proc.stdout
+
+
 def test_layer_ops_benchmark_rows(tmp_path):
     path = tmp_path / "layer_ops.json"
     proc = benchmark_script("layer_ops.py", "--tokens", "8", "--iters", "2", "--num-threads", "1", "--output", str(path))

@@ -31,15 +31,30 @@ def add(s: Scheduler, rid: str, prompt, max_tokens=8, n=1, ignore_eos=False):
 
 
 def step(s: Scheduler, w: FakeWorker):
-    plan = s.schedule()
-    news = s.update(w.execute(plan))
+    """One plan built and one result applied. With async scheduling, as the engine does it: the
+    next plan is built and sent before the result of the one before it is applied (the fake worker
+    runs each plan when it is sent, as a real one runs them in the order sent); the plan returned
+    is the one whose result was applied."""
+    if not s.config.async_scheduling:
+        plan = s.schedule()
+        news = s.update(w.execute(plan))
+        check_invariants(s)
+        return plan, news
+    sent = w.sent
+    while len(sent) < 2 and s.has_work():
+        plan = s.schedule()
+        if not (plan.scheduled or plan.freed_seq_ids):
+            break
+        sent.append((plan, w.execute(plan)))
+    plan, result = sent.popleft()
+    news = s.update(result)
     check_invariants(s)
     return plan, news
 
 
 def drain(s, w, limit=10_000):
     for _ in range(limit):
-        if not s.has_work():
+        if not s.has_work() and not w.sent:
             return
         step(s, w)
     raise AssertionError("the scheduler did not finish its work")
@@ -66,8 +81,9 @@ def alone(prompt, max_tokens, n=1, ignore_eos=True):
     return [seq.output_ids() for seq in request.sequences]
 
 
-def test_one_request_runs_to_max_tokens_then_frees_everything():
-    s, w = make()
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_one_request_runs_to_max_tokens_then_frees_everything(ahead):
+    s, w = make(async_scheduling=ahead)
     request = add(s, "a", [5, 6, 7, 8, 9], max_tokens=6, ignore_eos=True)
     drain(s, w)
     seq = request.sequences[0]
@@ -75,16 +91,64 @@ def test_one_request_runs_to_max_tokens_then_frees_everything():
     assert s.kv.num_used_blocks == 0 and not s.running and not s.requests
 
 
-def test_eos_finishes_with_stop():
-    s, w = make()
-    # Find a prompt whose first sampled token is EOS under the fake model.
-    from tests.fake_worker import next_token
-    prompt = next(p for p in ([i, j] for i in range(1, VOCAB) for j in range(1, VOCAB))
-                  if next_token(p, VOCAB) == EOS)
-    request = add(s, "a", prompt, max_tokens=5)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_eos_finishes_with_stop(ahead):
+    s, w = make(async_scheduling=ahead)
+    request = add(s, "a", eos_prompt(), max_tokens=5)
     drain(s, w)
     assert request.sequences[0].finish_reason == pb.FINISH_REASON_STOP
     assert request.sequences[0].output_ids() == [EOS]
+
+
+def eos_prompt() -> list[int]:
+    """A prompt whose first sampled token is EOS under the fake model."""
+    from tests.fake_worker import next_token
+    return next(p for p in ([i, j] for i in range(1, VOCAB) for j in range(1, VOCAB))
+                if next_token(p, VOCAB) == EOS)
+
+
+def test_async_scheduling_throws_away_the_token_computed_after_a_stop():
+    s, w = make(async_scheduling=True)
+    request = add(s, "a", eos_prompt(), max_tokens=5)
+    plans = []
+    while s.has_work() or w.sent:
+        plans.append(step(s, w)[0])
+    seq = request.sequences[0]
+    assert seq.output_ids() == [EOS] and seq.finish_reason == pb.FINISH_REASON_STOP
+    # Plan 1 ran the sequence on before its first token was known; that token ended it, so what
+    # plan 1 sampled is not the client's, and plan 2 frees the sequence on the worker.
+    assert [[sc.seq_id for sc in p.scheduled] for p in plans] == [[0], [0], []]
+    assert list(plans[2].freed_seq_ids) == [0] and not w.seqs
+    assert s.generation_tokens_total == 1 and s.kv.num_used_blocks == 0
+
+
+def test_async_scheduling_does_not_run_ahead_of_a_certain_end():
+    s, w = make(async_scheduling=True)
+    prompt = [5, 6, 7, 8, 9]
+    request = add(s, "a", prompt, max_tokens=3, ignore_eos=True)
+    computed = 0
+    while s.has_work() or w.sent:
+        computed += sum(sc.num_tokens for sc in step(s, w)[0].scheduled)
+    assert request.sequences[0].output_ids() == alone(prompt, 3)[0]
+    assert computed == len(prompt) + 2, "a token was computed after max_tokens"
+
+
+def test_async_scheduling_does_not_run_a_structured_output_ahead_of_its_token():
+    """Its grammar must not be asked for a token after the one that ends it."""
+    s, w = make(async_scheduling=True)
+    params = pb.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                               structured_outputs=pb.StructuredOutputParams(regex="[a-z]+"))
+    constrained = s.add_request("regex", [5, 6, 7], params,
+                                SamplingLimits(4, 0, frozenset(), frozenset({EOS}), True))
+    free = add(s, "free", [8, 9, 10], max_tokens=4, ignore_eos=True)
+    scheduled = []
+    while s.has_work() or w.sent:
+        scheduled.append(sorted(sc.seq_id for sc in step(s, w)[0].scheduled))
+    # The free sequence (1) runs every step; the constrained one (0) only once its token is in.
+    assert scheduled[:4] == [[0, 1], [1], [0, 1], [1]]
+    assert constrained.sequences[0].output_ids() == alone([5, 6, 7], 4)[0]
+    assert free.sequences[0].output_ids() == alone([8, 9, 10], 4)[0]
+    assert not w.seqs and s.kv.num_used_blocks == 0
 
 
 def test_chunked_prefill_keeps_decodes_going():
@@ -101,8 +165,9 @@ def test_chunked_prefill_keeps_decodes_going():
     assert s.kv.num_used_blocks == 0
 
 
-def test_prefix_cache_hits_for_a_shared_prompt():
-    s, w = make(num_blocks=64, block_size=4)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_prefix_cache_hits_for_a_shared_prompt(ahead):
+    s, w = make(num_blocks=64, block_size=4, async_scheduling=ahead)
     system = list(range(1, 21))  # 5 full blocks
     add(s, "first", system + [30, 31], max_tokens=2, ignore_eos=True)
     drain(s, w)
@@ -116,23 +181,32 @@ def test_prefix_cache_hits_for_a_shared_prompt():
     assert req.sequences[0].output_ids() == alone(system + [40, 41, 42], 2)[0]
 
 
-def test_preemption_when_blocks_run_out_gives_the_same_output():
-    s, w = make(num_blocks=12, block_size=4)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_preemption_when_blocks_run_out_gives_the_same_output(ahead):
+    s, w = make(num_blocks=12, block_size=4, async_scheduling=ahead)
     prompts = {f"r{i}": [i + 1] * (5 + i) for i in range(6)}
     requests = {rid: add(s, rid, p, max_tokens=12, ignore_eos=True) for rid, p in prompts.items()}
-    drain(s, w)
+    kept = 0  # tokens of sequences preempted by a plan built while their step ran
+    while s.has_work() or w.sent:
+        _, news = step(s, w)
+        kept += sum(seq.status is Status.WAITING for seq in news)
     assert s.num_preemptions > 0
+    if ahead:
+        assert kept > 0, "no sequence was preempted while its step ran"
     for rid, request in requests.items():
         assert request.sequences[0].output_ids() == alone(prompts[rid], 12)[0]
     assert s.kv.num_used_blocks == 0
+    # Every token computed was sampled once: none lost to a preemption, none counted twice.
+    assert s.generation_tokens_total == 12 * len(prompts)
 
 
-def test_parallel_sampling_computes_the_prompt_once():
-    s, w = make(num_blocks=64, block_size=4)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_parallel_sampling_computes_the_prompt_once(ahead):
+    s, w = make(num_blocks=64, block_size=4, async_scheduling=ahead)
     prompt = list(range(1, 14))  # 3 full blocks + 1 token
     request = add(s, "n", prompt, max_tokens=3, n=3, ignore_eos=True)
     computed = 0
-    while s.has_work():
+    while s.has_work() or w.sent:
         plan, _ = step(s, w)
         computed += sum(sc.num_tokens for sc in plan.scheduled)
     # 13 prompt tokens once, then 1 recomputed token per sibling, then 2 decodes per sequence.
@@ -141,12 +215,13 @@ def test_parallel_sampling_computes_the_prompt_once():
     assert outs == [outs[0]] * 3
 
 
-def test_seeded_siblings_get_distinct_reproducible_seeds():
-    s, w = make()
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_seeded_siblings_get_distinct_reproducible_seeds(ahead):
+    s, w = make(async_scheduling=ahead)
     params = pb.SamplingParams(max_tokens=2, n=3, temperature=1.0, seed=7)
     s.add_request("seeded", [1, 2, 3], params, SamplingLimits(2, 0, frozenset(), frozenset({EOS}), True))
     seeds = {}
-    while s.has_work():
+    while s.has_work() or w.sent:
         plan, _ = step(s, w)
         seeds.update({new.seq_id: new.params.seed for new in plan.new_sequences})
     assert sorted(seeds.values()) == [7, 8, 9]
@@ -185,10 +260,12 @@ ops = st.lists(st.one_of(st.tuples(st.just("add"), requests),
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(8, 40), budget=st.sampled_from([4, 16, 64]),
-       caching=st.booleans())
-def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budget, caching):
+       caching=st.booleans(), ahead=st.booleans())
+def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budget, caching, ahead):
+    """Random adds, aborts and steps, with and without async scheduling: the outputs are those of
+    each request run alone (synchronously), and nothing leaks."""
     s, w = make(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget,
-                enable_prefix_caching=caching)
+                enable_prefix_caching=caching, async_scheduling=ahead)
     added, aborted = {}, set()
     for op, arg in ops:
         if op == "add":
@@ -204,7 +281,7 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
             aborted.add(rid)
         else:
             for _ in range(arg):
-                if s.has_work():
+                if s.has_work() or w.sent:
                     step(s, w)
     drain(s, w)
     assert s.kv.num_used_blocks == 0 and not s.running and not s.waiting and not s.requests

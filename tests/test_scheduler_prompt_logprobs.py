@@ -10,7 +10,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from scheduler.engine import DONE, Engine
 from scheduler.validation import InvalidRequest, check_sampling
 from tests.fake_worker import prompt_logprob
-from tests.test_scheduler import EOS, check_invariants, make
+from tests.test_scheduler import EOS, make, step
 
 
 def start(engine: Engine, rid: str, prompt: list[int], max_tokens=3, n=1, k=2):
@@ -20,13 +20,13 @@ def start(engine: Engine, rid: str, prompt: list[int], max_tokens=3, n=1, k=2):
 
 
 def run(engine: Engine, plans: list | None = None) -> None:
-    s = engine.scheduler
-    while s.has_work():
-        plan = s.schedule()
+    """Steps until nothing is left (with async scheduling, as the engine runs them: see step)."""
+    s, w = engine.scheduler, engine.workers
+    while s.has_work() or w.sent:
+        plan, news = step(s, w)
         if plans is not None:
             plans.append(plan)
-        engine.publish(s.update(engine.workers.execute(plan)))
-        check_invariants(s)
+        engine.publish(news)
 
 
 def messages(queue) -> list[pb.GenerateResponse]:
@@ -51,8 +51,9 @@ def engine_for(**config) -> Engine:
     return Engine(s, workers=w, eos_token_ids=[EOS])
 
 
-def test_chunked_prefill_gives_every_position_once():
-    engine = engine_for(max_num_batched_tokens=5)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_chunked_prefill_gives_every_position_once(ahead):
+    engine = engine_for(max_num_batched_tokens=5, async_scheduling=ahead)
     prompt = list(range(1, 18))
     queue = start(engine, "chunked", prompt)
     run(engine)
@@ -74,8 +75,9 @@ def test_prefix_cache_hits_are_not_taken_for_the_positions_wanted():
     assert received(msgs) == expected(prompt)
 
 
-def test_preemption_mid_prompt_neither_repeats_nor_skips_positions():
-    engine = engine_for(num_blocks=10, block_size=4, max_num_batched_tokens=6)
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_preemption_mid_prompt_neither_repeats_nor_skips_positions(ahead):
+    engine = engine_for(num_blocks=10, block_size=4, max_num_batched_tokens=6, async_scheduling=ahead)
     prompts = {f"r{i}": [i + 2] * 3 + list(range(10, 21 + i)) for i in range(3)}
     queues = {rid: start(engine, rid, p, max_tokens=6) for rid, p in prompts.items()}
     plans = []
@@ -88,8 +90,9 @@ def test_preemption_mid_prompt_neither_repeats_nor_skips_positions():
         assert sum(len(m.token_ids) for m in msgs) == 6
 
 
-def test_n_sequences_compute_the_prompt_logprobs_once():
-    engine = engine_for()
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_n_sequences_compute_the_prompt_logprobs_once(ahead):
+    engine = engine_for(async_scheduling=ahead)
     prompt = list(range(1, 14))
     plans = []
     queue = start(engine, "n", prompt, n=3)

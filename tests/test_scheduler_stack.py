@@ -50,12 +50,15 @@ def stream_times(stub, prompt: list[int], max_tokens: int, first_token: threadin
 # ----- preemption -----------------------------------------------------------------------------
 
 def test_32_requests_through_a_cache_for_4_all_finish_as_with_a_large_cache(model_dir, smol_stack, tmp_path):
+    """The small stack also runs --async-scheduling (each plan sent while the step before it runs,
+    sequences preempted while their step runs): its outputs are still the big stack's, which runs
+    without it."""
     ids = corpus_ids(model_dir, 2000)
     prompts = [ids[37 * i: 37 * i + 20 + (i * 7) % 60] for i in range(32)]  # 20 to 79 tokens
     max_tokens = 24
     # Each request needs at most ceil((79 + 24) / 16) = 7 blocks: 28 blocks hold about 4 of them.
     with run_stack(model_dir, "--num-gpu-blocks-override", "28", "--no-enable-prefix-caching",
-                   log_dir=tmp_path) as small:
+                   "--async-scheduling", log_dir=tmp_path) as small:
         with ThreadPoolExecutor(32) as pool:
             got = list(pool.map(lambda p: small.generate(p, max_tokens, ignore_eos=True), prompts))
         stats = small.wait_idle()
