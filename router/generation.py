@@ -41,17 +41,31 @@ class Generation:
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
         """The next message of any prompt; None once every prompt's stream has ended."""
         while self._open:
-            prompt, item = await self._queue.get()
-            if prompt not in self._open:
-                continue  # queued before the prompt was finished early
-            if item is _END:
-                self._open.discard(prompt)
-            elif isinstance(item, grpc.aio.AioRpcError):
-                self._open.discard(prompt)
-                raise from_grpc(item)
-            else:
-                return prompt, item
+            event = self._take(await self._queue.get())
+            if event is not None:
+                return event
         return None
+
+    def ready(self) -> tuple[int, pb.GenerateResponse] | None:
+        """The next message if one is already queued, without waiting; else None (which, unlike
+        next()'s, does not mean the streams have ended)."""
+        while self._open and not self._queue.empty():
+            event = self._take(self._queue.get_nowait())
+            if event is not None:
+                return event
+        return None
+
+    def _take(self, entry: tuple[int, object]) -> tuple[int, pb.GenerateResponse] | None:
+        prompt, item = entry
+        if prompt not in self._open:
+            return None  # queued before the prompt was finished early
+        if item is _END:
+            self._open.discard(prompt)
+            return None
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._open.discard(prompt)
+            raise from_grpc(item)
+        return prompt, item
 
     def finish(self, prompt: int) -> None:
         """The router needs no more tokens for this prompt (stop strings ended all its choices)."""

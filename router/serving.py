@@ -62,7 +62,8 @@ class Run:
         decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
         stop = StopStrings(self.req.stop, self.req.include_stop_str)
         return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), stop,
-                            self.req.hidden_stop_ids, self.req.params.min_tokens)
+                            self.req.hidden_stop_ids, self.req.params.min_tokens,
+                            frozenset(self.req.params.stop_token_ids))
 
     def handle(self, event: Event) -> tuple[int, Delta]:
         prompt, message = event
@@ -180,14 +181,20 @@ def grpc_request_id(request: Request, prompt: int) -> str:
     return f"{base}-{prompt}"
 
 
-async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
-    results = [Delta() for _ in run.choices]
+async def deltas(run: Run, first: Event | None) -> AsyncIterator[tuple[int, Delta]]:
+    """Every (choice index, delta) of the run, until the scheduler's streams end; the run's
+    choices (ChoiceOutput) then hold the whole outputs."""
     item = first
     while item is not None:
-        index, delta = run.handle(item)
-        results[index].absorb(delta)
+        yield run.handle(item)
         item = await run.generation.next()
-    for index, delta in run.abandoned():
+    for pair in run.abandoned():
+        yield pair
+
+
+async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
+    results = [Delta() for _ in run.choices]
+    async for index, delta in deltas(run, first):
         results[index].absorb(delta)
     return responses.final(results, run.usage())
 
@@ -198,12 +205,19 @@ async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIt
     try:
         item = first
         while item is not None:
-            index, delta = run.handle(item)
-            if delta:
-                yield event(responses.chunk(index, delta))
+            # Messages already queued (the router fell behind the scheduler) go out in one write:
+            # each write costs a send() and a pass through Starlette and uvicorn.
+            frames = []
+            while item is not None:
+                index, delta = run.handle(item)
+                if delta:
+                    frames.append(responses.chunk_event(index, delta))
+                item = run.generation.ready()
+            if frames:
+                yield b"".join(frames)
             item = await run.generation.next()
         for index, delta in run.abandoned():
-            yield event(responses.chunk(index, delta))
+            yield responses.chunk_event(index, delta)
         if run.req.include_usage:
             yield event(responses.usage_chunk(run.usage()))
     except APIError as err:  # after the 200 went out, an error can only travel as an event
