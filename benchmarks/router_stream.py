@@ -33,10 +33,10 @@ from pagedserve.launcher import free_port  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, in seconds (/proc/PID/stat)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process, all its threads, in seconds (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def serve_fake_scheduler(model: str, port: int, output_len: int) -> None:
@@ -86,7 +86,7 @@ async def drive(url: str, streams: int, output_len: int, chat: bool) -> tuple[in
 
 def run(args) -> dict:
     scheduler_port, router_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     fake = subprocess.Popen([sys.executable, __file__, "--serve-fake-scheduler", str(scheduler_port),
                              "--model", args.model, "--output-len", str(args.output_len)], env=env)
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
@@ -103,11 +103,14 @@ def run(args) -> dict:
             time.sleep(0.2)
         results = []
         for _ in range(args.rounds):
-            before = cpu_seconds(router.pid)
+            user, system = cpu_seconds(router.pid)
             tokens, wall = asyncio.run(drive(url, args.streams, args.output_len, args.chat))
-            cpu = cpu_seconds(router.pid) - before
+            user, system = (after - before for after, before in zip(cpu_seconds(router.pid),
+                                                                     (user, system)))
+            cpu = user + system
             results.append({"tokens": tokens, "wall_s": round(wall, 3),
-                            "router_cpu_s": round(cpu, 3),
+                            "router_cpu_s": round(cpu, 3), "router_user_s": round(user, 3),
+                            "router_system_s": round(system, 3),
                             "router_cpu_s_per_1k_tokens": round(1000 * cpu / tokens, 4),
                             "tokens_per_s": round(tokens / wall, 1)})
             print(json.dumps(results[-1]), flush=True)

@@ -95,25 +95,26 @@ class ChoiceOutput:
         delta = Delta()
         if self.finished:
             return delta  # tokens the scheduler made before it learnt of our stop string
-        ids, last = message.token_ids, len(message.token_ids) - 1
-        ends_on_stop_token = message.finish_reason == pb.FINISH_REASON_STOP
+        # Each protobuf field read builds a wrapper: read them once (this runs per token).
+        ids, logprobs, reason = list(message.token_ids), message.logprobs, message.finish_reason
+        last, ends_on_stop_token = len(ids) - 1, reason == pb.FINISH_REASON_STOP
         for k, token_id in enumerate(ids):
             self.token_ids.append(token_id)
             # Logprobs keep every token, the hidden stop token too (as vLLM's): lm-eval drops the
             # last entry of an echoed completion as the generated one.
-            if k < len(message.logprobs):
-                self._add_logprob(token_logprob(message.logprobs[k], self._decoded_chars), delta)
+            if logprobs and k < len(logprobs):
+                self._add_logprob(token_logprob(logprobs[k], self._decoded_chars), delta)
             if k == last and ends_on_stop_token and token_id in self._hidden_stop_ids:
                 break
             if self._push(self._detokenizer.add(token_id), delta):
                 self.finish_reason, self.stopped_here = "stop", True
                 return self._emit(delta)
-        if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+        if reason != pb.FINISH_REASON_UNSPECIFIED:
             if self._push(self._detokenizer.flush(), delta):
                 self.finish_reason = "stop"
                 return self._emit(delta)
             delta.text += self._stop.flush()
-            self.finish_reason = delta.finish_reason = FINISH_REASONS[message.finish_reason]
+            self.finish_reason = delta.finish_reason = FINISH_REASONS[reason]
             if self.finish_reason == "stop" and ids and ids[-1] in self._stop_token_ids:
                 self.stop_reason = ids[-1]
         return self._emit(delta)

@@ -52,14 +52,14 @@ class Run:
                         for prompt in req.prompts for _ in range(req.n)]
         self.last_output = [None] * len(self.choices)  # when each choice last got tokens
         self.cached_tokens = [0] * len(req.prompts)
+        self.wants_prompt_logprobs = req.params.HasField("num_prompt_logprobs")
         # With tools, each choice's text goes through its tool-call parser (router/tool_calls.py).
         self.tool_calls = [ToolCallOutput(req.tools) for _ in self.choices] if req.tools else None
         self.closed = False
         metrics.in_flight.inc()
 
     def new_choice(self, model: ServedModel, prompt_ids: list[int]) -> ChoiceOutput:
-        skip = self.req.skip_special_tokens
-        decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+        decode = model.tokenizer.decoder(self.req.skip_special_tokens)
         stop = StopStrings(self.req.stop, self.req.include_stop_str)
         return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), stop,
                             self.req.hidden_stop_ids, self.req.params.min_tokens,
@@ -68,21 +68,26 @@ class Run:
     def handle(self, event: Event) -> tuple[int, Delta]:
         prompt, message = event
         index = prompt * self.req.n + message.index
-        if self.req.params.HasField("num_prompt_logprobs") and self.req.prompts[prompt].logprobs is None:
+        if self.wants_prompt_logprobs and self.req.prompts[prompt].logprobs is None:
             self.req.prompts[prompt].logprobs = list(message.prompt_logprobs)  # the first message's
         if not self.req.generate:
             message = prompt_only(message)
         self.time_output(index)
-        delta = self.choices[index].add(message)
+        choice = self.choices[index]
+        delta = choice.add(message)
         if self.tool_calls:
             delta = self.tool_calls[index].process(delta)
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
+        if choice.finish_reason is not None:
+            self.finish_if_stopped(prompt)
+        return index, delta
+
+    def finish_if_stopped(self, prompt: int) -> None:
+        """Stop strings are the router's: once they have ended every choice of a prompt, the
+        scheduler would only be generating tokens nobody reads."""
         mine = self.choices[prompt * self.req.n:(prompt + 1) * self.req.n]
-        # Stop strings are the router's: once they have ended every choice of a prompt, the
-        # scheduler would only be generating tokens nobody reads.
         if all(c.finished for c in mine) and any(c.stopped_here for c in mine):
             self.generation.finish(prompt)
-        return index, delta
 
     def time_output(self, index: int) -> None:
         """Inter-token latency, as vLLM counts it: once per output after a sequence's first."""
