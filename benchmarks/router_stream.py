@@ -62,9 +62,10 @@ def serve_fake_scheduler(model: str, port: int, output_len: int) -> None:
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict) -> int:
-    """Streams one completion; returns its completion_tokens (from the usage chunk)."""
+    """Streams one completion or chat; returns its completion_tokens (from the usage chunk)."""
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as reply:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    async with client.stream("POST", path, json=body) as reply:
         reply.raise_for_status()
         async for line in reply.aiter_lines():
             if line.startswith("data: {") and '"usage":{' in line:
