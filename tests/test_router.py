@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from router.client import SchedulerClient
-from router.generation import start_generation
+from router.errors import APIError
+from router.generation import Generation, start_generation
 from tests.router_fixtures import Harness, free_port
 
 EOS = 2  # <|im_end|>
@@ -732,3 +733,21 @@ def test_generation_hands_over_queued_messages_without_waiting(harness, fake, to
 
     tokens, after = harness.loop.run(drain())
     assert tokens == [*ids, EOS] and after is None
+
+
+def test_an_error_queued_behind_messages_waits_until_they_are_taken():
+    """ready() hands over the messages before a scheduler error and leaves the error for next(),
+    so the tokens generated before it still reach the client."""
+    async def take() -> tuple[list, str]:
+        generation = Generation(None, [pb.GenerateRequest(request_id="err")])
+        error = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(),
+                                     grpc.aio.Metadata(), "worker lost")
+        for item in [pb.GenerateResponse(token_ids=[7]), pb.GenerateResponse(token_ids=[8]), error]:
+            generation._queue.put_nowait((0, item))
+        taken = [await generation.next(), generation.ready(), generation.ready()]
+        with pytest.raises(APIError) as raised:
+            await generation.next()
+        return [e and list(e[1].token_ids) for e in taken], raised.value.message
+
+    taken, message = asyncio.run(take())
+    assert taken == [[7], [8], None] and "worker lost" in message
