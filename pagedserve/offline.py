@@ -9,7 +9,8 @@ It starts the worker, scheduler and router processes with `pagedserve serve`'s l
 arguments are serve's flags) and stops them on close(), at the end of a `with` block or at exit.
 Requests go to the scheduler over gRPC through the router's own code (body parsing, the chat
 template, detokenization, stop strings), so each text is the one the HTTP API answers for the same
-request, and the token ids, which the HTTP API does not show, come with it.
+request. The outputs are built from the router's per-choice output (router/output.py ChoiceOutput:
+token ids as the scheduler sent them, text, logprobs, finish and stop reasons), not from its JSON.
 
 The gRPC client lives on an event loop in a thread of its own: generate() and chat() are plain
 blocking calls, usable from scripts and notebooks alike (which already run a loop).
@@ -29,8 +30,7 @@ from router.errors import APIError
 from router.generation import start_generation
 from router.model import ServedModel, load_served_model
 from router.protocol import GenerationRequest, parse_chat, parse_completion
-from router.responses import ChatResponses, CompletionResponses
-from router.serving import Run, collect
+from router.serving import Run, deltas
 from router.settings import Settings
 
 from .local_server import LocalServer, serve_args
@@ -161,22 +161,19 @@ class LLM:
 
     async def _generate(self, request_id: str, req: GenerationRequest) -> RequestOutput:
         """One request as the router serves a non-streamed one, from the same parts."""
-        model = self._model
         calls = [pb.GenerateRequest(request_id=f"{request_id}-{i}", prompt_token_ids=p.token_ids,
                                     params=req.params) for i, p in enumerate(req.prompts)]
-        responses_class = ChatResponses if req.kind == "chat" else CompletionResponses
-        responses = responses_class(request_id, model.name, int(time.time()), model.tokenizer, req)
-        arrival = time.perf_counter()
         try:
-            run = RecordingRun(req, model, await start_generation(self._client, calls),
-                               self._metrics, arrival)
+            run = Run(req, self._model, await start_generation(self._client, calls),
+                      self._metrics, time.perf_counter())
             try:
-                body = await collect(run, responses, await run.generation.next())
+                async for _ in deltas(run, await run.generation.next()):
+                    pass  # the run's choices gather the whole outputs
             finally:
                 run.close()
         except APIError as err:
             raise (ValueError if err.status == 400 else RuntimeError)(err.message) from None
-        return run.request_output(request_id, body)
+        return request_output(request_id, run)
 
 
 class Unmeasured:
@@ -190,43 +187,17 @@ class Unmeasured:
         return self
 
 
-class RecordingRun(Run):
-    """The router's Run, which turns the scheduler's messages into the response's text, keeping
-    also the token ids and logprobs that the HTTP API's response leaves out."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._messages: list[list[pb.GenerateResponse]] = [[] for _ in self.choices]
-
-    def handle(self, event):
-        index, delta = super().handle(event)
-        self._messages[index].append(event[1])
-        return index, delta
-
-    def request_output(self, request_id: str, body: dict) -> RequestOutput:
-        prompt = self.req.prompts[0]  # one prompt per request: generate() sends them one by one
-        outputs = [self.completion_output(c) for c in body["choices"]]
-        output = RequestOutput(request_id, prompt.text, prompt.token_ids, outputs, self.cached_tokens[0])
-        k = self.req.prompt_logprobs
-        if k is not None and prompt.logprobs is not None:
-            output.prompt_logprobs = [None] + [{e.token_id: e.logprob, **{t.token_id: t.logprob for t in e.top[:k]}}
-                                               for e in prompt.logprobs]
-        return output
-
-    def completion_output(self, choice: dict) -> CompletionOutput:
-        index = choice["index"]
-        text = choice["message"]["content"] if self.req.kind == "chat" else choice["text"]
-        # A choice ends at the token that completed its stop string: tokens the scheduler made
-        # before it heard of the stop are not part of it (usage does not count them either).
-        kept = self.choices[index].num_tokens
-        token_ids = [t for m in self._messages[index] for t in m.token_ids][:kept]
-        output = CompletionOutput(index, text, token_ids, choice["finish_reason"])
-        if self.req.logprobs is not None:
-            logprobs = [lp for m in self._messages[index] for lp in m.logprobs][:kept]
-            output.logprobs = [{lp.token_id: lp.logprob, **{t.token_id: t.logprob for t in lp.top}}
-                               for lp in logprobs]
-            output.cumulative_logprob = sum(lp.logprob for lp in logprobs)
-        return output
+def request_output(request_id: str, run: Run) -> RequestOutput:
+    """The finished run as vLLM's RequestOutput (one prompt: generate() sends them one by one)."""
+    req, prompt = run.req, run.req.prompts[0]
+    outputs = [CompletionOutput.from_choice(j, choice, with_logprobs=req.logprobs is not None)
+               for j, choice in enumerate(run.choices)]
+    output = RequestOutput(request_id, prompt.text, prompt.token_ids, outputs, run.cached_tokens[0])
+    k = req.prompt_logprobs
+    if k is not None and prompt.logprobs is not None:
+        output.prompt_logprobs = [None] + [{e.token_id: e.logprob, **{t.token_id: t.logprob for t in e.top[:k]}}
+                                           for e in prompt.logprobs]
+    return output
 
 
 def prompt_field(prompt: Prompt) -> dict:

@@ -1,7 +1,10 @@
-"""What the offline API returns, shaped as vLLM's RequestOutput and CompletionOutput."""
+"""What the offline API returns, shaped as vLLM's RequestOutput and CompletionOutput: built from
+the router's per-choice output (router/output.py ChoiceOutput), the same the HTTP API shapes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from router.output import ChoiceOutput
 
 
 @dataclass
@@ -13,6 +16,17 @@ class CompletionOutput:
     # Per token: {token id: logprob} of the sampled token and the alternatives, when asked for.
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    # vLLM's: the stop string or stop token id that ended it; None for EOS, length or abort
+    stop_reason: str | int | None = None
+
+    @classmethod
+    def from_choice(cls, index: int, choice: ChoiceOutput, with_logprobs: bool) -> "CompletionOutput":
+        out = cls(index, choice.text, list(choice.token_ids), choice.finish_reason,
+                  stop_reason=choice.stop_reason)
+        if with_logprobs:
+            out.logprobs = [{lp.token_id: lp.logprob, **dict(lp.top)} for lp in choice.logprobs]
+            out.cumulative_logprob = choice.cumulative_logprob
+        return out
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -29,6 +29,7 @@ class Generation:
         self._calls: dict[int, grpc.aio.UnaryStreamCall] = {}
         self._pumps: dict[int, asyncio.Task] = {}
         self._open = set(range(len(requests)))  # prompts whose stream has not ended
+        self._deferred: tuple[int, object] | None = None  # an error ready() left for next()
 
     def request_id(self, prompt: int) -> str:
         return self._requests[prompt].request_id
@@ -41,17 +42,40 @@ class Generation:
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
         """The next message of any prompt; None once every prompt's stream has ended."""
         while self._open:
-            prompt, item = await self._queue.get()
-            if prompt not in self._open:
-                continue  # queued before the prompt was finished early
-            if item is _END:
-                self._open.discard(prompt)
-            elif isinstance(item, grpc.aio.AioRpcError):
-                self._open.discard(prompt)
-                raise from_grpc(item)
+            if self._deferred is not None:
+                entry, self._deferred = self._deferred, None
             else:
-                return prompt, item
+                entry = await self._queue.get()
+            event = self._take(entry)
+            if event is not None:
+                return event
         return None
+
+    def ready(self) -> tuple[int, pb.GenerateResponse] | None:
+        """The next message if one is already queued, without waiting; else None (which, unlike
+        next()'s, does not mean the streams have ended). An error is left for next() to raise:
+        the caller first sends out what it took before it."""
+        while self._open and self._deferred is None and not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if isinstance(entry[1], grpc.aio.AioRpcError):
+                self._deferred = entry
+                return None
+            event = self._take(entry)
+            if event is not None:
+                return event
+        return None
+
+    def _take(self, entry: tuple[int, object]) -> tuple[int, pb.GenerateResponse] | None:
+        prompt, item = entry
+        if prompt not in self._open:
+            return None  # queued before the prompt was finished early
+        if item is _END:
+            self._open.discard(prompt)
+            return None
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._open.discard(prompt)
+            raise from_grpc(item)
+        return prompt, item
 
     def finish(self, prompt: int) -> None:
         """The router needs no more tokens for this prompt (stop strings ended all its choices)."""

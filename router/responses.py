@@ -8,6 +8,7 @@ from __future__ import annotations
 from router.output import Delta, TokenLogprob, clamp
 from router.prompt_logprobs import echoed, vllm_prompt_logprobs
 from router.protocol import GenerationRequest
+from router.sse import compact_json, event, json_string
 from router.tokenizer import Tokenizer
 
 
@@ -30,6 +31,12 @@ class Responses:
         self.created = created
         self.tokenizer = tokenizer
         self.request = request
+        # The streamed chunks' envelope, serialized once: a plain text delta's event is this
+        # around its choice (chunk_event), with no dict built and no encoder run per token.
+        empty = compact_json(self.chunk_envelope([]))  # {"id":...,"choices":[](,"usage":null)}
+        split = empty.index('"choices":[]') + len('"choices":[')
+        self._event_head = "data: " + empty[:split] + '{"index":'
+        self._event_tail = empty[split:] + "\n\n"
 
     def envelope(self, object_name: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created,
@@ -73,6 +80,19 @@ class Responses:
     def chunk(self, index: int, delta: Delta) -> dict:
         raise NotImplementedError
 
+    def chunk_event(self, index: int, delta: Delta) -> bytes:
+        """event(self.chunk(index, delta)), the same bytes; built from the serialized envelope
+        when the choice is plain text (no logprobs, echo or tool calls): the common case, once
+        per token and stream."""
+        rest = self.plain_choice(index, delta)
+        if rest is None:
+            return event(self.chunk(index, delta))
+        return (self._event_head + str(index) + rest + self._event_tail).encode()
+
+    def plain_choice(self, index: int, delta: Delta) -> str | None:
+        """The serialized choice after its index, when chunk_event may skip chunk(); else None."""
+        return None
+
     def final_choice(self, index: int, result: Delta) -> dict:
         raise NotImplementedError
 
@@ -100,6 +120,12 @@ class CompletionResponses(Responses):
         text = (self.echo(index) if first else "") + delta.text
         return self.chunk_envelope([self.choice(index, text, self.logprobs(index, delta, first),
                                                 delta.finish_reason)])
+
+    def plain_choice(self, index: int, delta: Delta) -> str | None:
+        if self.request.logprobs is not None or (self.request.echo and index not in self.echoed):
+            return None
+        return (f',"text":{json_string(delta.text)},"logprobs":null,'
+                f'"finish_reason":{json_string(delta.finish_reason)}}}')
 
     def final_choice(self, index: int, result: Delta) -> dict:
         out = self.choice(index, self.echo(index) + result.text, self.logprobs(index, result, True),
@@ -162,6 +188,13 @@ class ChatResponses(Responses):
         return self.chunk_envelope([{"index": index, "delta": message,
                                      "logprobs": self.logprobs(delta),
                                      "finish_reason": delta.finish_reason}])
+
+    def plain_choice(self, index: int, delta: Delta) -> str | None:
+        if self.request.logprobs is not None or delta.tool_calls:
+            return None
+        message = f'{{"content":{json_string(delta.text)}}}' if delta.text else "{}"
+        return (f',"delta":{message},"logprobs":null,'
+                f'"finish_reason":{json_string(delta.finish_reason)}}}')
 
     def final_choice(self, index: int, result: Delta) -> dict:
         message = {"role": "assistant", "content": self.request.chat_echo + result.text}

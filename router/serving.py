@@ -52,36 +52,42 @@ class Run:
                         for prompt in req.prompts for _ in range(req.n)]
         self.last_output = [None] * len(self.choices)  # when each choice last got tokens
         self.cached_tokens = [0] * len(req.prompts)
+        self.wants_prompt_logprobs = req.params.HasField("num_prompt_logprobs")
         # With tools, each choice's text goes through its tool-call parser (router/tool_calls.py).
         self.tool_calls = [ToolCallOutput(req.tools) for _ in self.choices] if req.tools else None
         self.closed = False
         metrics.in_flight.inc()
 
     def new_choice(self, model: ServedModel, prompt_ids: list[int]) -> ChoiceOutput:
-        skip = self.req.skip_special_tokens
-        decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+        decode = model.tokenizer.decoder(self.req.skip_special_tokens)
         stop = StopStrings(self.req.stop, self.req.include_stop_str)
         return ChoiceOutput(IncrementalDetokenizer(decode, prompt_ids), stop,
-                            self.req.hidden_stop_ids, self.req.params.min_tokens)
+                            self.req.hidden_stop_ids, self.req.params.min_tokens,
+                            frozenset(self.req.params.stop_token_ids))
 
     def handle(self, event: Event) -> tuple[int, Delta]:
         prompt, message = event
         index = prompt * self.req.n + message.index
-        if self.req.params.HasField("num_prompt_logprobs") and self.req.prompts[prompt].logprobs is None:
+        if self.wants_prompt_logprobs and self.req.prompts[prompt].logprobs is None:
             self.req.prompts[prompt].logprobs = list(message.prompt_logprobs)  # the first message's
         if not self.req.generate:
             message = prompt_only(message)
         self.time_output(index)
-        delta = self.choices[index].add(message)
+        choice = self.choices[index]
+        delta = choice.add(message)
         if self.tool_calls:
             delta = self.tool_calls[index].process(delta)
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
+        if choice.finish_reason is not None:
+            self.finish_if_stopped(prompt)
+        return index, delta
+
+    def finish_if_stopped(self, prompt: int) -> None:
+        """Stop strings are the router's: once they have ended every choice of a prompt, the
+        scheduler would only be generating tokens nobody reads."""
         mine = self.choices[prompt * self.req.n:(prompt + 1) * self.req.n]
-        # Stop strings are the router's: once they have ended every choice of a prompt, the
-        # scheduler would only be generating tokens nobody reads.
         if all(c.finished for c in mine) and any(c.stopped_here for c in mine):
             self.generation.finish(prompt)
-        return index, delta
 
     def time_output(self, index: int) -> None:
         """Inter-token latency, as vLLM counts it: once per output after a sequence's first."""
@@ -180,14 +186,20 @@ def grpc_request_id(request: Request, prompt: int) -> str:
     return f"{base}-{prompt}"
 
 
-async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
-    results = [Delta() for _ in run.choices]
+async def deltas(run: Run, first: Event | None) -> AsyncIterator[tuple[int, Delta]]:
+    """Every (choice index, delta) of the run, until the scheduler's streams end; the run's
+    choices (ChoiceOutput) then hold the whole outputs."""
     item = first
     while item is not None:
-        index, delta = run.handle(item)
-        results[index].absorb(delta)
+        yield run.handle(item)
         item = await run.generation.next()
-    for index, delta in run.abandoned():
+    for pair in run.abandoned():
+        yield pair
+
+
+async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
+    results = [Delta() for _ in run.choices]
+    async for index, delta in deltas(run, first):
         results[index].absorb(delta)
     return responses.final(results, run.usage())
 
@@ -198,12 +210,19 @@ async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIt
     try:
         item = first
         while item is not None:
-            index, delta = run.handle(item)
-            if delta:
-                yield event(responses.chunk(index, delta))
+            # Messages already queued (the router fell behind the scheduler) go out in one write:
+            # each write costs a send() and a pass through Starlette and uvicorn.
+            frames = []
+            while item is not None:
+                index, delta = run.handle(item)
+                if delta:
+                    frames.append(responses.chunk_event(index, delta))
+                item = run.generation.ready()
+            if frames:
+                yield b"".join(frames)
             item = await run.generation.next()
         for index, delta in run.abandoned():
-            yield event(responses.chunk(index, delta))
+            yield responses.chunk_event(index, delta)
         if run.req.include_usage:
             yield event(responses.usage_chunk(run.usage()))
     except APIError as err:  # after the 200 went out, an error can only travel as an event

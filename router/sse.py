@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring
 from typing import AsyncIterator, Callable
 
 from starlette.responses import StreamingResponse
@@ -11,8 +12,17 @@ DONE = b"data: [DONE]\n\n"
 
 
 def event(payload: dict) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return b"data: " + data.encode() + b"\n\n"
+    return b"data: " + compact_json(payload).encode() + b"\n\n"
+
+
+def compact_json(payload) -> str:
+    """JSON as the events carry it: no spaces, non-ASCII characters as themselves."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_string(text: str) -> str:
+    """compact_json(text) for a string (or None), without building an encoder (per token)."""
+    return "null" if text is None else encode_basestring(text)
 
 
 class EventStream(StreamingResponse):

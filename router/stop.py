@@ -15,6 +15,7 @@ class StopStrings:
         self._stops = [s for s in stops if s]
         self._include = include_in_output
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text (vLLM's stop_reason)
 
     @property
     def held(self) -> str:
@@ -35,6 +36,7 @@ class StopStrings:
         if match is not None:
             self._held = ""
             start, stop = match
+            self.matched = stop
             return held[:start + len(stop) if self._include else start], True
         keep = partial_match_length(held, self._stops)
         self._held = held[len(held) - keep:]

@@ -2,11 +2,12 @@
 bytes behind each token (for logprobs)."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from router.errors import invalid
 
@@ -62,6 +63,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # The Rust decoder directly: it runs for every generated token.
         return self.fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decoder(self, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+        """decode() with its flag bound: the Rust decoder itself, called twice per generated
+        token by the detokenizer (ids must be a list)."""
+        return functools.partial(self.fast.decode, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict | None = None,

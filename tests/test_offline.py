@@ -89,6 +89,11 @@ def test_chat_as_the_http_api_answers(llm, http):
         assert len(completion.logprobs) == len(completion.token_ids)
         for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
             assert max(alternatives, key=alternatives.get) == token_id
+        sampled = [lp[t] for t, lp in zip(completion.token_ids, completion.logprobs)]
+        assert completion.cumulative_logprob == pytest.approx(sum(sampled), abs=1e-6)
+        # vLLM's stop_reason: the stop string that ended the text; None when EOS or length did
+        ended_by_stop = "." in llm.get_tokenizer().decode(completion.token_ids)
+        assert completion.stop_reason == ("." if ended_by_stop else None)
 
 
 def test_prompt_logprobs_equal_transformers(llm, model_dir):

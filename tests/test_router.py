@@ -2,6 +2,7 @@
 model runs): shapes, parameters, streaming, stop strings, UTF-8, errors, disconnects."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +14,10 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
+from pagedserve.v1 import scheduler_pb2 as pb
+from router.client import SchedulerClient
+from router.errors import APIError
+from router.generation import Generation, start_generation
 from tests.router_fixtures import Harness, free_port
 
 EOS = 2  # <|im_end|>
@@ -700,3 +705,49 @@ def test_chat_echo_starts_the_reply_with_the_last_assistant_message(client, fake
     # echo has nothing to prepend after a user message
     assert chat(client, max_tokens=10, extra_body={"echo": True}).choices[0].message.content == \
         " Paris."
+
+
+def test_generation_hands_over_queued_messages_without_waiting(harness, fake, tokenizer):
+    """Messages the scheduler already sent are taken without awaiting (the router writes them in
+    one go), in order; an empty ready() does not end the stream, next() does."""
+    ids = say(fake, tokenizer, "one two three four five")
+
+    async def drain() -> tuple[list[int], object]:
+        client = SchedulerClient(harness.scheduler.address)
+        request = pb.GenerateRequest(request_id="ready", prompt_token_ids=[5, 6],
+                                     params=pb.SamplingParams(max_tokens=50))
+        generation = await start_generation(client, [request])
+        try:
+            tokens = list((await generation.next())[1].token_ids)
+            deadline = time.monotonic() + 30
+            while len(tokens) < len(ids) + 1 and time.monotonic() < deadline:
+                event = generation.ready()
+                if event is None:
+                    await asyncio.sleep(0.01)  # the rest is still on its way
+                else:
+                    tokens.extend(event[1].token_ids)
+            return tokens, await generation.next()
+        finally:
+            generation.close()
+            await client.close()
+
+    tokens, after = harness.loop.run(drain())
+    assert tokens == [*ids, EOS] and after is None
+
+
+def test_an_error_queued_behind_messages_waits_until_they_are_taken():
+    """ready() hands over the messages before a scheduler error and leaves the error for next(),
+    so the tokens generated before it still reach the client."""
+    async def take() -> tuple[list, str]:
+        generation = Generation(None, [pb.GenerateRequest(request_id="err")])
+        error = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(),
+                                     grpc.aio.Metadata(), "worker lost")
+        for item in [pb.GenerateResponse(token_ids=[7]), pb.GenerateResponse(token_ids=[8]), error]:
+            generation._queue.put_nowait((0, item))
+        taken = [await generation.next(), generation.ready(), generation.ready()]
+        with pytest.raises(APIError) as raised:
+            await generation.next()
+        return [e and list(e[1].token_ids) for e in taken], raised.value.message
+
+    taken, message = asyncio.run(take())
+    assert taken == [[7], [8], None] and "worker lost" in message

@@ -9,7 +9,11 @@ from tokenizers import Tokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from router.detokenizer import IncrementalDetokenizer
-from router.output import ChoiceOutput
+from router.output import ChoiceOutput, Delta
+from router.prompts import Prompt
+from router.protocol import GenerationRequest
+from router.responses import ChatResponses, CompletionResponses
+from router.sse import event
 from router.stop import StopStrings
 
 TEXTS = ["Hello, world! How are you?", "你好，世界！今天天气很好。", "emoji 🎉🤖👍🏽 and flags 🇫🇷",
@@ -210,3 +214,52 @@ def test_choice_logprob_offsets_point_into_its_text(tokenizer):
     offsets = [lp.text_offset for lp in delta.logprobs]
     pieces = [delta.text[a:b] for a, b in zip(offsets, [*offsets[1:], len(delta.text)])]
     assert pieces == [tokenizer.decode([t]) for t in ids]
+
+
+def test_choice_output_gathers_what_its_deltas_carried(tokenizer):
+    """The whole output (what the offline API returns) is its deltas put together: every kept
+    token id, the text, one logprob per token and their sum, and which stop string ended it."""
+    ids = tokenizer.encode("one two three four", add_special_tokens=False).ids
+    out = choice(tokenizer, stops=["three"])
+    deltas = [out.add(message([t], logprobs=True)) for t in ids]
+    assert out.token_ids == ids[:3] and out.text == "".join(d.text for d in deltas) == "one two "
+    assert [lp.token_id for lp in out.logprobs] == ids[:3] and out.cumulative_logprob == -3.0
+    assert (out.finish_reason, out.stop_reason) == ("stop", "three")
+
+
+def test_choice_output_names_its_stop_token_id_but_not_eos(tokenizer):
+    ids = tokenizer.encode("Hi there", add_special_tokens=False).ids
+    stop_id, eos = tokenizer.token_to_id("!"), tokenizer.token_to_id("<|endoftext|>")
+    for last, reason in [(stop_id, stop_id), (eos, None)]:
+        out = ChoiceOutput(IncrementalDetokenizer(tokenizer.decode), StopStrings([]),
+                           frozenset({stop_id, eos}), stop_token_ids=frozenset({stop_id}))
+        out.add(message([*ids, last], pb.FINISH_REASON_STOP))
+        assert (out.text, out.token_ids, out.stop_reason) == ("Hi there", [*ids, last], reason)
+
+
+# ----- streamed chunks -----------------------------------------------------------------------------
+
+def request(kind, include_usage, echo=False):
+    return GenerationRequest(kind=kind, prompts=[Prompt([1, 2], "a prompt")], params=pb.SamplingParams(),
+                             n=2, stream=True, include_usage=include_usage, stop=[], logprobs=None,
+                             echo=echo, prompt_logprobs=None, generate=True,
+                             skip_special_tokens=True, hidden_stop_ids=frozenset())
+
+
+@pytest.mark.parametrize("responses_class,kind", [(CompletionResponses, "completion"),
+                                                  (ChatResponses, "chat")])
+@pytest.mark.parametrize("include_usage,echo", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("text", ["", 'quote " back\\slash\nnewline\ttab \x01', *TEXTS])
+@pytest.mark.parametrize("finish_reason", [None, "stop", "length"])
+def test_plain_chunk_events_are_the_chunks_serialized(responses_class, kind, include_usage, echo,
+                                                      text, finish_reason):
+    """The per-token fast path (the serialized envelope around the choice) gives the very bytes
+    of serializing the chunk's dict, whatever the text and wherever the choice is."""
+    def responses():
+        return responses_class('cmpl-\u00e9"x', "m\u00f6del", 1700000000, None,
+                               request(kind, include_usage, echo and kind == "completion"))
+
+    fast, slow = responses(), responses()
+    for index in (0, 1, 0):  # completions with echo: a choice's first chunk carries the echo
+        delta = Delta(text, finish_reason=finish_reason)
+        assert fast.chunk_event(index, delta) == event(slow.chunk(index, delta))
