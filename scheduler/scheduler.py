@@ -11,8 +11,9 @@ With async scheduling (vLLM's --async-scheduling) the engine asks for plan N+1 w
 A sequence whose step N samples a token is then scheduled for one more token before that token is
 known: the worker appends its own sampled tokens, so the plan needs only the count. Such a sequence
 finishing at step N computes one token in step N+1 that update() throws away, and is freed in plan
-N+2. Sequences that step N certainly finishes (max_tokens, max_model_len) are not run ahead, nor
-those with structured outputs, whose grammar must not see a token past its end.
+N+2. A sequence preempted by plan N+1 keeps what step N samples for it, and is re-added only once
+that result is in. Sequences that step N certainly finishes (max_tokens, max_model_len) are not
+run ahead, nor those with structured outputs, whose grammar must not see a token past its end.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)  # aborted, or preempted while the step that ended it ran
         self.free_blocks(seq)
+        seq.num_scheduled = 0
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         if seq.request.finished:
@@ -90,7 +92,6 @@ class Scheduler:
     def free_blocks(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed = 0
-        seq.num_scheduled = 0
         if seq.on_worker:
             self.freed.append(seq.seq_id)
             seq.on_worker = False
@@ -171,6 +172,8 @@ class Scheduler:
         return blocks
 
     def preempt(self, seq: Sequence) -> None:
+        """seq waits to be recomputed. Its num_scheduled stays the count of its tokens in steps
+        still in flight (async scheduling), until update() applies them."""
         self.running.remove(seq)
         self.free_blocks(seq)
         seq.status = Status.WAITING
@@ -184,6 +187,12 @@ class Scheduler:
             if self.waits_for_leader(seq):
                 i += 1
                 continue
+            if seq.num_scheduled:
+                # Preempted by this plan while its step runs (async scheduling): re-added now, the
+                # worker would get its tokens without the one that step samples, sample it again,
+                # and update() would append both. It waits for that step's result, and as it
+                # heads the queue nobody overtakes it (first come, first served).
+                break
             n = self.admit(seq, budget, plan, scheduled)
             if n == 0:
                 break  # first come, first served: nobody overtakes a request that does not fit
@@ -255,8 +264,10 @@ class Scheduler:
                     self.kv.cache_blocks(seq)  # a block was filled
             elif seq.status is Status.FINISHED:
                 continue  # aborted, or ended by the token of the step before (async scheduling)
-            # else preempted by a plan built while this step ran (async scheduling): its blocks
-            # went back, but what the step computed and sampled for it holds.
+            else:
+                # Preempted by a plan built while this step ran (async scheduling): its blocks
+                # went back, but what the step computed and sampled for it holds.
+                seq.num_scheduled -= n
             if prompt_chunks is not None and (chunk := prompt_chunks.get(seq.seq_id)) is not None:
                 seq.request.add_prompt_logprobs(chunk.first_position, chunk.logprobs)
             token = sampled.get(seq.seq_id)

@@ -201,6 +201,22 @@ def test_preemption_when_blocks_run_out_gives_the_same_output(ahead):
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
+def test_a_sibling_preempted_while_its_step_runs_is_not_readmitted_before_its_token(ahead):
+    """The sibling is preempted by a plan built while its step runs. Re-added in that same plan,
+    it would sample that step's token a second time, and the block holding the duplicate would
+    enter the prefix cache under tokens the worker never wrote."""
+    s, w = make(num_blocks=9, max_num_batched_tokens=16, enable_prefix_caching=True,
+                async_scheduling=ahead)
+    prompt = list(range(1, 13)) + [1] * 12
+    request = add(s, "r", prompt, max_tokens=8, n=2)
+    drain(s, w)
+    assert s.num_preemptions > 0
+    expected = alone(prompt, 8, 2, ignore_eos=False)
+    assert [seq.output_ids() for seq in request.sequences] == expected
+    assert s.kv.num_used_blocks == 0 and not w.seqs
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
 def test_parallel_sampling_computes_the_prompt_once(ahead):
     s, w = make(num_blocks=64, block_size=4, async_scheduling=ahead)
     prompt = list(range(1, 14))  # 3 full blocks + 1 token
