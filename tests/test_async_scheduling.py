@@ -65,7 +65,7 @@ async def serve(engine: Engine, abort_after_first: str | None = None) -> dict:
     for rid, (prompt, max_tokens, n, stop, ignore_eos) in REQUESTS.items():
         params = pb.SamplingParams(max_tokens=max_tokens, n=n, temperature=0, ignore_eos=ignore_eos,
                                    stop_token_ids=stop)
-        queues[rid] = engine.add(rid, prompt, params, max_tokens)
+        queues[rid] = engine.add(rid, prompt, params)
     loop = asyncio.ensure_future(engine.serve_steps())
     got = {}
 
