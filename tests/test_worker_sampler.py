@@ -185,12 +185,12 @@ def test_bad_words_ban_a_sequence_only_after_its_prefix():
     logits = torch.zeros(1, VOCAB)
     logits[0, 7], logits[0, 8] = 5.0, 4.0  # greedy: 7, else 8
     words = ((3, 7), (6, 6, 7))
-    assert sampler()(logits, [seq(generated=[3], bad_words=words)]).token_ids == [8]  # "3 7" banned
-    assert sampler()(logits, [seq(generated=[6, 6], bad_words=words)]).token_ids == [8]
+    assert sampler()(logits, [seq(generated=[3], bad_words=words, temperature=0)]).token_ids == [8]  # "3 7" banned
+    assert sampler()(logits, [seq(generated=[6, 6], bad_words=words, temperature=0)]).token_ids == [8]
     # the prefix only in the prompt, or not at the end of the output, bans nothing
-    assert sampler()(logits, [seq(prompt=(2, 3), bad_words=words)]).token_ids == [7]
-    assert sampler()(logits, [seq(generated=[3, 4], bad_words=words)]).token_ids == [7]
-    assert sampler()(logits, [seq(generated=[5, 6], bad_words=words)]).token_ids == [7]
+    assert sampler()(logits, [seq(prompt=(2, 3), bad_words=words, temperature=0)]).token_ids == [7]
+    assert sampler()(logits, [seq(generated=[3, 4], bad_words=words, temperature=0)]).token_ids == [7]
+    assert sampler()(logits, [seq(generated=[5, 6], bad_words=words, temperature=0)]).token_ids == [7]
     # a one-token word is banned everywhere
     logits[0, 20] = 1.0
-    assert sampler()(logits, [seq(bad_words=((7,), (8,)))]).token_ids == [20]
+    assert sampler()(logits, [seq(bad_words=((7,), (8,)), temperature=0)]).token_ids == [20]
