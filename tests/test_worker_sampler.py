@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from worker.batch import SequenceState
-from worker.sampler import Sampler, SamplingOptions
+from worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
 
 VOCAB = 32
 EOS = 1
@@ -194,3 +194,63 @@ def test_bad_words_ban_a_sequence_only_after_its_prefix():
     # a one-token word is banned everywhere
     logits[0, 20] = 1.0
     assert sampler()(logits, [seq(bad_words=((7,), (8,)), temperature=0)]).token_ids == [20]
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 600])  # under one block, exactly one, a partial last block
+def test_two_level_draw_follows_the_weights_and_never_draws_a_zero(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    weights = torch.zeros(1, -(-vocab // BLOCK) * BLOCK)
+    picked = torch.randperm(vocab, generator=g)[:5]
+    weights[0, picked] = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    rows = weights.expand(4000, -1).contiguous()
+    draws = draw_from_weights(rows, torch.rand(4000, generator=g, dtype=torch.float64))
+    counts = torch.bincount(draws, minlength=weights.shape[1]).float() / 4000
+    assert set(draws.tolist()) <= set(picked.tolist())
+    # 4000 draws: a frequency's standard error is at most 0.008; 0.04 is five of them.
+    assert torch.allclose(counts[picked], weights[0, picked], atol=0.04)
+    # the very ends of [0, 1) land on the first and the last weighted token
+    ends = draw_from_weights(weights.expand(2, -1).contiguous(), torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64))
+    assert ends.tolist() == [int(picked.min()), int(picked.max())]
+
+
+def nucleus(logits_row, temperature, top_k, top_p):
+    """The tokens top-k then top-p keep, by their definition: the best k, then the shortest prefix
+    of them, best first, whose probability reaches top_p."""
+    probs = torch.softmax(logits_row / temperature, -1)
+    order = probs.argsort(descending=True).tolist()[: top_k or len(probs)]
+    kept, mass = [], 0.0
+    for t in order:
+        kept.append(t)
+        mass += float(probs[t])
+        if mass >= top_p * float(probs[order].sum()):
+            return set(kept)
+    return set(kept)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.7), (6, 1.0), (6, 0.7), (3, 0.99)])
+def test_top_k_top_p_keep_exactly_their_tokens(top_k, top_p):
+    """A mixed batch: rows with and without each cut, so the batched masks must not leak across rows."""
+    logits = random_logits(4, seed=top_k) / 3  # flat enough that 300 draws reach every kept token
+    rows = [seq(temperature=0.8, top_k=top_k, top_p=top_p), seq(temperature=5.0),
+            seq(temperature=0.8, top_k=top_k, top_p=top_p), seq(temperature=1.0, top_k=2)]
+    drawn = [set() for _ in rows]
+    for s in range(300):
+        for i, token in enumerate(sampler(s)(logits, rows).token_ids):
+            drawn[i].add(token)
+    for i in (0, 2):
+        assert drawn[i] == nucleus(logits[i], 0.8, top_k, top_p)
+    assert drawn[3] == nucleus(logits[3], 1.0, 2, 1.0)
+    assert len(drawn[1]) > 10  # the uncut row still ranges over the vocabulary
+
+
+def test_processing_some_rows_leaves_the_others_and_the_logits_alone():
+    logits = random_logits(5)
+    before = logits.clone()
+    rows = [seq(temperature=0), seq(temperature=0, frequency_penalty=2.0, generated=[int(logits[1].argmax())] * 10),
+            seq(temperature=0, logit_bias={3: 50.0}), seq(temperature=0, allowed_token_ids=(8, 9)), seq(temperature=0)]
+    out = sampler()(logits, rows)
+    assert torch.equal(logits, before)  # the LM head's output is returned to tests as it was
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[4] == int(logits[4].argmax())
+    assert out.token_ids[1] != int(logits[1].argmax())
+    assert out.token_ids[2] == 3
+    assert out.token_ids[3] == max((8, 9), key=lambda t: logits[3, t])
