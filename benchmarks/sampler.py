@@ -10,8 +10,13 @@ top-k 50, temperature + top-k 50 + top-p 0.9, and mixed batches (greedy or tempe
 where every 16th row, at least one, asks for presence and repetition penalties, logit_bias and 5
 logprobs). "before" is the code at --before (main before the change), read from git and imported
 under other names; "after" is this tree's. Calls alternate between the two, round by round, and
-each keeps its fastest round (the best estimate of the code's own cost on a shared machine) and its
-median (how noisy the rounds were).
+each keeps its fastest round (the best estimate of the code's own cost on a shared machine), its
+median (how noisy the rounds were), and the fastest round's CPU time over all threads (on a machine
+whose cores other processes share, the least disturbed measure of work).
+
+Like the worker, the process first applies worker/cpu/host_memory.py's malloc settings (this tree's
+version, to both sides); --glibc-defaults leaves malloc as it is, to measure what they save: with
+glibc's defaults every logits-sized temporary is a fresh mapping that faults in again.
 
 The logits are random normal times --spread (3: a few hundred tokens carry most of the mass, like
 a model's; the no-op model's dummy weights give a much flatter row).
@@ -35,6 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from worker.batch import SequenceState  # noqa: E402
+from worker.cpu.host_memory import keep_freed_memory  # noqa: E402
 from worker.cpu import linear as linear_after  # noqa: E402
 from worker import sampler as sampler_after  # noqa: E402
 
@@ -94,14 +100,11 @@ def batch_of(mode: str, batch: int, vocab: int, options) -> list[SequenceState]:
     return seqs
 
 
-def timed(fn, rounds: int) -> list[float]:
-    return [_once(fn) for _ in range(rounds)]
-
-
-def _once(fn) -> float:
-    started = time.perf_counter()
+def _once(fn) -> tuple[float, float]:
+    """(wall ms, CPU ms of the whole process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return (time.perf_counter() - started) * 1e3
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def compare(before, after, rounds: int) -> dict:
@@ -112,8 +115,10 @@ def compare(before, after, rounds: int) -> dict:
         times["before"].append(_once(before))
         times["after"].append(_once(after))
     out = {}
-    for side, ms in times.items():
-        out[side] = {"min_ms": round(min(ms), 3), "median_ms": round(statistics.median(ms), 3)}
+    for side, runs in times.items():
+        wall = [w for w, _ in runs]
+        out[side] = {"min_ms": round(min(wall), 3), "median_ms": round(statistics.median(wall), 3),
+                     "cpu_ms_of_min": round(min(runs)[1], 3)}
     out["speedup"] = round(out["before"]["min_ms"] / out["after"]["min_ms"], 2)
     return out
 
@@ -135,8 +140,15 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=3.0, help="logits are randn times this")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--before", default=BEFORE, help="the git revision to compare against")
+    parser.add_argument("--threads", type=int, help="torch's threads (default: its own choice); with 1, CPU "
+                        "time is the work itself, not also another thread's spinning while a busy machine delays it")
+    parser.add_argument("--glibc-defaults", action="store_true", help="leave malloc's settings as they are")
     parser.add_argument("--output", help="write the results here as JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.glibc_defaults else keep_freed_memory()
+    print(malloc, flush=True)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -160,6 +172,7 @@ def main() -> None:
                     print_row(results[-1])
     if args.output:
         Path(args.output).write_text(json.dumps({"before": args.before, "threads": torch.get_num_threads(),
+                                                 "malloc": malloc, "hidden": args.hidden,
                                                  "spread": args.spread, "rounds": args.rounds,
                                                  "results": results}, indent=1))
 
@@ -167,8 +180,8 @@ def main() -> None:
 def print_row(r: dict) -> None:
     b, a = r["before"], r["after"]
     print(f"{r['what']:<26} vocab {r['vocab']:>6} batch {r['batch']:>3}: before {b['min_ms']:8.2f} ms "
-          f"(median {b['median_ms']:8.2f})  after {a['min_ms']:8.2f} ms (median {a['median_ms']:8.2f})  "
-          f"x{r['speedup']}", flush=True)
+          f"(median {b['median_ms']:8.2f}, cpu {b['cpu_ms_of_min']:8.2f})  after {a['min_ms']:8.2f} ms "
+          f"(median {a['median_ms']:8.2f}, cpu {a['cpu_ms_of_min']:8.2f})  x{r['speedup']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,18 @@ def _last_positive(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, positions, 0).amax(dim=-1, keepdim=True)
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: the tensor itself (no copy) when that is every row."""
+    return logits if len(rows) == logits.shape[0] else logits[rows]
+
+
+def _exp_weights(logits: torch.Tensor, params, out: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x / T - max / T) [R, vocab]: the temperature-scaled softmax before normalising (the best
+    token weighs 1), in two passes over the row after the max: addcmul, then exp in place."""
+    inverse_t = _column([1.0 / p.temperature for p in params], logits)
+    return torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inverse_t, logits, inverse_t, out=out).exp_()
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device):
         self.vocab_size = vocab_size
@@ -193,28 +205,18 @@ class Sampler:
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
-            tokens[greedy] = self._final_rows(logits, greedy, sub, processed_at).argmax(dim=-1)
+        if greedy:  # the raw rows' argmax, then the processed rows' own (a few rows read twice, no copy)
+            tokens[greedy] = _rows(logits, greedy).argmax(dim=-1)
+            patch = [(i, processed_at[i]) for i in greedy if i in processed_at]
+            if patch:
+                at, source = map(list, zip(*patch))
+                tokens[at] = sub[source].argmax(dim=-1)
         if random_rows:
-            x = self._final_rows(logits, random_rows, sub, processed_at)
-            tokens[random_rows] = self._draw(x, [seqs[i] for i in random_rows])
+            tokens[random_rows] = self._draw(logits, random_rows, seqs, sub, processed_at)
 
         if not want_logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(seqs))  # the step's one host sync
         return self._with_logprobs(tokens, raw_logprobs, want_logprobs, params)
-
-    @staticmethod
-    def _final_rows(logits, rows, sub, processed_at) -> torch.Tensor:
-        """The logits of `rows` after processing, [len(rows), vocab]: `logits` itself (no copy)
-        when that is every row and none was processed, else a gathered copy."""
-        inside = [(j, processed_at[r]) for j, r in enumerate(rows) if r in processed_at]
-        if not inside and len(rows) == logits.shape[0]:
-            return logits
-        x = logits[rows]
-        if inside:
-            at, source = zip(*inside)
-            x[list(at)] = sub[list(source)]
-        return x
 
     def _apply_bias_and_min_tokens(self, logits, seqs, in_min_tokens) -> None:
         """In place, on the processed rows."""
@@ -262,17 +264,19 @@ class Sampler:
         sub = sub - column("frequency_penalty") * output_counts - column("presence_penalty") * in_output
         logits[rows] = sub
 
-    def _draw(self, logits, seqs) -> torch.Tensor:
-        """Sample one token per row of `logits` ([R, vocab], temperature > 0 in every row; not
-        modified). Returns [R] int64."""
-        params = [s.params for s in seqs]
-        rows, vocab = logits.shape
-        weights = torch.empty(rows, -(-vocab // BLOCK) * BLOCK, device=logits.device, dtype=torch.float32)
+    def _draw(self, logits, rows, seqs, sub, processed_at) -> torch.Tensor:
+        """Sample one token for each of `rows` (indices into logits [S, vocab] and seqs, all with
+        temperature > 0; processed rows read from `sub` at processed_at[row]). Returns [len(rows)]
+        int64. Nothing passed in is modified."""
+        params = [seqs[i].params for i in rows]
+        vocab = logits.shape[1]
+        weights = torch.empty(len(rows), -(-vocab // BLOCK) * BLOCK, device=logits.device, dtype=torch.float32)
         w = weights[:, :vocab]
-        # exp(x / T - max / T): temperature-scaled softmax before normalising; the best token weighs
-        # 1. addcmul writes x / T - max / T in one pass over the row, exp_ makes it the weights.
-        inverse_t = _column([1.0 / p.temperature for p in params], w)
-        torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inverse_t, logits, inverse_t, out=w).exp_()
+        _exp_weights(_rows(logits, rows), params, out=w)
+        patch = [(j, processed_at[i]) for j, i in enumerate(rows) if i in processed_at]
+        if patch:
+            at, source = map(list, zip(*patch))
+            w[at] = _exp_weights(sub[source], [params[j] for j in at])
         weights[:, vocab:] = 0
         if any(p.min_p > 0 for p in params):  # p < min_p * p_max, i.e. weight < min_p
             w.masked_fill_(w < _column([p.min_p for p in params], w), 0)
@@ -280,7 +284,7 @@ class Sampler:
             self._top_k(w, params)
         if any(p.top_p < 1 for p in params):
             self._top_p(w, params)
-        return draw_from_weights(weights, self._uniforms(seqs, logits.device))
+        return draw_from_weights(weights, self._uniforms([seqs[i] for i in rows], logits.device))
 
     @staticmethod
     def _top_k(w, params) -> None:
