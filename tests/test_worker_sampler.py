@@ -254,3 +254,20 @@ def test_processing_some_rows_leaves_the_others_and_the_logits_alone():
     assert out.token_ids[1] != int(logits[1].argmax())
     assert out.token_ids[2] == 3
     assert out.token_ids[3] == max((8, 9), key=lambda t: logits[3, t])
+
+
+@pytest.mark.parametrize("prefix", [16, 10**9])  # the CPU's nucleus prefix in use, and the plain sort
+def test_top_p_alone_keeps_its_nucleus_short_or_long(monkeypatch, prefix):
+    monkeypatch.setattr("worker.sampler.NUCLEUS_PREFIX", prefix)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 300, generator=g) * 0.3  # nearly flat: 0.8 of it is ~240 tokens
+    logits[0, :6] += torch.tensor([9.0, 8.5, 8.0, 7.5, 7.0, 6.5])  # a nucleus of a few tokens
+    logits[2, 100:110] += 8.0
+    params = [SamplingOptions(temperature=1.0, top_p=0.8), SamplingOptions(temperature=1.0, top_p=0.8),
+              SamplingOptions(temperature=1.0)]
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+    Sampler._top_p(weights, params)
+    for i in (0, 1):
+        assert set(weights[i].nonzero().flatten().tolist()) == nucleus(logits[i], 1.0, 0, 0.8)
+    assert len(nucleus(logits[0], 1.0, 0, 0.8)) < 16 < len(nucleus(logits[1], 1.0, 0, 0.8))
+    assert torch.equal(weights[2], torch.exp(logits[2] - logits[2].amax()))  # no top_p: untouched

@@ -97,6 +97,11 @@ class SamplerOutput:
     logprobs: list[scheduler_pb2.TokenLogprob | None]  # per row; None where not asked for
 
 
+# Top-p on the CPU sorts only the rows whose nucleus is longer than this. SmolLM2-135M-Instruct's,
+# sampling a story at temperature 1: at top_p 0.9 at most 864 tokens (median 26), at 0.95 up to
+# 2,008 (median 91, 92% within 1,024).
+NUCLEUS_PREFIX = 1024
+
 # Tokens per block of the two-level draw: a row's block sums are a short cumsum, and so is the one
 # block the draw lands in (49,152 tokens: 192 blocks; 151,936: 594).
 BLOCK = 256
@@ -299,18 +304,31 @@ class Sampler:
     @staticmethod
     def _top_p(w, params) -> None:
         """In place, on the rows with top_p < 1: keep the smallest set of best tokens whose mass
-        reaches top_p (of what min_p and top-k left). Those rows are sorted; where each of them also
-        has top-k, only its top k are (the rest weigh 0 already)."""
+        reaches top_p (of what min_p and top-k left). Where each of those rows has top-k too, only
+        its top k are sorted (the rest weigh 0 already). Otherwise a GPU sorts the rows (cheap
+        there, and no host read); the CPU, where sorting the vocabulary is the cost and a host read
+        is free, sorts only the rows whose nucleus is not within their best NUCLEUS_PREFIX tokens."""
         rows = [i for i, p in enumerate(params) if p.top_p < 1]
         sub = w[rows]
+        limit = _column([params[i].top_p for i in rows], w) * sub.sum(dim=-1, keepdim=True)
+        vocab = w.shape[1]
         if all(params[i].top_k > 0 for i in rows):
-            best, order = sub.topk(min(max(params[i].top_k for i in rows), w.shape[1]), dim=-1)
+            groups = [(slice(None), *sub.topk(min(max(params[i].top_k for i in rows), vocab), dim=-1))]
+        elif w.device.type == "cpu" and vocab > NUCLEUS_PREFIX:
+            best, order = sub.topk(NUCLEUS_PREFIX, dim=-1)
+            outside = (best.sum(dim=-1, keepdim=True) <= limit).squeeze(1)
+            longer = outside.nonzero().squeeze(1).tolist()  # a host read: free on the CPU
+            groups = [(slice(None), best, order)]
+            if longer:
+                groups.append((longer, *sub[longer].sort(dim=-1, descending=True)))
         else:
-            best, order = sub.sort(dim=-1, descending=True)
-        mass_before = best.cumsum(dim=-1) - best  # the best token always stays: its mass_before is 0
-        top_p = _column([params[i].top_p for i in rows], w)
-        best.masked_fill_(mass_before > top_p * best.sum(dim=-1, keepdim=True), 0)
-        w[rows] = sub.scatter_(1, order, best)
+            groups = [(slice(None), *sub.sort(dim=-1, descending=True))]
+        out = torch.zeros_like(sub)
+        for at, best, order in groups:  # a later group's rows overwrite the prefix's
+            mass_before = best.cumsum(dim=-1) - best  # the best token always stays: its mass_before is 0
+            best.masked_fill_(mass_before > limit[at], 0)
+            out[at] = out[at].scatter_(1, order, best)
+        w[rows] = out
 
     def _uniforms(self, seqs, device) -> torch.Tensor:
         """[R] float64 in [0, 1): the unseeded rows' from the sampler's generator in one call,
