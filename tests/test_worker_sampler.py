@@ -50,6 +50,12 @@ def test_min_p_cuts_the_unlikely():
     assert drawn == {0, 1}  # 0.1 < 0.5 * 0.5
 
 
+def test_min_p_1_is_argmax_even_when_hot():
+    logits = random_logits(64, seed=4) * 10  # large logits: x / T - max / T rounds off zero
+    out = sampler()(logits, [seq(temperature=1.5, min_p=1.0) for _ in range(64)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
 def test_sampling_follows_the_distribution():
     logits = torch.full((1, VOCAB), -30.0)
     logits[0, 4], logits[0, 9] = 0.0, -1.0986  # probabilities 3/4 and 1/4

@@ -175,7 +175,8 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 def _exp_weights(logits: torch.Tensor, params, out: torch.Tensor | None = None) -> torch.Tensor:
     """exp(x / T - max / T) [R, vocab]: the temperature-scaled softmax before normalising (the best
-    token weighs 1), in two passes over the row after the max: addcmul, then exp in place."""
+    token weighs 1, to rounding: addcmul may fuse x * (1 / T) - max / T into one FMA), in two passes
+    over the row after the max: addcmul, then exp in place."""
     inverse_t = _column([1.0 / p.temperature for p in params], logits)
     return torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inverse_t, logits, inverse_t, out=out).exp_()
 
@@ -283,8 +284,8 @@ class Sampler:
             at, source = map(list, zip(*patch))
             w[at] = _exp_weights(sub[source], [params[j] for j in at])
         weights[:, vocab:] = 0
-        if any(p.min_p > 0 for p in params):  # p < min_p * p_max, i.e. weight < min_p
-            w.masked_fill_(w < _column([p.min_p for p in params], w), 0)
+        if any(p.min_p > 0 for p in params):  # p < min_p * p_max; the best weighs 1 only to rounding
+            w.masked_fill_(w < _column([p.min_p for p in params], w) * w.amax(dim=-1, keepdim=True), 0)
         if any(p.top_k > 0 for p in params):
             self._top_k(w, params)
         if any(p.top_p < 1 for p in params):
