@@ -122,6 +122,7 @@ def compare(before, after, rounds: int) -> dict:
         out[side] = {"min_ms": round(min(wall), 3), "median_ms": round(statistics.median(wall), 3),
                      "cpu_ms_of_min": round(min(runs)[1], 3)}
     out["speedup"] = round(out["before"]["min_ms"] / out["after"]["min_ms"], 2)
+    out["cpu_speedup"] = round(out["before"]["cpu_ms_of_min"] / max(out["after"]["cpu_ms_of_min"], 1e-3), 2)
     return out
 
 
@@ -192,7 +193,8 @@ def print_row(r: dict) -> None:
     b, a = r["before"], r["after"]
     print(f"{r['what']:<26} vocab {r['vocab']:>6} batch {r['batch']:>3}: before {b['min_ms']:8.2f} ms "
           f"(median {b['median_ms']:8.2f}, cpu {b['cpu_ms_of_min']:8.2f})  after {a['min_ms']:8.2f} ms "
-          f"(median {a['median_ms']:8.2f}, cpu {a['cpu_ms_of_min']:8.2f})  x{r['speedup']}", flush=True)
+          f"(median {a['median_ms']:8.2f}, cpu {a['cpu_ms_of_min']:8.2f})  x{r['speedup']} (cpu x{r['cpu_speedup']})",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,14 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits if len(rows) == logits.shape[0] else logits[rows]
 
 
+def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """tokens with tokens[rows] = values: `values` itself when rows are all of them (no scatter)."""
+    if len(rows) == tokens.shape[0]:
+        return values
+    tokens[rows] = values
+    return tokens
+
+
 def _exp_weights(logits: torch.Tensor, params, out: torch.Tensor | None = None) -> torch.Tensor:
     """exp(x / T - max / T) [R, vocab]: the temperature-scaled softmax before normalising (the best
     token weighs 1, to rounding: addcmul may fuse x * (1 / T) - max / T into one FMA), in two passes
@@ -212,13 +220,13 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:  # the raw rows' argmax, then the processed rows' own (a few rows read twice, no copy)
-            tokens[greedy] = _rows(logits, greedy).argmax(dim=-1)
+            tokens = _put(tokens, greedy, _rows(logits, greedy).argmax(dim=-1))
             patch = [(i, processed_at[i]) for i in greedy if i in processed_at]
             if patch:
                 at, source = map(list, zip(*patch))
                 tokens[at] = sub[source].argmax(dim=-1)
         if random_rows:
-            tokens[random_rows] = self._draw(logits, random_rows, seqs, sub, processed_at)
+            tokens = _put(tokens, random_rows, self._draw(logits, random_rows, seqs, sub, processed_at))
 
         if not want_logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(seqs))  # the step's one host sync
