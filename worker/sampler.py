@@ -145,9 +145,10 @@ def draw_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     """Inverse-CDF draw: weights [R, nb * BLOCK] >= 0 (float32, each row with a positive entry),
     uniforms [R] float64 in [0, 1). Returns [R] int64: index i with probability weights[i] / row sum.
 
-    Two levels, so no pass over the whole row is a sequential cumsum: the row's block sums (float64),
-    the block where u * total falls, then the cumsum of that block alone. Zero-weight entries own
-    an empty interval and are never drawn, even where float rounding pushes the target to the end."""
+    Two levels, so no pass over the whole row is a sequential cumsum: the row's block sums (then
+    cumulated in float64), the block where u * total falls, then the cumsum of that block alone.
+    Zero-weight entries own an empty interval and are never drawn, even where float rounding pushes
+    the target past a block's end."""
     rows, width = weights.shape
     blocks = weights.view(rows, width // BLOCK, BLOCK)
     sums = blocks.sum(-1).double()  # summed in float32: a float64 sum was ~10x slower on the CPU
