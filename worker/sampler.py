@@ -163,6 +163,27 @@ def draw_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return (block * BLOCK + offset).squeeze(1)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for x [R, V], the same index (the first of equal maxima, NaN above all), in
+    one max pass over blocks of BLOCK and a look into the one block that holds the row's max: on
+    the CPU torch's argmax read 256 x 49,152 floats at a quarter of amax's speed (12.6 against 2.7
+    ms of one core)."""
+    rows, vocab = x.shape
+    whole = vocab // BLOCK * BLOCK
+    if whole == 0:
+        return x.argmax(dim=-1)
+    blocks = x[:, :whole].reshape(rows, whole // BLOCK, BLOCK)  # a view: each row's blocks are contiguous
+    block = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # the first block holding the max
+    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, BLOCK)).squeeze(1)
+    best = block.squeeze(1) * BLOCK + inner.argmax(dim=-1)
+    if whole == vocab:
+        return best
+    tail = x[:, whole:]  # fewer than BLOCK tokens: the row's max is here only where it beats the blocks'
+    top, tail_top = inner.amax(dim=-1), tail.amax(dim=-1)
+    later = (tail_top > top) | (tail_top.isnan() & ~top.isnan())
+    return torch.where(later, whole + tail.argmax(dim=-1), best)
+
+
 def _last_positive(x: torch.Tensor) -> torch.Tensor:
     """[R, 1]: the last column index of each row of x [R, N] holding a positive value."""
     positions = torch.arange(x.shape[1], device=x.device)
@@ -221,7 +242,7 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy:  # the raw rows' argmax, then the processed rows' own (a few rows read twice, no copy)
-            tokens = _put(tokens, greedy, _rows(logits, greedy).argmax(dim=-1))
+            tokens = _put(tokens, greedy, argmax_rows(_rows(logits, greedy)))
             patch = [(i, processed_at[i]) for i in greedy if i in processed_at]
             if patch:
                 at, source = map(list, zip(*patch))
