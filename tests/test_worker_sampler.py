@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from worker.batch import SequenceState
-from worker.sampler import BLOCK, Sampler, SamplingOptions, argmax_rows, draw_from_weights
+from worker.cpu.argmax import argmax_rows
+from worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
 
 VOCAB = 32
 EOS = 1
@@ -29,16 +30,18 @@ def test_greedy_is_argmax():
     assert out.logprobs == [None] * 6
 
 
-@pytest.mark.parametrize("vocab", [7, 256, 600, 1024])  # under a block, whole blocks, a partial last one
-def test_blocked_argmax_is_torch_argmax_ties_and_nans_included(vocab):
+@pytest.mark.parametrize("vocab", [7, 256, 601, 1024])  # under a vector, whole vectors, a partial last one
+def test_cpu_argmax_is_torch_argmax_ties_and_nans_included(vocab):
     g = torch.Generator().manual_seed(vocab)
     x = torch.randint(0, 4, (64, vocab), generator=g).float()  # many equal maxima: the first one wins
     x[1] = 0.0
     x[2, vocab // 3] = float("nan")
-    x[3, -1] = float("nan")  # in the partial last block, where there is one
+    x[3, -1] = float("nan")  # in the partial last vector, where there is one
     x[4, :] = float("-inf")
     x[5, -1] = 9.0
+    x[6, 0], x[6, -1] = float("nan"), 9.0
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:, 1:]), x[:, 1:].argmax(dim=-1))  # rows apart by more than their length
 
 
 def test_top_k_1_is_argmax_even_when_hot():
