@@ -16,14 +16,9 @@ SOURCE = Path(__file__).with_name("argmax.c")
 
 @functools.cache
 def _kernel():
-    lib = native.load(SOURCE, native.BASE_FLAGS, "greedy rows use torch's argmax")
-    if lib is None:
-        return None
-    fn = lib.argmax_rows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, p]
-    fn.restype = None
-    return fn
+    return native.load_function(SOURCE, native.BASE_FLAGS, "greedy rows use torch's argmax", "argmax_rows",
+                                [p, i64, i64, i64, p], None)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
