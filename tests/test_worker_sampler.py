@@ -4,6 +4,7 @@ import torch
 
 from worker.batch import SequenceState
 from worker.cpu.argmax import argmax_rows
+from worker.cpu.draw import cpu_draw_rows
 from worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
 
 VOCAB = 32
@@ -217,8 +218,13 @@ def test_bad_words_ban_a_sequence_only_after_its_prefix():
     assert sampler()(logits, [seq(bad_words=((7,), (8,)), temperature=0)]).token_ids == [20]
 
 
+@pytest.mark.parametrize("kernel", [True, False])  # cpu/draw.c, and the torch ops a GPU runs
 @pytest.mark.parametrize("vocab", [7, 256, 600])  # under one block, exactly one, a partial last block
-def test_two_level_draw_follows_the_weights_and_never_draws_a_zero(vocab):
+def test_two_level_draw_follows_the_weights_and_never_draws_a_zero(monkeypatch, vocab, kernel):
+    if not kernel:
+        monkeypatch.setattr("worker.sampler.cpu_draw_rows", lambda: None)
+    else:
+        assert cpu_draw_rows() is not None
     g = torch.Generator().manual_seed(vocab)
     weights = torch.zeros(1, -(-vocab // BLOCK) * BLOCK)
     picked = torch.randperm(vocab, generator=g)[:5]

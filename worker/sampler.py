@@ -23,6 +23,7 @@ import torch
 
 from pagedserve.v1 import scheduler_pb2
 from worker.cpu.argmax import argmax_rows
+from worker.cpu.draw import cpu_draw_rows
 from worker.token_bans import apply_token_bans
 from worker.structured_output import apply_bitmask
 
@@ -150,6 +151,13 @@ def draw_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     cumulated in float64), the block where u * total falls, then the cumsum of that block alone.
     Zero-weight entries own an empty interval and are never drawn, even where float rounding pushes
     the target past a block's end."""
+    kernel = cpu_draw_rows() if weights.device.type == "cpu" else None
+    if kernel is not None:  # the same draw in one parallel region (cpu/draw.c)
+        out = torch.empty(weights.shape[0], dtype=torch.int64)
+        uniforms = uniforms.contiguous()
+        kernel(weights.data_ptr(), weights.shape[0], weights.shape[1], weights.stride(0), uniforms.data_ptr(),
+               out.data_ptr())
+        return out
     rows, width = weights.shape
     blocks = weights.view(rows, width // BLOCK, BLOCK)
     sums = blocks.sum(-1).double()  # summed in float32: a float64 sum was ~10x slower on the CPU
