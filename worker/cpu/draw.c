@@ -54,7 +54,9 @@ static int64_t draw_row(const float *w, int64_t n, double u) {
     return last;
 }
 
+#define PARALLEL_FLOATS (1 << 20) /* below it one thread: see cpu/argmax.c */
+
 void draw_rows(const float *w, int64_t rows, int64_t n, int64_t ld, const double *u, int64_t *out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FLOATS)
     for (int64_t r = 0; r < rows; r++) out[r] = draw_row(w + r * ld, n, u[r]);
 }
