@@ -12,7 +12,8 @@ vocabulary: exp((logits - max) / T) (the softmax before normalising), the min_p/
 where asked for (top-p alone sorts the row, as vLLM does; with top-k only the top k), and an
 inverse-CDF draw in two levels (sums of blocks of BLOCK tokens, then one block), which needs one
 uniform number per row: drawing noise for every token (the exponential race) cost ~15x more on
-the CPU at vocab 49k.
+the CPU at vocab 49k. On the CPU the greedy argmax and the draw run in C (cpu/argmax.c, cpu/draw.c:
+one parallel region each, the same results as the torch ops a GPU runs).
 
 Seeded rows draw their number from a generator seeded by (seed, num_generated): the same request
 draws the same token whatever else is in the batch, and again after preemption and recompute.
