@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# A "step" allocates three 25 MiB blocks (activations of a 2048-token prefill are that size) and one
-# of 48 MiB (the logits of a decode step at batch 256, vocabulary 49,152: above glibc's largest
-# mmap threshold), touches them, frees them all; the third step's page faults are printed.
+# A "step" allocates four 25 MiB blocks (activations of a 2048-token prefill are that size) and a
+# 48 MiB one (a decode step's logits at batch 256 and vocab 49,152), touches them, frees them all;
+# the third step's page faults are printed.
 STEP = """
 import ctypes, resource, sys
 from worker.cpu.host_memory import keep_freed_memory
@@ -18,10 +18,10 @@ libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, 
 
 def step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    sizes = [25 << 20] * 3 + [48 << 20]
-    blocks = [libc.malloc(n) for n in sizes]
-    for b, n in zip(blocks, sizes):
-        libc.memset(b, 1, n)
+    sizes = [25 << 20] * 4 + [48 << 20]
+    blocks = [libc.malloc(size) for size in sizes]
+    for b, size in zip(blocks, sizes):
+        libc.memset(b, 1, size)
     for b in blocks:
         libc.free(b)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -39,6 +39,6 @@ def third_step_faults(mode: str) -> tuple[int, str]:
 def test_a_step_reuses_the_memory_the_last_step_freed():
     default, _ = third_step_faults("default")
     kept, said = third_step_faults("keep")
-    assert said == "malloc keeps freed memory (no mmap, no trimming)"
-    assert default > 30_000  # 123 MiB is 31,488 pages: glibc returned them, they fault in again
+    assert said == "malloc keeps freed memory (1024 MiB mmap threshold, no trimming)"
+    assert default > 30_000  # 148 MiB is 37,888 pages: glibc returned them, they fault in again
     assert kept < 100

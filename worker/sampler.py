@@ -3,10 +3,19 @@
 The order is vLLM's: logprobs from the raw logits; then token bans (allowed_token_ids, bad_words),
 logit_bias and min_tokens; then repetition, frequency and presence penalties; the structured-output
 bitmask of constrained rows (worker/structured_output.py); greedy rows take the argmax of that;
-random rows go on through temperature, min_p, top-k/top-p and an exponential-race draw (argmax of
-p / q with q ~ Exp(1), which picks token i with probability p_i). A feature no row uses costs nothing.
+random rows go on through temperature, min_p, top-k/top-p and a draw.
 
-Seeded rows draw their noise from a generator seeded by (seed, num_generated): the same request
+What a step costs follows what its rows ask for (benchmarks/sampler.py): the rows that use bans,
+bias, min_tokens, penalties or a grammar are copied out and processed alone; the others are read
+where the LM head wrote them (greedy: one argmax pass). A random row costs a few passes over its
+vocabulary: exp((logits - max) / T) (the softmax before normalising), the min_p/top-k/top-p masks
+where asked for (top-p alone sorts the row, as vLLM does; with top-k only the top k), and an
+inverse-CDF draw in two levels (sums of blocks of BLOCK tokens, then one block), which needs one
+uniform number per row: drawing noise for every token (the exponential race) cost ~15x more on
+the CPU at vocab 49k. On the CPU the greedy argmax and the draw run in C (cpu/argmax.c, cpu/draw.c:
+one parallel region each, the same results as the torch ops a GPU runs).
+
+Seeded rows draw their number from a generator seeded by (seed, num_generated): the same request
 draws the same token whatever else is in the batch, and again after preemption and recompute.
 """
 from dataclasses import dataclass, field
@@ -14,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.v1 import scheduler_pb2
+from worker.cpu.argmax import argmax_rows
+from worker.cpu.draw import cpu_draw_rows
 from worker.token_bans import apply_token_bans
 from worker.structured_output import apply_bitmask
 
@@ -70,6 +81,16 @@ class SamplerOutput:
     logprobs: list[scheduler_pb2.TokenLogprob | None]  # per row; None where not asked for
 
 
+# Top-p on the CPU sorts only the rows whose nucleus is longer than this. SmolLM2-135M-Instruct's,
+# sampling a story at temperature 1: at top_p 0.9 at most 864 tokens (median 26), at 0.95 up to
+# 2,008 (median 91, 92% within 1,024).
+NUCLEUS_PREFIX = 1024
+
+# Tokens per block of the two-level draw: a row's block sums are a short cumsum, and so is the one
+# block the draw lands in (49,152 tokens: 192 blocks; 151,936: 594).
+BLOCK = 256
+
+
 def _seed_for(seed: int, num_generated: int) -> int:
     # splitmix64-style mix, so consecutive tokens of a request get unrelated streams.
     x = (seed * 0x9E3779B97F4A7C15 + num_generated + 1) & 0xFFFFFFFFFFFFFFFF
@@ -91,6 +112,75 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tenso
     return counts[:, :vocab_size]
 
 
+def _column(values: list, like: torch.Tensor) -> torch.Tensor:
+    """[len(values), 1] on like's device and dtype: one per-row parameter, built once per step."""
+    return torch.tensor(values, device=like.device, dtype=like.dtype)[:, None]
+
+
+def _needs_processing(s, in_min_tokens: bool) -> bool:
+    """Whether row `s` uses anything before the argmax/draw: bans, bias, min_tokens, penalties, a grammar."""
+    p = s.params
+    return bool(p.allowed_token_ids or p.bad_words or p.logit_bias or in_min_tokens
+                or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                or (s.grammar is not None and not s.grammar.is_terminated()))
+
+
+def draw_from_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: weights [R, nb * BLOCK] >= 0 (float32, each row with a positive entry),
+    uniforms [R] float64 in [0, 1). Returns [R] int64: index i with probability weights[i] / row sum.
+
+    Two levels, so no pass over the whole row is a sequential cumsum: the row's block sums (then
+    cumulated in float64), the block where u * total falls, then the cumsum of that block alone.
+    Zero-weight entries own an empty interval and are never drawn, even where float rounding pushes
+    the target past a block's end."""
+    kernel = cpu_draw_rows() if weights.device.type == "cpu" else None
+    if kernel is not None:  # the same draw in one parallel region (cpu/draw.c)
+        out = torch.empty(weights.shape[0], dtype=torch.int64)
+        uniforms = uniforms.contiguous()
+        kernel(weights.data_ptr(), weights.shape[0], weights.shape[1], weights.stride(0), uniforms.data_ptr(),
+               out.data_ptr())
+        return out
+    rows, width = weights.shape
+    blocks = weights.view(rows, width // BLOCK, BLOCK)
+    sums = blocks.sum(-1).double()  # summed in float32: a float64 sum was ~10x slower on the CPU
+    cum = sums.cumsum(-1)
+    target = (uniforms * cum[:, -1])[:, None]
+    block = torch.searchsorted(cum, target, right=True)
+    block = torch.minimum(block, _last_positive(sums))
+    before = torch.where(block > 0, cum.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    inner = blocks.gather(1, block[:, :, None].expand(rows, 1, BLOCK)).squeeze(1).double()
+    offset = torch.searchsorted(inner.cumsum(-1), target - before, right=True)
+    offset = torch.minimum(offset, _last_positive(inner))
+    return (block * BLOCK + offset).squeeze(1)
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """[R, 1]: the last column index of each row of x [R, N] holding a positive value."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    return torch.where(x > 0, positions, 0).amax(dim=-1, keepdim=True)
+
+
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: the tensor itself (no copy) when that is every row."""
+    return logits if len(rows) == logits.shape[0] else logits[rows]
+
+
+def _put(tokens: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """tokens with tokens[rows] = values: `values` itself when rows are all of them (no scatter)."""
+    if len(rows) == tokens.shape[0]:
+        return values
+    tokens[rows] = values
+    return tokens
+
+
+def _exp_weights(logits: torch.Tensor, params, out: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x / T - max / T) [R, vocab]: the temperature-scaled softmax before normalising (the best
+    token weighs 1, to rounding: addcmul may fuse x * (1 / T) - max / T into one FMA), in two passes
+    over the row after the max: addcmul, then exp in place."""
+    inverse_t = _column([1.0 / p.temperature for p in params], logits)
+    return torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inverse_t, logits, inverse_t, out=out).exp_()
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device):
         self.vocab_size = vocab_size
@@ -100,53 +190,68 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs) -> SamplerOutput:
         """logits: [S, vocab] float32, one row per sequence in `seqs` (objects with .params,
-        .token_ids, .num_prompt, .num_generated)."""
+        .token_ids, .num_prompt, .num_generated, .grammar); not modified."""
         params = [s.params for s in seqs]
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
-        logits = apply_token_bans(logits, seqs)
-        logits = self._apply_bias_and_min_tokens(logits, seqs)
-        logits = self._apply_penalties(logits, seqs)
-        logits = apply_bitmask(logits, seqs)  # structured outputs: only constrained rows
-        tokens = logits.argmax(dim=-1)
+        # min_tokens is checked here once: processing keys on it, and so does the EOS ban.
+        in_min_tokens = [s.num_generated < s.params.min_tokens for s in seqs]
+        processed = [i for i, s in enumerate(seqs) if _needs_processing(s, in_min_tokens[i])]
+        sub = None
+        if processed:  # only these rows are copied and get full-vocabulary work
+            picked = [seqs[i] for i in processed]
+            sub = logits[processed]
+            apply_token_bans(sub, picked)
+            self._apply_bias_and_min_tokens(sub, picked, [in_min_tokens[i] for i in processed])
+            self._apply_penalties(sub, picked)
+            apply_bitmask(sub, picked)
+        processed_at = {row: j for j, row in enumerate(processed)}
+
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:  # the raw rows' argmax, then the processed rows' own (a few rows read twice, no copy)
+            tokens = _put(tokens, greedy, argmax_rows(_rows(logits, greedy)))
+            patch = [(i, processed_at[i]) for i in greedy if i in processed_at]
+            if patch:
+                at, source = map(list, zip(*patch))
+                tokens[at] = sub[source].argmax(dim=-1)
         if random_rows:
-            tokens[random_rows] = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
+            tokens = _put(tokens, random_rows, self._draw(logits, random_rows, seqs, sub, processed_at))
 
         if not want_logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(seqs))  # the step's one host sync
         return self._with_logprobs(tokens, raw_logprobs, want_logprobs, params)
 
-    def _apply_bias_and_min_tokens(self, logits, seqs):
+    def _apply_bias_and_min_tokens(self, logits, seqs, in_min_tokens) -> None:
+        """In place, on the processed rows."""
         biased = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.logit_bias.items()]
         # Before min_tokens, EOS and the stop ids may not be drawn: the scheduler would stop on them.
         banned = [
             (i, t)
             for i, s in enumerate(seqs)
-            if s.num_generated < s.params.min_tokens
+            if in_min_tokens[i]
             for t in (*self.eos_token_ids, *s.params.stop_token_ids)
             if 0 <= t < self.vocab_size
         ]
-        if not biased and not banned:
-            return logits
-        logits = logits.clone()
+        device = logits.device
         if biased:
             rows, cols, bias = zip(*biased)
-            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-            logits.index_put_(index, torch.tensor(bias, device=logits.device, dtype=logits.dtype), accumulate=True)
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            logits.index_put_(index, torch.tensor(bias, device=device, dtype=logits.dtype), accumulate=True)
         if banned:
             rows, cols = zip(*banned)
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
-        return logits
+            logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
 
-    def _apply_penalties(self, logits, seqs):
+    def _apply_penalties(self, logits, seqs) -> None:
+        """In place, on the processed rows that ask for a penalty."""
         rows = [
             i for i, s in enumerate(seqs)
             if s.params.repetition_penalty != 1 or s.params.presence_penalty or s.params.frequency_penalty
         ]
         if not rows:
-            return logits
+            return
         device = logits.device
         sub = logits[rows]
         picked = [seqs[i] for i in rows]
@@ -154,55 +259,90 @@ class Sampler:
         in_output = output_counts > 0
 
         def column(name):
-            return torch.tensor([getattr(s.params, name) for s in picked], device=device, dtype=sub.dtype)[:, None]
+            return _column([getattr(s.params, name) for s in picked], sub)
 
-        repetition = column("repetition_penalty")
         if any(s.params.repetition_penalty != 1 for s in picked):  # from the host: no device sync
+            repetition = column("repetition_penalty")
             # vLLM's (and CTRL's) rule: over prompt and output, divide positive logits, multiply negative.
             seen = in_output | (_token_counts([s.token_ids[: s.num_prompt] for s in picked], self.vocab_size, device) > 0)
             penalized = torch.where(sub > 0, sub / repetition, sub * repetition)
             sub = torch.where(seen, penalized, sub)
         sub = sub - column("frequency_penalty") * output_counts - column("presence_penalty") * in_output
-        logits = logits.clone()
         logits[rows] = sub
-        return logits
 
-    def _draw(self, logits, seqs) -> torch.Tensor:
-        """Sample one token per row of `logits` (all rows have temperature > 0)."""
-        params = [s.params for s in seqs]
-        device = logits.device
-        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
-        if any(p.min_p > 0 for p in params):
-            probs = logits.softmax(dim=-1)
-            min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-            logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            logits = self._top_k_top_p(logits, params)
-        probs = logits.softmax(dim=-1)
-
-        noise = torch.empty_like(probs)
-        seeded = [i for i, p in enumerate(params) if p.seed is not None]
-        unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(generator=self.generator)
-        for i in seeded:
-            g = torch.Generator(device).manual_seed(_seed_for(params[i].seed, seqs[i].num_generated))
-            noise[i].exponential_(generator=g)
-        return (probs / noise.clamp_(min=1e-10)).argmax(dim=-1)
-
-    def _top_k_top_p(self, logits, params):
-        # One sort serves both: top-k cuts by rank, top-p by the cumulative mass of what is left.
+    def _draw(self, logits, rows, seqs, sub, processed_at) -> torch.Tensor:
+        """Sample one token for each of `rows` (indices into logits [S, vocab] and seqs, all with
+        temperature > 0; processed rows read from `sub` at processed_at[row]). Returns [len(rows)]
+        int64. Nothing passed in is modified."""
+        params = [seqs[i].params for i in rows]
         vocab = logits.shape[1]
-        device = logits.device
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
-        ranks = torch.arange(vocab, device=device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the best token always stays: its mass_before is 0
-        sorted_logits = sorted_logits.masked_fill((mass_before > top_p) & (top_p < 1), float("-inf"))
-        return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+        weights = torch.empty(len(rows), -(-vocab // BLOCK) * BLOCK, device=logits.device, dtype=torch.float32)
+        w = weights[:, :vocab]
+        _exp_weights(_rows(logits, rows), params, out=w)
+        patch = [(j, processed_at[i]) for j, i in enumerate(rows) if i in processed_at]
+        if patch:
+            at, source = map(list, zip(*patch))
+            w[at] = _exp_weights(sub[source], [params[j] for j in at])
+        weights[:, vocab:] = 0
+        if any(p.min_p > 0 for p in params):  # p < min_p * p_max; the best weighs 1 only to rounding
+            w.masked_fill_(w < _column([p.min_p for p in params], w) * w.amax(dim=-1, keepdim=True), 0)
+        if any(p.top_k > 0 for p in params):
+            self._top_k(w, params)
+        if any(p.top_p < 1 for p in params):
+            self._top_p(w, params)
+        return draw_from_weights(weights, self._uniforms([seqs[i] for i in rows], logits.device))
+
+    @staticmethod
+    def _top_k(w, params) -> None:
+        """In place: zero every weight below the row's k-th largest (ties with it stay, as vLLM's)."""
+        vocab = w.shape[1]
+        k_max = min(max(p.top_k for p in params), vocab)
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params], device=w.device)
+        kth = w.topk(k_max, dim=-1).values.gather(1, (k - 1)[:, None])
+        off = _column([p.top_k <= 0 for p in params], w).bool()
+        w.masked_fill_((w < kth) & ~off, 0)
+
+    @staticmethod
+    def _top_p(w, params) -> None:
+        """In place, on the rows with top_p < 1: keep the smallest set of best tokens whose mass
+        reaches top_p (of what min_p and top-k left). Where each of those rows has top-k too, only
+        its top k are sorted (the rest weigh 0 already). Otherwise a GPU sorts the rows (cheap
+        there, and no host read); the CPU, where sorting the vocabulary is the cost and a host read
+        is free, sorts only the rows whose nucleus is not within their best NUCLEUS_PREFIX tokens."""
+        rows = [i for i, p in enumerate(params) if p.top_p < 1]
+        sub = w[rows]
+        limit = _column([params[i].top_p for i in rows], w) * sub.sum(dim=-1, keepdim=True)
+        vocab = w.shape[1]
+        if all(params[i].top_k > 0 for i in rows):
+            groups = [(slice(None), *sub.topk(min(max(params[i].top_k for i in rows), vocab), dim=-1))]
+        elif w.device.type == "cpu" and vocab > NUCLEUS_PREFIX:
+            best, order = sub.topk(NUCLEUS_PREFIX, dim=-1)
+            outside = (best.sum(dim=-1, keepdim=True) <= limit).squeeze(1)
+            longer = outside.nonzero().squeeze(1).tolist()  # a host read: free on the CPU
+            groups = [(slice(None), best, order)]
+            if longer:
+                groups.append((longer, *sub[longer].sort(dim=-1, descending=True)))
+        else:
+            groups = [(slice(None), *sub.sort(dim=-1, descending=True))]
+        out = torch.zeros_like(sub)
+        for at, best, order in groups:  # a later group's rows overwrite the prefix's
+            mass_before = best.cumsum(dim=-1) - best  # the best token always stays: its mass_before is 0
+            best.masked_fill_(mass_before > limit[at], 0)
+            out[at] = out[at].scatter_(1, order, best)
+        w[rows] = out
+
+    def _uniforms(self, seqs, device) -> torch.Tensor:
+        """[R] float64 in [0, 1): the unseeded rows' from the sampler's generator in one call,
+        each seeded row's from its own (seed, position) generator."""
+        u = torch.empty(len(seqs), dtype=torch.float64, device=device)
+        unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded), generator=self.generator, dtype=torch.float64, device=device)
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                g = torch.Generator(device).manual_seed(_seed_for(s.params.seed, s.num_generated))
+                u[i] = torch.rand(1, generator=g, dtype=torch.float64, device=device)[0]
+        return u
 
     def _with_logprobs(self, tokens, raw_logprobs, rows, params) -> SamplerOutput:
         """Token ids, and for `rows` the sampled token's logprob and the top k, brought to the host

@@ -24,15 +24,14 @@ def banned_by_bad_words(bad_words: Sequence[Sequence[int]], output: Sequence[int
 
 def apply_token_bans(logits: torch.Tensor, seqs) -> torch.Tensor:
     """logits: [S, vocab], one row per sequence of `seqs` (objects with .params.allowed_token_ids,
-    .params.bad_words, .token_ids and .num_prompt). Returns the logits with every banned entry at
-    -inf: a copy when anything is banned, the same tensor otherwise."""
+    .params.bad_words, .token_ids and .num_prompt). Sets every banned entry to -inf, in place (the
+    sampler passes its own copy of the rows that need it), and returns `logits`."""
     allowed = [(i, s.params.allowed_token_ids) for i, s in enumerate(seqs)
                if s.params.allowed_token_ids]
     banned = [(i, t) for i, s in enumerate(seqs) if s.params.bad_words
               for t in banned_by_bad_words(s.params.bad_words, s.token_ids[s.num_prompt:])]
     if not allowed and not banned:
         return logits
-    logits = logits.clone()
     device = logits.device
     for row, ids in allowed:
         keep = torch.full((logits.shape[1],), float("-inf"), device=device, dtype=logits.dtype)

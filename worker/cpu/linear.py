@@ -32,14 +32,9 @@ MAX_KERNEL_ROWS = 128
 
 @functools.cache
 def linear_rows():
-    lib = native.load(SOURCE, native.BASE_FLAGS, "linears use oneDNN at every size")
-    if lib is None:
-        return None
-    fn = lib.linear_rows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, p, i64, p]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.load_function(SOURCE, native.BASE_FLAGS, "linears use oneDNN at every size", "linear_rows",
+                                [p, i64, i64, p, p, i64, p], ctypes.c_int)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

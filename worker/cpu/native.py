@@ -69,3 +69,13 @@ def load(source: Path, flags: list[str], what: str) -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or e
         log.warning("%s unavailable (%s): %s", source.name, detail, what)
         return None
+
+
+def load_function(source: Path, flags: list[str], what: str, name: str, argtypes: list, restype):
+    """One C function of `source`'s library, typed, or None where `load` gives no library."""
+    lib = load(source, flags, what)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
