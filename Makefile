@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 model: install
-	$(BIN)/python -m pagedserve.fetch_model --output $(MODEL_DIR)
+	$(BIN)/python -m pagedserve.entrypoints.fetch_model --output $(MODEL_DIR)
 
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)

@@ -18,7 +18,7 @@ from openai import OpenAI
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from pagedserve.local_server import LocalServer, serve_args
+from pagedserve.entrypoints.local_server import LocalServer, serve_args
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pagedserve.bench.model_dir import build_model_dir, parse_overrides  # noqa: E402
-from pagedserve.launcher import free_port  # noqa: E402
+from pagedserve.entrypoints.bench.model_dir import build_model_dir, parse_overrides  # noqa: E402
+from pagedserve.entrypoints.launcher import free_port  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
 from pagedserve.v1 import worker_pb2 as wpb  # noqa: E402
 from scheduler.request import SamplingLimits  # noqa: E402

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from pagedserve.healthcheck import http_ok  # noqa: E402
-from pagedserve.launcher import free_port  # noqa: E402
+from pagedserve.entrypoints.healthcheck import http_ok  # noqa: E402
+from pagedserve.entrypoints.launcher import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -7,10 +7,10 @@
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "pagedserve.offline",
-    "SamplingParams": "pagedserve.sampling_params",
-    "RequestOutput": "pagedserve.outputs",
-    "CompletionOutput": "pagedserve.outputs",
+    "LLM": "pagedserve.entrypoints.llm",
+    "SamplingParams": "pagedserve.entrypoints.sampling_params",
+    "RequestOutput": "pagedserve.entrypoints.outputs",
+    "CompletionOutput": "pagedserve.entrypoints.outputs",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -4,7 +4,7 @@ ChoiceOutput is the one output type of the generation path, vLLM's CompletionOut
 incrementally: the token ids, text, logprobs, cumulative logprob, finish and stop reasons of one
 choice. The HTTP API shapes each Delta (what one scheduler message added) as OpenAI JSON or a
 streamed chunk (router/responses.py); the offline API reads the whole ChoiceOutput
-(pagedserve/outputs.py), never the JSON.
+(pagedserve/entrypoints/outputs.py), never the JSON.
 
 Each token is detokenized, then passed through the stop strings; the tokens kept (for usage and
 token_ids) stop at the token that completed a stop string. A sequence the scheduler ends on EOS or

@@ -12,7 +12,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest
 
-from pagedserve.fetch_model import MARKER
+from pagedserve.entrypoints.fetch_model import MARKER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"

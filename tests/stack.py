@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from pagedserve.healthcheck import http_ok
-from pagedserve.launcher import free_port
+from pagedserve.entrypoints.healthcheck import http_ok
+from pagedserve.entrypoints.launcher import free_port
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 
@@ -57,7 +57,7 @@ def launch(model_dir: Path, *flags: str, log_dir: Path) -> Stack:
     """Starts `pagedserve serve` (its log in log_dir) and returns at once, before it is healthy."""
     port, grpc_port = free_port(), free_port()
     log_path = log_dir / f"stack-{port}.log"
-    cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *flags]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

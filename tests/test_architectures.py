@@ -206,7 +206,7 @@ def test_load_errors_name_the_file_or_the_architectures(tiny, tmp_path, damage):
 
 def test_serve_stops_with_the_load_error_before_opening_a_port(tiny, tmp_path):
     model_dir, message = damaged_copy(tiny, tmp_path, "architecture")
-    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", "--model", str(model_dir), "--port", "1"],
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", str(model_dir), "--port", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if message in line]

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from pagedserve.healthcheck import http_ok
+from pagedserve.entrypoints.healthcheck import http_ok
 from tests.stack import ROOT
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -60,7 +60,7 @@ def read_results(path) -> list[dict]:
 
 
 def run_batch_command(input_path, output_path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "pagedserve.cli", "run-batch", "-i", str(input_path),
+    return [sys.executable, "-m", "pagedserve.entrypoints.cli", "run-batch", "-i", str(input_path),
             "-o", str(output_path), "--disable-progress-bar", *flags]
 
 

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from pagedserve.bench.client import RequestOutput
-from pagedserve.bench.compare import ratios
-from pagedserve.bench.datasets import length_range, random_requests, vocab_size_of
-from pagedserve.bench.metrics import LATENCIES, summarize
-from pagedserve.bench.model_dir import NOOP_OVERRIDES, build_model_dir
+from pagedserve.entrypoints.bench.client import RequestOutput
+from pagedserve.entrypoints.bench.compare import ratios
+from pagedserve.entrypoints.bench.datasets import length_range, random_requests, vocab_size_of
+from pagedserve.entrypoints.bench.metrics import LATENCIES, summarize
+from pagedserve.entrypoints.bench.model_dir import NOOP_OVERRIDES, build_model_dir
 from tests.conftest import REPO_ROOT
 
 LATENCY_KEYS = [f"{stat}_{name}_ms" for name in LATENCIES for stat in ("mean", "median", "std", "p99")]
@@ -28,7 +28,7 @@ TINY_WORKLOAD = ["--num-prompts", "4", "--random-input-len", "16", "--random-out
 
 
 def pagedserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", *args], cwd=REPO_ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.entrypoints.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout, env=ONE_THREAD)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -198,7 +198,7 @@ def test_compare_hf_runs_transformers_both_ways_and_pagedserve(model_dir, tmp_pa
 
 
 def test_compare_without_peers_says_how_to_get_them(model_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pagedserve.cli", "bench", "compare", "--model", str(model_dir),
+    proc = subprocess.run([sys.executable, "-m", "pagedserve.entrypoints.cli", "bench", "compare", "--model", str(model_dir),
                            "--systems", "pagedserve,vllm", "--vllm-python", str(tmp_path / "no-venv" / "python")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "make peers" in proc.stderr

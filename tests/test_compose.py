@@ -1,7 +1,7 @@
 """docker/compose.yaml and the Dockerfiles checked against the code, since no machine here runs a
 Docker engine: every service's command parses with the real CLI's own argparse, the addresses
 services give each other match the ports they listen on, health checks probe those ports with
-pagedserve.healthcheck, GPU services reserve a GPU, and each profile has one worker per rank."""
+pagedserve.entrypoints.healthcheck, GPU services reserve a GPU, and each profile has one worker per rank."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,7 @@ COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 PROFILES = ("cpu", "gpu", "cpu-tp3")
 MODULES = {"worker": "worker.__main__", "scheduler": "scheduler.__main__",
-           "router": "router.__main__", "pagedserve.fetch_model": "pagedserve.fetch_model"}
+           "router": "router.__main__", "pagedserve.entrypoints.fetch_model": "pagedserve.entrypoints.fetch_model"}
 
 
 class Parsed(Exception):
@@ -72,8 +72,8 @@ def health_target(service: dict) -> tuple[str, str]:
     test = service["healthcheck"]["test"]
     assert test[0] == "CMD", "exec form: no shell in the image is needed"
     kind, target = test[-2:]
-    # The probe runs pagedserve.healthcheck, which must accept exactly these arguments.
-    assert test[1:-2] == ["python", "-m", "pagedserve.healthcheck"] and kind in ("grpc", "http")
+    # The probe runs pagedserve.entrypoints.healthcheck, which must accept exactly these arguments.
+    assert test[1:-2] == ["python", "-m", "pagedserve.entrypoints.healthcheck"] and kind in ("grpc", "http")
     return kind, target
 
 
@@ -91,7 +91,7 @@ def test_every_command_parses_with_the_real_cli(name):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_each_profile_has_router_scheduler_model_and_one_worker_per_rank(profile):
     assert len(services(profile, "router")) == len(services(profile, "scheduler")) == 1
-    assert len(services(profile, "pagedserve.fetch_model")) == 1
+    assert len(services(profile, "pagedserve.entrypoints.fetch_model")) == 1
     workers = [args_of(s) for s in services(profile, "worker").values()]
     assert sorted(w.rank for w in workers) == list(range(len(workers)))
     assert {w.world_size for w in workers} == {len(workers)}
@@ -167,7 +167,7 @@ def test_shutdown_order_and_grace_cover_the_drain(profile):
 def test_model_volume_holds_the_model_every_service_loads():
     assert "models" in COMPOSE["volumes"]
     for profile in PROFILES:
-        (_, fetch), = services(profile, "pagedserve.fetch_model").items()
+        (_, fetch), = services(profile, "pagedserve.entrypoints.fetch_model").items()
         output = str(args_of(fetch).output)
         assert "models:/models" in fetch["volumes"]
         for name, service in services(profile).items():
@@ -207,13 +207,13 @@ def test_images_build_from_dockerfiles_whose_files_exist():
         cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
         argv = yaml.safe_load(cmd.group(1))
         assert argv[:2] == ["pagedserve", "serve"], dockerfile.name
-        from pagedserve import cli
+        from pagedserve.entrypoints import cli
         args = parse_with_the_real_cli(cli.main, argv[1:])
         assert args.model == "/models/SmolLM2-135M-Instruct"
         check = re.search(r"^HEALTHCHECK .*CMD (\[.*\])$", text, re.M)
         assert check, f"{dockerfile.name} has no HEALTHCHECK"
         assert yaml.safe_load(check.group(1)) == [
-            "python", "-m", "pagedserve.healthcheck", "http", f"http://127.0.0.1:{args.port}/health"]
+            "python", "-m", "pagedserve.entrypoints.healthcheck", "http", f"http://127.0.0.1:{args.port}/health"]
 
 
 def test_readme_shows_how_to_start_it():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.fetch_model import GGUF_MEMBER
+from pagedserve.entrypoints.fetch_model import GGUF_MEMBER
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 CHATML_PROMPT = (
@@ -83,7 +83,7 @@ def test_tokenizer_applies_chat_template(tokenizer):
 def test_second_fetch_is_a_no_op(model_dir):
     before = {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()}
     result = subprocess.run(
-        [sys.executable, "-m", "pagedserve.fetch_model", "--output", str(model_dir)],
+        [sys.executable, "-m", "pagedserve.entrypoints.fetch_model", "--output", str(model_dir)],
         capture_output=True,
         text=True,
         check=True,

@@ -7,9 +7,9 @@ import argparse
 import pytest
 
 from pagedserve.flags import FLAG, flag_fields
-from pagedserve.local_server import serve_args
-from pagedserve.launcher import Launcher
-from pagedserve.serve_args import LauncherArgs
+from pagedserve.entrypoints.local_server import serve_args
+from pagedserve.entrypoints.launcher import Launcher
+from pagedserve.entrypoints.serve_args import LauncherArgs
 from router.__main__ import parse_args as parse_router_args
 from router.settings import RouterArgs
 from scheduler.__main__ import parse_args as parse_scheduler_args

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.healthcheck import http_ok
+from pagedserve.entrypoints.healthcheck import http_ok
 from tests import hf_reference
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from pagedserve import healthcheck
-from pagedserve.launcher import free_port
+from pagedserve.entrypoints import healthcheck
+from pagedserve.entrypoints.launcher import free_port
 from tests import hf_reference
 from tests.live_stack import (children, delta, health_status, poll, prompt_ids, scrape,
                                wait_for_child)
@@ -119,7 +119,7 @@ def test_request_id_is_echoed_and_names_every_log_line_of_its_request(smol_stack
 # ----- health --------------------------------------------------------------------------------------
 
 def test_health_checks_of_every_process(smol_stack):
-    """The same commands Docker runs (python -m pagedserve.healthcheck)."""
+    """The same commands Docker runs (python -m pagedserve.entrypoints.healthcheck)."""
     def exit_code(*argv: str) -> int:
         with pytest.raises(SystemExit) as done:
             healthcheck.main(list(argv))

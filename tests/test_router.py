@@ -657,8 +657,8 @@ def test_cors_is_off_by_default_and_answers_preflights_when_on(harness, url):
 def test_cors_flags_travel_from_serve_to_the_router():
     import argparse
 
-    from pagedserve.launcher import Launcher
-    from pagedserve.serve_args import add_serve_args
+    from pagedserve.entrypoints.launcher import Launcher
+    from pagedserve.entrypoints.serve_args import add_serve_args
     from router.__main__ import parse_args
     parser = argparse.ArgumentParser()
     add_serve_args(parser)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pagedserve.launcher import free_port
+from pagedserve.entrypoints.launcher import free_port
 from pagedserve.sampling_ranges import INT32_MAX, OPENAI_RANGES, RANGES, Range
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc

@@ -3,8 +3,8 @@ them, so `python -m scheduler` and `pagedserve serve` agree), and the CUDA graph
 worker (parsed by the worker's real CLI)."""
 import pytest
 
-from pagedserve.launcher import Launcher
-from pagedserve.local_server import serve_args
+from pagedserve.entrypoints.launcher import Launcher
+from pagedserve.entrypoints.local_server import serve_args
 from pagedserve.v1 import worker_pb2 as wpb
 from scheduler.__main__ import model_info, parse_args as parse_scheduler_args, scheduler_config
 from worker.__main__ import parse_args, worker_config

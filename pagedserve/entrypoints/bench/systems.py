@@ -11,8 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pagedserve.healthcheck import http_ok
-from pagedserve.launcher import free_port
+from pagedserve.entrypoints.healthcheck import http_ok
+from pagedserve.entrypoints.launcher import free_port
 
 VLLM_MAX_MODEL_LEN = 2048  # the seed's setting: the benchmark's longest request is 768 tokens
 
@@ -22,7 +22,7 @@ def cores() -> int:
 
 
 def pagedserve_command(model: str, name: str, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pagedserve.cli", "serve", "--model", model, "--served-model-name", name,
+    return [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", model, "--served-model-name", name,
             "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()), *extra]
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .healthcheck import grpc_serving, http_ok
-from .parent_watch import PARENT_ENV
+from pagedserve.parent_watch import PARENT_ENV
 from .serve_args import router_argv, scheduler_argv, worker_argv
 
 

@@ -1,5 +1,5 @@
 """The one health probe of every process, for the launcher, the benchmarks, the tests and Docker:
-`python -m pagedserve.healthcheck grpc HOST:PORT | http URL` exits 0 when serving."""
+`python -m pagedserve.entrypoints.healthcheck grpc HOST:PORT | http URL` exits 0 when serving."""
 from __future__ import annotations
 
 import sys
@@ -31,7 +31,7 @@ def http_ok(url: str) -> bool:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in ("grpc", "http"):
-        sys.exit("usage: python -m pagedserve.healthcheck grpc HOST:PORT | http URL")
+        sys.exit("usage: python -m pagedserve.entrypoints.healthcheck grpc HOST:PORT | http URL")
     kind, target = argv
     ok = grpc_serving(target) if kind == "grpc" else http_ok(target)
     sys.exit(0 if ok else 1)

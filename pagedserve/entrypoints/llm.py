@@ -34,9 +34,9 @@ from router.serving import Run, deltas
 from router.settings import Settings
 
 from .local_server import LocalServer, serve_args
-from .outputs import CompletionOutput, RequestOutput
+from pagedserve.entrypoints.outputs import CompletionOutput, RequestOutput
 from .progress import Progress
-from .sampling_params import SamplingParams
+from pagedserve.entrypoints.sampling_params import SamplingParams
 
 Prompt = str | dict  # "text", {"prompt": "text"} or {"prompt_token_ids": [ids]}
 Messages = list[dict]

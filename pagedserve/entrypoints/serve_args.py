@@ -14,7 +14,7 @@ from router.settings import RouterArgs
 from scheduler.config import SchedulerArgs, SchedulerConfig
 from worker.config import WorkerArgs
 
-from .flags import add_arguments, flag, to_argv
+from pagedserve.flags import add_arguments, flag, to_argv
 
 # Per process: the flags that `serve` sets itself.
 WORKER_INTERNAL = ("host", "port", "rank", "world_size", "dist_init_addr")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pagedserve.launcher import free_port
+from pagedserve.entrypoints.launcher import free_port
 
 from .chart import draw
 from .datasets import BenchRequest
