@@ -87,7 +87,7 @@ def test_example_client_from_protos_alone_equals_transformers_and_completions(
                    cwd=tmp_path, check=True, timeout=60)
     python, env = outside_python(stubs)
     probe = ("import importlib.util as u, pagedserve.v1.scheduler_pb2_grpc as s; "
-             "print(s.__file__, [m for m in ('pagedserve.entrypoints.cli', 'router', 'scheduler', 'worker') "
+             "print(s.__file__, [m for m in ('pagedserve.entrypoints', 'router', 'scheduler', 'worker') "
              "if u.find_spec(m)])")
     seen = subprocess.run([*python, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60, check=True).stdout.split(" ", 1)
