@@ -2,7 +2,7 @@
 with many streams at once, against a scheduler that costs nothing (tests/fake_scheduler.py in a
 process of its own), so that only the router's work is counted:
 
-    python benchmarks/router_stream.py --model /tmp/noop --streams 256 --output-len 256
+    python benchmarks/router_stream.py --model models/SmolLM2-135M-Instruct --streams 256 --output-len 256
 
 Per token the router parses a gRPC message, detokenizes incrementally, scans stop strings, builds
 the OpenAI chunk, serializes it and frames it as a server-sent event through Starlette and
@@ -127,7 +127,7 @@ def run(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="/tmp/noop", help="a model directory (its tokenizer)")
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model directory (its tokenizer only)")
     p.add_argument("--streams", type=int, default=256, help="concurrent streamed requests")
     p.add_argument("--output-len", type=int, default=256, help="tokens per stream")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds (the best is kept)")
