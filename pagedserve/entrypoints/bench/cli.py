@@ -15,7 +15,7 @@ HF_SYSTEMS = "transformers-sequential,transformers,pagedserve"
 # (issue 22): 256 requests of 64 random tokens, 256 out, all at once.
 HOST_DEFAULTS = {"model": "models/SmolLM2-135M-Instruct", "systems": None, "hf_overrides": json.dumps(NOOP_OVERRIDES), "load_format": "dummy",
                  "modes": "streamed", "served_model_name": "noop", "num_prompts": 256, "random_input_len": 64,
-                 "random_output_len": 256, "random_range_ratio": 0.0}
+                 "random_output_len": 256, "random_range_ratio": 0.0, "max_num_seqs": 256}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +73,11 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
                    help="dummy: random weights, for every server (not transformers)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--vllm-python", default=".peers/vllm/bin/python", help="the venv `make peers` creates")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM's flag, given to every server (pagedserve, vllm): most sequences in a step. Unset, "
+                        "each keeps its own default, which differ: vLLM's CPU build serves 128, pagedserve 256")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM's flag, given to every server: most tokens computed in a step (both default to 2048 on CPU)")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                    help="an extra flag for `pagedserve serve` (repeat for more)")
     p.add_argument("--startup-timeout", type=float, default=900.0)

@@ -29,7 +29,7 @@ from .datasets import BenchRequest
 from .hf import load_model, run_static_batches
 from .metrics import format_ms, summarize
 from .model_dir import build_model_dir, parse_overrides
-from .serve import build_requests, percentiles_of, run_workload
+from .serve import build_requests, json_rate, percentiles_of, run_workload
 from .systems import cores, cpu_seconds, pagedserve_command, server_process, vllm_command, vllm_env
 
 PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
@@ -52,11 +52,21 @@ def dummy_flags(args) -> list[str]:
     return ["--load-format", "dummy"] if args.load_format == "dummy" else []
 
 
+def batch_flags(args) -> list[str]:
+    """The batch limits every server gets, so that a step means the same work in each."""
+    flags = []
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name, None) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
 def server_command(args, system: str, port: int) -> tuple[list[str], dict[str, str]]:
     name = served_name(args)
+    shared = dummy_flags(args) + batch_flags(args)
     if system == "pagedserve":
-        return pagedserve_command(args.model, name, port, dummy_flags(args) + args.server_arg), {}
-    return vllm_command(args.vllm_python, args.model, name, port, dummy_flags(args)), vllm_env(system == "vllm")
+        return pagedserve_command(args.model, name, port, shared + args.server_arg), {}
+    return vllm_command(args.vllm_python, args.model, name, port, shared), vllm_env(system == "vllm")
 
 
 def serve_and_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
@@ -86,8 +96,8 @@ def hf_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
 
 
 def settings(args, system: str) -> str:
-    flags = " ".join(dummy_flags(args) + args.server_arg)
-    dummy = " ".join(dummy_flags(args))
+    flags = " ".join(dummy_flags(args) + batch_flags(args) + args.server_arg)
+    dummy = " ".join(dummy_flags(args) + batch_flags(args))
     return {
         "pagedserve": f"pagedserve serve {flags}" if flags else "pagedserve serve (defaults)",
         "vllm": f"vLLM CPU, OMP threads bound to all {cores()} cores {dummy}".rstrip(),
@@ -201,7 +211,8 @@ def workload(args, requests: list[BenchRequest]) -> dict:
     return {"dataset_name": args.dataset_name, "num_prompts": len(requests), "seed": args.seed,
             "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
             "random_range_ratio": args.random_range_ratio, "max_concurrency": args.max_concurrency,
-            "request_rate": args.request_rate, "prompt_tokens": sum(r.prompt_len for r in requests),
+            "request_rate": json_rate(args.request_rate), "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "prompt_tokens": sum(r.prompt_len for r in requests),
             "output_tokens": sum(r.output_len for r in requests),
             "prompt_len_range": [min(r.prompt_len for r in requests), max(r.prompt_len for r in requests)],
             "output_len_range": [min(r.output_len for r in requests), max(r.output_len for r in requests)]}
@@ -245,7 +256,7 @@ def compare(args, systems: list[str], modes: list[str], overrides: dict) -> int:
                   "hf_overrides": overrides, "load_format": args.load_format, "modes": modes,
                   "workload": workload(args, requests), "machine": machine(), "systems": results,
                   "ratios": ratios(results), "failed_systems": broken}
-        Path(args.result_filename).write_text(json.dumps(report, indent=2))
+        Path(args.result_filename).write_text(json.dumps(report, indent=2, allow_nan=False))
     print(format_table(results))
     load = workload(args, requests)
     if results:

@@ -18,6 +18,12 @@ from .datasets import BenchRequest, jsonl_requests, random_requests, vocab_size_
 from .metrics import format_result, summarize
 
 
+def json_rate(request_rate: float) -> float | str:
+    """The rate as JSON can hold it: "inf" (vLLM's bench writes the same) for all at once, since
+    strict JSON parsers refuse Python's `Infinity`."""
+    return "inf" if math.isinf(request_rate) else request_rate
+
+
 def arrival_gaps(num: int, request_rate: float, seed: int) -> list[float]:
     """Seconds to wait before each request: none at an infinite rate, otherwise a Poisson process."""
     if math.isinf(request_rate):
@@ -109,7 +115,7 @@ def main(args) -> int:
     percentiles = percentiles_of(args)
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai", "base_url": args.base_url,
-        "model_id": args.model, "num_prompts": len(requests), "request_rate": args.request_rate,
+        "model_id": args.model, "num_prompts": len(requests), "request_rate": json_rate(args.request_rate),
         "max_concurrency": args.max_concurrency, "stream": args.stream, **summarize(outputs, duration, percentiles),
     }
     print(format_result(result, percentiles))
