@@ -171,6 +171,7 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
         # The scheduler names "structured_outputs"; the client wrote response_format or tools.
         if err.param == "structured_outputs" and req.constraint_param:
             err.param = req.constraint_param
+            err.message = err.message.replace("structured_outputs: ", f"{req.constraint_param}: ", 1)
         raise
     finally:
         if not streaming:
