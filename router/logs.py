@@ -6,6 +6,7 @@ every task the request starts, so lines logged from its streaming body or its gR
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 
@@ -22,6 +23,20 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class ShutdownCutFilter(logging.Filter):
+    """uvicorn cancels the requests still running when --shutdown-timeout runs out, then logs each
+    as "Exception in ASGI application" with the CancelledError's traceback. That is the flag doing
+    its job, not a fault: the record becomes one warning line (the request id stays on it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.CancelledError) and "graceful shutdown" in str(error):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "request cut off: still running when --shutdown-timeout ran out", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str) -> None:
     """The root handler for the router and for uvicorn (started with log_config=None, its loggers
     propagate here instead of using formats of their own that would drop the id)."""
@@ -29,3 +44,4 @@ def configure_logging(level: str) -> None:
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("uvicorn.error").addFilter(ShutdownCutFilter())

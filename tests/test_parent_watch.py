@@ -2,7 +2,8 @@
 stop its children) while the worker loads its weights, while the server is idle, in the middle of
 a long generation, or after its scheduler died: the worker, scheduler and router notice that their
 launcher is gone and exit by themselves instead of living on as orphans. SIGTERM on an idle
-server ends it at once, not after --shutdown-timeout. And a process stuck in native code, where
+server ends it at once, not after --shutdown-timeout; a stream still running when that time is up is
+cut with one warning line. And a process stuck in native code, where
 Python's own signal handler never runs, still ends by its deadline."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -114,6 +116,29 @@ def test_sigterm_on_an_idle_server_exits_without_waiting_for_the_drain(deep_mode
         print(f"pagedserve serve exited {time.monotonic() - started:.1f} s after SIGTERM")
         assert not any(alive(pid) for pid in pids.values())
         watch.cancel()
+
+
+def test_a_stream_cut_at_the_shutdown_timeout_is_one_warning_and_every_process_exits_0(deep_model, tmp_path):
+    """SIGTERM while a long generation streams, with --shutdown-timeout 2: the router cuts the
+    stream when the time is up, says so in one line (no CancelledError traceback), the scheduler
+    aborts the request, and every process exits 0."""
+    with run_stack(deep_model, *SMALL_CACHE, "--shutdown-timeout", "2", log_dir=tmp_path) as stack:
+        body = {"model": deep_model.name, "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{stack.base_url}/completions", json=body, timeout=120) as reply:
+            lines = reply.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            stack.proc.send_signal(signal.SIGTERM)
+            try:
+                rest = list(lines)
+            except httpx.HTTPError:
+                rest = []  # the connection closed in the middle of a chunk
+            assert "data: [DONE]" not in rest  # cut off, not finished
+        assert stack.proc.wait(timeout=GONE_WITHIN_S) == 0, stack.log()[-3000:]
+        log = stack.log()
+        assert "request cut off: still running when --shutdown-timeout ran out" in log
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert "FINISH_REASON_ABORT" in log  # the scheduler gave its blocks back
 
 
 # A main thread deadlocked in native code (a mutex locked twice through ctypes, which lets go of
