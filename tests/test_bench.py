@@ -5,6 +5,7 @@ own on the no-op model), `bench kernels`, and benchmarks/profile_step.py on a ti
 on a shape given by --hf-overrides. Each result must hold every field with plausible values."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 from pagedserve.entrypoints.bench.client import RequestOutput
-from pagedserve.entrypoints.bench.compare import ratios
+from pagedserve.entrypoints.bench.compare import ratios, server_command
 from pagedserve.entrypoints.bench.datasets import length_range, random_requests, vocab_size_of
 from pagedserve.entrypoints.bench.metrics import LATENCIES, summarize
 from pagedserve.entrypoints.bench.model_dir import NOOP_OVERRIDES, build_model_dir
@@ -156,6 +157,9 @@ def test_host_bench_runs_the_noop_model_streamed_and_plain(model_dir, tmp_path):
     report = json.loads(result_path.read_text())
     assert report["hf_overrides"] == NOOP_OVERRIDES and report["load_format"] == "dummy"
     assert report["workload"]["prompt_len_range"] == [8, 8] and report["workload"]["output_tokens"] == 4 * 32
+    # Strict JSON (no Infinity), and the batch limit every server got.
+    assert report["workload"]["request_rate"] == "inf" and report["workload"]["max_num_seqs"] == 256
+    json.loads(result_path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the report"))
     rows = report["systems"]
     assert list(rows) == ["pagedserve", "pagedserve (plain)"] and report["failed_systems"] == {}
     for name, row in rows.items():
@@ -164,12 +168,25 @@ def test_host_bench_runs_the_noop_model_streamed_and_plain(model_dir, tmp_path):
         for process in ("router", "scheduler", "worker"):
             assert per_1k[process] > 0, (name, process)
             assert per_1k[process] == pytest.approx(row["cpu_seconds"][process] * 1000 / (4 * 32), abs=1e-4)
-        assert "--load-format dummy" in row["settings"] and name in proc.stdout
+        assert "--load-format dummy --max-num-seqs 256" in row["settings"] and name in proc.stdout
     assert rows["pagedserve"]["median_tpot_ms"] > 0 and rows["pagedserve (plain)"]["median_tpot_ms"] is None
     assert "CPU seconds per 1,000 output tokens" in proc.stdout
     # The worker loaded the built directory, not SmolLM2's.
     log = (tmp_path / "logs" / "pagedserve-streamed.log").read_text()
     assert "LlamaForCausalLM loaded from " in log and f"{model_dir.name}-hf-overrides:" in log
+
+
+def test_batch_limits_go_to_every_server_alike():
+    """vLLM's CPU build serves 128 sequences a step by default and pagedserve 256: a comparison
+    gives both the same limits, by vLLM's flag names."""
+    args = argparse.Namespace(model="m", served_model_name="m", load_format="dummy", server_arg=["--x"],
+                              vllm_python="py", max_num_seqs=128, max_num_batched_tokens=1024)
+    for system in ("pagedserve", "vllm"):
+        cmd = server_command(args, system, 8000)[0]
+        flags = cmd[cmd.index("--max-num-seqs"):cmd.index("--max-num-seqs") + 4]
+        assert flags == ["--max-num-seqs", "128", "--max-num-batched-tokens", "1024"], (system, cmd)
+    args.max_num_seqs = args.max_num_batched_tokens = None  # unset: each server's own default
+    assert not {"--max-num-seqs", "--max-num-batched-tokens"} & set(server_command(args, "vllm", 8000)[0])
 
 
 def test_compare_hf_runs_transformers_both_ways_and_pagedserve(model_dir, tmp_path):
