@@ -1,8 +1,10 @@
 """The router's gRPC client to the scheduler.
 
-One channel for the router's life. gRPC reconnects a channel by itself; the backoff is kept short
-so a restarted scheduler is found again within a second or two, and a request arriving while the
-scheduler is away waits briefly for it (connect_timeout_s) before it fails with 503.
+One channel for the router's life, and on it one GenerateStream call (router/stream.py) that
+carries every request: opened by the first request, opened again by the first after it broke.
+gRPC reconnects a channel by itself; the backoff is kept short so a restarted scheduler is found
+again within a second or two, and a request arriving while the scheduler is away waits briefly
+for it (connect_timeout_s) before it fails with 503.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
 from router.errors import scheduler_unavailable
+from router.stream import GenerateStream
 
 log = logging.getLogger("router")
 
@@ -35,7 +38,7 @@ class SchedulerClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.SchedulerStub(self._channel)
-        self._background: set[asyncio.Task] = set()
+        self._stream: GenerateStream | None = None
 
     async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
         return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s,
@@ -61,27 +64,18 @@ class SchedulerClient:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout_s,
                                          metadata=self._metadata)
 
-    async def generate(self, request: pb.GenerateRequest):
-        """Opens the Generate stream. Cancelling the returned call makes the scheduler abort it."""
+    async def stream(self) -> GenerateStream:
+        """The GenerateStream call to start requests on, opened if there is none or it broke.
+        Raises APIError 503 (scheduler_unavailable) if no connection comes within
+        connect_timeout_s."""
         await self._connected()
-        return self._stub.Generate(request, metadata=self._metadata)
-
-    async def abort(self, request_id: str) -> None:
-        try:
-            await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=5.0,
-                                   metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            log.warning("Abort(%s) failed: %s", request_id, err.code().name)
-
-    def abort_soon(self, request_id: str) -> None:
-        """Abort without waiting: for cleanup code that must not await (in a cancelled task)."""
-        task = asyncio.get_running_loop().create_task(self.abort(request_id))
-        self._background.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._background.discard)
+        if self._stream is None or self._stream.broken:
+            self._stream = GenerateStream(self._stub, self._metadata)
+        return self._stream
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=2.0)
+        if self._stream is not None:
+            self._stream.close()  # the scheduler aborts whatever still runs on it
         await self._channel.close()
 
     async def _connected(self) -> None:

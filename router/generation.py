@@ -1,9 +1,10 @@
-"""The scheduler calls behind one HTTP request: one Generate stream per prompt (each with its n
-sequences), merged into one stream of (prompt index, message).
+"""The scheduler requests behind one HTTP request: one per prompt (each with its n sequences),
+started on the router's GenerateStream call (router/stream.py), their news merged into one stream
+of (prompt index, message).
 
 Whatever ends the HTTP handler early (the client went away, an error, every choice hit a stop
-string) closes the Generation: its calls are cancelled, which the scheduler treats as an abort,
-and an explicit Abort is sent as well, so no request is left holding KV blocks.
+string) closes the Generation: an abort for each request still running goes out on the stream,
+so no request is left holding KV blocks.
 """
 from __future__ import annotations
 
@@ -15,29 +16,31 @@ import grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 from router.client import SchedulerClient
 from router.errors import from_grpc
+from router.stream import END as _END  # a prompt's request finished normally
+from router.stream import GenerateStream
 
 log = logging.getLogger("router")
-
-_END = object()  # a prompt's stream ended normally
 
 
 class Generation:
     def __init__(self, client: SchedulerClient, requests: list[pb.GenerateRequest]):
         self._client = client
         self._requests = requests
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._calls: dict[int, grpc.aio.UnaryStreamCall] = {}
-        self._pumps: dict[int, asyncio.Task] = {}
-        self._open = set(range(len(requests)))  # prompts whose stream has not ended
+        self._queue: asyncio.Queue = asyncio.Queue()  # (prompt, message, END or AioRpcError)
+        self._stream: GenerateStream | None = None
+        self._started: set[int] = set()  # prompts whose request was sent
+        self._open = set(range(len(requests)))  # prompts whose request has not ended
         self._deferred: tuple[int, object] | None = None  # an error ready() left for next()
 
     def request_id(self, prompt: int) -> str:
         return self._requests[prompt].request_id
 
     async def start(self) -> None:
+        """Sends every prompt's request. Raises APIError 503 if the scheduler is unreachable."""
+        self._stream = await self._client.stream()
         for i, request in enumerate(self._requests):
-            self._calls[i] = await self._client.generate(request)
-            self._pumps[i] = asyncio.get_running_loop().create_task(self._pump(i))
+            self._stream.start(request, lambda item, i=i: self._queue.put_nowait((i, item)))
+            self._started.add(i)
 
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
         """The next message of any prompt; None once every prompt's stream has ended."""
@@ -90,20 +93,8 @@ class Generation:
         self._open.clear()
 
     def _stop(self, prompt: int) -> None:
-        if prompt in self._calls:
-            self._calls[prompt].cancel()
-            self._pumps[prompt].cancel()
-            self._client.abort_soon(self.request_id(prompt))
-
-    async def _pump(self, prompt: int) -> None:
-        try:
-            async for message in self._calls[prompt]:
-                self._queue.put_nowait((prompt, message))
-            self._queue.put_nowait((prompt, _END))
-        except grpc.aio.AioRpcError as err:
-            self._queue.put_nowait((prompt, err))  # ignored by next() if we cancelled it ourselves
-        except asyncio.CancelledError:
-            pass
+        if prompt in self._started:
+            self._stream.abort(self.request_id(prompt))  # what it already sent is ignored
 
 
 async def start_generation(client: SchedulerClient,

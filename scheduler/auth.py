@@ -36,6 +36,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             await deny_unary(request, context)
             yield  # pragma: no cover - makes this an async generator, as the handler expects
 
+        if handler.request_streaming and handler.response_streaming:  # GenerateStream
+            return grpc.stream_stream_rpc_method_handler(
+                deny_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 deny_stream, request_deserializer=handler.request_deserializer,

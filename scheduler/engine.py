@@ -1,7 +1,7 @@
 """The step loop: plan, execute on the workers, apply the results, stream news to the clients.
 
-Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate and Abort
-handlers change it between steps. Without async scheduling a step's results are applied before the
+Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate,
+GenerateStream and Abort handlers change it between steps. Without async scheduling a step's results are applied before the
 next plan is made; with it (--async-scheduling) the next plan is built and sent while the step
 before it runs, one plan ahead, and results are applied in the order the plans were sent.
 """
@@ -14,13 +14,14 @@ from collections import deque
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
+from .outboxes import DONE, Outbox, RequestQueue
 from .request import Request, SamplingLimits, Sequence
 from .scheduler import Scheduler
 from .workers import WorkerGroup, WorkerLost
 
 log = logging.getLogger("scheduler.engine")
 
-DONE = object()  # the end of a request's stream
+__all__ = ["DONE", "Engine"]  # DONE: the end of a RequestQueue, re-exported for its readers
 
 
 class Engine:
@@ -28,23 +29,26 @@ class Engine:
         self.scheduler = scheduler
         self.workers = workers
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.streams: dict[str, asyncio.Queue] = {}
+        self.streams: dict[str, Outbox] = {}  # where each request in flight's news goes
         self.wakeup = asyncio.Event()
         self.healthy = False
         self.num_steps = 0
 
     # ----- requests -----------------------------------------------------------------------------
 
-    def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams) -> asyncio.Queue:
-        """Queues a request whose params validation.check resolved."""
+    def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
+            outbox: Outbox | None = None) -> Outbox:
+        """Queues a request whose params validation.check resolved; its news goes to `outbox`
+        (a new RequestQueue if none is given), which is returned.
+        Raises QueueFull (scheduler.py) when the waiting queue is full."""
         limits = SamplingLimits.of(params, self.eos_token_ids)
         request = self.scheduler.add_request(request_id, prompt, params, limits)
-        queue: asyncio.Queue = asyncio.Queue()
-        self.streams[request_id] = queue
+        outbox = RequestQueue() if outbox is None else outbox
+        self.streams[request_id] = outbox
         self.wakeup.set()
         log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d", request_id,
                  len(prompt), limits.max_tokens, len(request.sequences))
-        return queue
+        return outbox
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
@@ -56,24 +60,31 @@ class Engine:
         return True
 
     def publish(self, news: list[Sequence]) -> None:
-        """Streams each sequence's tokens that its client has not seen yet."""
+        """Sends each sequence's tokens that its client has not seen yet, then flushes each
+        outbox written to once: a GenerateStream's news of this step leaves as one message."""
         ended: dict[str, Request] = {}
+        written: set = set()
         for seq in news:
             request = seq.request
-            queue = self.streams.get(request.request_id)
-            if queue is None:
+            outbox = self.streams.get(request.request_id)
+            if outbox is None:
                 continue
             finished = seq.finished
             if finished or seq.num_output > seq.num_sent:
-                queue.put_nowait(self.response(seq))
+                outbox.send(self.response(seq))
+                written.add(outbox)
             if finished and request.finished:  # only a sequence's end can end its request
                 ended[request.request_id] = request
         # Only after every sibling's news: n sequences may finish in the same step.
         for request_id, request in ended.items():
-            self.streams.pop(request_id).put_nowait(DONE)
+            outbox = self.streams.pop(request_id)
+            outbox.end(request_id)
+            written.add(outbox)
             log.info("request %s finished: %s", request_id, ", ".join(
                 f"{pb.FinishReason.Name(s.finish_reason)} after {s.num_output} tokens"
                 for s in request.sequences))
+        for outbox in written:
+            outbox.flush()
 
     @staticmethod
     def response(seq: Sequence) -> pb.GenerateResponse:
@@ -97,11 +108,15 @@ class Engine:
     def fail_all(self, error: Exception) -> None:
         """The workers lost every sequence's KV cache: each request in flight fails at once with
         an error that says so (its client may retry), and the block pool starts empty."""
+        written: set = set()
         for request in self.scheduler.fail_all():
-            queue = self.streams.pop(request.request_id, None)
-            if queue is not None:
+            outbox = self.streams.pop(request.request_id, None)
+            if outbox is not None:
                 log.warning("request %s failed: %s", request.request_id, error)
-                queue.put_nowait(error)
+                outbox.fail(request.request_id, error)
+                written.add(outbox)
+        for outbox in written:
+            outbox.flush()
 
     # ----- the loop -----------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""The public gRPC service: Generate, Abort, GetModelInfo, GetStats, plus health and reflection."""
+"""The public gRPC service: Generate, GenerateStream, Abort, GetModelInfo, GetStats, plus health
+and reflection."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,11 +13,11 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 
-from . import validation
+from .admission import InFlight, Refused, admit
 from .auth import ApiKeyInterceptor
-from .engine import DONE, Engine
-from .scheduler import QueueFull
-from .workers import WorkerLost
+from .engine import Engine
+from .outboxes import DONE, RequestQueue
+from .streams import StreamSession
 
 log = logging.getLogger("scheduler.service")
 
@@ -26,39 +26,23 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     def __init__(self, engine: Engine, model_info: pb.ModelInfo):
         self.engine = engine
         self.model_info = model_info
-        # Generate calls not yet ended: the requests a shutdown lets finish.
-        self.generating = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.in_flight = InFlight()  # what a shutdown lets finish: Generate's and GenerateStream's
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        self.generating += 1
-        self.idle.clear()
+        self.in_flight.enter()
         try:
             async with contextlib.aclosing(self.generate(request, context)) as replies:
                 async for reply in replies:
                     yield reply
         finally:
-            self.generating -= 1
-            if not self.generating:
-                self.idle.set()
+            self.in_flight.leave()
 
     async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        queue = RequestQueue()
         try:
-            params = validation.check(request, self.model_info, self.engine.scheduler.kv)
-        except validation.InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if not self.engine.healthy:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is serving; retry later")
-        await self.check_structured_output(params, context)
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self.engine.streams:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request_id: {request_id!r} is already in flight")
-        try:
-            queue = self.engine.add(request_id, list(request.prompt_token_ids), params)
-        except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            request_id = await admit(self.engine, self.model_info, request, queue)
+        except Refused as e:
+            await context.abort(e.code, e.message)
         finished = False
         try:
             while True:
@@ -76,17 +60,12 @@ class SchedulerService(pbgrpc.SchedulerServicer):
                 log.info("request %s cancelled by its client", request_id)
                 self.engine.abort(request_id)
 
-    async def check_structured_output(self, params: pb.SamplingParams, context) -> None:
-        """A constraint that does not compile is refused here, before it is queued: a step
-        never fails on it. The worker compiles it (the scheduler holds no tokenizer)."""
-        if not params.HasField("structured_outputs"):
-            return
-        try:
-            error = await self.engine.workers.check_structured_output(params.structured_outputs)
-        except WorkerLost as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"structured_outputs: {error}")
+    async def GenerateStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Many requests on one call (scheduler.proto); the work is StreamSession's."""
+        session = StreamSession(self.engine, self.model_info, self.in_flight)
+        async with contextlib.aclosing(session.replies(request_iterator)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=self.engine.abort(request.request_id))
@@ -117,15 +96,18 @@ STATUS_GRACE_S = 1.0  # for the last replies and statuses of calls that have jus
 
 
 async def drain(server: grpc.aio.Server, service: SchedulerService, timeout: float) -> None:
-    """Stops taking calls, lets the Generate calls in flight finish (at most `timeout` seconds),
-    then ends the server. Returns as soon as no Generate call is left: other calls a client may
-    keep open (a health Watch, a reflection stream) are no request in flight, and are cancelled."""
+    """Stops taking calls and requests, lets the requests in flight finish (at most `timeout`
+    seconds), then ends the server. Returns as soon as no request is left: calls a client may keep
+    open (a GenerateStream, a health Watch, a reflection stream) are no request in flight, and are
+    cancelled."""
+    in_flight = service.in_flight
+    in_flight.accepting = False  # a GenerateStream open already refuses new requests from now on
     stopping = asyncio.ensure_future(server.stop(grace=timeout))  # refuses new calls from now on
-    idle = asyncio.ensure_future(service.idle.wait())
+    idle = asyncio.ensure_future(in_flight.idle.wait())
     await asyncio.wait([stopping, idle], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     idle.cancel()
-    if service.generating:
-        log.warning("%d requests still in flight after %.0f s: cancelling them", service.generating,
+    if in_flight.count:
+        log.warning("%d requests still in flight after %.0f s: cancelling them", in_flight.count,
                     timeout)
     await server.stop(grace=STATUS_GRACE_S)
     await stopping

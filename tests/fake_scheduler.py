@@ -1,7 +1,9 @@
 """A scheduler without a model, for the router's tests: a grpc.aio `Scheduler` servicer whose
-Generate streams token ids from a script (by default a fixed function of the prompt), honours
-max_tokens, stop_token_ids, EOS, ignore_eos, min_tokens and n as the real one does, and records
-what it was sent: every GenerateRequest, every Abort, every call its client cancelled."""
+Generate and GenerateStream stream token ids from a script (by default a fixed function of the
+prompt), honour max_tokens, stop_token_ids, EOS, ignore_eos, min_tokens and n as the real one
+does, and record what they were sent: every GenerateRequest, every abort (the Abort rpc, or an
+abort on the stream), every request its client cancelled (a cancelled Generate call, or a request
+still generating when the stream aborted it or closed)."""
 from __future__ import annotations
 
 import asyncio
@@ -79,22 +81,70 @@ class FakeScheduler(pb_grpc.SchedulerServicer):
         self.authorization.append(dict(context.invocation_metadata()).get("authorization"))
         if self.fail_with is not None:
             await context.abort(*self.fail_with)
+        try:
+            async for reply in self.replies(request):
+                yield reply
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+
+    async def GenerateStream(self, request_iterator, context):
+        """The real one's contract, one request's news per message (the fake batches nothing)."""
+        outgoing: asyncio.Queue = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+        authorization = dict(context.invocation_metadata()).get("authorization")
+
+        async def read() -> None:
+            async for message in request_iterator:
+                if message.HasField("generate"):
+                    self.requests.append(message.generate)
+                    self.authorization.append(authorization)
+                    running[message.generate.request_id] = asyncio.create_task(
+                        self.run_on_stream(message.generate, outgoing))
+                else:
+                    self.aborts.append(message.abort.request_id)
+                    self._aborted.add(message.abort.request_id)
+                    self.cancel(running.pop(message.abort.request_id, None),
+                                message.abort.request_id)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield await outgoing.get()
+        finally:
+            reader.cancel()
+            for request_id, task in running.items():
+                self.cancel(task, request_id)
+
+    def cancel(self, task: asyncio.Task | None, request_id: str) -> None:
+        if task is not None and not task.done():
+            task.cancel()
+            self.cancelled.append(request_id)
+
+    async def run_on_stream(self, request: pb.GenerateRequest, outgoing: asyncio.Queue) -> None:
+        if self.fail_with is not None:
+            code, details = self.fail_with
+            outgoing.put_nowait(pb.GenerateStreamResponse(errors=[pb.RequestError(
+                request_id=request.request_id, code=code.value[0], message=details)]))
+            return
+        async for reply in self.replies(request):
+            outgoing.put_nowait(pb.GenerateStreamResponse(responses=[reply]))
+        outgoing.put_nowait(pb.GenerateStreamResponse(finished=[request.request_id]))
+
+    async def replies(self, request: pb.GenerateRequest):
+        """The request's messages, a step's worth every token_delay_s; none after an Abort."""
         params = request.params
         n = params.n if params.HasField("n") else 1
         outputs = [self.sequence(request, i) for i in range(n)]
         step = self.tokens_per_message
-        try:
-            for start in range(0, max(len(tokens) for tokens, _ in outputs), step):
-                if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
-                if request.request_id in self._aborted:
-                    return
-                for index, (tokens, reason) in enumerate(outputs):
-                    if start < len(tokens):
-                        yield self.message(request, index, tokens, start, start + step, reason)
-        except asyncio.CancelledError:
-            self.cancelled.append(request.request_id)
-            raise
+        for start in range(0, max(len(tokens) for tokens, _ in outputs), step):
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            if request.request_id in self._aborted:
+                return
+            for index, (tokens, reason) in enumerate(outputs):
+                if start < len(tokens):
+                    yield self.message(request, index, tokens, start, start + step, reason)
 
     def message(self, request, index, tokens, start, end, reason) -> pb.GenerateResponse:
         chunk = tokens[start:end]

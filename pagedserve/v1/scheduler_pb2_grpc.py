@@ -39,6 +39,11 @@ class SchedulerStub:
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/pagedserve.v1.Scheduler/GenerateStream',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/Abort',
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -71,6 +76,34 @@ class SchedulerServicer:
         Errors before the first message: INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED,
         UNAVAILABLE, UNAUTHENTICATED. After it: UNAVAILABLE when the worker is lost. Cancel the call
         or let its deadline pass to abort the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many requests multiplexed on one call: the client opens it once and keeps it open (the HTTP
+        router holds one per process, and opens another if it breaks), starts each request with a
+        GenerateStreamRequest.generate and stops one with .abort. Each server message carries all the
+        news of one engine step for this call's requests: at a batch of 256 that is one gRPC message
+        per step instead of Generate's 256, whose per-message cost on both sides is most of the CPU a
+        decode step takes here (vLLM's engine sends one batched EngineCoreOutputs per step likewise).
+
+        Per request, the same contract as Generate: the same GenerateResponse messages in the same
+        order (a sequence's last has its finish_reason set); the end that Generate's status gives is
+        here an entry of the request's own: its request_id in `finished` (Generate's OK), or a
+        RequestError with the status Generate would have ended with (INVALID_ARGUMENT, ALREADY_EXISTS,
+        RESOURCE_EXHAUSTED, UNAVAILABLE, with the same message). One request's error does not touch
+        the others on the call. request_id is required (the client tells its requests apart by it).
+
+        An abort stops a request of this call only (a request_id of another call, or one that has
+        ended, is ignored): each of its sequences still running gets a last message with
+        FINISH_REASON_ABORT, then it is finished. When the client half-closes the call, the requests
+        in flight run to their end, then the call ends with OK. When the call is cancelled or breaks
+        (the client went away), every request it started is aborted and its KV cache blocks freed.
+
+        Errors of the call itself: UNAUTHENTICATED; UNAVAILABLE when the server shuts down (requests
+        in flight first run to their end; new ones are refused with UNAVAILABLE meanwhile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +142,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -153,6 +191,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Generate',
             pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
             pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Scheduler/GenerateStream',
+            pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+            pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
