@@ -133,7 +133,8 @@ def test_reflection_lists_the_public_and_health_services(smol_stack):
     assert {SERVICE, "grpc.health.v1.Health"} <= set(database.get_services())
     # A generic tool learns the whole contract from the server: methods and message fields.
     service = DescriptorPool(database).FindServiceByName(SERVICE)
-    assert {"Generate", "Abort", "GetModelInfo", "GetStats"} <= set(service.methods_by_name)
+    assert {"Generate", "GenerateStream", "Abort", "GetModelInfo", "GetStats"} <= \
+        set(service.methods_by_name)
     generate = service.methods_by_name["Generate"]
     assert generate.server_streaming
     assert "max_tokens" in generate.input_type.fields_by_name["params"].message_type.fields_by_name
@@ -239,6 +240,8 @@ def test_api_key_refuses_calls_without_it_before_queueing_anything(model_dir, tm
             lambda md: list(stack.scheduler.Generate(request, metadata=md, timeout=10)),
             lambda md: stack.scheduler.GetModelInfo(pb.GetModelInfoRequest(), metadata=md, timeout=10),
             lambda md: stack.scheduler.Abort(pb.AbortRequest(request_id="x"), metadata=md, timeout=10),
+            lambda md: list(stack.scheduler.GenerateStream(
+                iter([pb.GenerateStreamRequest(generate=request)]), metadata=md, timeout=10)),
         ]
         for call in refused:
             for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", key),)):
