@@ -26,7 +26,8 @@ class Generation:
     def __init__(self, client: SchedulerClient, requests: list[pb.GenerateRequest]):
         self._client = client
         self._requests = requests
-        self._queue: asyncio.Queue = asyncio.Queue()  # (prompt, message, END or AioRpcError)
+        # (prompt, a GenerateResponse, END or an AioRpcError), as router/stream.py delivers them
+        self._queue: asyncio.Queue = asyncio.Queue()
         self._stream: GenerateStream | None = None
         self._started: set[int] = set()  # prompts whose request was sent
         self._open = set(range(len(requests)))  # prompts whose request has not ended

@@ -50,8 +50,10 @@ class GenerateStream:
 
     def abort(self, request_id: str) -> None:
         """Stops a request, without waiting (it may run in cleanup after a cancellation): the
-        scheduler frees its KV blocks; nothing more is delivered for it."""
-        if self._routes.pop(request_id, None) is not None and not self.broken:
+        scheduler frees its KV blocks; nothing more is delivered for it. Sent even when its end
+        has come in but was not read yet: the scheduler ignores an id that has ended."""
+        self._routes.pop(request_id, None)
+        if not self.broken:
             abort = pb.AbortRequest(request_id=request_id)
             self._outgoing.put_nowait(pb.GenerateStreamRequest(abort=abort))
 

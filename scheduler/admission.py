@@ -64,7 +64,8 @@ async def admit(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
     # Checked after the await, with nothing awaited between it and add(): no twin slips in.
     request_id = request.request_id or uuid.uuid4().hex
     if request_id in engine.streams:
-        raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
+        raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                      f"request_id: {request_id!r} is already in flight")
     try:
         engine.add(request_id, list(request.prompt_token_ids), params, outbox)
     except QueueFull as e:

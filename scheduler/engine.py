@@ -1,9 +1,11 @@
 """The step loop: plan, execute on the workers, apply the results, stream news to the clients.
 
 Everything runs on one asyncio loop, so the scheduler's state needs no locks: Generate,
-GenerateStream and Abort handlers change it between steps. Without async scheduling a step's results are applied before the
-next plan is made; with it (--async-scheduling) the next plan is built and sent while the step
-before it runs, one plan ahead, and results are applied in the order the plans were sent.
+GenerateStream and Abort handlers change it between steps. Without async scheduling a step's
+results are applied before the next plan is made; with it (--async-scheduling) the next plan is
+built and sent while the step before it runs, one plan ahead, and results are applied in the
+order the plans were sent. Each request's news goes to its outbox (outboxes.py), flushed once a
+step.
 """
 from __future__ import annotations
 
