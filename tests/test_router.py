@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -414,6 +415,28 @@ def test_scheduler_down_is_503_then_recovers(harness, client, url):
         assert httpx.get(url + "/health").status_code == 503
     finally:
         harness.start_scheduler()
+    eventually(lambda: httpx.get(url + "/health").status_code == 200)
+    assert chat(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_request_in_flight_when_the_scheduler_goes_is_503_then_the_next_reopens(harness, fake,
+                                                                                   client, url):
+    """The router's one GenerateStream call breaks with the scheduler: the request on it fails as
+    its own broken Generate call did (503 scheduler_unavailable), and once the scheduler is back
+    the next request opens a new call."""
+    fake.token_delay_s = 0.05
+    body = {"model": "smol", "prompt": "x", "max_tokens": 500, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+        eventually(lambda: fake.requests)
+        harness.stop_scheduler()
+        try:
+            failed = reply.result(timeout=60)
+        finally:
+            harness.start_scheduler()
+    assert failed.status_code == 503, failed.text
+    assert failed.json()["error"]["code"] == "scheduler_unavailable"
+    fake.token_delay_s = 0.0
     eventually(lambda: httpx.get(url + "/health").status_code == 200)
     assert chat(client, max_tokens=2).choices[0].finish_reason == "length"
 
