@@ -12,6 +12,7 @@ import time
 from concurrent import futures
 
 import grpc
+import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.entrypoints.launcher import free_port
@@ -76,14 +77,13 @@ def test_sigterm_lets_the_calls_requests_finish_and_refuses_new_ones(tmp_path):
         outgoing.put(pb.GenerateStreamRequest(generate=pb.GenerateRequest(
             request_id="too-late", prompt_token_ids=[11, 12], params=pb.SamplingParams(max_tokens=2))))
         errors, finished = {}, []
-        try:
+        with pytest.raises(grpc.RpcError) as ended:  # once nothing is in flight
             for message in messages:
                 tokens += [t for r in message.responses if r.request_id == "in-flight"
                            for t in r.token_ids]
                 errors.update((e.request_id, e) for e in message.errors)
                 finished += message.finished
-        except grpc.RpcError:
-            pass  # the server ends the call once nothing is in flight
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # as scheduler.proto says
         assert finished == ["in-flight"] and len(tokens) == MAX_TOKENS
         assert errors["too-late"].code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert "shutting down" in errors["too-late"].message
