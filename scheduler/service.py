@@ -77,11 +77,19 @@ class SchedulerService(pbgrpc.SchedulerServicer):
         return self.engine.stats()
 
 
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+    # The router's GenerateStream call stays open while nothing runs, and its channel pings every
+    # 30 s (router/client.py); gRPC's default (pings no closer than 5 min while no data flows)
+    # would answer with GOAWAY "too_many_pings" and break the idle call every ~2 minutes.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
 def build_server(service: SchedulerService, address: str,
                  api_key: str | None = None) -> tuple[grpc.aio.Server, health.HealthServicer]:
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     pbgrpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

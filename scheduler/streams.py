@@ -19,6 +19,10 @@ log = logging.getLogger("scheduler.streams")
 
 
 class StreamSession:
+    """The server's side of one GenerateStream call (scheduler.proto): `replies` is what the
+    handler yields. Every request taken in counts in `in_flight` until its end (finished, failed,
+    refused or aborted), so a graceful shutdown waits for it."""
+
     def __init__(self, engine: Engine, info: pb.ModelInfo, in_flight: InFlight):
         self.engine = engine
         self.info = info
@@ -55,13 +59,7 @@ class StreamSession:
         must not hold up the requests behind it). A refusal is that request's RequestError."""
         request_id = request.request_id
         if not request_id or request_id in self.requests:
-            # Not taken in, so nothing of this call's ends (a twin may still be running here).
-            detail = (f"request_id: {request_id!r} is already in flight" if request_id else
-                      "request_id: required on GenerateStream (the client tells its requests "
-                      "apart by it)")
-            code = grpc.StatusCode.ALREADY_EXISTS if request_id else grpc.StatusCode.INVALID_ARGUMENT
-            self.outbox.error(request_id, code, detail)
-            self.outbox.flush()
+            self.refuse_untaken(request_id)
             return
         self.requests.add(request_id)
         self.in_flight.enter()
@@ -78,6 +76,18 @@ class StreamSession:
             self.refuse(request.request_id, e)
         finally:
             self.admitting.pop(request.request_id, None)
+
+    def refuse_untaken(self, request_id: str) -> None:
+        """A request without a request_id, or with one already running on this call: its error
+        alone, and nothing of this call ends (its twin runs on)."""
+        if request_id:
+            self.outbox.error(request_id, grpc.StatusCode.ALREADY_EXISTS,
+                              f"request_id: {request_id!r} is already in flight")
+        else:
+            self.outbox.error(request_id, grpc.StatusCode.INVALID_ARGUMENT,
+                              "request_id: required on GenerateStream (the client tells its "
+                              "requests apart by it)")
+        self.outbox.flush()
 
     def refuse(self, request_id: str, refused: Refused) -> None:
         self.outbox.refuse(request_id, refused.code, refused.message)

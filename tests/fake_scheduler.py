@@ -15,6 +15,7 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
+from scheduler.service import SERVER_OPTIONS
 
 # (prompt ids, params, sequence index) -> the tokens the "model" writes, before EOS.
 Script = Callable[[list[int], pb.SamplingParams, int], list[int]]
@@ -199,7 +200,7 @@ class FakeSchedulerServer:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)  # the real one's keepalive policy
         pb_grpc.add_SchedulerServicer_to_server(self.fake, self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
