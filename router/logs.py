@@ -2,7 +2,8 @@
 (uvicorn's access line included) carries that request's X-Request-Id, so one grep finds all of it.
 
 The id lives in a context variable set by RequestIdMiddleware; asyncio copies the context into
-every task the request starts, so lines logged from its streaming body or its gRPC pumps have it.
+every task the request starts, so lines logged from its streaming body have it. The GenerateStream
+call that carries every request to the scheduler (router/stream.py) logs with none.
 """
 from __future__ import annotations
 

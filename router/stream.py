@@ -11,6 +11,7 @@ request on it gets that call's error; the client then opens a new call for the n
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import AsyncIterator, Callable
 
@@ -36,8 +37,11 @@ class GenerateStream:
     def __init__(self, stub: pb_grpc.SchedulerStub, metadata):
         self._outgoing: asyncio.Queue[pb.GenerateStreamRequest | None] = asyncio.Queue()
         self._routes: dict[str, Deliver] = {}  # requests in flight on this call
-        self._call = stub.GenerateStream(self._client_messages(), metadata=metadata)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        # The call and its reader serve every request: started in an empty context, their tasks
+        # do not carry the X-Request-Id of the request that happened to open them (router/logs.py).
+        context = contextvars.Context()
+        self._call = context.run(stub.GenerateStream, self._client_messages(), metadata=metadata)
+        self._reader = asyncio.get_running_loop().create_task(self._read(), context=context)
         self.broken = False  # the call ended: the client opens another
 
     def start(self, request: pb.GenerateRequest, deliver: Deliver) -> None:

@@ -19,6 +19,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from router.client import SchedulerClient
 from router.errors import APIError
 from router.generation import Generation, start_generation
+from router.logs import NO_REQUEST, current_request_id
 from tests.router_fixtures import Harness, free_port
 
 EOS = 2  # <|im_end|>
@@ -756,6 +757,25 @@ def test_generation_hands_over_queued_messages_without_waiting(harness, fake, to
 
     tokens, after = harness.loop.run(drain())
     assert tokens == [*ids, EOS] and after is None
+
+
+def test_the_shared_stream_carries_no_id_of_the_request_that_opened_it(harness):
+    """The GenerateStream call serves every request: its reader logs (and delivers) with no
+    X-Request-Id, not with the id of whichever request opened it."""
+    async def seen_by_the_reader() -> str:
+        current_request_id.set("opener")
+        client = SchedulerClient(harness.scheduler.address)
+        seen: asyncio.Queue = asyncio.Queue()
+        try:
+            stream = await client.stream()
+            stream.start(pb.GenerateRequest(request_id="ctx", prompt_token_ids=[5],
+                                            params=pb.SamplingParams(max_tokens=1)),
+                         lambda item: seen.put_nowait(current_request_id.get()))
+            return await seen.get()
+        finally:
+            await client.close()
+
+    assert harness.loop.run(seen_by_the_reader()) == NO_REQUEST
 
 
 def test_an_error_queued_behind_messages_waits_until_they_are_taken():
