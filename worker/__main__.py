@@ -11,6 +11,14 @@ import signal
 import sys
 import threading
 
+# Before torch loads libgomp, which reads it once: OpenMP threads that finish a parallel region
+# sleep at once instead of spinning for the next one. On a host whose cores the worker shares with
+# the router, the scheduler and clients, spinning threads take those cores from them, and a
+# preempted spinner stalls the next region (docs/PERFORMANCE.md, "OpenMP threads"). Set
+# OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) to spin on cores the worker has to itself.
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent
 from worker.config import WorkerArgs, WorkerConfig

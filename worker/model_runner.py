@@ -48,8 +48,9 @@ class ModelRunner:
                                      self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(config.model, self.loaded.vocab_size, self.loaded.eos_token_ids)
-        log.info("%s loaded from %s: %s on %s, %s attention, %d threads", self.loaded.architecture, config.model,
-                 self.loaded.dtype, self.device, self.backend.name, torch.get_num_threads())
+        log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait policy %s)",
+                 self.loaded.architecture, config.model, self.loaded.dtype, self.device, self.backend.name,
+                 torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "libgomp's default"))
 
     def start_cuda_graphs(self) -> CudaGraphRunner | None:
         """Capture decode graphs unless graphs_off_reason says no; their padding rows take the
