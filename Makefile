@@ -6,6 +6,8 @@ MODEL_NAME := SmolLM2-135M-Instruct
 MODEL_DIR := models/$(MODEL_NAME)
 HOST ?= 0.0.0.0
 PORT ?= 8000
+# More `pagedserve serve` flags, e.g. SERVE_ARGS="--grpc-port 50052 --max-num-seqs 64".
+SERVE_ARGS ?=
 PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 
 .PHONY: install model protos serve test test-loaded peers bench-compare bench-host
@@ -28,7 +30,7 @@ protos: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 serve: install model
-	$(BIN)/pagedserve serve --model $(MODEL_DIR) --served-model-name $(MODEL_NAME) --host $(HOST) --port $(PORT)
+	$(BIN)/pagedserve serve --model $(MODEL_DIR) --served-model-name $(MODEL_NAME) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: install model
 	$(BIN)/python -m pytest -q tests

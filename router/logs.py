@@ -32,10 +32,16 @@ class ShutdownCutFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, asyncio.CancelledError) and "graceful shutdown" in str(error):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "request cut off: still running when --shutdown-timeout ran out", ()
             record.exc_info = record.exc_text = None
+            self.warning(record)
+        elif record.levelno == logging.ERROR and "timeout graceful shutdown exceeded" in record.getMessage():
+            self.warning(record)  # uvicorn's "Cancel N running task(s)" before those lines
         return True
+
+    @staticmethod
+    def warning(record: logging.LogRecord) -> None:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
 
 
 def configure_logging(level: str) -> None:
