@@ -16,14 +16,13 @@ from collections import deque
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
-from .outboxes import DONE, Outbox, RequestQueue
+from .outboxes import Outbox, RequestQueue
 from .request import Request, SamplingLimits, Sequence
 from .scheduler import Scheduler
 from .workers import WorkerGroup, WorkerLost
 
 log = logging.getLogger("scheduler.engine")
 
-__all__ = ["DONE", "Engine"]  # DONE: the end of a RequestQueue, re-exported for its readers
 
 
 class Engine:

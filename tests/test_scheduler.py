@@ -311,7 +311,8 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
 
 
 def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
-    from scheduler.engine import DONE, Engine
+    from scheduler.engine import Engine
+    from scheduler.outboxes import DONE
     s, w = make()
     engine = Engine(s, workers=None, eos_token_ids=[EOS])
     params = pb.SamplingParams(max_tokens=3, n=3, temperature=0, ignore_eos=True)
