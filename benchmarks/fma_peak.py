@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from worker.cpu import native  # noqa: E402
-from worker.cpu.linear import CpuLinear, linear_rows  # noqa: E402
+from pagedserve.worker.cpu import native  # noqa: E402
+from pagedserve.worker.cpu.linear import CpuLinear, linear_rows  # noqa: E402
 
 SOURCE = Path(__file__).with_name("fma_peak.c")
 FLOPS_PER_ROUND = 10 * 8 * 2  # ten 8-wide FMAs

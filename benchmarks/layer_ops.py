@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from worker.cpu.ops import _cpu_ops  # noqa: E402
-from worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
+from pagedserve.worker.cpu.ops import _cpu_ops  # noqa: E402
+from pagedserve.worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 576, 9, 3, 64, 1536, 30
 PER_LAYER = {"residual add + RMSNorm": 2, "rotary (q and k)": 1, "KV cache write": 1, "SiLU * up": 1}

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.cpu.linear import CpuLinear, PackedLinear, linear_rows, onednn_linear  # noqa: E402
+from pagedserve.worker.cpu.linear import CpuLinear, PackedLinear, linear_rows, onednn_linear  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) per layer
 LAYERS = 30

@@ -39,14 +39,14 @@ from pagedserve.entrypoints.bench.model_dir import build_model_dir, parse_overri
 from pagedserve.entrypoints.launcher import free_port  # noqa: E402
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
 from pagedserve.v1 import worker_pb2 as wpb  # noqa: E402
-from scheduler.request import SamplingLimits  # noqa: E402
-from scheduler.validation import with_defaults  # noqa: E402
-from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from scheduler.workers import WorkerGroup  # noqa: E402
-from worker.config import WorkerConfig  # noqa: E402
-from worker.model_runner import ModelRunner  # noqa: E402
-from worker.service import build_server  # noqa: E402
-from worker.step_loop import StepLoop  # noqa: E402
+from pagedserve.scheduler.request import SamplingLimits  # noqa: E402
+from pagedserve.scheduler.validation import with_defaults  # noqa: E402
+from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from pagedserve.scheduler.workers import WorkerGroup  # noqa: E402
+from pagedserve.worker.config import WorkerConfig  # noqa: E402
+from pagedserve.worker.model_runner import ModelRunner  # noqa: E402
+from pagedserve.worker.service import build_server  # noqa: E402
+from pagedserve.worker.step_loop import StepLoop  # noqa: E402
 
 
 class Clock:

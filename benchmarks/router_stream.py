@@ -42,7 +42,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 def serve_fake_scheduler(model: str, port: int, output_len: int) -> None:
     """The fake scheduler's process: every sequence writes the same real text (README.md encoded,
     repeated), one token per message, without EOS, so each stream is exactly output_len long."""
-    from router.tokenizer import Tokenizer
+    from pagedserve.router.tokenizer import Tokenizer
     from tests.fake_scheduler import FakeScheduler, FakeSchedulerServer
 
     tokenizer = Tokenizer(model)
@@ -91,7 +91,7 @@ def run(args) -> dict:
     fake = subprocess.Popen([sys.executable, __file__, "--serve-fake-scheduler", str(scheduler_port),
                              "--model", args.model, "--output-len", str(args.output_len)], env=env)
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    router = subprocess.Popen([sys.executable, *profile, "-m", "router", "--model", args.model,
+    router = subprocess.Popen([sys.executable, *profile, "-m", "pagedserve.router", "--model", args.model,
                                "--scheduler-addr", f"127.0.0.1:{scheduler_port}",
                                "--host", "127.0.0.1", "--port", str(router_port),
                                "--log-level", "WARNING"], env=env, cwd=ROOT)

@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.batch import SequenceState  # noqa: E402
-from worker.cpu.host_memory import keep_freed_memory  # noqa: E402
-from worker.cpu import linear as linear_after  # noqa: E402
-from worker import sampler as sampler_after  # noqa: E402
+from pagedserve.worker.batch import SequenceState  # noqa: E402
+from pagedserve.worker.cpu.host_memory import keep_freed_memory  # noqa: E402
+from pagedserve.worker.cpu import linear as linear_after  # noqa: E402
+from pagedserve.worker import sampler as sampler_after  # noqa: E402
 
 BEFORE = "05a87d3"  # main before issue 22's sampler and LM head changes
 MODES = {
@@ -74,8 +74,8 @@ def load_before(rev: str, tmp: Path) -> types.SimpleNamespace:
 
     (tmp / "linear.c").write_text(show("worker/cpu/linear.c"))
     linear = module("linear", "worker/cpu/linear.py", tmp / "linear.py")
-    deps = {"worker.token_bans": module("token_bans", "worker/token_bans.py", tmp / "token_bans.py"),
-            "worker.structured_output": module("structured_output", "worker/structured_output.py",
+    deps = {"pagedserve.worker.token_bans": module("token_bans", "worker/token_bans.py", tmp / "token_bans.py"),
+            "pagedserve.worker.structured_output": module("structured_output", "worker/structured_output.py",
                                                tmp / "structured_output.py")}
     saved = {name: sys.modules.get(name) for name in deps}
     sys.modules.update(deps)  # the old sampler's imports resolve to the old modules

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from pagedserve.v1 import scheduler_pb2 as pb  # noqa: E402
-from scheduler.request import SamplingLimits  # noqa: E402
-from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from scheduler.validation import with_defaults  # noqa: E402
-from worker.config import WorkerConfig  # noqa: E402
-from worker.model_runner import ModelRunner  # noqa: E402
+from pagedserve.scheduler.request import SamplingLimits  # noqa: E402
+from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from pagedserve.scheduler.validation import with_defaults  # noqa: E402
+from pagedserve.worker.config import WorkerConfig  # noqa: E402
+from pagedserve.worker.model_runner import ModelRunner  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
                                            "tags": {"type": "array", "items": {"type": "string"}}}}

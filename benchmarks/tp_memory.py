@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker import distributed  # noqa: E402
+from pagedserve.worker import distributed  # noqa: E402
 
 
 def resident_bytes() -> int:
@@ -29,9 +29,9 @@ def resident_bytes() -> int:
 
 def rank_memory(model_dir: str, dtype: str) -> dict:
     """Runs in a rank's own process: load this rank's share and measure it."""
-    from worker.attention import TorchAttention
-    from worker.config import WorkerConfig
-    from worker.loader import load_model
+    from pagedserve.worker.attention import TorchAttention
+    from pagedserve.worker.config import WorkerConfig
+    from pagedserve.worker.loader import load_model
 
     before = resident_bytes()
     config = WorkerConfig(model=model_dir, dtype=dtype, rank=distributed.rank(), world_size=distributed.world_size())

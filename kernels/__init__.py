@@ -3,8 +3,8 @@
 Layout and contracts are documented in kv_write.py and paged_attention.py.
 """
 
-from kernels.kv_write import write_kv
-from kernels.paged_attention import paged_attention
-from kernels.reference import paged_attention_reference, write_kv_reference
+from pagedserve.kernels.kv_write import write_kv
+from pagedserve.kernels.paged_attention import paged_attention
+from pagedserve.kernels.reference import paged_attention_reference, write_kv_reference
 
 __all__ = ["write_kv", "paged_attention", "write_kv_reference", "paged_attention_reference"]

@@ -4,7 +4,7 @@ import torch
 
 
 def write_kv_reference(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Same contract as kernels.kv_write.write_kv."""
+    """Same contract as pagedserve.kernels.kv_write.write_kv."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
@@ -14,7 +14,7 @@ def write_kv_reference(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                               max_query_len=None):
-    """Same contract as kernels.paged_attention.paged_attention (max_query_len is unused)."""
+    """Same contract as pagedserve.kernels.paged_attention.paged_attention (max_query_len is unused)."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)

@@ -1,4 +1,4 @@
-"""python -m router --model DIR --scheduler-addr 127.0.0.1:50051 [--port 8000] ..."""
+"""python -m pagedserve.router --model DIR --scheduler-addr 127.0.0.1:50051 [--port 8000] ..."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,13 @@ import uvicorn
 
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import stop_with_parent
-from router.app import build_app
-from router.logs import configure_logging
-from router.settings import RouterArgs, Settings
+from pagedserve.router.app import build_app
+from pagedserve.router.logs import configure_logging
+from pagedserve.router.settings import RouterArgs, Settings
 
 
 def parse_args(argv: list[str] | None = None) -> RouterArgs:
-    p = argparse.ArgumentParser(prog="python -m router",
+    p = argparse.ArgumentParser(prog="python -m pagedserve.router",
                                 description="pagedserve's OpenAI-compatible HTTP router.")
     add_arguments(p, RouterArgs)
     return from_namespace(RouterArgs, p.parse_args(argv))

@@ -18,20 +18,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import pagedserve
-from router.client import SchedulerClient
-from router.cors import cors_middleware
-from router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
+from pagedserve.router.client import SchedulerClient
+from pagedserve.router.cors import cors_middleware
+from pagedserve.router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
                            invalid, model_not_found, scheduler_unavailable)
-from router.fields import Fields
-from router.metrics import Metrics, MetricsMiddleware
-from router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from router.model import ServedModel, load_served_model
-from router.prompts import chat_messages, chat_prompt
-from router.protocol import chat_template_options, check_model
-from router.serving import read_json, serve_chat, serve_completion
-from router.settings import Settings
+from pagedserve.router.fields import Fields
+from pagedserve.router.metrics import Metrics, MetricsMiddleware
+from pagedserve.router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from pagedserve.router.model import ServedModel, load_served_model
+from pagedserve.router.prompts import chat_messages, chat_prompt
+from pagedserve.router.protocol import chat_template_options, check_model
+from pagedserve.router.serving import read_json, serve_chat, serve_completion
+from pagedserve.router.settings import Settings
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 
 def build_app(settings: Settings) -> Starlette:

@@ -6,8 +6,8 @@ the space makes a different first token and no extra tokens (else it would ban a
 """
 from __future__ import annotations
 
-from router.errors import invalid
-from router.tokenizer import Tokenizer
+from pagedserve.router.errors import invalid
+from pagedserve.router.tokenizer import Tokenizer
 
 
 def bad_words_token_ids(words: list[str], tokenizer: Tokenizer) -> list[list[int]]:

@@ -15,10 +15,10 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
-from router.errors import scheduler_unavailable
-from router.stream import GenerateStream
+from pagedserve.router.errors import scheduler_unavailable
+from pagedserve.router.stream import GenerateStream
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),

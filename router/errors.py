@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 # How long a client should wait before retrying a request the scheduler could not take.
 RETRY_AFTER_S = 1

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from router.errors import invalid
-from router.fields import type_name
+from pagedserve.router.errors import invalid
+from pagedserve.router.fields import type_name
 
 HONOURED, ACCEPTED, REFUSED = "honoured", "accepted", "refused"
 BOTH, CHAT, COMPLETION = ("chat", "completion"), ("chat",), ("completion",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from router.errors import invalid
+from pagedserve.router.errors import invalid
 
 MISSING = object()
 

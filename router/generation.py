@@ -14,12 +14,12 @@ import logging
 import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.client import SchedulerClient
-from router.errors import from_grpc
-from router.stream import END as _END  # a prompt's request finished normally
-from router.stream import GenerateStream
+from pagedserve.router.client import SchedulerClient
+from pagedserve.router.errors import from_grpc
+from pagedserve.router.stream import END as _END  # a prompt's request finished normally
+from pagedserve.router.stream import GenerateStream
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 
 class Generation:

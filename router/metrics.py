@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 PREFIX = "pagedserve:"
 ROUTER_PREFIX = "pagedserve_router_"

@@ -7,8 +7,8 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import body_too_large, unauthorized
-from router.logs import current_request_id
+from pagedserve.router.errors import body_too_large, unauthorized
+from pagedserve.router.logs import current_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 # Operational endpoints stay open: health checks and scrapers rarely carry the key.

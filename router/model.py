@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pagedserve.flags import lower_max_model_len
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.settings import Settings
-from router.tokenizer import Tokenizer
+from pagedserve.router.settings import Settings
+from pagedserve.router.tokenizer import Tokenizer
 
 
 @dataclass

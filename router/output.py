@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.detokenizer import IncrementalDetokenizer
-from router.stop import StopStrings
+from pagedserve.router.detokenizer import IncrementalDetokenizer
+from pagedserve.router.stop import StopStrings
 
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}

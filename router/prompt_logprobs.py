@@ -6,9 +6,9 @@ Both start with null: the first prompt token has nothing before it to be predict
 from __future__ import annotations
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.detokenizer import IncrementalDetokenizer
-from router.output import TokenLogprob, clamp
-from router.tokenizer import Tokenizer
+from pagedserve.router.detokenizer import IncrementalDetokenizer
+from pagedserve.router.output import TokenLogprob, clamp
+from pagedserve.router.tokenizer import Tokenizer
 
 
 def vllm_prompt_logprobs(entries: list[pb.PromptLogprob], k: int, tokenizer: Tokenizer) -> list[dict | None]:

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from router.errors import invalid
-from router.fields import is_int
-from router.tokenizer import Tokenizer
+from pagedserve.router.errors import invalid
+from pagedserve.router.fields import is_int
+from pagedserve.router.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role

@@ -8,15 +8,15 @@ from typing import Any
 
 from pagedserve.sampling_ranges import INT32_MAX, OPENAI_RANGES
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.bad_words import bad_words_token_ids
-from router.errors import invalid, model_not_found
-from router.field_policy import check_fields
-from router.fields import Fields
-from router.model import ServedModel
-from router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
+from pagedserve.router.bad_words import bad_words_token_ids
+from pagedserve.router.errors import invalid, model_not_found
+from pagedserve.router.field_policy import check_fields
+from pagedserve.router.fields import Fields
+from pagedserve.router.model import ServedModel
+from pagedserve.router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
                             completion_prompts, truncate_prompts)
-from router.structured_outputs import Constraint, one_constraint, request_constraint
-from router.tool_calls import Tools, parse_tools, tool_constraint
+from pagedserve.router.structured_outputs import Constraint, one_constraint, request_constraint
+from pagedserve.router.tool_calls import Tools, parse_tools, tool_constraint
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
 # apply_chat_template's own arguments: chat_template_kwargs must not smuggle them in

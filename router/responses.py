@@ -5,11 +5,11 @@ Choices are numbered prompt-major: choice `i * n + j` is sequence j of prompt i.
 """
 from __future__ import annotations
 
-from router.output import Delta, TokenLogprob, clamp
-from router.prompt_logprobs import echoed, vllm_prompt_logprobs
-from router.protocol import GenerationRequest
-from router.sse import compact_json, event, json_string
-from router.tokenizer import Tokenizer
+from pagedserve.router.output import Delta, TokenLogprob, clamp
+from pagedserve.router.prompt_logprobs import echoed, vllm_prompt_logprobs
+from pagedserve.router.protocol import GenerationRequest
+from pagedserve.router.sse import compact_json, event, json_string
+from pagedserve.router.tokenizer import Tokenizer
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -15,18 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.detokenizer import IncrementalDetokenizer
-from router.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, until_disconnect
-from router.errors import APIError, invalid
-from router.generation import Generation, start_generation
-from router.metrics import Metrics
-from router.model import ServedModel
-from router.output import ChoiceOutput, Delta
-from router.protocol import GenerationRequest, parse_chat, parse_completion
-from router.responses import ChatResponses, CompletionResponses, Responses, usage
-from router.sse import DONE, EventStream, event
-from router.stop import StopStrings
-from router.tool_calls import ToolCallOutput
+from pagedserve.router.detokenizer import IncrementalDetokenizer
+from pagedserve.router.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, until_disconnect
+from pagedserve.router.errors import APIError, invalid
+from pagedserve.router.generation import Generation, start_generation
+from pagedserve.router.metrics import Metrics
+from pagedserve.router.model import ServedModel
+from pagedserve.router.output import ChoiceOutput, Delta
+from pagedserve.router.protocol import GenerationRequest, parse_chat, parse_completion
+from pagedserve.router.responses import ChatResponses, CompletionResponses, Responses, usage
+from pagedserve.router.sse import DONE, EventStream, event
+from pagedserve.router.stop import StopStrings
+from pagedserve.router.tool_calls import ToolCallOutput
 
 Event = tuple[int, pb.GenerateResponse]
 

@@ -1,4 +1,4 @@
-"""What the router is started with: the flags of `python -m router` (those made with `flag()`,
+"""What the router is started with: the flags of `python -m pagedserve.router` (those made with `flag()`,
 which `pagedserve serve` takes too) and the timings it uses."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
                               served_model_name_flag, shutdown_timeout_flag)
-from router.tool_parsers import PARSERS
+from pagedserve.router.tool_parsers import PARSERS
 
 
 @dataclass

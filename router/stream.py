@@ -5,7 +5,7 @@ sequence per step).
 
 A request's news is delivered to the callback it was started with: each GenerateResponse, then
 END, or a grpc.aio.AioRpcError carrying the status the Generate rpc would have ended with (so
-router.errors.from_grpc maps it to the same HTTP error). When the call itself fails or ends, every
+pagedserve.router.errors.from_grpc maps it to the same HTTP error). When the call itself fails or ends, every
 request on it gets that call's error; the client then opens a new call for the next request.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
 
-log = logging.getLogger("router")
+log = logging.getLogger("pagedserve.router")
 
 END = object()  # a request finished: no more news for it
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}

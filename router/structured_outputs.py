@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.errors import invalid
-from router.fields import Fields, type_name
+from pagedserve.router.errors import invalid
+from pagedserve.router.fields import Fields, type_name
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 # vLLM's StructuredOutputsParams options that change nothing here: xgrammar is the only backend,

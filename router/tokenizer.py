@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-from router.errors import invalid
+from pagedserve.router.errors import invalid
 
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
 GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}

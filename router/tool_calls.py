@@ -17,11 +17,11 @@ import secrets
 from dataclasses import dataclass
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.errors import invalid
-from router.fields import Fields
-from router.output import Delta
-from router.structured_outputs import Constraint
-from router.tool_parsers import PARSERS, ParsedCall, longest_prefix_suffix
+from pagedserve.router.errors import invalid
+from pagedserve.router.fields import Fields
+from pagedserve.router.output import Delta
+from pagedserve.router.structured_outputs import Constraint
+from pagedserve.router.tool_parsers import PARSERS, ParsedCall, longest_prefix_suffix
 
 CHOICES = ("none", "auto", "required")
 

@@ -1,4 +1,4 @@
-"""python -m scheduler: the scheduler service, between the router and the worker ranks."""
+"""python -m pagedserve.scheduler: the scheduler service, between the router and the worker ranks."""
 from __future__ import annotations
 
 import argparse
@@ -17,11 +17,11 @@ from .scheduler import Scheduler
 from .service import SchedulerService, build_server, drain, watch_health
 from .workers import WorkerGroup
 
-log = logging.getLogger("scheduler")
+log = logging.getLogger("pagedserve.scheduler")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pagedserve.scheduler", description=__doc__)
     add_arguments(p, SchedulerArgs)
     add_arguments(p, SchedulerConfig)
     return p.parse_args(argv)

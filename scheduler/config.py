@@ -1,5 +1,5 @@
 """The scheduler's flags, as dataclasses whose fields carry their defaults and help
-(pagedserve/flags.py turns them into options of `python -m scheduler` and `pagedserve serve`)."""
+(pagedserve/flags.py turns them into options of `python -m pagedserve.scheduler` and `pagedserve serve`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

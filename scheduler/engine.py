@@ -21,7 +21,7 @@ from .request import Request, SamplingLimits, Sequence
 from .scheduler import Scheduler
 from .workers import WorkerGroup, WorkerLost
 
-log = logging.getLogger("scheduler.engine")
+log = logging.getLogger("pagedserve.scheduler.engine")
 
 
 

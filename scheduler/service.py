@@ -19,7 +19,7 @@ from .engine import Engine
 from .outboxes import DONE, RequestQueue
 from .streams import StreamSession
 
-log = logging.getLogger("scheduler.service")
+log = logging.getLogger("pagedserve.scheduler.service")
 
 
 class SchedulerService(pbgrpc.SchedulerServicer):

@@ -15,7 +15,7 @@ from .admission import InFlight, Refused, admit
 from .engine import Engine
 from .outboxes import StreamOutbox
 
-log = logging.getLogger("scheduler.streams")
+log = logging.getLogger("pagedserve.scheduler.streams")
 
 
 class StreamSession:

@@ -12,7 +12,7 @@ import grpc
 from pagedserve.v1 import worker_pb2 as wpb
 from pagedserve.v1 import worker_pb2_grpc as wgrpc
 
-log = logging.getLogger("scheduler.workers")
+log = logging.getLogger("pagedserve.scheduler.workers")
 
 # A restarted worker must be found within a second of listening again: gRPC's default reconnect
 # backoff grows to two minutes while the worker loads its weights.

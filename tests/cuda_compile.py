@@ -60,8 +60,8 @@ def main() -> int:
         sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels cannot be compiled")
     import triton
 
-    from kernels.kv_write import _write_kv_kernel
-    from kernels.paged_attention import (_combine_splits_kernel, _paged_attention_kernel, combine_constants,
+    from pagedserve.kernels.kv_write import _write_kv_kernel
+    from pagedserve.kernels.paged_attention import (_combine_splits_kernel, _paged_attention_kernel, combine_constants,
                                          launch_constants)
 
     indices = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32"}

@@ -15,7 +15,7 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
-from scheduler.service import SERVER_OPTIONS
+from pagedserve.scheduler.service import SERVER_OPTIONS
 
 # (prompt ids, params, sequence index) -> the tokens the "model" writes, before EOS.
 Script = Callable[[list[int], pb.SamplingParams, int], list[int]]

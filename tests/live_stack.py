@@ -27,8 +27,8 @@ def role_of(pid: int) -> str | None:
     except OSError:
         return None
     for i, arg in enumerate(argv[:-1]):
-        if arg == b"-m" and argv[i + 1].decode() in ROLES:
-            return argv[i + 1].decode()
+        if arg == b"-m" and argv[i + 1].decode().removeprefix("pagedserve.") in ROLES:
+            return argv[i + 1].decode().removeprefix("pagedserve.")
     return None
 
 

@@ -10,8 +10,8 @@ from typing import Any, Coroutine
 
 import uvicorn
 
-from router.app import build_app
-from router.settings import Settings
+from pagedserve.router.app import build_app
+from pagedserve.router.settings import Settings
 from tests.fake_scheduler import FakeScheduler, FakeSchedulerServer
 
 

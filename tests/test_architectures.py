@@ -18,12 +18,12 @@ import torch
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2
-from scheduler import validation
-from scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.scheduler import validation
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from tests import hf_reference, tiny_models
 from tests.stack import ROOT, run_stack
 from tests.tiny_models import PROMPTS, generate_in_process, runner_config
-from worker.model_runner import ModelRunner
+from pagedserve.worker.model_runner import ModelRunner
 
 ARCHITECTURES = list(tiny_models.CONFIGS)
 MAX_TOKENS = 6

@@ -9,10 +9,10 @@ import pytest
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
-from scheduler.engine import Engine
-from scheduler.outboxes import DONE
-from scheduler.scheduler import Scheduler, SchedulerConfig
-from scheduler.workers import WorkerLost
+from pagedserve.scheduler.engine import Engine
+from pagedserve.scheduler.outboxes import DONE
+from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
+from pagedserve.scheduler.workers import WorkerLost
 from tests.fake_worker import FakeWorker, next_token
 
 VOCAB, EOS, BLOCK_SIZE = 64, 0, 4

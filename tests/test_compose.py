@@ -19,8 +19,9 @@ DOCKER = ROOT / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 PROFILES = ("cpu", "gpu", "cpu-tp3")
-MODULES = {"worker": "worker.__main__", "scheduler": "scheduler.__main__",
-           "router": "router.__main__", "pagedserve.entrypoints.fetch_model": "pagedserve.entrypoints.fetch_model"}
+MODULES = {"pagedserve.worker": "pagedserve.worker.__main__", "pagedserve.scheduler": "pagedserve.scheduler.__main__",
+           "pagedserve.router": "pagedserve.router.__main__",
+           "pagedserve.entrypoints.fetch_model": "pagedserve.entrypoints.fetch_model"}
 
 
 class Parsed(Exception):
@@ -52,7 +53,8 @@ def module_args(command: list[str]) -> tuple[str, argparse.Namespace]:
     """`python -m MODULE ARGS...` parsed by MODULE's own main."""
     assert command[:2] == ["python", "-m"] and command[2] in MODULES, command
     module = importlib.import_module(MODULES[command[2]])
-    return command[2], parse_with_the_real_cli(module.main, command[3:])
+    role = command[2].removeprefix("pagedserve.") if command[2].count(".") == 1 else command[2]
+    return role, parse_with_the_real_cli(module.main, command[3:])
 
 
 def services(profile: str, role: str | None = None) -> dict[str, dict]:

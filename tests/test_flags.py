@@ -10,12 +10,12 @@ from pagedserve.flags import FLAG, flag_fields
 from pagedserve.entrypoints.local_server import serve_args
 from pagedserve.entrypoints.launcher import Launcher
 from pagedserve.entrypoints.serve_args import LauncherArgs
-from router.__main__ import parse_args as parse_router_args
-from router.settings import RouterArgs
-from scheduler.__main__ import parse_args as parse_scheduler_args
-from scheduler.config import SchedulerArgs, SchedulerConfig
-from worker.__main__ import parse_args as parse_worker_args
-from worker.config import WorkerArgs
+from pagedserve.router.__main__ import parse_args as parse_router_args
+from pagedserve.router.settings import RouterArgs
+from pagedserve.scheduler.__main__ import parse_args as parse_scheduler_args
+from pagedserve.scheduler.config import SchedulerArgs, SchedulerConfig
+from pagedserve.worker.__main__ import parse_args as parse_worker_args
+from pagedserve.worker.config import WorkerArgs
 
 PROCESS_FLAGS = [WorkerArgs, SchedulerConfig, SchedulerArgs, RouterArgs, LauncherArgs]
 # A process's own address is not the same setting as serve's, whatever the name: the worker binds
@@ -47,9 +47,9 @@ def serve_namespace(**flags) -> argparse.Namespace:
 def test_each_process_parses_what_serve_hands_it_into_serves_values(flags):
     args = serve_namespace(**flags)
     launcher = Launcher(args)
-    worker = parse_worker_args(launcher.worker_command(1, 1234, 999)[3:])
-    scheduler = parse_scheduler_args(launcher.scheduler_command(["127.0.0.1:1234"])[3:])
-    router = parse_router_args(launcher.router_command()[3:])
+    worker = parse_worker_args(launcher.worker_command(1, 1234, 999)[4:])
+    scheduler = parse_scheduler_args(launcher.scheduler_command(["127.0.0.1:1234"])[4:])
+    router = parse_router_args(launcher.router_command()[4:])
     for parsed, cls, own in ((worker, WorkerArgs, {"host", "port", "rank", "world_size",
                                                    "dist_init_addr"}),
                              (scheduler, SchedulerArgs, {"worker_addrs", "host", "port"}),
@@ -80,7 +80,7 @@ def test_kv_cache_size_flags_exclude_each_other():
 
 
 def test_worker_flags_build_its_config():
-    from worker.__main__ import worker_config
+    from pagedserve.worker.__main__ import worker_config
     config = worker_config(parse_worker_args(["--model", "m", "--block-size", "32", "--world-size", "2",
                                               "--device", "cpu"]))
     assert (config.model, config.block_size, config.world_size) == ("m", 32, 2)

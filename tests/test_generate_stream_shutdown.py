@@ -1,6 +1,6 @@
 """A scheduler's graceful shutdown (SIGTERM) with requests in flight on a GenerateStream call: they
 run to their end, while a new request on the same call is refused with UNAVAILABLE; then the
-process exits 0 without waiting out --shutdown-timeout. A real `python -m scheduler` against a
+process exits 0 without waiting out --shutdown-timeout. A real `python -m pagedserve.scheduler` against a
 worker without a model that takes 50 ms a step (so a request outlasts the signal)."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_sigterm_lets_the_calls_requests_finish_and_refuses_new_ones(tmp_path):
     server.start()
     port = free_port()
     log = open(tmp_path / "scheduler.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "--worker-addrs",
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.scheduler", "--worker-addrs",
                              f"127.0.0.1:{worker_port}", "--port", str(port),
                              "--shutdown-timeout", "120"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)

@@ -22,7 +22,7 @@ from openai import OpenAI
 from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.tokenizer import Tokenizer
+from pagedserve.router.tokenizer import Tokenizer
 from tests import hf_reference
 from tests.stack import ROOT, run_stack
 

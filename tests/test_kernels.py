@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.kv_write import _write_kv_kernel  # noqa: E402
-from kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel, choose_num_splits  # noqa: E402
+from pagedserve import kernels  # noqa: E402
+from pagedserve.kernels.kv_write import _write_kv_kernel  # noqa: E402
+from pagedserve.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel, choose_num_splits  # noqa: E402
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -1,8 +1,8 @@
 """The KV cache manager alone: the four questions the scheduler asks it, and what they leave behind."""
 from __future__ import annotations
 
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.request import Request, SamplingLimits, Sequence
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.scheduler.request import Request, SamplingLimits, Sequence
 from pagedserve.v1 import scheduler_pb2 as pb
 
 LIMITS = SamplingLimits(8, 0, frozenset(), frozenset(), False)

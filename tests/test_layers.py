@@ -1,10 +1,14 @@
 """The layers of docs/ARCHITECTURE.md, held by import-linter's contracts in pyproject.toml: no
 process imports the layer above the processes (pagedserve.entrypoints), the processes never import
 each other (they talk gRPC), and the ground (the v1 stubs, flags, parent_watch, sampling_ranges) imports neither.
+
+import-linter reads a package's modules from its folder, and ours spans five (pyproject's
+package-dir: `router/` is `pagedserve.router`): it runs on the tree as a wheel lays it out.
 """
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +20,22 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
 
 
-def test_the_code_keeps_its_layers():
-    done = lint_imports(ROOT)
+def installed_layout(source: Path, dest: Path) -> Path:
+    """Copies the Python files of `source` (a tree laid out as this repository) into `dest` as the
+    wheel installs them, by pyproject's package-dir; returns `dest`."""
+    package_dir = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dir.items():
+        target = dest.joinpath(*package.split("."))
+        for file in (source / folder).rglob("*.py"):
+            copy = target / file.relative_to(source / folder)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, copy)
+    shutil.copy(source / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def test_the_code_keeps_its_layers(tmp_path):
+    done = lint_imports(installed_layout(ROOT, tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 kept, 0 broken" in done.stdout
 
@@ -31,18 +49,19 @@ def write(root: Path, files: dict[str, str]) -> None:
 def test_a_process_importing_the_launcher_breaks_the_contract(tmp_path):
     """The contracts can fail: a tree shaped like ours where the router imports the launcher and
     the worker imports the scheduler."""
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    write(tmp_path, {
+    source = tmp_path / "source"
+    write(source, {
         "pagedserve/__init__.py": "", "pagedserve/flags.py": "", "pagedserve/parent_watch.py": "",
         "pagedserve/sampling_ranges.py": "",
         "pagedserve/v1/__init__.py": "", "pagedserve/entrypoints/__init__.py": "",
         "pagedserve/entrypoints/launcher.py": "",
         "router/__init__.py": "", "router/app.py": "import pagedserve.entrypoints.launcher\n",
         "scheduler/__init__.py": "", "scheduler/engine.py": "import pagedserve.flags\n",
-        "worker/__init__.py": "", "worker/service.py": "import scheduler.engine\n",
+        "worker/__init__.py": "", "worker/service.py": "import pagedserve.scheduler.engine\n",
         "kernels/__init__.py": "",
     })
-    done = lint_imports(tmp_path)
+    shutil.copy(ROOT / "pyproject.toml", source / "pyproject.toml")
+    done = lint_imports(installed_layout(source, tmp_path / "installed"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no process imports the layer above the processes BROKEN" in done.stdout
     assert "the processes talk gRPC, not imports BROKEN" in done.stdout

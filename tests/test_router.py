@@ -16,10 +16,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.client import SchedulerClient
-from router.errors import APIError
-from router.generation import Generation, start_generation
-from router.logs import NO_REQUEST, current_request_id
+from pagedserve.router.client import SchedulerClient
+from pagedserve.router.errors import APIError
+from pagedserve.router.generation import Generation, start_generation
+from pagedserve.router.logs import NO_REQUEST, current_request_id
 from tests.router_fixtures import Harness, free_port
 
 EOS = 2  # <|im_end|>
@@ -490,13 +490,13 @@ def test_non_stream_disconnect_aborts_the_request(url, fake):
 # ----- the command line ----------------------------------------------------------------------------
 
 def test_cli_waits_for_the_scheduler(harness, model_dir):
-    """`python -m router` started before its scheduler: it retries, then serves."""
+    """`python -m pagedserve.router` started before its scheduler: it retries, then serves."""
     from tests.fake_scheduler import FakeScheduler, FakeSchedulerServer
 
     scheduler = FakeSchedulerServer(FakeScheduler(vocab_size=49152, eos_token_ids=[EOS],
                                                   model_path=str(model_dir)), port=free_port())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "router", "--scheduler-addr",
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.router", "--scheduler-addr",
                              scheduler.address, "--port", str(port), "--host", "127.0.0.1",
                              "--log-level", "warning"])
     try:
@@ -683,13 +683,13 @@ def test_cors_flags_travel_from_serve_to_the_router():
 
     from pagedserve.entrypoints.launcher import Launcher
     from pagedserve.entrypoints.serve_args import add_serve_args
-    from router.__main__ import parse_args
+    from pagedserve.router.__main__ import parse_args
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     args = parser.parse_args(["--model", "m", "--allowed-origins", '["https://a.example"]',
                               "--allowed-headers", '["content-type"]', "--allow-credentials"])
     cmd = Launcher(args).router_command()
-    routed = parse_args(cmd[cmd.index("router") + 1:])
+    routed = parse_args(cmd[cmd.index("pagedserve.router") + 1:])
     assert routed.allowed_origins == ["https://a.example"] and routed.allow_credentials
     assert (routed.allowed_methods, routed.allowed_headers) == (["*"], ["content-type"])
     assert "--allowed-origins" not in Launcher(parser.parse_args(["--model", "m"])).router_command()
@@ -700,7 +700,7 @@ def test_cors_flags_travel_from_serve_to_the_router():
 def test_every_field_of_the_policy_is_documented():
     from pathlib import Path
 
-    from router.field_policy import FIELDS
+    from pagedserve.router.field_policy import FIELDS
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     assert [name for name in FIELDS if f"`{name}`" not in doc] == []
 
@@ -710,7 +710,7 @@ def test_the_policy_knows_every_field_of_the_openai_sdk(endpoint):
     from openai.types import completion_create_params
     from openai.types.chat import completion_create_params as chat_create_params
 
-    from router.field_policy import FIELDS
+    from pagedserve.router.field_policy import FIELDS
     params = chat_create_params if endpoint == "chat" else completion_create_params
     sdk = {*params.CompletionCreateParamsBase.__annotations__, "stream"}
     assert sorted(f for f in sdk if f not in FIELDS or endpoint not in FIELDS[f].endpoints) == []

@@ -8,13 +8,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.detokenizer import IncrementalDetokenizer
-from router.output import ChoiceOutput, Delta
-from router.prompts import Prompt
-from router.protocol import GenerationRequest
-from router.responses import ChatResponses, CompletionResponses
-from router.sse import event
-from router.stop import StopStrings
+from pagedserve.router.detokenizer import IncrementalDetokenizer
+from pagedserve.router.output import ChoiceOutput, Delta
+from pagedserve.router.prompts import Prompt
+from pagedserve.router.protocol import GenerationRequest
+from pagedserve.router.responses import ChatResponses, CompletionResponses
+from pagedserve.router.sse import event
+from pagedserve.router.stop import StopStrings
 
 TEXTS = ["Hello, world! How are you?", "你好，世界！今天天气很好。", "emoji 🎉🤖👍🏽 and flags 🇫🇷",
          "mixed 中文 and English, ça va? 😀", "  leading spaces\n\ttabs and newlines\n"]

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from scheduler.config import default_max_num_batched_tokens
-from scheduler.request import SamplingLimits, Status
-from scheduler.scheduler import QueueFull, Scheduler, SchedulerConfig
+from pagedserve.scheduler.config import default_max_num_batched_tokens
+from pagedserve.scheduler.request import SamplingLimits, Status
+from pagedserve.scheduler.scheduler import QueueFull, Scheduler, SchedulerConfig
 from tests.fake_worker import FakeWorker
 
 VOCAB = 64
@@ -311,8 +311,8 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
 
 
 def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
-    from scheduler.engine import Engine
-    from scheduler.outboxes import DONE
+    from pagedserve.scheduler.engine import Engine
+    from pagedserve.scheduler.outboxes import DONE
     s, w = make()
     engine = Engine(s, workers=None, eos_token_ids=[EOS])
     params = pb.SamplingParams(max_tokens=3, n=3, temperature=0, ignore_eos=True)

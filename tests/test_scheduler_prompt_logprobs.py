@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from scheduler.engine import Engine
-from scheduler.outboxes import DONE
-from scheduler.validation import InvalidRequest, check_sampling
+from pagedserve.scheduler.engine import Engine
+from pagedserve.scheduler.outboxes import DONE
+from pagedserve.scheduler.validation import InvalidRequest, check_sampling
 from tests.fake_worker import prompt_logprob
 from tests.test_scheduler import EOS, make, step
 

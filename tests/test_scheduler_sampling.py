@@ -1,7 +1,7 @@
 """Sampling parameters resolved once, where a request enters the scheduler: the request's fields,
 then the model's defaults (generation_config.json, reported by the workers), then the proto's;
 every range refused there by name, from the one table (pagedserve/sampling_ranges.py) that the
-router's OpenAI checks read too. The last tests run a real `python -m scheduler` against a fake
+router's OpenAI checks read too. The last tests run a real `python -m pagedserve.scheduler` against a fake
 worker over gRPC and look at what it hands the worker."""
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 from pagedserve.v1 import worker_pb2 as wpb
 from pagedserve.v1 import worker_pb2_grpc as wgrpc
-from router.errors import APIError
-from router.fields import Fields
-from router.protocol import sampling_params
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.validation import InvalidRequest, check, check_sampling
+from pagedserve.router.errors import APIError
+from pagedserve.router.fields import Fields
+from pagedserve.router.protocol import sampling_params
+from pagedserve.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.scheduler.validation import InvalidRequest, check, check_sampling
 from tests.fake_worker import FakeWorker
 from tests.stack import ROOT
 
@@ -165,7 +165,7 @@ def scheduler():
     worker_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "--worker-addrs", f"127.0.0.1:{worker_port}",
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.scheduler", "--worker-addrs", f"127.0.0.1:{worker_port}",
                              "--port", str(port)], cwd=ROOT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -222,8 +222,8 @@ def test_a_bad_value_is_refused_by_the_scheduler_before_any_worker_sees_it(sched
 
 
 def test_the_worker_reports_generation_configs_sampling_fields_and_refuses_unreadable_ones(tmp_path):
-    from worker.checkpoint import LoadError
-    from worker.loader import sampling_defaults
+    from pagedserve.worker.checkpoint import LoadError
+    from pagedserve.worker.loader import sampling_defaults
 
     config = tmp_path / "generation_config.json"
     config.write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.95, "do_sample": True}))

@@ -13,7 +13,7 @@ import pytest
 
 from pagedserve.v1 import worker_pb2 as wpb
 from pagedserve.v1 import worker_pb2_grpc as wgrpc
-from scheduler.workers import WorkerGroup, WorkerLost
+from pagedserve.scheduler.workers import WorkerGroup, WorkerLost
 
 
 class SilentWorker(wgrpc.WorkerServicer):

@@ -1,20 +1,20 @@
 """Device-dependent flags: the step budget's default by the workers' device (the scheduler asks
-them, so `python -m scheduler` and `pagedserve serve` agree), and the CUDA graph flags on every
+them, so `python -m pagedserve.scheduler` and `pagedserve serve` agree), and the CUDA graph flags on every
 worker (parsed by the worker's real CLI)."""
 import pytest
 
 from pagedserve.entrypoints.launcher import Launcher
 from pagedserve.entrypoints.local_server import serve_args
 from pagedserve.v1 import worker_pb2 as wpb
-from scheduler.__main__ import model_info, parse_args as parse_scheduler_args, scheduler_config
-from worker.__main__ import parse_args, worker_config
+from pagedserve.scheduler.__main__ import model_info, parse_args as parse_scheduler_args, scheduler_config
+from pagedserve.worker.__main__ import parse_args, worker_config
 
 
 @pytest.mark.parametrize("device,given,expected", [("cuda:0", None, 8192), ("cpu", None, 2048),
                                                    ("cuda", 1024, 1024), ("cpu", 4096, 4096)])
 def test_max_num_batched_tokens_defaults_by_the_workers_device(device, given, expected):
     args = serve_args("m", max_num_batched_tokens=given)
-    argv = Launcher(args).scheduler_command(["127.0.0.1:1"])[3:]
+    argv = Launcher(args).scheduler_command(["127.0.0.1:1"])[4:]
     infos = [wpb.WorkerInfo(device=device, num_kv_blocks=n, block_size=16, max_model_len=4096,
                             model_path="m") for n in (90, 80)]
     config = scheduler_config(parse_scheduler_args(argv), infos)

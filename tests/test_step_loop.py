@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from worker.step_loop import StepLoop
+from pagedserve.worker.step_loop import StepLoop
 
 
 def test_calls_run_on_the_serving_thread_and_errors_come_back():

@@ -9,9 +9,9 @@ import xgrammar
 from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from worker.batch import SequenceState
-from worker.sampler import Sampler, SamplingOptions
-from worker.structured_output import Grammars, advance
+from pagedserve.worker.batch import SequenceState
+from pagedserve.worker.sampler import Sampler, SamplingOptions
+from pagedserve.worker.structured_output import Grammars, advance
 
 VOCAB = 49152  # SmolLM2's config.json
 EOS = 2

@@ -17,8 +17,8 @@ from tests import hf_reference, tiny_models
 from tests.stack import run_stack
 from tests.test_architectures import generate_all
 from tests.tiny_models import PROMPTS, generate_in_process, rank_generate, runner_config, weight_bytes
-from worker import distributed
-from worker.model_runner import ModelRunner
+from pagedserve.worker import distributed
+from pagedserve.worker.model_runner import ModelRunner
 
 MAX_TOKENS = 5
 

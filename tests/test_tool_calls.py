@@ -5,11 +5,11 @@ import json
 import jsonschema
 import pytest
 
-from router.errors import APIError
-from router.fields import Fields
-from router.output import Delta
-from router.tool_calls import ToolCallOutput, parse_tools, tool_constraint
-from router.tool_parsers import HermesParser
+from pagedserve.router.errors import APIError
+from pagedserve.router.fields import Fields
+from pagedserve.router.output import Delta
+from pagedserve.router.tool_calls import ToolCallOutput, parse_tools, tool_constraint
+from pagedserve.router.tool_parsers import HermesParser
 
 TOOL = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "required": ["a", "b"],

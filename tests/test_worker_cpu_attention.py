@@ -6,10 +6,10 @@ that are all new or continue a cached prefix, mixed with decodes in one step."""
 import pytest
 import torch
 
-from worker import attention
-from worker.attention import AttentionMetadata, TorchAttention
-from worker.batch import standalone_step
-from worker.cpu.attention import attention_kernel
+from pagedserve.worker import attention
+from pagedserve.worker.attention import AttentionMetadata, TorchAttention
+from pagedserve.worker.batch import standalone_step
+from pagedserve.worker.cpu.attention import attention_kernel
 
 SHAPES = [
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 path

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from worker.cpu.linear import MAX_KERNEL_ROWS, CpuLinear, linear_rows, prepare_linears
+from pagedserve.worker.cpu.linear import MAX_KERNEL_ROWS, CpuLinear, linear_rows, prepare_linears
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ after the 8-wide loop, single tokens and batches big enough to go parallel."""
 import pytest
 import torch
 
-from worker.cpu.ops import _cpu_ops
-from worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from pagedserve.worker.cpu.ops import _cpu_ops
+from pagedserve.worker.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from worker.batch import standalone_step
-from worker.config import WorkerConfig
-from worker.cuda_graphs import capture_or_eager, graphs_off_reason
-from worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size, reserve_scratch_block
+from pagedserve.worker.batch import standalone_step
+from pagedserve.worker.config import WorkerConfig
+from pagedserve.worker.cuda_graphs import capture_or_eager, graphs_off_reason
+from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size, reserve_scratch_block
 
 BLOCK_SIZE = 4
 
@@ -103,6 +103,6 @@ def test_a_failed_capture_falls_back_to_eager(caplog):
         def capture(self):
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    with caplog.at_level(logging.WARNING, logger="worker.cuda_graphs"):
+    with caplog.at_level(logging.WARNING, logger="pagedserve.worker.cuda_graphs"):
         assert capture_or_eager(Broken) is None
     assert "serving without graphs" in caplog.text and "stream is capturing" in caplog.text

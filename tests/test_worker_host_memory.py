@@ -9,7 +9,7 @@ from pathlib import Path
 # the third step's page faults are printed.
 STEP = """
 import ctypes, resource, sys
-from worker.cpu.host_memory import keep_freed_memory
+from pagedserve.worker.cpu.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     print(keep_freed_memory())
 libc = ctypes.CDLL(None)

@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from pagedserve.v1 import scheduler_pb2, worker_pb2  # noqa: E402
-from worker.attention import AttentionMetadata, TorchAttention, TritonAttention  # noqa: E402
-from worker.config import WorkerConfig  # noqa: E402
-from scheduler.validation import with_defaults  # noqa: E402
-from worker.model_runner import ModelRunner  # noqa: E402
+from pagedserve.worker.attention import AttentionMetadata, TorchAttention, TritonAttention  # noqa: E402
+from pagedserve.worker.config import WorkerConfig  # noqa: E402
+from pagedserve.scheduler.validation import with_defaults  # noqa: E402
+from pagedserve.worker.model_runner import ModelRunner  # noqa: E402
 
 BLOCK_SIZE = 4  # small, so every sequence spans several blocks
 GREEDY = with_defaults(scheduler_pb2.SamplingParams(temperature=0))  # resolved, as the scheduler sends
@@ -261,7 +261,7 @@ def _triton_backend():
         from triton.runtime.interpreter import InterpretedFunction
 
         # Something imported kernels/ before TRITON_INTERPRET was set: reload it under the interpreter.
-        for name in ("kernels.kv_write", "kernels.paged_attention"):
+        for name in ("pagedserve.kernels.kv_write", "pagedserve.kernels.paged_attention"):
             module = importlib.import_module(name)
             if any(hasattr(v, "run") and not isinstance(v, InterpretedFunction) for v in vars(module).values()
                    if type(v).__name__ == "JITFunction"):
@@ -334,8 +334,8 @@ def test_padding_rows_of_a_graph_batch_corrupt_nothing(tiny):
     """CudaGraphRunner.run on the CPU, each "graph" replaying the eager forward pass on the
     persistent buffers: a decode step of 3 sequences runs as 8, its real rows come out as the
     unpadded step's, and the padding rows write only the scratch block."""
-    from worker.cuda_graphs import CudaGraphRunner
-    from worker.cudagraph_batch import DecodeBuffers
+    from pagedserve.worker.cuda_graphs import CudaGraphRunner
+    from pagedserve.worker.cudagraph_batch import DecodeBuffers
 
     _triton_backend()
     runner, _, scheduled = _decoding_triton_runner(tiny, "cpu")
@@ -387,7 +387,7 @@ def test_cuda_graph_and_eager_steps_give_identical_tokens(tiny):
     (16, "0", "runs on CUDA tensors"),  # compiled Triton on CPU tensors would fail at the first step
 ])
 def test_triton_backend_is_refused_at_start_up_where_it_cannot_run(monkeypatch, block_size, interpret, message):
-    from worker.attention import make_attention_backend
+    from pagedserve.worker.attention import make_attention_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ from tests import tiny_models
 from tests.test_worker_model import GREEDY, LONG_PROMPT, PROMPTS, Driver, runner, tiny  # noqa: F401 (fixtures)
 from tests.tiny_models import BLOCKS_PER_SEQUENCE, runner_config
 from tests.tiny_models import PROMPTS as TINY_PROMPTS
-from worker import distributed
+from pagedserve.worker import distributed
 
 TOLERANCE = 1e-3  # fp32 on both sides
 K = 3
@@ -82,10 +82,10 @@ def test_prefix_cached_start_returns_only_computed_positions(runner, tiny):  # n
 
 
 def rank_prompt_logprobs(model_dir) -> list[list[tuple[int, float, int, list[int]]]]:
-    """One tensor parallel rank's prompt logprobs (run by worker.distributed.run_local_ranks) for
+    """One tensor parallel rank's prompt logprobs (run by pagedserve.worker.distributed.run_local_ranks) for
     tiny_models.PROMPTS prefilled together: per prompt, (token, logprob, rank, top ids) per position."""
-    from worker import distributed
-    from worker.model_runner import ModelRunner
+    from pagedserve.worker import distributed
+    from pagedserve.worker.model_runner import ModelRunner
 
     runner = ModelRunner(runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size()))
     new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=GREEDY,

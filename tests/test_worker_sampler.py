@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from worker.batch import SequenceState
-from worker.cpu.argmax import argmax_rows
-from worker.cpu.draw import cpu_draw_rows
-from worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
+from pagedserve.worker.batch import SequenceState
+from pagedserve.worker.cpu.argmax import argmax_rows
+from pagedserve.worker.cpu.draw import cpu_draw_rows
+from pagedserve.worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
 
 VOCAB = 32
 EOS = 1
@@ -211,7 +211,7 @@ def test_bad_words_ban_a_sequence_only_after_its_prefix():
 @pytest.mark.parametrize("vocab", [7, 256, 600])  # under one block, exactly one, a partial last block
 def test_two_level_draw_follows_the_weights_and_never_draws_a_zero(monkeypatch, vocab, kernel):
     if not kernel:
-        monkeypatch.setattr("worker.sampler.cpu_draw_rows", lambda: None)
+        monkeypatch.setattr("pagedserve.worker.sampler.cpu_draw_rows", lambda: None)
     else:
         assert cpu_draw_rows() is not None
     g = torch.Generator().manual_seed(vocab)
@@ -274,7 +274,7 @@ def test_processing_some_rows_leaves_the_others_and_the_logits_alone():
 
 @pytest.mark.parametrize("prefix", [16, 10**9])  # the CPU's nucleus prefix in use, and the plain sort
 def test_top_p_alone_keeps_its_nucleus_short_or_long(monkeypatch, prefix):
-    monkeypatch.setattr("worker.sampler.NUCLEUS_PREFIX", prefix)
+    monkeypatch.setattr("pagedserve.worker.sampler.NUCLEUS_PREFIX", prefix)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 300, generator=g) * 0.3  # nearly flat: 0.8 of it is ~240 tokens
     logits[0, :6] += torch.tensor([9.0, 8.5, 8.0, 7.5, 7.0, 6.5])  # a nucleus of a few tokens

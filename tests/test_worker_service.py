@@ -1,4 +1,4 @@
-"""`python -m worker` as a real process: health, GetWorkerInfo, one Execute stream, clean SIGTERM."""
+"""`python -m pagedserve.worker` as a real process: health, GetWorkerInfo, one Execute stream, clean SIGTERM."""
 import queue
 import signal
 import socket
@@ -13,7 +13,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
-from scheduler.validation import with_defaults
+from pagedserve.scheduler.validation import with_defaults
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def test_worker_process_serves_and_stops_cleanly(tiny_model):
     path, hf_model = tiny_model
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", str(path), "--port", str(port), "--block-size", "4",
+        [sys.executable, "-m", "pagedserve.worker", "--model", str(path), "--port", str(port), "--block-size", "4",
          "--num-gpu-blocks-override", "32", "--num-threads", "1"],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
     )

@@ -109,7 +109,7 @@ def generate_in_process(runner, prompts: list[list[int]], max_tokens: int, tempe
     decoded together, and the logits of every step ([step][prompt] -> [vocab]): what
     transformers is held to."""
     from pagedserve.v1 import scheduler_pb2, worker_pb2
-    from scheduler.validation import with_defaults
+    from pagedserve.scheduler.validation import with_defaults
 
     params = with_defaults(scheduler_pb2.SamplingParams(temperature=temperature))  # as the scheduler sends
     new = [worker_pb2.NewSequence(seq_id=i, token_ids=p, params=params) for i, p in enumerate(prompts)]
@@ -129,7 +129,7 @@ def generate_in_process(runner, prompts: list[list[int]], max_tokens: int, tempe
 
 
 def runner_config(model_dir, **overrides):
-    from worker.config import WorkerConfig
+    from pagedserve.worker.config import WorkerConfig
 
     values = dict(model=str(model_dir), block_size=BLOCK_SIZE,
                   num_gpu_blocks_override=BLOCKS_PER_SEQUENCE * len(PROMPTS), num_threads=1)
@@ -138,10 +138,10 @@ def runner_config(model_dir, **overrides):
 
 def rank_generate(model_dir, max_tokens: int, load_format: str = "auto", temperature: float = 0.0):
     """One tensor parallel rank's share of generate_in_process (run in its own process by
-    worker.distributed.run_local_ranks): its completions, every step's logits [steps, prompts,
+    pagedserve.worker.distributed.run_local_ranks): its completions, every step's logits [steps, prompts,
     vocab], the bytes of weights it holds and its KV cache shape."""
-    from worker import distributed
-    from worker.model_runner import ModelRunner
+    from pagedserve.worker import distributed
+    from pagedserve.worker.model_runner import ModelRunner
 
     config = runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size(),
                            load_format=load_format)
@@ -153,8 +153,8 @@ def rank_generate(model_dir, max_tokens: int, load_format: str = "auto", tempera
 def weight_bytes(config) -> tuple[int, int]:
     """Bytes of the weights a worker holds (before the CPU path prepacks its linears): those
     tensor parallelism splits, and those every rank holds whole (norms, position tables)."""
-    from worker.attention import TorchAttention
-    from worker.loader import load_model, parameter_table
+    from pagedserve.worker.attention import TorchAttention
+    from pagedserve.worker.loader import load_model, parameter_table
 
     split = whole = 0
     for param, shard in parameter_table(load_model(config, TorchAttention()).model).values():

@@ -1,4 +1,4 @@
-"""python -m worker --model DIR: load the model, allocate the KV cache, serve step plans over gRPC.
+"""python -m pagedserve.worker --model DIR: load the model, allocate the KV cache, serve step plans over gRPC.
 
 Under tensor parallelism there is one such process per rank (--rank, --world-size), each with its
 own gRPC port; they join one torch.distributed group at --dist-init-addr before loading their
@@ -21,16 +21,16 @@ if "GOMP_SPINCOUNT" not in os.environ:
 
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent
-from worker.config import WorkerArgs, WorkerConfig
+from pagedserve.worker.config import WorkerArgs, WorkerConfig
 
-log = logging.getLogger("worker")
+log = logging.getLogger("pagedserve.worker")
 
 GRACE_S = 5.0  # for the steps the scheduler has already sent when the worker is told to stop
 SHUTDOWN_DEADLINE_S = 30.0  # from the signal to the end of the process, whatever happens
 
 
 def parse_args(argv=None) -> WorkerArgs:
-    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pagedserve.worker", description=__doc__)
     add_arguments(p, WorkerArgs)
     return from_namespace(WorkerArgs, p.parse_args(argv))
 
@@ -60,11 +60,11 @@ def main(argv=None) -> int:
     # After the flags: importing torch takes seconds.
     import torch
 
-    from worker import distributed
-    from worker.loader import inspect_model_dir
-    from worker.model_runner import ModelRunner
-    from worker.service import build_server
-    from worker.step_loop import StepLoop
+    from pagedserve.worker import distributed
+    from pagedserve.worker.loader import inspect_model_dir
+    from pagedserve.worker.model_runner import ModelRunner
+    from pagedserve.worker.service import build_server
+    from pagedserve.worker.step_loop import StepLoop
 
     # Stopped on purpose, so are the other ranks: their leaving is no failure.
     threading.Thread(target=lambda: (signaled.wait(), distributed.stop_watching()), daemon=True).start()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.cpu.ops import cpu_ops
+from pagedserve.worker.cpu.ops import cpu_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
 # cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768, 5% slower at 1024, 10-20% at
@@ -173,7 +173,7 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, num_splits: int | None = None):
-        import kernels  # lazily: importing triton is slow and needs a GPU or TRITON_INTERPRET=1
+        from pagedserve import kernels  # lazily: importing triton is slow and needs a GPU or TRITON_INTERPRET=1
 
         self.kernels = kernels
         self.num_splits = num_splits  # KV splits of decode batches; None: by the SM count
@@ -200,7 +200,7 @@ def make_attention_backend(name: str, device: torch.device, block_size: int):
     if name == "torch":
         if device.type != "cpu":
             return TorchAttention()
-        from worker.cpu.attention import attention_kernel
+        from pagedserve.worker.cpu.attention import attention_kernel
         return TorchAttention(attention_kernel())
     if name == "triton":
         if block_size <= 0 or block_size & (block_size - 1):

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata
-from worker.sampler import SamplingOptions
+from pagedserve.worker.attention import AttentionMetadata
+from pagedserve.worker.sampler import SamplingOptions
 
 
 class PlanError(ValueError):

@@ -1,4 +1,4 @@
-"""What a worker is asked to serve: the flags of `python -m worker`, as one dataclass.
+"""What a worker is asked to serve: the flags of `python -m pagedserve.worker`, as one dataclass.
 
 Tests build a WorkerConfig directly; `__main__` and `pagedserve serve` build their options from
 its fields (pagedserve/flags.py), so each default and help text is written here only. Nothing here

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size
+from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size
 
 log = logging.getLogger(__name__)
 

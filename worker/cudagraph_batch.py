@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.attention import AttentionMetadata
+from pagedserve.worker.attention import AttentionMetadata
 
 # vLLM's ladder: 1, 2, 4, then every 8 below 256, every 16 from 256 on.
 _SMALL_SIZES = (1, 2, 4)

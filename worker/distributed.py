@@ -125,7 +125,7 @@ def run_local_ranks(world_size: int, target, *args, timeout: float = 300.0) -> l
     """target(*args) in `world_size` fresh processes on this host, joined in one gloo group, one
     thread each; returns what each rank returned, in rank order (a rank's exception is raised
     here). For tests and benchmarks of the sharded model without gRPC: serving starts its ranks
-    as `python -m worker` processes instead. `target` must be importable (a module's function)."""
+    as `python -m pagedserve.worker` processes instead. `target` must be importable (a module's function)."""
     import multiprocessing
     import socket
 
@@ -133,7 +133,7 @@ def run_local_ranks(world_size: int, target, *args, timeout: float = 300.0) -> l
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     context = multiprocessing.get_context("forkserver")  # forked from a clean process: no threads, no gRPC
-    context.set_forkserver_preload(["torch", "worker.model_runner"])
+    context.set_forkserver_preload(["torch", "pagedserve.worker.model_runner"])
     results = context.Queue()
     procs = [context.Process(target=_local_rank, args=(rank, world_size, address, results, target, args))
              for rank in range(world_size)]

@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from pagedserve.v1 import scheduler_pb2
-from worker import distributed
-from worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
-from worker.models import model_class
-from worker.models.layers import RotaryEmbedding
-from worker.models.sharding import Shard
+from pagedserve.worker import distributed
+from pagedserve.worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
+from pagedserve.worker.models import model_class
+from pagedserve.worker.models.layers import RotaryEmbedding
+from pagedserve.worker.models.sharding import Shard
 
 log = logging.getLogger(__name__)
 

@@ -9,18 +9,18 @@ import numpy as np
 import torch
 
 from pagedserve.v1 import worker_pb2
-from worker import prompt_logprobs
-from worker.attention import make_attention_backend
-from worker.batch import PersistentBatch, PlanError, blocks_per_seq
-from worker.config import WorkerConfig
-from worker.cpu.host_memory import keep_freed_memory
-from worker.cpu.linear import prepare_linears
-from worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
-from worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
-from worker.kv_cache import allocate_kv_cache, choose_num_blocks
-from worker.loader import load_model
-from worker.sampler import Sampler, SamplerOutput
-from worker.structured_output import Grammars, advance
+from pagedserve.worker import prompt_logprobs
+from pagedserve.worker.attention import make_attention_backend
+from pagedserve.worker.batch import PersistentBatch, PlanError, blocks_per_seq
+from pagedserve.worker.config import WorkerConfig
+from pagedserve.worker.cpu.host_memory import keep_freed_memory
+from pagedserve.worker.cpu.linear import prepare_linears
+from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
+from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
+from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
+from pagedserve.worker.loader import load_model
+from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.structured_output import Grammars, advance
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.v1 import scheduler_pb2
-from worker.cpu.argmax import argmax_rows
-from worker.cpu.draw import cpu_draw_rows
-from worker.token_bans import apply_token_bans
-from worker.structured_output import apply_bitmask
+from pagedserve.worker.cpu.argmax import argmax_rows
+from pagedserve.worker.cpu.draw import cpu_draw_rows
+from pagedserve.worker.token_bans import apply_token_bans
+from pagedserve.worker.structured_output import apply_bitmask
 
 
 @dataclass(frozen=True)

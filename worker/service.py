@@ -7,8 +7,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
-from worker.model_runner import ModelRunner
-from worker.step_loop import StepLoop
+from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.step_loop import StepLoop
 
 log = logging.getLogger(__name__)
 

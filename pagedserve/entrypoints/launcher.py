@@ -49,6 +49,12 @@ class Child:
     quick_exits: int = 0        # deaths within RESTART_WINDOW_S of starting, in a row
 
 
+# -P: the children do not put their working directory on sys.path, so a folder or script there named
+# like a package they import (our own `kernels/` in a checkout, Hugging Face's `kernels` being
+# what transformers imports) never shadows it.
+PYTHON = [sys.executable, "-P"]
+
+
 class Launcher:
     def __init__(self, args, output=None):
         self.args = args
@@ -61,7 +67,7 @@ class Launcher:
 
     def worker_command(self, rank: int, port: int, dist_port: int) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "worker", *worker_argv(a), "--host", "127.0.0.1",
+        cmd = [*PYTHON, "-m", "pagedserve.worker", *worker_argv(a), "--host", "127.0.0.1",
                "--port", str(port)]
         if a.tensor_parallel_size > 1:
             cmd += ["--rank", str(rank), "--world-size", str(a.tensor_parallel_size),
@@ -70,12 +76,12 @@ class Launcher:
 
     def scheduler_command(self, worker_addrs: list[str]) -> list[str]:
         a = self.args
-        return [sys.executable, "-m", "scheduler", *scheduler_argv(a),
+        return [*PYTHON, "-m", "pagedserve.scheduler", *scheduler_argv(a),
                 "--worker-addrs", ",".join(worker_addrs), "--host", a.host, "--port", str(a.grpc_port)]
 
     def router_command(self) -> list[str]:
         a = self.args
-        return [sys.executable, "-m", "router", *router_argv(a),
+        return [*PYTHON, "-m", "pagedserve.router", *router_argv(a),
                 "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host,
                 "--port", str(a.port)]
 

@@ -25,13 +25,13 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from router.client import SchedulerClient
-from router.errors import APIError
-from router.generation import start_generation
-from router.model import ServedModel, load_served_model
-from router.protocol import GenerationRequest, parse_chat, parse_completion
-from router.serving import Run, deltas
-from router.settings import Settings
+from pagedserve.router.client import SchedulerClient
+from pagedserve.router.errors import APIError
+from pagedserve.router.generation import start_generation
+from pagedserve.router.model import ServedModel, load_served_model
+from pagedserve.router.protocol import GenerationRequest, parse_chat, parse_completion
+from pagedserve.router.serving import Run, deltas
+from pagedserve.router.settings import Settings
 
 from .local_server import LocalServer, serve_args
 from pagedserve.entrypoints.outputs import CompletionOutput, RequestOutput

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.output import ChoiceOutput
+from pagedserve.router.output import ChoiceOutput
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from router.settings import RouterArgs
-from scheduler.config import SchedulerArgs, SchedulerConfig
-from worker.config import WorkerArgs
+from pagedserve.router.settings import RouterArgs
+from pagedserve.scheduler.config import SchedulerArgs, SchedulerConfig
+from pagedserve.worker.config import WorkerArgs
 
 from pagedserve.flags import add_arguments, flag, to_argv
 

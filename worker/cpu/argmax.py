@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from worker.cpu import native
+from pagedserve.worker.cpu import native
 
 SOURCE = Path(__file__).with_name("argmax.c")
 

@@ -10,7 +10,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-from worker.cpu import native
+from pagedserve.worker.cpu import native
 
 SOURCE = Path(__file__).with_name("attention.c")
 # -ffast-math's optimisations one by one, not the flag itself: with it GCC links crtfastmath.o,

@@ -7,7 +7,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-from worker.cpu import native
+from pagedserve.worker.cpu import native
 
 SOURCE = Path(__file__).with_name("draw.c")
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.cpu import native
+from pagedserve.worker.cpu import native
 
 log = logging.getLogger(__name__)
 

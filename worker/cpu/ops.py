@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from worker.cpu import native
+from pagedserve.worker.cpu import native
 
 SOURCE = Path(__file__).with_name("ops.c")
 # No fused multiply-adds: each product and sum rounds where torch's separate ops round it.

@@ -7,12 +7,12 @@ base.CausalLM: built from (hf_config, attention_backend, max_position) out of th
 import importlib
 
 _MODELS = {
-    "LlamaForCausalLM": ("worker.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("worker.models.mistral", "MistralForCausalLM"),
-    "Qwen2ForCausalLM": ("worker.models.qwen2", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ("worker.models.qwen3", "Qwen3ForCausalLM"),
-    "OPTForCausalLM": ("worker.models.opt", "OPTForCausalLM"),
-    "GPT2LMHeadModel": ("worker.models.gpt2", "GPT2LMHeadModel"),
+    "LlamaForCausalLM": ("pagedserve.worker.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("pagedserve.worker.models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("pagedserve.worker.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("pagedserve.worker.models.qwen3", "Qwen3ForCausalLM"),
+    "OPTForCausalLM": ("pagedserve.worker.models.opt", "OPTForCausalLM"),
+    "GPT2LMHeadModel": ("pagedserve.worker.models.gpt2", "GPT2LMHeadModel"),
 }
 
 

@@ -8,7 +8,7 @@ checkpoint does, and runs over a flat varlen batch: forward(input_ids, positions
 import torch
 from torch import nn
 
-from worker.models.layers import gather_logits
+from pagedserve.worker.models.layers import gather_logits
 
 
 class CausalLM(nn.Module):

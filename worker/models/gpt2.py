@@ -5,9 +5,9 @@ projections are one fused c_attn, split under tensor parallelism section by sect
 import torch
 from torch import nn
 
-from worker.distributed import all_reduce
-from worker.models.base import CausalLM
-from worker.models.layers import (
+from pagedserve.worker.distributed import all_reduce
+from pagedserve.worker.models.base import CausalLM
+from pagedserve.worker.models.layers import (
     activation,
     column_linear,
     heads_linear,

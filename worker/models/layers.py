@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.cpu.ops import cpu_ops
-from worker.distributed import all_gather, all_reduce, rank
-from worker.models.sharding import Shard, even_split, head_split, padded_split
+from pagedserve.worker.cpu.ops import cpu_ops
+from pagedserve.worker.distributed import all_gather, all_reduce, rank
+from pagedserve.worker.models.sharding import Shard, even_split, head_split, padded_split
 
 
 def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, Shard]) -> nn.Linear:

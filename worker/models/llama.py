@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.distributed import all_reduce
-from worker.models.base import CausalLM
-from worker.models.layers import (
+from pagedserve.worker.distributed import all_reduce
+from pagedserve.worker.models.base import CausalLM
+from pagedserve.worker.models.layers import (
     ActAndMul,
     RMSNorm,
     RotaryEmbedding,

@@ -3,7 +3,7 @@
 The attention backends attend to the whole context, so the loader caps the context at the window,
 where sliding and full attention agree (later Mistral checkpoints set `sliding_window: null`).
 """
-from worker.models.llama import LlamaForCausalLM
+from pagedserve.worker.models.llama import LlamaForCausalLM
 
 
 class MistralForCausalLM(LlamaForCausalLM):

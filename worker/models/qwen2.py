@@ -2,7 +2,7 @@
 
 Its sliding window is off unless `use_sliding_window`; where on, the loader caps the context at it.
 """
-from worker.models.llama import LlamaForCausalLM, LlamaVariant
+from pagedserve.worker.models.llama import LlamaForCausalLM, LlamaVariant
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

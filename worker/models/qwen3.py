@@ -1,6 +1,6 @@
 """Qwen3: the Llama decoder with an RMSNorm over each head's q and k before the rotation."""
-from worker.models.llama import LlamaVariant
-from worker.models.qwen2 import Qwen2ForCausalLM
+from pagedserve.worker.models.llama import LlamaVariant
+from pagedserve.worker.models.qwen2 import Qwen2ForCausalLM
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):

@@ -9,7 +9,7 @@ A parameter without a Shard is replicated: every rank reads all of it.
 """
 from dataclasses import dataclass
 
-from worker import distributed
+from pagedserve.worker import distributed
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from worker.attention import TorchAttention, TritonAttention, make_attention_backend
-from worker.batch import standalone_step
+from pagedserve.worker.attention import TorchAttention, TritonAttention, make_attention_backend
+from pagedserve.worker.batch import standalone_step
 
 COPY_BYTES = 256 << 20
 

@@ -92,7 +92,7 @@ def process_label(pid: int) -> str:
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"-m" in args:
-            return args[args.index(b"-m") + 1].decode().split(".")[0]
+            return args[args.index(b"-m") + 1].decode().removeprefix("pagedserve.").split(".")[0]
         title = args[0].decode(errors="replace").strip()
         if "::" in title:
             return title
