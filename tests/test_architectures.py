@@ -210,6 +210,6 @@ def test_serve_stops_with_the_load_error_before_opening_a_port(tiny, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if message in line]
-    assert len(errors) == 1 and "ERROR worker" in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1 and "ERROR pagedserve.worker" in errors[0], proc.stderr[-3000:]
     assert "pagedserve: worker 0 exited with code 1 while starting" in proc.stderr
     assert "listening" not in proc.stderr and "started scheduler" not in proc.stderr + proc.stdout
