@@ -10,7 +10,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 
-.PHONY: install model protos serve test test-loaded peers bench-compare bench-host
+.PHONY: install model protos serve test test-unit test-loaded peers bench-compare bench-host
 
 install: $(VENV)/.installed
 
@@ -35,15 +35,19 @@ serve: install model
 test: install model
 	$(BIN)/python -m pytest -q tests
 
+# The tests that start no process (every room's unit tests, by `-m "not stack"`): about a minute.
+test-unit: install model
+	$(BIN)/python -m pytest -q -m "not stack" tests
+
 # The test files whose outcome could hang on the machine's speed (deadlines, shutdowns, process
 # restarts, benchmarks), run while one busy process per core competes with them, as a neighbour
 # on a shared CI machine would: they must pass all the same.
-LOADED_TESTS ?= tests/test_parent_watch.py tests/test_ops.py tests/test_reliability.py \
-	tests/test_grpc_public.py tests/test_router.py tests/test_worker_service.py \
-	tests/test_scheduler_stack.py tests/test_fetch_model.py tests/test_bench.py
+LOADED_TESTS ?= tests/stack/test_parent_watch.py tests/stack/test_ops.py tests/stack/test_reliability.py \
+	tests/stack/test_grpc_public.py tests/router/test_router.py tests/stack/test_worker_service.py \
+	tests/stack/test_scheduler.py tests/stack/test_fetch_model.py tests/stack/test_bench.py
 
 test-loaded: install model
-	$(BIN)/python -m tests.under_load -q $(LOADED_TESTS)
+	$(BIN)/python -m tests.helpers.under_load -q $(LOADED_TESTS)
 
 # vLLM's CPU build, the peer `pagedserve bench compare` measures against, in a venv of its own
 # (git-ignored). Its torchvision/torchaudio/torchcodec are built for another torch and crash on

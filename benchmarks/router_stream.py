@@ -1,5 +1,5 @@
 """The router's own cost of streaming: CPU seconds of the router process per 1,000 streamed tokens,
-with many streams at once, against a scheduler that costs nothing (tests/fake_scheduler.py in a
+with many streams at once, against a scheduler that costs nothing (tests/helpers/fake_scheduler.py in a
 process of its own), so that only the router's work is counted:
 
     python benchmarks/router_stream.py --model models/SmolLM2-135M-Instruct --streams 256 --output-len 256
@@ -43,7 +43,7 @@ def serve_fake_scheduler(model: str, port: int, output_len: int) -> None:
     """The fake scheduler's process: every sequence writes the same real text (README.md encoded,
     repeated), one token per message, without EOS, so each stream is exactly output_len long."""
     from pagedserve.router.tokenizer import Tokenizer
-    from tests.fake_scheduler import FakeScheduler, FakeSchedulerServer
+    from tests.helpers.fake_scheduler import FakeScheduler, FakeSchedulerServer
 
     tokenizer = Tokenizer(model)
     text_ids = tokenizer.encode((ROOT / "README.md").read_text(), add_special_tokens=False)

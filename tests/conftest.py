@@ -18,6 +18,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
+STACK_DIR = Path(__file__).resolve().parent / "stack"
+
+
+def pytest_collection_modifyitems(items):
+    """The `stack` marker: every test under tests/stack/ (real processes talking gRPC and HTTP) and
+    every test anywhere that uses the shared live server. Tests elsewhere that start a process
+    carry the marker themselves. `make test-unit` runs what is left (`-m "not stack"`)."""
+    for item in items:
+        if STACK_DIR in Path(item.path).parents or "smol_stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The Hugging Face directory `make model` writes. A missing model is a broken setup, not a
@@ -31,8 +43,8 @@ def model_dir() -> Path:
 def smol_stack(model_dir, tmp_path_factory):
     """One `pagedserve serve` of SmolLM2 with default flags, shared by every test that only sends
     requests to it (starting a stack costs ~15 s of the suite's 2 cores). Tests that change the
-    server's state (kill a process, restart, special flags) start their own with tests.stack.run_stack."""
-    from tests.stack import run_stack
+    server's state (kill a process, restart, special flags) start their own with tests.helpers.stack.run_stack."""
+    from tests.helpers.stack import run_stack
     with run_stack(model_dir, "--served-model-name", "SmolLM2-135M-Instruct",
                    "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                    log_dir=tmp_path_factory.mktemp("smol-stack")) as stack:
@@ -50,7 +62,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
-    from tests.stack import Stack
+    from tests.helpers.stack import Stack
     for name, value in getattr(item, "funcargs", {}).items():
         if isinstance(value, Stack):
             try:
