@@ -53,21 +53,23 @@ class Stack:
         return self.log_path.read_text(errors="replace")
 
 
-def launch(model_dir: Path, *flags: str, log_dir: Path) -> Stack:
-    """Starts `pagedserve serve` (its log in log_dir) and returns at once, before it is healthy."""
+def launch(model_dir: Path, *flags: str, log_dir: Path, cwd: Path = ROOT, env: dict | None = None) -> Stack:
+    """Starts `pagedserve serve` (its log in log_dir) in `cwd` with os.environ updated by `env`, and
+    returns at once, before it is healthy."""
     port, grpc_port = free_port(), free_port()
     log_path = log_dir / f"stack-{port}.log"
     cmd = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *flags]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return Stack(proc, port, grpc_port, log_path)
 
 
 @contextmanager
-def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0):
-    stack = launch(model_dir, *flags, log_dir=log_dir)
+def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0, cwd: Path = ROOT,
+              env: dict | None = None):
+    stack = launch(model_dir, *flags, log_dir=log_dir, cwd=cwd, env=env)
     proc = stack.proc
     try:
         deadline = time.monotonic() + timeout
