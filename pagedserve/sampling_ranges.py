@@ -1,5 +1,5 @@
 """The one table of SamplingParams' value ranges, imported by the two processes that check them:
-the scheduler, which resolves and checks every request (scheduler/sampling.py), and the router,
+the scheduler, which resolves and checks every request (scheduler/validation.py), and the router,
 which fails fast with OpenAI's error shape before a request leaves HTTP (router/protocol.py).
 
 RANGES are scheduler.proto's (vLLM's SamplingParams' checks). The OpenAI API is narrower in two
