@@ -1,5 +1,5 @@
 """The tensor parallel group: which rank this worker process is, and the two collectives the model
-needs (Megatron-style, see DESIGN.md): the sum of partial outputs after each row-split projection
+needs (Megatron-style, see docs/ARCHITECTURE.md): the sum of partial outputs after each row-split projection
 and after the vocabulary-split embedding, and the gather of the logits' vocabulary slices.
 
 One process per rank. Ranks meet at --dist-init-addr, where rank 0 hosts the rendezvous store, so

@@ -256,7 +256,6 @@ def test_logprobs_come_back_for_the_sequences_that_ask(runner, tiny):
 
 
 def _triton_backend():
-    pytest.importorskip("kernels")
     if not torch.cuda.is_available():
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -266,7 +265,7 @@ def _triton_backend():
             if any(hasattr(v, "run") and not isinstance(v, InterpretedFunction) for v in vars(module).values()
                    if type(v).__name__ == "JITFunction"):
                 importlib.reload(module)
-        importlib.reload(importlib.import_module("kernels"))
+        importlib.reload(importlib.import_module("pagedserve.kernels"))
     return TritonAttention()
 
 

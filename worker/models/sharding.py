@@ -1,6 +1,6 @@
 """Which slice of a checkpoint tensor this rank's parameter holds.
 
-Megatron-style (DESIGN.md): a projection is split by output features (QKV, gate/up: each rank
+Megatron-style (docs/ARCHITECTURE.md, Tensor parallelism): a projection is split by output features (QKV, gate/up: each rank
 computes some heads or some hidden units) or by input features (o_proj, down_proj: each rank
 holds the rows that match its heads' outputs and the partial sums are added across ranks); the
 embedding and LM head are split over the vocabulary. Layers attach a Shard to each parameter they
