@@ -63,7 +63,7 @@ async def admit(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
     await check_structured_output(engine, params)
     # Checked after the await, with nothing awaited between it and add(): no twin slips in.
     request_id = request.request_id or uuid.uuid4().hex
-    if request_id in engine.streams:
+    if request_id in engine.outboxes:
         raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                       f"request_id: {request_id!r} is already in flight")
     try:

@@ -111,7 +111,7 @@ def test_every_client_gets_what_it_gets_without_async_scheduling(num_blocks):
         assert ahead.scheduler.num_preemptions > 0
     for engine in (sync, ahead):
         assert engine.scheduler.kv.num_used_blocks == 0 and not engine.scheduler.requests
-        assert not engine.streams
+        assert not engine.outboxes
 
 
 def test_an_abort_while_a_plan_is_ahead_frees_everything():
