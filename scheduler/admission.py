@@ -47,8 +47,8 @@ class InFlight:
             self.idle.set()
 
 
-async def admit(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
-                outbox: Outbox) -> str:
+async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
+                 outbox: Outbox) -> str:
     """Checks `request`, resolves its params (scheduler/validation.py) and queues it, its news
     going to `outbox`; returns its request_id (one the server made, if it had none).
     Raises Refused: INVALID_ARGUMENT (a field, or a structured-output constraint that does not

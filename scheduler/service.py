@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 
-from .admission import InFlight, Refused, admit
+from .admission import InFlight, Refused, accept
 from .auth import ApiKeyInterceptor
 from .engine import Engine
 from .outboxes import DONE, RequestQueue
@@ -40,7 +40,7 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         queue = RequestQueue()
         try:
-            request_id = await admit(self.engine, self.model_info, request, queue)
+            request_id = await accept(self.engine, self.model_info, request, queue)
         except Refused as e:
             await context.abort(e.code, e.message)
         finished = False
