@@ -16,7 +16,7 @@ from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 from .admission import InFlight, Refused, accept
 from .auth import ApiKeyInterceptor
 from .engine import Engine
-from .outboxes import DONE, RequestQueue
+from .outboxes import END_OF_REQUEST, RequestQueue
 from .streams import StreamSession
 
 log = logging.getLogger("pagedserve.scheduler.service")
@@ -47,7 +47,7 @@ class SchedulerService(pbgrpc.SchedulerServicer):
         try:
             while True:
                 item = await queue.get()
-                if item is DONE:
+                if item is END_OF_REQUEST:
                     finished = True
                     return
                 if isinstance(item, Exception):
