@@ -110,7 +110,8 @@ async def drive(scheduler: Scheduler, workers: WorkerGroup, clock: Clock, warmup
             plan = scheduler.schedule()
         with clock.part("step (as the scheduler sees it)"):
             with clock.part("gRPC round trip"):
-                result = await workers.execute(plan)
+                await workers.send(plan)
+                result = await workers.receive()
             with clock.part("scheduler: result handling"):
                 scheduler.update(result)
         if result.error:

@@ -47,8 +47,8 @@ class InFlight:
             self.idle.set()
 
 
-async def admit(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
-                outbox: Outbox) -> str:
+async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
+                 outbox: Outbox) -> str:
     """Checks `request`, resolves its params (scheduler/validation.py) and queues it, its news
     going to `outbox`; returns its request_id (one the server made, if it had none).
     Raises Refused: INVALID_ARGUMENT (a field, or a structured-output constraint that does not
@@ -63,7 +63,7 @@ async def admit(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest,
     await check_structured_output(engine, params)
     # Checked after the await, with nothing awaited between it and add(): no twin slips in.
     request_id = request.request_id or uuid.uuid4().hex
-    if request_id in engine.streams:
+    if request_id in engine.outboxes:
         raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                       f"request_id: {request_id!r} is already in flight")
     try:

@@ -30,7 +30,7 @@ class Engine:
         self.scheduler = scheduler
         self.workers = workers
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.streams: dict[str, Outbox] = {}  # where each request in flight's news goes
+        self.outboxes: dict[str, Outbox] = {}  # where each request in flight's news goes
         self.wakeup = asyncio.Event()
         self.healthy = False
         self.num_steps = 0
@@ -45,7 +45,7 @@ class Engine:
         limits = SamplingLimits.of(params, self.eos_token_ids)
         request = self.scheduler.add_request(request_id, prompt, params, limits)
         outbox = RequestQueue() if outbox is None else outbox
-        self.streams[request_id] = outbox
+        self.outboxes[request_id] = outbox
         self.wakeup.set()
         log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d", request_id,
                  len(prompt), limits.max_tokens, len(request.sequences))
@@ -54,7 +54,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
         if request is None:
-            self.streams.pop(request_id, None)
+            self.outboxes.pop(request_id, None)
             return False
         self.publish(request.sequences)
         self.wakeup.set()  # the workers must be told to forget its sequences
@@ -67,7 +67,7 @@ class Engine:
         written: set = set()
         for seq in news:
             request = seq.request
-            outbox = self.streams.get(request.request_id)
+            outbox = self.outboxes.get(request.request_id)
             if outbox is None:
                 continue
             finished = seq.finished
@@ -78,7 +78,7 @@ class Engine:
                 ended[request.request_id] = request
         # Only after every sibling's news: n sequences may finish in the same step.
         for request_id, request in ended.items():
-            outbox = self.streams.pop(request_id)
+            outbox = self.outboxes.pop(request_id)
             outbox.end(request_id)
             written.add(outbox)
             log.info("request %s finished: %s", request_id, ", ".join(
@@ -111,7 +111,7 @@ class Engine:
         an error that says so (its client may retry), and the block pool starts empty."""
         written: set = set()
         for request in self.scheduler.fail_all():
-            outbox = self.streams.pop(request.request_id, None)
+            outbox = self.outboxes.pop(request.request_id, None)
             if outbox is not None:
                 log.warning("request %s failed: %s", request.request_id, error)
                 outbox.fail(request.request_id, error)

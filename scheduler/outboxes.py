@@ -16,7 +16,9 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
-DONE = object()  # the end of a request's stream (a RequestQueue's last item)
+# A RequestQueue's last item: its request has ended. Not the router's SSE "[DONE]", which ends
+# an HTTP response.
+END_OF_REQUEST = object()
 
 
 class Outbox(Protocol):
@@ -27,14 +29,14 @@ class Outbox(Protocol):
 
 
 class RequestQueue(asyncio.Queue):
-    """One Generate call's news, for its handler to stream: GenerateResponse messages, then DONE,
-    or the exception that failed the request (its worker was lost)."""
+    """One Generate call's news, for its handler to stream: GenerateResponse messages, then
+    END_OF_REQUEST, or the exception that failed the request (its worker was lost)."""
 
     def send(self, reply: pb.GenerateResponse) -> None:
         self.put_nowait(reply)
 
     def end(self, request_id: str) -> None:
-        self.put_nowait(DONE)
+        self.put_nowait(END_OF_REQUEST)
 
     def fail(self, request_id: str, error: Exception) -> None:
         self.put_nowait(error)

@@ -13,10 +13,10 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 
-from .admission import InFlight, Refused, admit
+from .admission import InFlight, Refused, accept
 from .auth import ApiKeyInterceptor
 from .engine import Engine
-from .outboxes import DONE, RequestQueue
+from .outboxes import END_OF_REQUEST, RequestQueue
 from .streams import StreamSession
 
 log = logging.getLogger("pagedserve.scheduler.service")
@@ -40,14 +40,14 @@ class SchedulerService(pbgrpc.SchedulerServicer):
     async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         queue = RequestQueue()
         try:
-            request_id = await admit(self.engine, self.model_info, request, queue)
+            request_id = await accept(self.engine, self.model_info, request, queue)
         except Refused as e:
             await context.abort(e.code, e.message)
         finished = False
         try:
             while True:
                 item = await queue.get()
-                if item is DONE:
+                if item is END_OF_REQUEST:
                     finished = True
                     return
                 if isinstance(item, Exception):

@@ -11,7 +11,7 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
-from .admission import InFlight, Refused, admit
+from .admission import InFlight, Refused, accept
 from .engine import Engine
 from .outboxes import StreamOutbox
 
@@ -29,7 +29,7 @@ class StreamSession:
         self.in_flight = in_flight
         self.outbox = StreamOutbox(self._ended)
         self.requests: set[str] = set()  # started on this call, not ended
-        self.admitting: dict[str, asyncio.Task] = {}  # of those, the ones still being checked
+        self.checking: dict[str, asyncio.Task] = {}  # of those, the ones still being checked
         self.reading = True  # the client may still send
 
     async def replies(self, client_messages: AsyncIterator[pb.GenerateStreamRequest]
@@ -67,15 +67,15 @@ class StreamSession:
             self.refuse(request_id, Refused(grpc.StatusCode.UNAVAILABLE,
                                             "the scheduler is shutting down; retry shortly"))
             return
-        self.admitting[request_id] = asyncio.create_task(self.admit(request))
+        self.checking[request_id] = asyncio.create_task(self.accept(request))
 
-    async def admit(self, request: pb.GenerateRequest) -> None:
+    async def accept(self, request: pb.GenerateRequest) -> None:
         try:
-            await admit(self.engine, self.info, request, self.outbox)
+            await accept(self.engine, self.info, request, self.outbox)
         except Refused as e:
             self.refuse(request.request_id, e)
         finally:
-            self.admitting.pop(request.request_id, None)
+            self.checking.pop(request.request_id, None)
 
     def refuse_untaken(self, request_id: str) -> None:
         """A request without a request_id, or with one already running on this call: its error
@@ -97,7 +97,7 @@ class StreamSession:
         """Stops a request of this call; one of another call, or one that ended, is ignored."""
         if request_id not in self.requests:
             return
-        task = self.admitting.pop(request_id, None)
+        task = self.checking.pop(request_id, None)
         if task is not None:  # not queued yet: it ends here (a task not yet started never runs)
             task.cancel()
             self.outbox.end(request_id)

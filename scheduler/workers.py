@@ -71,11 +71,6 @@ class WorkerGroup:
         """New Execute streams; a worker starts each stream with an empty batch."""
         self.calls = [execute() for execute in self.executes]
 
-    async def execute(self, plan: wpb.StepPlan) -> wpb.StepResult:
-        """Runs one step on every rank (send, then receive)."""
-        await self.send(plan)
-        return await self.receive()
-
     async def send(self, plan: wpb.StepPlan) -> None:
         """Writes the plan to every rank's stream. Raises WorkerLost when a stream has ended."""
         calls = self.calls  # cancel() may empty self.calls while this step waits

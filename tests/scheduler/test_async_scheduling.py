@@ -10,7 +10,7 @@ import pytest
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
 from pagedserve.scheduler.engine import Engine
-from pagedserve.scheduler.outboxes import DONE
+from pagedserve.scheduler.outboxes import END_OF_REQUEST
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.workers import WorkerLost
 from tests.helpers.fake_worker import FakeWorker, next_token
@@ -72,7 +72,7 @@ async def serve(engine: Engine, abort_after_first: str | None = None) -> dict:
 
     async def collect(rid):
         replies = []
-        while (item := await queues[rid].get()) is not DONE:
+        while (item := await queues[rid].get()) is not END_OF_REQUEST:
             if isinstance(item, Exception):
                 return item
             replies.append((item.index, list(item.token_ids), item.finish_reason))
@@ -111,7 +111,7 @@ def test_every_client_gets_what_it_gets_without_async_scheduling(num_blocks):
         assert ahead.scheduler.num_preemptions > 0
     for engine in (sync, ahead):
         assert engine.scheduler.kv.num_used_blocks == 0 and not engine.scheduler.requests
-        assert not engine.streams
+        assert not engine.outboxes
 
 
 def test_an_abort_while_a_plan_is_ahead_frees_everything():

@@ -8,7 +8,7 @@ import pytest
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.scheduler.engine import Engine
-from pagedserve.scheduler.outboxes import DONE
+from pagedserve.scheduler.outboxes import END_OF_REQUEST
 from pagedserve.scheduler.validation import InvalidRequest, check_sampling
 from tests.helpers.fake_worker import prompt_logprob
 from tests.scheduler.test_scheduler import EOS, make, step
@@ -32,7 +32,7 @@ def run(engine: Engine, plans: list | None = None) -> None:
 
 def messages(queue) -> list[pb.GenerateResponse]:
     out = []
-    while (item := queue.get_nowait()) is not DONE:
+    while (item := queue.get_nowait()) is not END_OF_REQUEST:
         out.append(item)
     return out
 

@@ -312,7 +312,7 @@ def test_random_streams_never_leak_or_share_blocks_wrongly(ops, num_blocks, budg
 
 def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
     from pagedserve.scheduler.engine import Engine
-    from pagedserve.scheduler.outboxes import DONE
+    from pagedserve.scheduler.outboxes import END_OF_REQUEST
     s, w = make()
     engine = Engine(s, workers=None, eos_token_ids=[EOS])
     params = pb.SamplingParams(max_tokens=3, n=3, temperature=0, ignore_eos=True)
@@ -321,6 +321,6 @@ def test_engine_streams_every_sibling_to_the_end_when_they_finish_together():
         plan = s.schedule()
         engine.publish(s.update(w.execute(plan)))
     tokens = Counter()
-    while (item := queue.get_nowait()) is not DONE:
+    while (item := queue.get_nowait()) is not END_OF_REQUEST:
         tokens[item.index] += len(item.token_ids)
     assert tokens == {0: 3, 1: 3, 2: 3}

@@ -27,7 +27,8 @@ class SilentWorker(wgrpc.WorkerServicer):
 
 @contextlib.asynccontextmanager
 async def step_in_flight():
-    """(a WorkerGroup, its step 1 as a task) once the silent worker has received that step."""
+    """(a WorkerGroup, the wait for its step 1's result as a task, as the step loop waits) once
+    the silent worker has received that step."""
     worker, server = SilentWorker(), grpc.aio.server()
     wgrpc.add_WorkerServicer_to_server(worker, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -35,7 +36,8 @@ async def step_in_flight():
     group = WorkerGroup([f"127.0.0.1:{port}"])
     try:
         group.open()
-        step = asyncio.ensure_future(group.execute(wpb.StepPlan(step_id=1)))
+        await group.send(wpb.StepPlan(step_id=1))
+        step = asyncio.ensure_future(group.receive())
         assert await asyncio.wait_for(worker.plans.get(), 60) == 1
         yield group, step
     finally:
