@@ -11,10 +11,13 @@ the drain timeout, the log level) are made by the functions at the bottom: one d
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
 import os
+import re
+import textwrap
 import types
 import typing
 from typing import Any
@@ -71,11 +74,76 @@ def default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+# Help that already says what the default is ("(default: the model directory's name)").
+STATES_DEFAULT = re.compile(r"\(default|default:")
+
+
+def says_default(help: str | None) -> bool:
+    return bool(help) and STATES_DEFAULT.search(help) is not None
+
+
+def help_with_default(help: str, default: Any, env: str | None) -> str | None:
+    """A flag's help followed by its default: the declared one, so that --help never prints the
+    value of an environment variable (an API key), only its name. No default (None) adds nothing;
+    neither does help that already states it."""
+    if says_default(help):
+        return help or None
+    if env:
+        said = f"${env}" + (f", else {default_text(default)}" if default is not None else " if set")
+    elif default is not None:
+        said = default_text(default)
+    else:
+        return help or None
+    return f"{help} (default: {said})".lstrip()
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether HelpFormatter adds the action's default to its help."""
+    default = action.default
+    return not (default is None or default is argparse.SUPPRESS or default in ([], "")
+                or says_default(action.help)
+                or (action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)))
+
+
+def default_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list) else str(value)
+    return text.replace("%", "%%")  # argparse expands %-formats in help
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default after its help where there is one to say: not
+    None or empty, not the False of a plain switch (`--disable-progress-bar`), not when the help
+    states it already. For the options written by hand; `add_arguments` states its flags'
+    defaults itself."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and shows_default(action):  # argparse prints no line for empty help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not shows_default(action) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+    # Lines broken at spaces only: never "--base-" at the end of one line and "url" on the next.
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool | None = None,
                   seen: set[str] | None = None) -> None:
-    """Adds cls's flag fields to parser, except those in `skip` and those already in `seen` (a
-    flag that several processes share is added once). `required` overrides whether fields without
-    a default are required."""
+    """Adds cls's flag fields to parser (or to an argument group), except those in `skip` and
+    those already in `seen` (a flag that several processes share is added once), each help
+    ending with the flag's default. `required` overrides whether fields without a default are
+    required."""
     groups: dict[str, Any] = {}
     seen = set() if seen is None else seen
     for f in flag_fields(cls, skip):
@@ -87,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool 
         default = default_of(f)
         if meta["env"] and os.environ.get(meta["env"]):
             default = kind(os.environ[meta["env"]])
-        kwargs: dict[str, Any] = {"default": default, "help": meta["help"] or None}
+        said = help_with_default(meta["help"], default_of(f), meta["env"])
+        kwargs: dict[str, Any] = {"default": default, "help": said}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

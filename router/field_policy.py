@@ -7,7 +7,8 @@ one of three rules (docs/api.md explains each field):
 - ACCEPTED: it has no meaning for a local server (billing, storage, abuse monitoring, caching
   hints): its type is checked and it changes nothing.
 - REFUSED: the server cannot do what it asks, so any value other than the harmless ones is a 400
-  naming it (a client must not believe it got, say, audio or beam search).
+  naming it (a client must not believe it got, say, audio or beam search). A deprecated field
+  whose current form the server honours (`functions`: `tools`) is refused with that form's name.
 
 A field in neither list is a 400 naming it, with OpenAI's own message.
 """
@@ -50,6 +51,7 @@ class Policy:
     kind: type | None = None                      # ACCEPTED fields: the JSON type they must have
     can_do: Callable[[Any], bool] = unset         # REFUSED fields: the values that ask nothing
     why: str = ""                                 # REFUSED fields: what the server cannot do
+    use: str = ""                                 # REFUSED fields: the current form it honours
 
 
 def honoured(endpoints: tuple[str, ...] = BOTH) -> Policy:
@@ -63,6 +65,11 @@ def accepted(kind: type, endpoints: tuple[str, ...] = BOTH) -> Policy:
 def refused(why: str, can_do: Callable[[Any], bool] = unset,
             endpoints: tuple[str, ...] = BOTH) -> Policy:
     return Policy(REFUSED, endpoints, can_do=can_do, why=why)
+
+
+def deprecated(use: str, endpoints: tuple[str, ...] = BOTH) -> Policy:
+    """A field OpenAI replaced with `use`, which the server honours: refused, naming `use`."""
+    return Policy(REFUSED, endpoints, use=use)
 
 
 FIELDS: dict[str, Policy] = {
@@ -85,8 +92,8 @@ FIELDS: dict[str, Policy] = {
     "prompt_cache_options": accepted(dict, CHAT), "prediction": accepted(dict, CHAT),
     "audio": refused("audio output", endpoints=CHAT),
     "modalities": refused("output modalities other than [\"text\"]", text_only, CHAT),
-    "functions": refused("function calling", endpoints=CHAT),
-    "function_call": refused("function calling", endpoints=CHAT),
+    "functions": deprecated("tools", CHAT),
+    "function_call": deprecated("tool_choice", CHAT),
     "web_search_options": refused("web search", endpoints=CHAT),
     "reasoning_effort": refused("reasoning effort (this is not a reasoning model)",
                                 endpoints=CHAT),
@@ -133,8 +140,14 @@ def check_fields(body: dict, endpoint: str) -> None:
             raise invalid(name, f"'{name}' must be {type_name(policy.kind())}, got "
                           f"{type_name(value)}.")
         if policy.rule == REFUSED and not policy.can_do(value):
-            raise invalid(name, f"'{name}' is not supported: this server does not do "
-                          f"{policy.why}.")
+            raise invalid(name, refusal(name, policy))
+
+
+def refusal(name: str, policy: Policy) -> str:
+    if policy.use:
+        return (f"'{name}' is the deprecated form of '{policy.use}', which this server takes: "
+                f"send '{policy.use}' instead.")
+    return f"'{name}' is not supported: this server does not do {policy.why}."
 
 
 def is_kind(value: Any, kind: type) -> bool:

@@ -14,6 +14,9 @@ from .launcher import Launcher, free_port
 log = logging.getLogger("pagedserve")
 
 LOG_TAIL_CHARS = 4000  # of the children's log, shown when they fail to start
+# serve's flags that a LocalServer sets itself: loopback, and ports of its own that must not collide
+# with a server already running.
+CHOSEN_HERE = ("host", "port", "grpc_port")
 
 
 class ServerStartError(RuntimeError):
@@ -22,11 +25,15 @@ class ServerStartError(RuntimeError):
 
 def serve_args(model: str, **flags) -> argparse.Namespace:
     """`pagedserve serve`'s flags with their defaults, and the given ones in their Python spelling
-    (max_num_seqs=64 for --max-num-seqs 64)."""
+    (max_num_seqs=64 for --max-num-seqs 64). Raises TypeError naming a flag serve does not take,
+    or one that a LocalServer chooses itself (host, port, grpc_port)."""
     parser = argparse.ArgumentParser(prog="pagedserve serve")
     add_serve_args(parser)
     args = parser.parse_args(["--model", str(model)])
     for name, value in flags.items():
+        if name in CHOSEN_HERE:
+            raise TypeError(f"{name!r} is chosen by the local server itself (loopback, free "
+                            "ports): leave it out")
         if not hasattr(args, name):
             raise TypeError(f"{name!r} is not an option of `pagedserve serve` (see its --help; "
                             "write --max-num-seqs as max_num_seqs)")

@@ -33,13 +33,17 @@ class LauncherArgs:
     startup_timeout: float = flag(600.0, "seconds each process gets to become healthy")
 
 
-def add_serve_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    seen: set[str] = set()
+def add_serve_args(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                   model_required: bool = True, skip: tuple[str, ...] = ()) -> set[str]:
+    """Adds serve's flags but those in `skip` (field names: "grpc_port") to p, a parser or an
+    argument group; returns the names (argparse dests) of the flags it added."""
+    seen: set[str] = set(skip)
     add_arguments(p, LauncherArgs, seen=seen)
     add_arguments(p, WorkerArgs, skip=WORKER_INTERNAL, required=model_required, seen=seen)
     add_arguments(p, SchedulerConfig, seen=seen)
     add_arguments(p, SchedulerArgs, skip=SCHEDULER_INTERNAL, seen=seen)
     add_arguments(p, RouterArgs, skip=ROUTER_INTERNAL, seen=seen)
+    return seen - set(skip)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:

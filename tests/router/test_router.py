@@ -562,6 +562,24 @@ def test_unknown_and_impossible_fields_are_400_naming_them(url, fake, path, body
     assert len(fake.requests) == before  # nothing reached the scheduler
 
 
+@pytest.mark.parametrize("field, value, current", [
+    ("functions", [{"name": "get_weather", "parameters": {"type": "object"}}], "tools"),
+    ("function_call", "auto", "tool_choice"),
+])
+def test_deprecated_function_fields_are_400_naming_their_current_form(url, fake, field, value,
+                                                                      current):
+    before = len(fake.requests)
+    reply = post(url, "/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "x"}], field: value})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == ("invalid_request_error", field)
+    assert error["message"] == (f"'{field}' is the deprecated form of '{current}', which this "
+                                f"server takes: send '{current}' instead.")
+    assert len(fake.requests) == before
+
+
 def test_fields_without_meaning_here_are_accepted(client, fake):
     reply = chat(client, max_tokens=2, store=True, metadata={"k": "v"}, service_tier="auto",
                  user="u", prediction={"type": "content", "content": "x"},

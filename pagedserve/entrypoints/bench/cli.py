@@ -7,6 +7,8 @@ import importlib
 import json
 import math
 
+from pagedserve.flags import HelpFormatter
+
 from .model_dir import NOOP_OVERRIDES
 
 DEFAULT_SYSTEMS = "pagedserve,vllm,transformers"
@@ -37,7 +39,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="benchmark a running OpenAI-compatible server")
+    p = sub.add_parser("serve", help="benchmark a running OpenAI-compatible server",
+                       formatter_class=HelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root (or its /v1)")
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", required=True, help="the served model name (a model directory also "
@@ -55,7 +58,7 @@ def add_serve(sub) -> None:
 
 def add_compare(sub, name: str, help: str, **defaults) -> None:
     """A comparison subcommand; `defaults` replace the flags' own (a workload, systems, modes)."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, formatter_class=HelpFormatter)
     p.add_argument("--model", required="model" not in defaults,
                    help="a Hugging Face model directory, served by every system")
     p.add_argument("--served-model-name", default=None)
@@ -89,7 +92,8 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
 
 
 def add_kernels(sub) -> None:
-    p = sub.add_parser("kernels", help="paged attention (decode, prefill) against SDPA")
+    p = sub.add_parser("kernels", help="paged attention (decode, prefill) against SDPA",
+                       formatter_class=HelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -109,7 +113,8 @@ def add_kernels(sub) -> None:
 
 def add_bench_parser(sub) -> None:
     """`pagedserve bench ...`, on the top-level subparsers of `pagedserve`."""
-    bench = sub.add_parser("bench", help="benchmarks: serve, compare, compare-hf, host, kernels")
+    bench = sub.add_parser("bench", help="benchmarks: serve, compare, compare-hf, host, kernels",
+                           formatter_class=HelpFormatter)
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     add_serve(kinds)
     add_compare(kinds, "compare", "start each system in turn on one model and run one workload through each")
