@@ -16,8 +16,7 @@ import grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.client import SchedulerClient
 from pagedserve.router.errors import from_grpc
-from pagedserve.router.stream import END as _END  # a prompt's request finished normally
-from pagedserve.router.stream import GenerateStream
+from pagedserve.router.stream import REQUEST_FINISHED, GenerateStream
 
 log = logging.getLogger("pagedserve.router")
 
@@ -26,7 +25,8 @@ class Generation:
     def __init__(self, client: SchedulerClient, requests: list[pb.GenerateRequest]):
         self._client = client
         self._requests = requests
-        # (prompt, a GenerateResponse, END or an AioRpcError), as router/stream.py delivers them
+        # (prompt, a GenerateResponse, REQUEST_FINISHED or an AioRpcError), as router/stream.py
+        # delivers them
         self._queue: asyncio.Queue = asyncio.Queue()
         self._stream: GenerateStream | None = None
         self._started: set[int] = set()  # prompts whose request was sent
@@ -73,7 +73,7 @@ class Generation:
         prompt, item = entry
         if prompt not in self._open:
             return None  # queued before the prompt was finished early
-        if item is _END:
+        if item is REQUEST_FINISHED:
             self._open.discard(prompt)
             return None
         if isinstance(item, grpc.aio.AioRpcError):

@@ -30,7 +30,9 @@ def clamp(logprob: float) -> float:
 
 
 @dataclass
-class TokenLogprob:
+class TextLogprob:
+    """A token's logprob as the text APIs show it: the scheduler's pb.TokenLogprob (or, echoed,
+    pb.PromptLogprob) placed in the choice's text, its alternatives as (token id, logprob)."""
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
@@ -40,7 +42,7 @@ class TokenLogprob:
 @dataclass
 class Delta:
     text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TextLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's, whole (router/tool_calls.py)
 
@@ -67,7 +69,7 @@ class ChoiceOutput:
         self._decoded_chars = 0        # characters the detokenizer has produced so far
         self._text: list[str] = []     # the deltas' text, joined on demand
         self.token_ids: list[int] = []  # every kept token, the hidden stop token too
-        self.logprobs: list[TokenLogprob] = []  # one per kept token, when they were asked for
+        self.logprobs: list[TextLogprob] = []  # one per kept token, when they were asked for
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         # vLLM's: the stop string or stop token id that ended the choice; None for EOS or length
@@ -103,7 +105,7 @@ class ChoiceOutput:
             # Logprobs keep every token, the hidden stop token too (as vLLM's): lm-eval drops the
             # last entry of an echoed completion as the generated one.
             if logprobs and k < len(logprobs):
-                self._add_logprob(token_logprob(logprobs[k], self._decoded_chars), delta)
+                self._add_logprob(text_logprob(logprobs[k], self._decoded_chars), delta)
             if k == last and ends_on_stop_token and token_id in self._hidden_stop_ids:
                 break
             if self._push(self._detokenizer.add(token_id), delta):
@@ -124,7 +126,7 @@ class ChoiceOutput:
         self.finish_reason = "abort"
         return self._emit(Delta(self._stop.flush(), finish_reason="abort"))
 
-    def _add_logprob(self, logprob: TokenLogprob, delta: Delta) -> None:
+    def _add_logprob(self, logprob: TextLogprob, delta: Delta) -> None:
         self.logprobs.append(logprob)
         delta.logprobs.append(logprob)
         self.cumulative_logprob += logprob.logprob
@@ -144,6 +146,6 @@ class ChoiceOutput:
         return matched
 
 
-def token_logprob(lp: pb.TokenLogprob, text_offset: int) -> TokenLogprob:
-    return TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top],
-                        text_offset)
+def text_logprob(lp: pb.TokenLogprob, text_offset: int) -> TextLogprob:
+    return TextLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top],
+                       text_offset)

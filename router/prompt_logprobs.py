@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.detokenizer import IncrementalDetokenizer
-from pagedserve.router.output import TokenLogprob, clamp
+from pagedserve.router.output import TextLogprob, clamp
 from pagedserve.router.tokenizer import Tokenizer
 
 
@@ -28,7 +28,7 @@ def vllm_prompt_logprobs(entries: list[pb.PromptLogprob], k: int, tokenizer: Tok
 
 
 def echoed(prompt_ids: list[int], entries: list[pb.PromptLogprob], k: int,
-           tokenizer: Tokenizer) -> tuple[list[int], list[TokenLogprob]]:
+           tokenizer: Tokenizer) -> tuple[list[int], list[TextLogprob]]:
     """The prompt as a completion's echoed logprobs see it: each token's offset in the decoded
     prompt text, and for tokens 1.. their logprob and k alternatives."""
     offsets, chars = [], 0
@@ -36,6 +36,6 @@ def echoed(prompt_ids: list[int], entries: list[pb.PromptLogprob], k: int,
     for token_id in prompt_ids:
         offsets.append(chars)
         chars += len(detokenizer.add(token_id))
-    logprobs = [TokenLogprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top[:k]], offset)
+    logprobs = [TextLogprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top[:k]], offset)
                 for entry, offset in zip(entries, offsets[1:])]
     return offsets, logprobs

@@ -5,7 +5,7 @@ Choices are numbered prompt-major: choice `i * n + j` is sequence j of prompt i.
 """
 from __future__ import annotations
 
-from pagedserve.router.output import Delta, TokenLogprob, clamp
+from pagedserve.router.output import Delta, TextLogprob, clamp
 from pagedserve.router.prompt_logprobs import echoed, vllm_prompt_logprobs
 from pagedserve.router.protocol import GenerationRequest
 from pagedserve.router.sse import compact_json, event, json_string
@@ -159,7 +159,7 @@ class CompletionResponses(Responses):
                 "top_logprobs": [None] + [self.top(lp) for lp in logprobs] + out["top_logprobs"],
                 "text_offset": offsets + out["text_offset"]}
 
-    def top(self, lp: TokenLogprob) -> dict[str, float]:
+    def top(self, lp: TextLogprob) -> dict[str, float]:
         # As vLLM does: the sampled token is listed even when it is not among the top k.
         alternatives = {lp.token_id: lp.logprob, **dict(lp.top)}
         ranked = sorted(alternatives.items(), key=lambda tv: -tv[1])

@@ -24,7 +24,7 @@ from pagedserve.router.model import ServedModel
 from pagedserve.router.output import ChoiceOutput, Delta
 from pagedserve.router.protocol import GenerationRequest, parse_chat, parse_completion
 from pagedserve.router.responses import ChatResponses, CompletionResponses, Responses, usage
-from pagedserve.router.sse import DONE, EventStream, event
+from pagedserve.router.sse import DONE_FRAME, EventStream, event
 from pagedserve.router.stop import StopStrings
 from pagedserve.router.tool_calls import ToolCallOutput
 
@@ -228,4 +228,4 @@ async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIt
             yield event(responses.usage_chunk(run.usage()))
     except APIError as err:  # after the 200 went out, an error can only travel as an event
         yield event(err.body())
-    yield DONE
+    yield DONE_FRAME

@@ -8,7 +8,9 @@ from typing import AsyncIterator, Callable
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-DONE = b"data: [DONE]\n\n"
+# The frame that ends an OpenAI stream (not a request's end on the scheduler's stream: that is
+# router/stream.py REQUEST_FINISHED).
+DONE_FRAME = b"data: [DONE]\n\n"
 
 
 def event(payload: dict) -> bytes:

@@ -4,9 +4,10 @@ is for (scheduler.proto says why one call: one gRPC message per engine step inst
 sequence per step).
 
 A request's news is delivered to the callback it was started with: each GenerateResponse, then
-END, or a grpc.aio.AioRpcError carrying the status the Generate rpc would have ended with (so
-pagedserve.router.errors.from_grpc maps it to the same HTTP error). When the call itself fails or ends, every
-request on it gets that call's error; the client then opens a new call for the next request.
+REQUEST_FINISHED, or a grpc.aio.AioRpcError carrying the status the Generate rpc would have ended
+with (so pagedserve.router.errors.from_grpc maps it to the same HTTP error). When the call itself
+fails or ends, every request on it gets that call's error; the client then opens a new call for
+the next request.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from pagedserve.v1 import scheduler_pb2_grpc as pb_grpc
 
 log = logging.getLogger("pagedserve.router")
 
-END = object()  # a request finished: no more news for it
+REQUEST_FINISHED = object()  # a request finished normally: no more news for it
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-Deliver = Callable[[object], None]  # a GenerateResponse, END or a grpc.aio.AioRpcError
+Deliver = Callable[[object], None]  # a GenerateResponse, REQUEST_FINISHED or an AioRpcError
 
 
 def status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -95,7 +96,7 @@ class GenerateStream:
         for request_id in message.finished:
             deliver = routes.pop(request_id, None)
             if deliver is not None:
-                deliver(END)
+                deliver(REQUEST_FINISHED)
 
     def _fail_all(self, error: grpc.aio.AioRpcError) -> None:
         self.broken = True
