@@ -1,11 +1,11 @@
 """The router's HTTP application: routes, middleware, and startup.
 
-Startup waits for the scheduler to answer GetModelInfo (uvicorn accepts no connection before the
-lifespan has started), then loads the tokenizer of the model it serves.
+Startup connects the front end (router/frontend.py, shared with the offline LLM): it waits for the
+scheduler to answer GetModelInfo (uvicorn accepts no connection before the lifespan has started),
+then loads the tokenizer of the model it serves.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -18,14 +18,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import pagedserve
-from pagedserve.router.client import SchedulerClient
 from pagedserve.router.cors import cors_middleware
 from pagedserve.router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
                            invalid, model_not_found, scheduler_unavailable)
 from pagedserve.router.fields import Fields
+from pagedserve.router.frontend import Frontend
 from pagedserve.router.metrics import Metrics, MetricsMiddleware
 from pagedserve.router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from pagedserve.router.model import ServedModel, load_served_model
+from pagedserve.router.model import ServedModel
 from pagedserve.router.prompts import chat_messages, chat_prompt
 from pagedserve.router.protocol import chat_template_options, check_model
 from pagedserve.router.serving import read_json, serve_chat, serve_completion
@@ -39,18 +39,15 @@ def build_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        client = SchedulerClient(settings.scheduler_addr, settings.connect_timeout_s,
-                                 settings.api_key)
-        info = await client.wait_for_model_info(settings.startup_retry_s)
-        app.state.client = client
-        app.state.model = await asyncio.to_thread(load_served_model, settings, info)
-        metrics.bind(app.state.model.name)
-        log.info("serving %s (max_model_len %d) with scheduler %s", app.state.model.name,
-                 app.state.model.max_model_len, settings.scheduler_addr)
+        frontend = await Frontend.connect(settings, metrics)
+        app.state.frontend = frontend
+        metrics.bind(frontend.model.name)
+        log.info("serving %s (max_model_len %d) with scheduler %s", frontend.model.name,
+                 frontend.model.max_model_len, settings.scheduler_addr)
         try:
             yield
         finally:
-            await client.close()
+            await frontend.close()
 
     app = Starlette(
         routes=[
@@ -73,7 +70,6 @@ def build_app(settings: Settings) -> Starlette:
                             Exception: handle_unexpected},
         lifespan=lifespan,
     )
-    app.state.metrics = metrics
     return app
 
 
@@ -84,11 +80,12 @@ def model_card(model: ServedModel) -> dict:
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [model_card(request.app.state.model)]})
+    model: ServedModel = request.app.state.frontend.model
+    return JSONResponse({"object": "list", "data": [model_card(model)]})
 
 
 async def get_model(request: Request) -> Response:
-    model: ServedModel = request.app.state.model
+    model: ServedModel = request.app.state.frontend.model
     if request.path_params["model"] != model.name:
         raise model_not_found(request.path_params["model"], model.name)
     return JSONResponse(model_card(model))
@@ -96,7 +93,7 @@ async def get_model(request: Request) -> Response:
 
 async def tokenize(request: Request) -> Response:
     """vLLM's /tokenize: a `prompt`, or chat `messages` rendered through the chat template."""
-    model: ServedModel = request.app.state.model
+    model: ServedModel = request.app.state.frontend.model
     f = Fields(await read_object(request))
     check_model(f.string("model"), model)
     if f.given("messages"):
@@ -110,7 +107,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    model: ServedModel = request.app.state.model
+    model: ServedModel = request.app.state.frontend.model
     f = Fields(await read_object(request))
     check_model(f.string("model"), model)
     if not f.given("tokens"):
@@ -129,7 +126,7 @@ async def read_object(request: Request) -> dict:
 async def health(request: Request) -> Response:
     """200 only when the scheduler answers and reports its workers healthy."""
     try:
-        stats = await request.app.state.client.stats(timeout_s=2.0)
+        stats = await request.app.state.frontend.client.stats(timeout_s=2.0)
     except grpc.aio.AioRpcError as err:
         return scheduler_unavailable(err.code().name).response()
     if not stats.workers_healthy:

@@ -1,14 +1,16 @@
 """Prometheus metrics at /metrics, under vLLM's names with the prefix `pagedserve:` (so vLLM's
 dashboards work after a rename), plus the router's own HTTP traffic.
 
-Request latencies are measured here, where the client sees them. Queue, KV cache and token figures
-belong to the scheduler: each scrape fetches them with GetStats, so they are never stale, and
-they are simply absent from a scrape that finds the scheduler down.
+Request latencies are measured in the router, where the client sees them: each Run reports them
+through the RequestMetrics interface (router/request_metrics.py), which Metrics implements. Queue,
+KV cache and token figures belong to the scheduler: each scrape fetches them with GetStats, so
+they are never stale, and they are simply absent from a scrape that finds the scheduler down.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 
 import grpc
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -19,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.router.request_metrics import RequestMetrics
 
 log = logging.getLogger("pagedserve.router")
 
@@ -72,7 +75,7 @@ class SchedulerCollector:
         return family
 
 
-class Metrics:
+class Metrics(RequestMetrics):
     def __init__(self):
         # A registry of its own: tests build several apps in one process.
         self.registry = r = CollectorRegistry()
@@ -108,12 +111,26 @@ class Metrics:
         for reason in FINISHED_REASONS:
             self._success.labels(model_name, reason)
 
-    def finished(self, reason: str) -> None:
-        self._success.labels(self._model_name, reason).inc()
+    # ----- RequestMetrics: what each Run reports (router/request_metrics.py) -------------------
+
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+
+    def request_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None:
+        self.in_flight.dec()
+        self.e2e_latency.observe(seconds)
+        for reason in finish_reasons:
+            self._success.labels(self._model_name, reason).inc()
 
     async def render(self, request: Request) -> Response:
         try:
-            self.scheduler.stats = await request.app.state.client.stats(timeout_s=1.0)
+            self.scheduler.stats = await request.app.state.frontend.client.stats(timeout_s=1.0)
         except grpc.aio.AioRpcError as err:
             self.scheduler.stats = None
             log.warning("scheduler stats unavailable for /metrics: %s", err.code().name)

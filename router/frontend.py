@@ -1,0 +1,76 @@
+"""The front end of the scheduler: what the router's HTTP API (router/app.py, router/serving.py)
+and the offline LLM (pagedserve/entrypoints/llm.py) share to serve a request over gRPC, so that
+both read a request and build its output with the same code.
+
+    frontend = await Frontend.connect(settings, metrics)      # the served model, a gRPC client
+    req = parse_completion(body, frontend.model)               # router/protocol.py; or parse_chat
+    run = await frontend.start(req, request_ids, arrival)      # router/run.py
+    try:
+        async for index, delta in deltas(run, await run.first()):
+            ...                                                # what a message added to a choice
+    finally:
+        run.close()                                            # aborts what still runs
+    run.choices                                                # router/output.py ChoiceOutputs
+    await frontend.close()
+
+The parsers raise APIError 400 naming the field; start, first and deltas raise APIError with the
+HTTP status a scheduler error maps to (router/errors.py). What the HTTP API adds on top (JSON
+shapes, server-sent events, disconnects, HTTP metrics) stays in router/serving.py; the offline API
+copies the choices into vLLM's RequestOutput.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.router.client import SchedulerClient
+from pagedserve.router.generation import start_generation
+from pagedserve.router.model import ServedModel, load_served_model
+from pagedserve.router.protocol import GenerationRequest
+from pagedserve.router.request_metrics import RequestMetrics
+from pagedserve.router.run import Run
+from pagedserve.router.settings import Settings
+
+
+class Frontend:
+    def __init__(self, client: SchedulerClient, model: ServedModel, metrics: RequestMetrics):
+        self.client = client
+        self.model = model
+        self.metrics = metrics
+
+    @classmethod
+    async def connect(cls, settings: Settings, metrics: RequestMetrics,
+                      wait: bool = True) -> "Frontend":
+        """Asks the scheduler at settings.scheduler_addr what it serves and loads that model's
+        tokenizer. wait: retry until the scheduler answers (the router may start before it);
+        else one try, whose grpc.aio.AioRpcError is raised. Raises SystemExit if no model
+        directory is known (settings.model, or the scheduler's model_path)."""
+        client = SchedulerClient(settings.scheduler_addr, settings.connect_timeout_s,
+                                 settings.api_key)
+        try:
+            info = await (client.wait_for_model_info(settings.startup_retry_s) if wait
+                          else client.model_info())
+            model = await asyncio.to_thread(load_served_model, settings, info)
+        except BaseException:
+            await client.close()
+            raise
+        return cls(client, model, metrics)
+
+    async def start(self, req: GenerationRequest, request_ids: Sequence[str],
+                    arrival: float) -> Run:
+        """Sends one GenerateRequest per prompt of `req`, named by `request_ids` (one per prompt,
+        each unique among the requests in flight), and returns the Run that follows them.
+        `arrival`: time.perf_counter() when the request came in. Raises APIError 503 if the
+        scheduler is unreachable."""
+        if len(request_ids) != len(req.prompts):
+            raise ValueError(f"{len(request_ids)} request ids for {len(req.prompts)} prompts")
+        requests = [pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt.token_ids,
+                                       params=req.params)
+                    for request_id, prompt in zip(request_ids, req.prompts)]
+        generation = await start_generation(self.client, requests)
+        return Run(req, self.model, generation, self.metrics, arrival)
+
+    async def close(self) -> None:
+        """Closes the gRPC channel: the scheduler aborts whatever still runs on it."""
+        await self.client.close()
