@@ -1,6 +1,7 @@
 """`pagedserve serve`: starts the worker ranks, the scheduler and the router as child processes,
 waits until each is healthy, restarts any that dies, and stops them all, router first, on
-Ctrl-C/SIGTERM.
+Ctrl-C/SIGTERM. Headless (vLLM's word), it starts no router: a front end in the launching process
+(the offline LLM) talks gRPC to the scheduler itself.
 
 Restarting in place is safe because every process recovers from its neighbours' restarts: the
 router reconnects to the scheduler, the scheduler fails the requests a lost worker held, resets
@@ -56,9 +57,10 @@ PYTHON = [sys.executable, "-P"]
 
 
 class Launcher:
-    def __init__(self, args, output=None):
+    def __init__(self, args, output=None, headless: bool = False):
         self.args = args
         self.output = output  # a file for the children's stdout and stderr; None: ours
+        self.headless = headless  # the workers and the scheduler only: no router
         self.children: list[Child] = []  # in start order: workers, scheduler, router
         self.serving = False   # startup is over: a signal now means drain, not abort
         self.stopping = False
@@ -145,6 +147,8 @@ class Launcher:
         scheduler = self.start("scheduler", self.scheduler_command([f"127.0.0.1:{p}" for p in ports]))
         self.wait_until("scheduler", scheduler, lambda: grpc_serving(f"{local_address(a.host)}:{a.grpc_port}"),
                         a.startup_timeout)
+        if self.headless:
+            return
         router = self.start("router", self.router_command())
         self.wait_until("router", router, lambda: http_ok(f"http://{local_address(a.host)}:{a.port}/health"),
                         a.startup_timeout)

@@ -5,12 +5,14 @@
         outputs = llm.generate(["The capital of France is"], SamplingParams(temperature=0))
         print(outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids)
 
-It starts the worker, scheduler and router processes with `pagedserve serve`'s launcher (keyword
-arguments are serve's flags) and stops them on close(), at the end of a `with` block or at exit.
-Requests go to the scheduler over gRPC through the router's own code (body parsing, the chat
-template, detokenization, stop strings), so each text is the one the HTTP API answers for the same
-request. The outputs are built from the router's per-choice output (router/output.py ChoiceOutput:
-token ids as the scheduler sent them, text, logprobs, finish and stop reasons), not from its JSON.
+It starts the worker and scheduler processes with `pagedserve serve`'s launcher, headless (keyword
+arguments are serve's flags; no router process: the front end runs here), and stops them on
+close(), at the end of a `with` block or at exit. Requests go to the scheduler over gRPC through
+the front end the router's HTTP API uses too (router/frontend.py: body parsing, the chat template,
+detokenization, stop strings), so each text is the one the HTTP API answers for the same request.
+The outputs are built from the front end's per-choice output (router/output.py ChoiceOutput: token
+ids as the scheduler sent them, text, logprobs, finish and stop reasons), not from any JSON; its
+request metrics go nowhere (NoMetrics): nobody scrapes an offline run.
 
 The gRPC client lives on an event loop in a thread of its own: generate() and chat() are plain
 blocking calls, usable from scripts and notebooks alike (which already run a loop).
@@ -24,13 +26,11 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from pagedserve.v1 import scheduler_pb2 as pb
-from pagedserve.router.client import SchedulerClient
 from pagedserve.router.errors import APIError
-from pagedserve.router.generation import start_generation
-from pagedserve.router.model import ServedModel, load_served_model
+from pagedserve.router.frontend import Frontend
 from pagedserve.router.protocol import GenerationRequest, parse_chat, parse_completion
-from pagedserve.router.serving import Run, deltas
+from pagedserve.router.request_metrics import NoMetrics
+from pagedserve.router.run import Run, deltas
 from pagedserve.router.settings import Settings
 
 from .local_server import LocalServer, serve_args
@@ -48,27 +48,21 @@ class LLM:
         # The scheduler batches up to max_num_seqs; as many again wait in its queue, ready for
         # the next step. More in flight would only hold open streams.
         self._in_flight = args.max_num_seqs + (args.max_waiting_requests or args.max_num_seqs)
-        self._metrics = Unmeasured()
-        self._client: SchedulerClient | None = None
+        self._frontend: Frontend | None = None
         self._closed = False
-        self._server = LocalServer(args).start()
+        self._server = LocalServer(args, headless=True).start()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pagedserve-LLM",
                                         daemon=True)
         self._thread.start()
         atexit.register(self.close)
         try:
-            self._client, self._model = self._call(self._connect(args))
+            # The launcher waited for the scheduler: one GetModelInfo, no retries.
+            self._frontend = self._call(Frontend.connect(
+                frontend_settings(args, self._server.grpc_address), NoMetrics(), wait=False))
         except BaseException:
             self.close()
             raise
-
-    async def _connect(self, args) -> tuple[SchedulerClient, ServedModel]:
-        client = SchedulerClient(self._server.grpc_address, api_key=args.api_key)
-        info = await client.model_info()
-        settings = Settings(model=args.model, served_model_name=args.served_model_name,
-                            chat_template=args.chat_template, max_model_len=args.max_model_len)
-        return client, await asyncio.to_thread(load_served_model, settings, info)
 
     # ----- the API ------------------------------------------------------------------------------
 
@@ -95,7 +89,7 @@ class LLM:
         return self._run(requests, use_tqdm)
 
     def get_tokenizer(self):
-        return self._model.tokenizer.hf
+        return self._frontend.model.tokenizer.hf
 
     def close(self) -> None:
         """Stops the services. Idempotent; also runs at interpreter exit."""
@@ -104,8 +98,8 @@ class LLM:
         self._closed = True
         atexit.unregister(self.close)
         try:
-            if self._client is not None:
-                asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(10)
+            if self._frontend is not None:
+                asyncio.run_coroutine_threadsafe(self._frontend.close(), self._loop).result(10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
@@ -120,9 +114,10 @@ class LLM:
     # ----- running requests ---------------------------------------------------------------------
 
     def _parse(self, parse: Callable, body: dict) -> GenerationRequest:
-        """The router's checks, with their messages; a bad parameter fails the call up front."""
+        """The front end's checks (the HTTP API's), with their messages; a bad parameter fails
+        the call up front."""
         try:
-            return parse(body, self._model)
+            return parse(body, self._frontend.model)
         except APIError as err:
             raise ValueError(err.message) from None
 
@@ -160,14 +155,12 @@ class LLM:
                 raise
 
     async def _generate(self, request_id: str, req: GenerationRequest) -> RequestOutput:
-        """One request as the router serves a non-streamed one, from the same parts."""
-        calls = [pb.GenerateRequest(request_id=f"{request_id}-{i}", prompt_token_ids=p.token_ids,
-                                    params=req.params) for i, p in enumerate(req.prompts)]
+        """One request as the router serves a non-streamed one, through the same front end."""
+        request_ids = [f"{request_id}-{i}" for i in range(len(req.prompts))]
         try:
-            run = Run(req, self._model, await start_generation(self._client, calls),
-                      self._metrics, time.perf_counter())
+            run = await self._frontend.start(req, request_ids, time.perf_counter())
             try:
-                async for _ in deltas(run, await run.generation.next()):
+                async for _ in deltas(run, await run.first()):
                     pass  # the run's choices gather the whole outputs
             finally:
                 run.close()
@@ -176,15 +169,12 @@ class LLM:
         return request_output(request_id, run)
 
 
-class Unmeasured:
-    """Takes the place of the router's Metrics, which a Run counts into: nobody scrapes an offline
-    run, and whatever the router comes to measure, every call here is accepted and ignored."""
-
-    def __getattr__(self, name: str) -> "Unmeasured":
-        return self
-
-    def __call__(self, *args, **kwargs) -> "Unmeasured":
-        return self
+def frontend_settings(args, scheduler_addr: str) -> Settings:
+    """The front end's settings from serve's flags: the model and how it is presented, as the
+    router would take them."""
+    return Settings(scheduler_addr=scheduler_addr, model=args.model,
+                    served_model_name=args.served_model_name, api_key=args.api_key,
+                    chat_template=args.chat_template, max_model_len=args.max_model_len)
 
 
 def request_output(request_id: str, run: Run) -> RequestOutput:

@@ -1,6 +1,7 @@
-"""`pagedserve serve` from inside another program (run-batch, the offline LLM): the launcher's worker,
-scheduler and router as child processes on free local ports, their output in a log file (it would
-tear a progress bar apart), stopped on close or at interpreter exit."""
+"""`pagedserve serve` from inside another program: the launcher's worker, scheduler and router (for
+run-batch, which speaks HTTP) or, headless, the worker and scheduler alone (for the offline LLM,
+whose front end runs in its own process) as child processes on free local ports, their output in a
+log file (it would tear a progress bar apart), stopped on close or at interpreter exit."""
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,19 @@ def serve_args(model: str, **flags) -> argparse.Namespace:
 
 
 class LocalServer:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, headless: bool = False):
+        """args: `pagedserve serve`'s (serve_args). headless: no router, so no HTTP port and
+        root_url None; the scheduler answers gRPC at grpc_address either way."""
         # On loopback and on ports of its own: it must not collide with a server already running.
-        self.args = argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": free_port(),
+        port = None if headless else free_port()
+        self.args = argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": port,
                                           "grpc_port": free_port()})
-        self.root_url = f"http://127.0.0.1:{self.args.port}"
+        self.headless = headless
+        self.root_url = None if headless else f"http://127.0.0.1:{port}"
         self.grpc_address = f"127.0.0.1:{self.args.grpc_port}"
         self.log_file = tempfile.NamedTemporaryFile(prefix="pagedserve-", suffix=".log",
                                                     delete=False)
-        self.launcher = Launcher(self.args, output=self.log_file)
+        self.launcher = Launcher(self.args, output=self.log_file, headless=headless)
         self.stopped = False
 
     @property
@@ -58,7 +63,8 @@ class LocalServer:
         return self.log_file.name
 
     def start(self) -> "LocalServer":
-        log.info("starting the worker, scheduler and router of %s (their log: %s)",
+        log.info("starting the %s of %s (their log: %s)",
+                 "worker and scheduler" if self.headless else "worker, scheduler and router",
                  self.args.model, self.log_path)
         atexit.register(self.stop)
         try:

@@ -1,17 +1,21 @@
-"""The offline API, `from pagedserve import LLM, SamplingParams`: it starts the services itself,
-returns one output per prompt in the order of the prompts, each the HTTP API's answer to the same
-request, with the generated token ids (judged by transformers), and stops the services on close."""
+"""The offline API, `from pagedserve import LLM, SamplingParams`: it starts the worker and the
+scheduler itself (no router: its front end runs in this process), returns one output per prompt in
+the order of the prompts, each the HTTP API's answer to the same request, with the generated token
+ids (judged by transformers), and stops the services on close."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+
+import os
 
 import httpx
 import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.entrypoints.healthcheck import http_ok
+from pagedserve.entrypoints.healthcheck import grpc_serving
 from tests.helpers import hf_reference
+from tests.helpers.live_stack import children
 
 MODEL = "SmolLM2-135M-Instruct"
 # As in test_batch: no greedy step of these prompts is a near-tie (top two logits within 2e-3, as
@@ -117,10 +121,18 @@ def test_bad_sampling_params_raise_before_anything_runs(llm):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
 
 
+def test_only_the_worker_and_the_scheduler_are_started(llm):
+    """Its children (this process's: the launcher runs in it) are one worker and the scheduler;
+    the shared HTTP stack's processes are the children of its own launcher, not ours."""
+    assert sorted(children(os.getpid())) == ["scheduler", "worker"]
+
+
 def test_close_stops_the_services(llm):
-    root_url = llm._server.root_url
-    assert http_ok(f"{root_url}/health")
+    address = llm._server.grpc_address
+    pids = children(os.getpid())
+    assert grpc_serving(address) and sorted(pids) == ["scheduler", "worker"]
     llm.close()
-    assert not http_ok(f"{root_url}/health")
+    assert not grpc_serving(address)
+    assert children(os.getpid()) == {}
     with pytest.raises(RuntimeError, match="closed"):
         llm.generate("too late")
