@@ -43,7 +43,7 @@ test-unit: install model
 # restarts, benchmarks), run while one busy process per core competes with them, as a neighbour
 # on a shared CI machine would: they must pass all the same.
 LOADED_TESTS ?= tests/stack/test_parent_watch.py tests/stack/test_ops.py tests/stack/test_reliability.py \
-	tests/stack/test_grpc_public.py tests/router/test_router.py tests/stack/test_worker_service.py \
+	tests/stack/test_grpc_public.py tests/router/test_errors.py tests/router/test_cli.py tests/stack/test_worker_service.py \
 	tests/stack/test_scheduler.py tests/stack/test_fetch_model.py tests/stack/test_bench.py
 
 test-loaded: install model

@@ -95,3 +95,48 @@ class Harness:
             running.stop()
         self.loop.run(self.scheduler.stop())
         self.loop.close()
+
+
+# ----- what the router's tests say to it and read back -----------------------------------------------
+
+EOS = 2  # <|im_end|>
+IM_START = 1
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def say(fake, tokenizer, text: str) -> list[int]:
+    """Makes the fake "model" write `text` (then EOS), whatever the prompt."""
+    ids = ids_of(tokenizer, text)
+    fake.script = lambda prompt, params, index: ids
+    return ids
+
+
+def chat(client, stream=False, **kw):
+    kw.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    kw.setdefault("model", "smol")
+    return client.chat.completions.create(stream=stream, **kw)
+
+
+def streamed_text(chunks, kind="chat") -> tuple[dict[int, str], dict[int, str], list]:
+    texts, reasons, rest = {}, {}, []
+    for c in chunks:
+        if not c.choices:
+            rest.append(c)
+        for ch in c.choices:
+            piece = (ch.delta.content or "") if kind == "chat" else ch.text
+            texts[ch.index] = texts.get(ch.index, "") + piece
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    return texts, reasons, rest
+
+
+def eventually(check, timeout=60.0):
+    """Waits until check() holds; the timeout is generous (the machine may be busy), and a
+    check that holds returns at once."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

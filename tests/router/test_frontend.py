@@ -8,7 +8,6 @@ import time
 
 import grpc
 import pytest
-from tokenizers import Tokenizer
 
 from pagedserve.router.errors import APIError
 from pagedserve.router.frontend import Frontend
@@ -16,9 +15,6 @@ from pagedserve.router.protocol import parse_chat, parse_completion
 from pagedserve.router.request_metrics import RequestMetrics
 from pagedserve.router.run import deltas
 from pagedserve.router.settings import Settings
-from tests.helpers.router_fixtures import Harness
-
-EOS = 2  # <|im_end|>
 
 
 class RecordedMetrics(RequestMetrics):
@@ -41,24 +37,6 @@ class RecordedMetrics(RequestMetrics):
     def request_finished(self, seconds: float, finish_reasons) -> None:
         assert seconds >= 0
         self.calls.append(("finished", list(finish_reasons)))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir) -> Tokenizer:
-    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-
-
-@pytest.fixture(scope="module")
-def harness(model_dir, tokenizer):
-    h = Harness(str(model_dir), tokenizer.get_vocab_size(), [EOS])
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def fake(harness):
-    harness.fake.reset()
-    return harness.fake
 
 
 def serve(harness, parse, body: dict, request_id: str, before_close=lambda: True):

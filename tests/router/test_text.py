@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.detokenizer import IncrementalDetokenizer
@@ -18,11 +17,6 @@ from pagedserve.router.stop import StopStrings
 
 TEXTS = ["Hello, world! How are you?", "你好，世界！今天天气很好。", "emoji 🎉🤖👍🏽 and flags 🇫🇷",
          "mixed 中文 and English, ça va? 😀", "  leading spaces\n\ttabs and newlines\n"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir) -> Tokenizer:
-    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
 
 def stream(detokenizer: IncrementalDetokenizer, ids: list[int]) -> list[str]:
