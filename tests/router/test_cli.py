@@ -7,10 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.router_fixtures import free_port
-
-from tests.helpers.router_fixtures import (EOS, eventually)
-
+from tests.helpers.router_fixtures import EOS, eventually, free_port
 
 # ----- the command line ----------------------------------------------------------------------------
 

@@ -6,10 +6,15 @@ import json
 import httpx
 import pytest
 
-
-from tests.helpers.router_fixtures import (EOS, IM_START, chat, eventually, ids_of, say,
-    streamed_text)
-
+from tests.helpers.router_fixtures import (
+    EOS,
+    IM_START,
+    chat,
+    eventually,
+    ids_of,
+    say,
+    streamed_text,
+)
 
 # ----- basics ------------------------------------------------------------------------------------
 

@@ -8,9 +8,7 @@ import httpx
 import openai
 import pytest
 
-
-from tests.helpers.router_fixtures import (chat, eventually, ids_of)
-
+from tests.helpers.router_fixtures import chat, eventually, ids_of
 
 # ----- errors ----------------------------------------------------------------------------------
 

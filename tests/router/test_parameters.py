@@ -8,15 +8,12 @@ import grpc
 import httpx
 import pytest
 
-from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.client import SchedulerClient
 from pagedserve.router.errors import APIError
 from pagedserve.router.generation import Generation, start_generation
 from pagedserve.router.logs import NO_REQUEST, current_request_id
-
-from tests.helpers.router_fixtures import (EOS, chat, ids_of, say,
-    streamed_text)
-
+from pagedserve.v1 import scheduler_pb2 as pb
+from tests.helpers.router_fixtures import EOS, chat, ids_of, say, streamed_text
 
 # ----- parameters reach the scheduler ------------------------------------------------------------
 
