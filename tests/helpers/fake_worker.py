@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import worker_pb2 as wpb
+from pagedserve.v1 import worker_pb2_grpc as wgrpc
 
 
 def next_token(tokens: list[int], vocab_size: int) -> int:
@@ -93,3 +94,25 @@ class FakeWorker:
             held = self.slots.get(self.slot(seq, pos))
             if held != tuple(seq.tokens[:pos + 1]):
                 raise KVCorruption(f"sequence {seq_id}: slot of position {pos} holds another prefix")
+
+
+class RecordingWorker(wgrpc.WorkerServicer):
+    """One worker rank over real gRPC, without a model: it reports `info`, executes each Execute
+    stream's plans on a FakeWorker of its own (a stream starts on an empty batch) and records every
+    plan it was sent."""
+
+    def __init__(self, info: wpb.WorkerInfo):
+        self.info = info
+        self.plans: list[wpb.StepPlan] = []
+
+    def GetWorkerInfo(self, request, context):
+        return self.info
+
+    def Execute(self, request_iterator, context):
+        fake = FakeWorker(self.info.num_kv_blocks, self.info.block_size, self.info.vocab_size)
+        for plan in request_iterator:
+            self.plans.append(plan)
+            yield fake.execute(plan)
+
+    def new_sequences(self) -> list[wpb.NewSequence]:
+        return [new for plan in self.plans for new in plan.new_sequences]

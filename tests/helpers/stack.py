@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,3 +88,16 @@ def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def generate_all(stack, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids for every prompt from the stack's gRPC API, requested concurrently (so
+    they share steps), EOS ignored."""
+    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+    def generate(prompt):
+        request = pb.GenerateRequest(prompt_token_ids=prompt, params=params)
+        return [token for reply in stack.scheduler.Generate(request, timeout=120) for token in reply.token_ids]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(generate, prompts))

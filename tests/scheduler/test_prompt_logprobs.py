@@ -11,7 +11,7 @@ from pagedserve.scheduler.engine import Engine
 from pagedserve.scheduler.outboxes import END_OF_REQUEST
 from pagedserve.scheduler.validation import InvalidRequest, check_sampling
 from tests.helpers.fake_worker import prompt_logprob
-from tests.scheduler.test_scheduler import EOS, make, step
+from tests.helpers.scheduler_driver import EOS, make, step
 
 
 def start(engine: Engine, rid: str, prompt: list[int], max_tokens=3, n=1, k=2):

@@ -30,7 +30,7 @@ from pagedserve.router.fields import Fields
 from pagedserve.router.protocol import sampling_params
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.scheduler.validation import InvalidRequest, check, check_sampling
-from tests.helpers.fake_worker import FakeWorker
+from tests.helpers.fake_worker import RecordingWorker
 from tests.helpers.stack import ROOT
 
 VOCAB = 1000
@@ -135,30 +135,14 @@ def test_a_bad_model_default_is_refused_like_a_bad_request_value():
 
 # ----- through a real scheduler process ------------------------------------------------------------
 
-class RecordingWorker(wgrpc.WorkerServicer):
-    """One worker rank without a model that reports MODEL_DEFAULTS and records every plan."""
-
-    def __init__(self):
-        self.plans: list[wpb.StepPlan] = []
-
-    def GetWorkerInfo(self, request, context):
-        return wpb.WorkerInfo(rank=0, world_size=1, model_path="/fake-model", num_kv_blocks=NUM_BLOCKS,
-                              block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB,
-                              device="cpu", dtype="float32", sampling_defaults=MODEL_DEFAULTS)
-
-    def Execute(self, request_iterator, context):
-        fake = FakeWorker(NUM_BLOCKS, BLOCK_SIZE, VOCAB)  # each stream starts on an empty batch
-        for plan in request_iterator:
-            self.plans.append(plan)
-            yield fake.execute(plan)
-
-    def new_sequences(self) -> list[wpb.NewSequence]:
-        return [new for plan in self.plans for new in plan.new_sequences]
+WORKER_INFO = wpb.WorkerInfo(rank=0, world_size=1, model_path="/fake-model", num_kv_blocks=NUM_BLOCKS,
+                             block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB,
+                             device="cpu", dtype="float32", sampling_defaults=MODEL_DEFAULTS)
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    worker = RecordingWorker()
+    worker = RecordingWorker(WORKER_INFO)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     wgrpc.add_WorkerServicer_to_server(worker, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)  # "" is SERVING

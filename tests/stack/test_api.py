@@ -11,24 +11,12 @@ import httpx
 import openai
 import pytest
 import torch
-from openai import OpenAI
-from transformers import AutoTokenizer
 
 from tests.helpers import hf_reference
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The history of the city of Lyon begins"
 REPETITIVE = "one two one two one two one two one two one two one two"
-
-
-@pytest.fixture(scope="module")
-def client(smol_stack):
-    return OpenAI(base_url=smol_stack.base_url, api_key="none", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")

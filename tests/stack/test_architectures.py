@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from pagedserve.v1 import worker_pb2
 from pagedserve.scheduler import validation
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from tests.helpers import hf_reference, tiny_models
-from tests.helpers.stack import ROOT, run_stack
+from tests.helpers.stack import ROOT, generate_all, run_stack
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 from pagedserve.worker.model_runner import ModelRunner
 
@@ -77,19 +76,6 @@ def test_greedy_tokens_through_the_stack_match_transformers(tiny, architecture, 
         outputs = generate_all(stack, PROMPTS, 8)
     for prompt, output in zip(PROMPTS, outputs):
         assert output == hf_reference.greedy(model_dir, prompt, 8, ignore_eos=True)
-
-
-def generate_all(stack, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy token ids for every prompt from the stack's gRPC API, requested concurrently (so
-    they share steps), EOS ignored."""
-    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-
-    def generate(prompt):
-        request = pb.GenerateRequest(prompt_token_ids=prompt, params=params)
-        return [token for reply in stack.scheduler.Generate(request, timeout=120) for token in reply.token_ids]
-
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(generate, prompts))
 
 
 # ----- checkpoint formats ----------------------------------------------------------------------

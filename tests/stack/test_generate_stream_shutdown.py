@@ -18,10 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pagedserve.entrypoints.launcher import free_port
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
+from pagedserve.v1 import worker_pb2 as wpb
 from pagedserve.v1 import worker_pb2_grpc as wgrpc
 from tests.helpers.stack import ROOT
-from tests.scheduler.test_sampling import RecordingWorker
+from tests.helpers.fake_worker import RecordingWorker
 
+WORKER_INFO = wpb.WorkerInfo(rank=0, world_size=1, model_path="/fake-model", num_kv_blocks=64, block_size=16,
+                             max_model_len=512, vocab_size=1000, device="cpu", dtype="float32")
 STEP_S = 0.05
 MAX_TOKENS = 60  # 3 s of steps
 
@@ -50,7 +53,7 @@ def wait_for(check, timeout: float) -> None:
 
 def test_sigterm_lets_the_calls_requests_finish_and_refuses_new_ones(tmp_path):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    wgrpc.add_WorkerServicer_to_server(SlowWorker(), server)
+    wgrpc.add_WorkerServicer_to_server(SlowWorker(WORKER_INFO), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     worker_port = server.add_insecure_port("127.0.0.1:0")
     server.start()

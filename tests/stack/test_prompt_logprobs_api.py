@@ -5,12 +5,10 @@ API's num_prompt_logprobs; with a prefix cache hit available, the positions are 
 from __future__ import annotations
 
 import httpx
-import pytest
 import torch
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests.helpers import hf_reference
-from tests.stack.test_api import client, tokenizer  # noqa: F401 (fixtures)
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."

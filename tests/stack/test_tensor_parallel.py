@@ -14,8 +14,7 @@ from openai import OpenAI
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests.helpers import hf_reference, tiny_models
-from tests.helpers.stack import run_stack
-from tests.stack.test_architectures import generate_all
+from tests.helpers.stack import generate_all, run_stack
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, rank_generate, runner_config, weight_bytes
 from pagedserve.worker import distributed
 from pagedserve.worker.model_runner import ModelRunner
