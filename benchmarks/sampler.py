@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pagedserve.worker.batch import SequenceState  # noqa: E402
+from pagedserve.v1 import worker_pb2  # noqa: E402
+from pagedserve.worker.batch import PersistentBatch, SequenceState  # noqa: E402
 from pagedserve.worker.cpu.host_memory import keep_freed_memory  # noqa: E402
 from pagedserve.worker.cpu import linear as linear_after  # noqa: E402
 from pagedserve.worker import sampler as sampler_after  # noqa: E402
@@ -91,6 +92,9 @@ def load_before(rev: str, tmp: Path) -> types.SimpleNamespace:
 
 
 def batch_of(mode: str, batch: int, vocab: int, options) -> list[SequenceState]:
+    """`batch` live sequences of a persistent batch (64 prompt tokens, 32 generated), sampling with
+    the params `options` builds (this tree's SamplingOptions, or --before's for its sampler)."""
+    rows = PersistentBatch(block_size=16, num_blocks=1, max_model_len=96, vocab_size=vocab, max_num_seqs=batch)
     seqs = []
     for i in range(batch):
         params = dict(MODES[mode])
@@ -98,7 +102,9 @@ def batch_of(mode: str, batch: int, vocab: int, options) -> list[SequenceState]:
             params.update(SPECIAL)
         prompt = [(i * 7 + j) % vocab for j in range(64)]
         generated = [(i * 13 + j) % vocab for j in range(32)]
-        seqs.append(SequenceState(i, prompt + generated, len(prompt), options(**params)))
+        seq = rows.add(worker_pb2.NewSequence(seq_id=i, token_ids=prompt + generated, num_generated=len(generated)))
+        seq.params = options(**params)
+        seqs.append(seq)
     return seqs
 
 

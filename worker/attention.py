@@ -38,7 +38,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with block 0
+    block_tables: torch.Tensor  # [B, max_blocks] int32; past a sequence's own blocks, valid ids it never reads
     seq_lens: torch.Tensor  # [B] int32: context length, new tokens included
     query_start_loc: torch.Tensor  # [B + 1] int32: where each sequence's tokens start in the step
     max_query_len: int

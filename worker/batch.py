@@ -33,17 +33,15 @@ def blocks_per_seq(max_model_len: int, block_size: int) -> int:
 
 
 class SequenceState:
-    """One live sequence: what the batch's arrays cannot hold (its sampling options, its grammar
-    matcher), and views of its numbers there, for the sampler, structured outputs and prompt
-    logprobs. Without a batch (the sampler's tests) it holds its own token list, which the caller
-    appends to."""
+    """One live sequence of a PersistentBatch (made by its `add`): what the batch's arrays cannot
+    hold (its sampling options, its grammar matcher), and views of its numbers there, for the
+    sampler, structured outputs and prompt logprobs."""
 
-    __slots__ = ("seq_id", "row", "num_prompt", "params", "num_prompt_logprobs", "grammar", "_batch", "_tokens")
+    __slots__ = ("seq_id", "row", "num_prompt", "params", "num_prompt_logprobs", "grammar", "_batch")
 
-    def __init__(self, seq_id: int, token_ids=(), num_prompt: int = 0, params: SamplingOptions | None = None,
-                 num_prompt_logprobs: int | None = None, *, batch: PersistentBatch | None = None, row: int = 0):
-        self._batch, self.seq_id, self.row = batch, seq_id, row
-        self._tokens = list(token_ids) if batch is None else None
+    def __init__(self, batch: PersistentBatch, row: int, seq_id: int, num_prompt: int, params: SamplingOptions,
+                 num_prompt_logprobs: int | None):
+        self._batch, self.row, self.seq_id = batch, row, seq_id
         self.num_prompt = num_prompt  # token_ids[num_prompt:] were generated (penalties, seeds)
         self.params = params
         self.num_prompt_logprobs = num_prompt_logprobs  # set while the scheduler wants its prompt logprobs
@@ -51,26 +49,20 @@ class SequenceState:
 
     @property
     def token_ids(self) -> list[int]:
-        """The sequence's tokens, prompt then generated (in a batch: a copy)."""
-        if self._batch is None:
-            return self._tokens
+        """The sequence's tokens, prompt then generated (a copy)."""
         return self._batch.token_ids[self.row, : self._batch.num_tokens[self.row]].tolist()
 
     @property
     def num_computed(self) -> int:
         """Leading tokens whose K/V sit in the cache."""
-        return 0 if self._batch is None else int(self._batch.num_computed[self.row])
+        return int(self._batch.num_computed[self.row])
 
     @property
     def num_generated(self) -> int:
-        if self._batch is None:
-            return len(self._tokens) - self.num_prompt
         return int(self._batch.num_tokens[self.row]) - self.num_prompt
 
     @property
     def block_table(self) -> list[int]:
-        if self._batch is None:
-            return []
         return self._batch.block_table[self.row, : self._batch.num_table_blocks[self.row]].tolist()
 
 
@@ -207,7 +199,7 @@ class PersistentBatch:
         self.token_ids[row, :n] = tokens
         self.num_tokens[row], self.num_computed[row], self.num_table_blocks[row] = n, new.num_computed_tokens, 0
         self.seq_id_of_row[row] = new.seq_id
-        seq = SequenceState(new.seq_id, num_prompt=n - new.num_generated, params=params, batch=self, row=row,
+        seq = SequenceState(self, row, new.seq_id, num_prompt=n - new.num_generated, params=params,
                             num_prompt_logprobs=new.num_prompt_logprobs if new.HasField("num_prompt_logprobs") else None)
         self.seqs[new.seq_id] = self.by_row[row] = seq
         return seq
@@ -318,18 +310,3 @@ class PersistentBatch:
         self.token_ids[rows, self.num_tokens[rows]] = sampled
         self.num_tokens[rows] += 1
 
-
-def standalone_step(work: list[tuple[list[int], int, int, list[int]]], block_size: int, num_blocks: int,
-                    device="cpu") -> StepInputs:
-    """The inputs of one step over sequences given as (token ids, tokens computed before the
-    step, tokens it computes, block table), through a batch of their own: for benchmarks and
-    tests of what consumes StepInputs. Raises PlanError as a plan would."""
-    from pagedserve.v1 import worker_pb2  # only here: the batch itself reads plans duck-typed
-
-    max_len = max(len(tokens) for tokens, *_ in work)
-    batch = PersistentBatch(block_size, num_blocks, max_len, 1 + max(max(t) for t, *_ in work), len(work), device)
-    for i, (tokens, done, _, _) in enumerate(work):
-        batch.add(worker_pb2.NewSequence(seq_id=i, token_ids=tokens, num_computed_tokens=done))
-    return batch.prepare_inputs(batch.begin_step(
-        [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=new, new_block_ids=table)
-         for i, (_, _, new, table) in enumerate(work)]))

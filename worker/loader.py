@@ -3,9 +3,11 @@ generation_config.json (EOS ids, default sampling parameters).
 
 The model is built on the meta device at this rank's size (no time spent on random init), moved
 to its device uninitialised, then every parameter is filled from the checkpoint tensor of the
-same name: only the slice this rank holds under tensor parallelism (see models/sharding.py), so
-no rank ever reads the whole model. `--load-format dummy` fills the same slices from random
-tensors of the checkpoint's shapes instead, without reading a weight file.
+same name (a fused projection's sections from the tensors they name: q, k and v into one qkv
+weight, so a serving model has one layout): only the slice this rank holds under tensor
+parallelism (see models/sharding.py), so no rank ever reads the whole model. `--load-format
+dummy` fills the same slices from random tensors of the checkpoint's shapes instead, without
+reading a weight file.
 """
 import logging
 import zlib
@@ -22,7 +24,7 @@ from pagedserve.worker import distributed
 from pagedserve.worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
 from pagedserve.worker.models import model_class
 from pagedserve.worker.models.layers import RotaryEmbedding
-from pagedserve.worker.models.sharding import Shard
+from pagedserve.worker.models.sharding import Fused, Shard
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +127,39 @@ def sampling_defaults(model_dir: Path) -> scheduler_pb2.SamplingParams:
 # ----- weights ---------------------------------------------------------------------------------
 
 
-def parameter_table(model: nn.Module) -> dict[str, tuple[nn.Parameter, Shard | None]]:
-    """Every parameter to fill (a tied LM head appears once, as the embedding) with its Shard."""
+def checkpoint_table(model: nn.Module) -> dict[str, tuple[torch.Tensor, Shard | None]]:
+    """Where each checkpoint tensor the model reads goes, by the tensor's name: the data of the
+    parameter it fills (a tied LM head appears once, as the embedding), or of its section of a
+    fused one, with the Shard of it this rank holds."""
     shards = {}
     for module_name, module in model.named_modules():
         for param_name, shard in getattr(module, "tp_shards", {}).items():
             shards[f"{module_name}.{param_name}" if module_name else param_name] = shard
-    return {name: (param, shards.get(name)) for name, param in model.named_parameters()}
+    table = {}
+    for name, param in model.named_parameters():
+        shard = shards.get(name)
+        if isinstance(shard, Fused):
+            table.update(fused_sections(name, param, shard))
+        else:
+            table[name] = (param.data, shard)
+    return table
 
 
-def checkpoint_shape(param: nn.Parameter, shard: Shard | None) -> list[int]:
-    shape = list(param.shape)
+def fused_sections(name: str, param: nn.Parameter, fused: Fused) -> dict[str, tuple[torch.Tensor, Shard]]:
+    """A fused parameter's sections by the checkpoint tensor each holds: "a.qkv_proj.weight" holds
+    "a.q_proj.weight", "a.k_proj.weight" and "a.v_proj.weight", one after the other along dim 0."""
+    module_name, _, param_name = name.rpartition(".")
+    parent = module_name.rpartition(".")[0]
+    sections, offset = {}, 0
+    for source, shard in fused.sections:
+        sections[f"{parent}.{source}.{param_name}" if parent else f"{source}.{param_name}"] = (
+            param.data.narrow(0, offset, shard.length), shard)
+        offset += shard.length
+    return sections
+
+
+def checkpoint_shape(region: torch.Tensor, shard: Shard | None) -> list[int]:
+    shape = list(region.shape)
     if shard is not None:
         shape[shard.dim] = shard.full
         if shard.transposed:
@@ -160,18 +184,19 @@ def read_slice(tensor: LazyTensor, shard: Shard | None) -> torch.Tensor | None:
     return data.t() if shard.transposed else data
 
 
-def fill(param: nn.Parameter, shard: Shard | None, data: torch.Tensor | None) -> None:
+def fill(region: torch.Tensor, shard: Shard | None, data: torch.Tensor | None) -> None:
+    """Copy a checkpoint tensor's slice into its place in a parameter (checkpoint_table's region)."""
     if shard is None:
-        param.data.copy_(data)
+        region.copy_(data)
         return
-    if shard.length < param.shape[shard.dim]:
-        param.data.zero_()  # vocabulary padding, or a row-split bias that another rank holds
+    if shard.length < region.shape[shard.dim]:
+        region.zero_()  # vocabulary padding, or a row-split bias that another rank holds
     if data is not None:
-        param.data.narrow(shard.dim, 0, shard.length).copy_(data)
+        region.narrow(shard.dim, 0, shard.length).copy_(data)
 
 
 def load_weights(model: nn.Module, model_dir: Path, prefix: str) -> None:
-    table = parameter_table(model)
+    table = checkpoint_table(model)
     loaded, unexpected = set(), []
     with tqdm(desc="loading weights", unit="tensor", total=len(table), disable=distributed.rank() != 0) as bar:
         for path, names in weight_files(model_dir).items():
@@ -183,12 +208,12 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str) -> None:
                     if target not in table:
                         unexpected.append(name)
                         continue
-                    param, shard = table[target]
-                    expected = checkpoint_shape(param, shard)
+                    region, shard = table[target]
+                    expected = checkpoint_shape(region, shard)
                     if tensors[name].shape != expected:
                         raise LoadError(f"{path}: tensor {name} has shape {tensors[name].shape}, "
                                         f"the model built from config.json expects {expected}")
-                    fill(param, shard, read_slice(tensors[name], shard))
+                    fill(region, shard, read_slice(tensors[name], shard))
                     loaded.add(target)
                     bar.update()
     missing = sorted(set(table) - loaded)
@@ -202,11 +227,11 @@ def dummy_weights(model: nn.Module, seed: int) -> None:
     """Random values of the checkpoint's shapes, seeded by name: every rank slices the same
     tensors, so a dummy model is the same model at any tensor parallel size. Small values keep
     activations finite through many layers; the numbers mean nothing."""
-    for name, (param, shard) in parameter_table(model).items():
-        shape = checkpoint_shape(param, shard)
+    for name, (region, shard) in checkpoint_table(model).items():
+        shape = checkpoint_shape(region, shard)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         full = torch.rand(shape, generator=generator) * 2e-3 - 1e-3
-        fill(param, shard, read_slice(LazyTensor(shape, full.__getitem__), shard))
+        fill(region, shard, read_slice(LazyTensor(shape, full.__getitem__), shard))
 
 
 def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:

@@ -36,7 +36,6 @@ class ModelRunner:
         self.backend = make_attention_backend(config.attention_backend, self.device, config.block_size)
         self.loaded = load_model(config, self.backend)
         self.model = self.loaded.model
-        self.model.fuse_projections()
         if self.device.type == "cpu":
             log.info("%s", prepare_linears(self.model))
             log.info("%s", keep_freed_memory())

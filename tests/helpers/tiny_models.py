@@ -154,10 +154,10 @@ def weight_bytes(config) -> tuple[int, int]:
     """Bytes of the weights a worker holds (before the CPU path prepacks its linears): those
     tensor parallelism splits, and those every rank holds whole (norms, position tables)."""
     from pagedserve.worker.attention import TorchAttention
-    from pagedserve.worker.loader import load_model, parameter_table
+    from pagedserve.worker.loader import checkpoint_table, load_model
 
     split = whole = 0
-    for param, shard in parameter_table(load_model(config, TorchAttention()).model).values():
-        size = param.numel() * param.element_size()
+    for data, shard in checkpoint_table(load_model(config, TorchAttention()).model).values():
+        size = data.numel() * data.element_size()
         split, whole = (split + size, whole) if shard else (split, whole + size)
     return split, whole

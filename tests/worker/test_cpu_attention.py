@@ -8,8 +8,8 @@ import torch
 
 from pagedserve.worker import attention
 from pagedserve.worker.attention import AttentionMetadata, TorchAttention
-from pagedserve.worker.batch import standalone_step
 from pagedserve.worker.cpu.attention import attention_kernel
+from tests.helpers.batch import step_inputs
 
 SHAPES = [
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 path
@@ -74,7 +74,7 @@ def run_step(backend: TorchAttention, work: list[tuple[int, int]], shape, seed: 
     for (done, new), width in zip(work, widths):
         table, order = order[:width], order[width:]
         seqs.append(([0] * (done + new), done, new, table))
-    meta = standalone_step(seqs, block_size, num_blocks).meta
+    meta = step_inputs(seqs, block_size, num_blocks).meta
     tokens = sum(new for _, new in work)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2))
     q = torch.randn(tokens, heads, head_dim, generator=g)

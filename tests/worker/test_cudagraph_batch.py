@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from pagedserve.worker.batch import standalone_step
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.cuda_graphs import capture_or_eager, graphs_off_reason
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, padded_size, reserve_scratch_block
+from tests.helpers.batch import step_inputs
 
 BLOCK_SIZE = 4
 
@@ -47,7 +47,7 @@ def test_the_last_block_is_kept_back_for_padding():
 def _decode_step(tables, lengths):
     """A decode step of sequences with the given block tables and context lengths (new token included)."""
     work = [([(7 * i + t) % 50 for t in range(n)], n - 1, 1, table) for i, (table, n) in enumerate(zip(tables, lengths))]
-    return standalone_step(work, BLOCK_SIZE, num_blocks=32)
+    return step_inputs(work, BLOCK_SIZE, num_blocks=32)
 
 
 def test_fill_copies_real_rows_and_pads_the_rest_into_the_scratch_block():
@@ -77,7 +77,7 @@ def test_steps_that_no_buffer_serves_are_refused():
     assert not buffers.fits(wide.input_ids, wide.meta)
     many = _decode_step([[1], [2], [3]], [2, 2, 2])  # more sequences than rows
     assert not buffers.fits(many.input_ids, many.meta)
-    prefill = standalone_step([([1, 2, 3], 0, 3, [1])], BLOCK_SIZE, num_blocks=32)
+    prefill = step_inputs([([1, 2, 3], 0, 3, [1])], BLOCK_SIZE, num_blocks=32)
     assert not buffers.fits(prefill.input_ids, prefill.meta)
 
 

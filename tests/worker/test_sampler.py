@@ -2,18 +2,18 @@
 import pytest
 import torch
 
-from pagedserve.worker.batch import SequenceState
 from pagedserve.worker.cpu.argmax import argmax_rows
 from pagedserve.worker.cpu.draw import cpu_draw_rows
 from pagedserve.worker.sampler import BLOCK, Sampler, SamplingOptions, draw_from_weights
+from tests.helpers.batch import sequence
 
 VOCAB = 32
 EOS = 1
 
 
 def seq(prompt=(2, 3), generated=(), **params):
-    tokens = list(prompt) + list(generated)
-    return SequenceState(seq_id=0, token_ids=tokens, num_prompt=len(prompt), params=SamplingOptions(**params))
+    """A live sequence with the params a request setting `params` gets."""
+    return sequence(VOCAB, prompt, generated, **params)
 
 
 def sampler(seed=0):

@@ -2,7 +2,8 @@
 
 Adding an architecture is a new file in this folder plus one line here. A model class is a
 base.CausalLM: built from (hf_config, attention_backend, max_position) out of the shared layers
-(so tensor parallelism splits it), parameters named as the checkpoint names them.
+(so tensor parallelism splits it), parameters named as the checkpoint names them or, where
+projections are fused, naming the checkpoint tensors they hold.
 """
 import importlib
 

@@ -2,8 +2,9 @@
 
 A model is built from config.json (a SimpleNamespace, `config_defaults` filled in where the file
 says nothing, as the architecture's transformers config class would), names its parameters as the
-checkpoint does, and runs over a flat varlen batch: forward(input_ids, positions, kv_caches, meta)
--> hidden [T, hidden] before the final norm; compute_logits(hidden rows) -> [N, vocab] float32.
+checkpoint does (a fused projection's name the checkpoint tensors it holds: sharding.Fused), and
+runs over a flat varlen batch: forward(input_ids, positions, kv_caches, meta) -> hidden
+[T, hidden] before the final norm; compute_logits(hidden rows) -> [N, vocab] float32.
 """
 import torch
 from torch import nn
@@ -47,14 +48,6 @@ class CausalLM(nn.Module):
         per row, so skipping the other rows changes nothing)."""
         local = self.lm_head(self.final_hidden(hidden))
         return gather_logits(local, self.config.vocab_size).float()
-
-    def fuse_projections(self) -> None:
-        """Run projections that read the same input as one matmul (q/k/v, gate/up) where the
-        architecture's layers know how (a `fuse()` method): after loading, which fills them by
-        the checkpoint's own names."""
-        for module in list(self.modules()):
-            if hasattr(module, "fuse"):
-                module.fuse()
 
     def kv_cache_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of this rank: what the KV cache allocator needs."""

@@ -2,11 +2,14 @@
 the vocabulary-split embedding and LM head, norms, activations, rotary embeddings.
 
 Every projection of a model is built here, through the name of the way tensor parallelism splits
-it (Megatron-style, see sharding.py). They are plain nn.Linear of this rank's size, so the CPU
-path can still prepack them; the all-reduce after a row-split projection is the model's own line
-(`all_reduce(self.o_proj(x))`), as in the paper's diagram.
+it (Megatron-style, see sharding.py); projections that read the same input are one linear from
+the start (`fused_linear`: q/k/v, gate/up), filled section by section as the weights load. They
+are plain nn.Linear of this rank's size, so the CPU path can still prepack them; the all-reduce
+after a row-split projection is the model's own line (`all_reduce(self.o_proj(x))`), as in the
+paper's diagram.
 """
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,50 +17,57 @@ from torch import nn
 
 from pagedserve.worker.cpu.ops import cpu_ops
 from pagedserve.worker.distributed import all_gather, all_reduce, rank
-from pagedserve.worker.models.sharding import Shard, even_split, head_split, padded_split
+from pagedserve.worker.models.sharding import Fused, Shard, even_split, head_split, padded_split
 
 
-def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, Shard]) -> nn.Linear:
+def _linear(in_features: int, out_features: int, bias: bool, shards: dict[str, Shard | Fused]) -> nn.Linear:
     linear = nn.Linear(in_features, out_features, bias=bias)
     linear.tp_shards = shards
     return linear
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One linear whose output is the given ones' outputs side by side (q, k, v; gate, up): one
-    matmul with a wider weight instead of several. Built after loading, from this rank's shards."""
-    weight = torch.cat([linear.weight for linear in linears])
-    has_bias = linears[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([linear.bias for linear in linears]), requires_grad=False)
-    return fused
-
-
-def _output_split(in_features: int, pieces: tuple, full: int, bias: bool, transposed: bool) -> nn.Linear:
-    out = sum(n for _, n in pieces)
-    return _linear(in_features, out, bias, {"weight": Shard(0, pieces, full, transposed), "bias": Shard(0, pieces, full)})
-
-
-def column_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
-                  what: str = "intermediate_size") -> nn.Linear:
-    """Output features split evenly across ranks (gate/up, fc1): no communication after it."""
+def column_shard(out_features: int, what: str = "intermediate_size") -> Shard:
+    """This rank's even part of a projection's output features (gate, up, fc1)."""
     start, n = even_split(out_features, what)
-    return _output_split(in_features, ((start, n),), out_features, bias, transposed)
+    return Shard(0, ((start, n),), out_features)
 
 
-def heads_linear(in_features: int, heads: list[int], head_dim: int, bias: bool = False, transposed: bool = False,
-                 replicate: bool = False, what: str = "num_attention_heads") -> nn.Linear:
-    """A projection to attention heads, split by heads: q (`heads=[H]`), k or v (`[KV]`,
-    `replicate=True`: ranks may outnumber KV heads), or a fused one whose sections are split each
-    (GPT-2's c_attn, `[H, H, H]`): this rank's output is its heads of every section, in order."""
+def heads_shard(heads: list[int], head_dim: int, replicate: bool = False, what: str = "num_attention_heads") -> Shard:
+    """This rank's part of a projection to attention heads, split by heads: q (`heads=[H]`), k or v
+    (`[KV]`, `replicate=True`: ranks may outnumber KV heads), or a checkpoint's fused one whose
+    sections are split each (GPT-2's c_attn, `[H, H, H]`): its heads of every section, in order."""
     pieces, offset = [], 0
     for count in heads:
         first, local = head_split(count, what, replicate)
         pieces.append((offset + first * head_dim, local * head_dim))
         offset += count * head_dim
-    return _output_split(in_features, tuple(pieces), offset, bias, transposed)
+    return Shard(0, tuple(pieces), offset)
+
+
+def _output_split(in_features: int, shard: Shard, bias: bool, transposed: bool) -> nn.Linear:
+    weight = replace(shard, transposed=transposed)  # a bias is 1-D: never transposed
+    return _linear(in_features, shard.length, bias, {"weight": weight, "bias": shard})
+
+
+def column_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,
+                  what: str = "intermediate_size") -> nn.Linear:
+    """Output features split evenly across ranks (fc1, c_fc): no communication after it."""
+    return _output_split(in_features, column_shard(out_features, what), bias, transposed)
+
+
+def heads_linear(in_features: int, heads: list[int], head_dim: int, bias: bool = False, transposed: bool = False,
+                 replicate: bool = False, what: str = "num_attention_heads") -> nn.Linear:
+    """A projection to attention heads, split by heads (see heads_shard)."""
+    return _output_split(in_features, heads_shard(heads, head_dim, replicate, what), bias, transposed)
+
+
+def fused_linear(in_features: int, bias: bool = False, **sections: Shard) -> nn.Linear:
+    """Projections that read the same input as one linear, their outputs side by side in the order
+    given (q, k, v; gate, up): one matmul with a wider weight instead of several. The checkpoint
+    stores them apart, as the sibling modules the keywords name, each split by its own Shard; the
+    loader reads each into its section (sharding.Fused)."""
+    fused = Fused(tuple(sections.items()))
+    return _linear(in_features, fused.length, bias, {"weight": fused, "bias": fused})
 
 
 def row_linear(in_features: int, out_features: int, bias: bool = False, transposed: bool = False,

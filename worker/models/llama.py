@@ -2,7 +2,9 @@
 varlen batch: one step's tokens from every sequence, concatenated, shape [T, hidden].
 
 Mistral, Qwen2 and Qwen3 are this same decoder with a few switches (`LlamaVariant`), in their own
-files. Module and parameter names mirror Hugging Face's, so a checkpoint's tensors copy in by name.
+files. Module and parameter names mirror Hugging Face's, so a checkpoint's tensors copy in by name,
+but for q/k/v and gate/up: one linear each (`qkv_proj`, `gate_up_proj`), which the loader fills
+from the checkpoint's separate tensors.
 Attention itself is the backend's job: a layer hands it q, k, v, its own KV cache and the step's
 metadata, and gets [T, heads, head_dim] back. Under tensor parallelism a layer holds this rank's
 heads and hidden units; the two all-reduces are the only lines that know.
@@ -18,9 +20,9 @@ from pagedserve.worker.models.layers import (
     ActAndMul,
     RMSNorm,
     RotaryEmbedding,
-    column_linear,
-    fuse_linears,
-    heads_linear,
+    column_shard,
+    fused_linear,
+    heads_shard,
     lm_head,
     rope_parameters,
     row_linear,
@@ -43,33 +45,22 @@ class LlamaAttention(nn.Module):
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
         self.scale = self.head_dim**-0.5
-        hd, bias = self.head_dim, variant.qkv_bias
-        self.q_proj = heads_linear(config.hidden_size, [total_heads], hd, bias)
-        self.k_proj = heads_linear(config.hidden_size, [total_kv_heads], hd, bias, replicate=True, what="num_key_value_heads")
-        self.v_proj = heads_linear(config.hidden_size, [total_kv_heads], hd, bias, replicate=True, what="num_key_value_heads")
+        hd = self.head_dim
+        q = heads_shard([total_heads], hd)
+        kv = heads_shard([total_kv_heads], hd, replicate=True, what="num_key_value_heads")
+        self.qkv_proj = fused_linear(config.hidden_size, variant.qkv_bias, q_proj=q, k_proj=kv, v_proj=kv)
         self.o_proj = row_linear(total_heads * hd, config.hidden_size, variant.o_bias, what="num_attention_heads * head_dim")
-        self.num_heads = self.q_proj.out_features // hd  # this rank's
-        self.num_kv_heads = self.k_proj.out_features // hd
+        self.num_heads, self.num_kv_heads = q.length // hd, kv.length // hd  # this rank's
+        self.qkv_sizes = [q.length, kv.length, kv.length]
         if variant.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.qk_norm = variant.qk_norm
         self.backend = backend
-        self.qkv_proj = None  # q, k and v as one linear, once fuse() has run
-
-    def fuse(self) -> None:
-        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def project(self, x):
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
 
     def forward(self, x, rotary, kv_cache, meta):
         T = x.shape[0]
-        q, k, v = self.project(x)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -83,23 +74,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config, variant: LlamaVariant):
         super().__init__()
-        bias = variant.mlp_bias
-        self.gate_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
-        self.up_proj = column_linear(config.hidden_size, config.intermediate_size, bias)
-        self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias)
+        gate = column_shard(config.intermediate_size)
+        self.gate_up_proj = fused_linear(config.hidden_size, variant.mlp_bias, gate_proj=gate, up_proj=gate)
+        self.down_proj = row_linear(config.intermediate_size, config.hidden_size, variant.mlp_bias)
         self.act_and_mul = ActAndMul(config.hidden_act)
-        self.gate_up_proj = None  # gate and up as one linear, once fuse() has run
-
-    def fuse(self) -> None:
-        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        if self.gate_up_proj is None:  # before fuse(): the checkpoint's own two linears
-            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        else:
-            gate_up = self.gate_up_proj(x)
-        return all_reduce(self.down_proj(self.act_and_mul(gate_up)))
+        return all_reduce(self.down_proj(self.act_and_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):

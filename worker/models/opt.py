@@ -1,6 +1,7 @@
 """OPT (Meta's 2022 decoders, facebook/opt-125m ... 66b): learned positions, LayerNorm, ReLU MLP,
 biases everywhere. opt-350m normalises after each block instead of before, and embeds in a
-smaller width with projections in and out; both are switches of config.json.
+smaller width with projections in and out; both are switches of config.json. q, k and v run as
+one linear (`qkv_proj`), which the loader fills from the checkpoint's three.
 """
 import torch
 from torch import nn
@@ -10,7 +11,8 @@ from pagedserve.worker.models.base import CausalLM
 from pagedserve.worker.models.layers import (
     activation,
     column_linear,
-    heads_linear,
+    fused_linear,
+    heads_shard,
     lm_head,
     position_embedding,
     row_linear,
@@ -26,16 +28,15 @@ class OPTAttention(nn.Module):
         heads, hidden, bias = config.num_attention_heads, config.hidden_size, config.enable_bias
         self.head_dim = hidden // heads
         self.scale = self.head_dim**-0.5
-        self.q_proj = heads_linear(hidden, [heads], self.head_dim, bias)
-        self.k_proj = heads_linear(hidden, [heads], self.head_dim, bias)
-        self.v_proj = heads_linear(hidden, [heads], self.head_dim, bias)
+        split = heads_shard([heads], self.head_dim)
+        self.qkv_proj = fused_linear(hidden, bias, q_proj=split, k_proj=split, v_proj=split)
         self.out_proj = row_linear(hidden, hidden, bias, what="hidden_size")
-        self.num_heads = self.num_kv_heads = self.q_proj.out_features // self.head_dim  # this rank's
+        self.num_heads = self.num_kv_heads = split.length // self.head_dim  # this rank's
         self.backend = backend
 
     def forward(self, x, kv_cache, meta):
         T = x.shape[0]
-        q, k, v = (proj(x).view(T, self.num_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(T, self.num_heads, self.head_dim) for t in self.qkv_proj(x).chunk(3, dim=-1))
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return all_reduce(self.out_proj(out.reshape(T, -1)))
 

@@ -5,7 +5,9 @@ computes some heads or some hidden units) or by input features (o_proj, down_pro
 holds the rows that match its heads' outputs and the partial sums are added across ranks); the
 embedding and LM head are split over the vocabulary. Layers attach a Shard to each parameter they
 split (`module.tp_shards[param_name]`); the loader reads just those ranges from the checkpoint.
-A parameter without a Shard is replicated: every rank reads all of it.
+A parameter without a Shard is replicated: every rank reads all of it. A fused projection (q, k
+and v as one linear) holds several checkpoint tensors, each split on its own: its parameters carry
+a Fused, one Shard per section.
 """
 from dataclasses import dataclass
 
@@ -23,6 +25,21 @@ class Shard:
     def length(self) -> int:
         """How much of the parameter along dim comes from the checkpoint; the rest is zero padding."""
         return sum(n for _, n in self.pieces)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A parameter that holds several checkpoint tensors side by side along dim 0 (q, k, v;
+    gate, up), as one matmul runs them: each section names the checkpoint module its tensor comes
+    from (a sibling of the fused module: "q_proj" beside "qkv_proj") and the Shard of it this rank
+    holds. The loader reads each tensor's slice straight into its section, so under tensor
+    parallelism a rank's fused weight is its q heads, then its k heads, then its v heads."""
+
+    sections: tuple[tuple[str, Shard], ...]  # (checkpoint module name, this rank's slice along dim 0)
+
+    @property
+    def length(self) -> int:
+        return sum(shard.length for _, shard in self.sections)
 
 
 def even_split(size: int, what: str) -> tuple[int, int]:

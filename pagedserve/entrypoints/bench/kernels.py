@@ -17,8 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pagedserve.worker.attention import TorchAttention, TritonAttention, make_attention_backend
-from pagedserve.worker.batch import standalone_step
+from pagedserve.v1 import worker_pb2
+from pagedserve.worker.attention import AttentionMetadata, TorchAttention, TritonAttention, make_attention_backend
+from pagedserve.worker.batch import PersistentBatch
 
 COPY_BYTES = 256 << 20
 
@@ -65,9 +66,21 @@ class RandomStep:
         self.q = torch.randn(tokens, heads, d, generator=g).to(device, dtype)
         self.k_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
         self.v_new = torch.randn(tokens, kvh, d, generator=g).to(device, dtype)
-        work = [([0] * context, context - new, new, self.table[i].tolist()) for i in range(num_seqs)]
-        self.meta = standalone_step(work, bs, num_blocks, device).meta
+        self.meta = self.plan_metadata(context, new, bs, num_blocks, device)
         self.scale = d ** -0.5
+
+    def plan_metadata(self, context: int, new: int, block_size: int, num_blocks: int, device) -> AttentionMetadata:
+        """The step's metadata as the worker builds it: a persistent batch takes the plan's
+        sequences (their first `context - new` positions cached) and their block tables."""
+        batch = PersistentBatch(block_size, num_blocks, context, 1, len(self.table), device)
+        plan = worker_pb2.StepPlan(
+            new_sequences=[worker_pb2.NewSequence(seq_id=i, token_ids=[0] * context, num_computed_tokens=context - new)
+                           for i in range(len(self.table))],
+            scheduled=[worker_pb2.ScheduledSequence(seq_id=i, num_tokens=new, new_block_ids=blocks.tolist())
+                       for i, blocks in enumerate(self.table)])
+        for sequence in plan.new_sequences:
+            batch.add(sequence)
+        return batch.prepare_inputs(batch.begin_step(plan.scheduled)).meta
 
     def runner(self, backend):
         def run():
