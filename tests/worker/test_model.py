@@ -2,7 +2,8 @@
 prefill beside decodes, prefix-cached blocks, preemption by recompute, both attention backends,
 and invalid plans coming back as errors.
 
-The plans are built by hand by `Driver`, a stand-in for the scheduler that hands out blocks.
+The plans are built by hand by `Driver` (tests/helpers/model_driver.py), a stand-in for the
+scheduler that hands out blocks; the `tiny` and `runner` fixtures are in tests/worker/conftest.py.
 """
 import importlib
 import os
@@ -19,95 +20,8 @@ from pagedserve.worker.attention import AttentionMetadata, TorchAttention, Trito
 from pagedserve.worker.config import WorkerConfig  # noqa: E402
 from pagedserve.scheduler.validation import with_defaults  # noqa: E402
 from pagedserve.worker.model_runner import ModelRunner  # noqa: E402
-
-BLOCK_SIZE = 4  # small, so every sequence spans several blocks
-GREEDY = with_defaults(scheduler_pb2.SamplingParams(temperature=0))  # resolved, as the scheduler sends
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11],
-    [3, 4],
-    [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35],  # exactly four blocks
-    [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 9],
-]
-LONG_PROMPT = [(7 * i + 3) % 128 for i in range(23)]
-
-
-def make_tiny_llama(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model directory, the transformers model saved there)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    return path, make_tiny_llama(path)
-
-
-@pytest.fixture(scope="module")
-def runner(tiny):
-    return ModelRunner(WorkerConfig(model=str(tiny[0]), block_size=BLOCK_SIZE, num_gpu_blocks_override=128))
-
-
-def hf_greedy(hf_model, prompt, n):
-    with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def hf_last_logits(hf_model, tokens):
-    with torch.inference_mode():
-        return hf_model(torch.tensor([tokens])).logits[0, -1]
-
-
-class Driver:
-    """A minimal scheduler: tracks each sequence's length and blocks, builds plans, runs them."""
-
-    def __init__(self, runner, first_block=0):
-        runner.batch.clear()  # each test starts from an empty persistent batch
-        self.runner = runner
-        self.next_block = first_block
-        self.tables: dict[int, list[int]] = {}
-        self.unsent: dict[int, list[int]] = {}  # blocks the worker has not been told about yet
-        self.computed: dict[int, int] = {}
-        self.outputs: dict[int, list[int]] = {}
-        self.step_id = 0
-
-    def new(self, seq_id, tokens, num_generated=0, params=GREEDY, table=(), num_computed=0):
-        self.tables[seq_id] = list(table)
-        self.unsent[seq_id] = list(table)  # prefix-cached blocks travel with the first schedule
-        self.computed[seq_id] = num_computed
-        self.outputs.setdefault(seq_id, [])
-        return worker_pb2.NewSequence(seq_id=seq_id, token_ids=tokens, params=params,
-                                      num_computed_tokens=num_computed, num_generated=num_generated)
-
-    def sched(self, seq_id, num_tokens):
-        self.computed[seq_id] += num_tokens
-        needed = -(-self.computed[seq_id] // BLOCK_SIZE) - len(self.tables[seq_id])
-        fresh = list(range(self.next_block, self.next_block + needed))
-        self.next_block += needed
-        self.tables[seq_id] += fresh
-        new_ids, self.unsent[seq_id] = self.unsent[seq_id] + fresh, []
-        return worker_pb2.ScheduledSequence(seq_id=seq_id, num_tokens=num_tokens, new_block_ids=new_ids)
-
-    def step(self, new=(), sched=(), freed=()):
-        self.step_id += 1
-        result = self.runner.execute(worker_pb2.StepPlan(step_id=self.step_id, new_sequences=list(new),
-                                                         scheduled=list(sched), freed_seq_ids=list(freed)))
-        assert result.error == "", result.error
-        assert result.step_id == self.step_id
-        for seq_id, token in zip(result.seq_ids, result.token_ids):
-            self.outputs[seq_id].append(token)
-        return result
-
+from tests.helpers.model_driver import (BLOCK_SIZE, LONG_PROMPT, PROMPTS, Driver,  # noqa: E402
+                                        hf_greedy, hf_last_logits)
 
 def test_prefill_then_decode_matches_transformers(runner, tiny):
     d = Driver(runner)

@@ -6,7 +6,7 @@ import torch
 
 from pagedserve.v1 import worker_pb2
 from tests.helpers import tiny_models
-from tests.worker.test_model import GREEDY, LONG_PROMPT, PROMPTS, Driver, runner, tiny  # noqa: F401 (fixtures)
+from tests.helpers.model_driver import GREEDY, LONG_PROMPT, PROMPTS, Driver
 from tests.helpers.tiny_models import BLOCKS_PER_SEQUENCE, runner_config
 from tests.helpers.tiny_models import PROMPTS as TINY_PROMPTS
 from pagedserve.worker import distributed
