@@ -221,3 +221,11 @@ def test_images_build_from_dockerfiles_whose_files_exist():
 def test_readme_shows_how_to_start_it():
     assert "docker compose -f docker/compose.yaml up" in (ROOT / "README.md").read_text()
     assert (DOCKER / ".env").read_text().count("COMPOSE_PROFILES=cpu") == 1
+
+
+def test_compose_ranks_meet_at_rank_0():
+    """docker/compose.yaml's tensor parallel profile: three ranks, rank 0 the meeting point."""
+    workers = {args_of(s).rank: (name, args_of(s)) for name, s in services("cpu-tp3", "worker").items()}
+    rank0_name = workers[0][0]
+    assert len(workers) == 3 and {args.world_size for _, args in workers.values()} == {3}
+    assert {args.dist_init_addr for _, args in workers.values()} == {f"{rank0_name}:29500"}

@@ -14,7 +14,7 @@ from pagedserve.flags import flag, log_level_flag, max_model_len_flag, max_num_s
 @dataclass
 class WorkerConfig:
     model: str = model_flag()
-    device: str = flag("cpu", choices=["cpu", "cuda"])
+    device: str = flag("cpu", "where the model runs", choices=["cpu", "cuda"])
     dtype: str = flag("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA",
                       choices=["auto", "float32", "bfloat16", "float16"])
     max_model_len: int | None = max_model_len_flag()
@@ -22,7 +22,7 @@ class WorkerConfig:
     kv_cache_memory_bytes: int | None = flag(
         None, "KV cache budget (default: 2 GiB on CPU, 90%% of free memory on CUDA)", group="kv")
     num_gpu_blocks_override: int | None = flag(
-        None, "exact number of KV cache blocks (wins over the bytes)", group="kv")
+        None, "exact number of KV cache blocks, in place of --kv-cache-memory-bytes", group="kv")
     attention_backend: str = flag("auto", "auto: triton on CUDA, torch on CPU",
                                   choices=["auto", "torch", "triton"])
     load_format: str = flag("auto", "dummy: random weights of the right shapes, for benchmarks",
@@ -34,8 +34,8 @@ class WorkerConfig:
     max_num_seqs: int = max_num_seqs_flag()  # no decode batch is larger: none is captured larger
     seed: int = flag(0, "seeds sampling for requests without a seed (every rank gets the same)")
     num_threads: int | None = flag(
-        None, "torch CPU threads per worker (default: the cores this process may use, shared "
-        "among --world-size ranks on the CPU, which are assumed to share a host)")
+        None, "torch CPU threads per worker (default: the cores this process may use, divided "
+        "among the tensor parallel ranks on the CPU, which are assumed to share a host)")
     rank: int = flag(0, "tensor parallel rank of this worker, in [0, world_size)")
     world_size: int = flag(1, "tensor parallel size: how many worker processes share the model")
     dist_init_addr: str | None = flag(

@@ -82,6 +82,12 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    if args.base_url:  # before anything is written: a wrong URL leaves no trace
+        try:
+            check_reachable(root_of(args.base_url), args.api_key)
+        except ServerUnreachable as exc:
+            print(f"pagedserve run-batch: {exc}", file=sys.stderr)
+            return 1
     output = Path(args.output_file)
     plan = plan_batch(Path(args.input_file), finished_keys(output))
     written = Tally()
@@ -94,7 +100,7 @@ def run_batch(args: argparse.Namespace) -> int:
                     asyncio.run(send_all(plan.requests, root_url, sink, args, written))
         except KeyboardInterrupt:
             print("pagedserve run-batch: interrupted; run it again to finish", file=sys.stderr)
-        except (ServerStartError, ServerUnreachable) as exc:
+        except ServerStartError as exc:
             print(f"pagedserve run-batch: {exc}", file=sys.stderr)
     left = len(plan.requests) - written.count
     print(f"pagedserve run-batch: {written.count + len(plan.rejected)} results written to {output} "
@@ -106,10 +112,8 @@ def run_batch(args: argparse.Namespace) -> int:
 @contextmanager
 def server(args: argparse.Namespace):
     """The root URL of the server to send to: the one given, or one started here for the run."""
-    if args.base_url:
-        root_url = root_of(args.base_url)
-        check_reachable(root_url, args.api_key)
-        yield root_url
+    if args.base_url:  # checked by run_batch before it opened the output
+        yield root_of(args.base_url)
         return
     if not args.model:
         raise SystemExit("pagedserve run-batch: give --model DIR (to start a server) or "

@@ -129,13 +129,3 @@ def test_smollm2_at_tp3_gives_the_same_completions_as_one_rank(model_dir, smol_s
         sharded = complete(stack)
     assert sharded == complete(smol_stack)
     assert all(text.strip() for text in sharded)
-
-
-def test_compose_ranks_meet_at_rank_0():
-    """docker/compose.yaml's tensor parallel profile (test_compose checks the rest of it)."""
-    from tests.test_compose import args_of, services
-
-    workers = {args_of(s).rank: (name, args_of(s)) for name, s in services("cpu-tp3", "worker").items()}
-    rank0_name = workers[0][0]
-    assert len(workers) == 3 and {args.world_size for _, args in workers.values()} == {3}
-    assert {args.dist_init_addr for _, args in workers.values()} == {f"{rank0_name}:29500"}

@@ -29,8 +29,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=136,
                    help="also the output length of jsonl lines that give none")
     p.add_argument("--random-range-ratio", type=float, default=0.8824,
-                   help="lengths uniform in [len*(1-r), len*(1+r)]; the defaults give prompts of 32-512 "
-                        "tokens and outputs of 16-256")
+                   help="lengths uniform in [len*(1-r), len*(1+r)]; 0: every prompt and output exactly "
+                        "its length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-concurrency", type=int, default=None, help="default: every request in flight")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once")
