@@ -58,3 +58,15 @@ def test_serve_from_outside_the_repository_beside_foreign_packages(model_dir, fo
                                                max_tokens=8, temperature=0)
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     assert list(markers.iterdir()) == [], "a foreign module was imported in place of ours"
+
+
+def test_the_tests_run_beside_hugging_faces_kernels(foreign_path):
+    """The test processes keep the repository's root on sys.path (for `tests`); with Hugging Face's
+    `kernels` installed, transformers still gets it, not our kernels/ folder
+    (tests/helpers/foreign_names.py), in pytest and in the tensor-parallel ranks it spawns."""
+    site, _ = foreign_path
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/worker/test_loader.py", "tests/worker/test_prompt_logprobs.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
