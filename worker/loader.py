@@ -24,7 +24,7 @@ from pagedserve.worker import distributed
 from pagedserve.worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
 from pagedserve.worker.models import model_class
 from pagedserve.worker.models.layers import RotaryEmbedding
-from pagedserve.worker.models.sharding import Fused, Shard
+from pagedserve.worker.models.sharding import Experts, Fused, Shard
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def checkpoint_table(model: nn.Module) -> dict[str, tuple[torch.Tensor, Shard | 
         shard = shards.get(name)
         if isinstance(shard, Fused):
             table.update(fused_sections(name, param, shard))
+        elif isinstance(shard, Experts):
+            table.update(expert_sections(name, param, shard))
         else:
             table[name] = (param.data, shard)
     return table
@@ -155,6 +157,23 @@ def fused_sections(name: str, param: nn.Parameter, fused: Fused) -> dict[str, tu
         sections[f"{parent}.{source}.{param_name}" if parent else f"{source}.{param_name}"] = (
             param.data.narrow(0, offset, shard.length), shard)
         offset += shard.length
+    return sections
+
+
+def expert_sections(name: str, param: nn.Parameter, experts: Experts) -> dict[str, tuple[torch.Tensor, Shard]]:
+    """A stacked experts parameter's regions by checkpoint tensor: "a.experts.gate_up_proj" [E, 2I, H]
+    holds "a.experts.<e>.gate_proj.weight" then "...up_proj.weight" in row e; a single source fills
+    the whole row ("a.experts.<e>.down_proj.weight" into down_proj[e])."""
+    module_name = name.rpartition(".")[0]
+    sections = {}
+    for e in range(experts.num_experts):
+        offset = 0
+        for source, shard in experts.sections:
+            region = param.data[e]
+            if len(experts.sections) > 1:
+                region = region.narrow(0, offset, shard.length)
+                offset += shard.length
+            sections[f"{module_name}.{e}.{source}.weight"] = (region, shard)
     return sections
 
 

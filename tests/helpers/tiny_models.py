@@ -56,6 +56,15 @@ CONFIGS = {
                               vocab_size=VOCAB_SIZE, max_position_embeddings=256, word_embed_proj_dim=HIDDEN)),
     "gpt2": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=256)),
 }
+# Mixture-of-experts: few, narrow experts, top-2 (so a step's few tokens leave some experts idle).
+CONFIGS.update({
+    "qwen3_moe": ("Qwen3MoeConfig", {**_LLAMA_LIKE, "num_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "qwen2_moe": ("Qwen2MoeConfig", {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}),
+    "mixtral": ("MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                  "intermediate_size": 32}),
+})
 
 
 def build(architecture: str, path: Path, seed: int = 0, **overrides):

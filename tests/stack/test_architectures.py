@@ -23,6 +23,7 @@ from tests.helpers import hf_reference, tiny_models
 from tests.helpers.stack import ROOT, generate_all, run_stack
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.models import supported_architectures
 
 ARCHITECTURES = list(tiny_models.CONFIGS)
 MAX_TOKENS = 6
@@ -64,12 +65,15 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, architecture):
     ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "relu", "n_inner": 96}),
     ("qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
+    # Mixture-of-experts: a dense layer among sparse ones, both ways transformers picks them.
+    ("qwen3_moe", {"norm_topk_prob": False, "mlp_only_layers": [1]}),
+    ("qwen2_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
 ])
 def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))
 
 
-@pytest.mark.parametrize("architecture", ["mistral", "qwen3", "gpt2"])
+@pytest.mark.parametrize("architecture", ["mistral", "qwen3", "gpt2", "qwen3_moe"])
 def test_greedy_tokens_through_the_stack_match_transformers(tiny, architecture, tmp_path):
     model_dir = tiny[architecture][0]
     with run_stack(model_dir, "--max-model-len", "128", log_dir=tmp_path) as stack:
@@ -170,8 +174,8 @@ def damaged_copy(tiny, tmp_path, damage: str):
         config = json.loads((model_dir / "config.json").read_text())
         config["architectures"] = ["FalconForCausalLM"]
         (model_dir / "config.json").write_text(json.dumps(config))
-        return model_dir, ("'FalconForCausalLM' is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, "
-                           "MistralForCausalLM, OPTForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+        return model_dir, ("'FalconForCausalLM' is not supported; supported: "
+                           + ", ".join(supported_architectures()))
     if damage == "shape":
         config = json.loads((model_dir / "config.json").read_text())
         config["n_inner"] = 128  # the checkpoint's MLP is 4 x 64 = 256 wide

@@ -14,6 +14,9 @@ _MODELS = {
     "Qwen3ForCausalLM": ("pagedserve.worker.models.qwen3", "Qwen3ForCausalLM"),
     "OPTForCausalLM": ("pagedserve.worker.models.opt", "OPTForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.worker.models.gpt2", "GPT2LMHeadModel"),
+    "Qwen3MoeForCausalLM": ("pagedserve.worker.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("pagedserve.worker.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "MixtralForCausalLM": ("pagedserve.worker.models.mixtral", "MixtralForCausalLM"),
 }
 
 

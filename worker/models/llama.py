@@ -72,24 +72,33 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, variant: LlamaVariant):
+    """The gated MLP. `intermediate_size` other than the config's: a MoE model's dense layers or
+    shared expert; `reduce=False`: return this rank's partial sum (a shared expert, added to the
+    experts' before the MoE layer's one all-reduce)."""
+
+    def __init__(self, config, variant: LlamaVariant, intermediate_size: int | None = None, reduce: bool = True):
         super().__init__()
-        gate = column_shard(config.intermediate_size)
+        intermediate_size = intermediate_size or config.intermediate_size
+        gate = column_shard(intermediate_size)
         self.gate_up_proj = fused_linear(config.hidden_size, variant.mlp_bias, gate_proj=gate, up_proj=gate)
-        self.down_proj = row_linear(config.intermediate_size, config.hidden_size, variant.mlp_bias)
+        self.down_proj = row_linear(intermediate_size, config.hidden_size, variant.mlp_bias)
         self.act_and_mul = ActAndMul(config.hidden_act)
+        self.reduce = reduce
 
     def forward(self, x):
-        return all_reduce(self.down_proj(self.act_and_mul(self.gate_up_proj(x))))
+        out = self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return all_reduce(out) if self.reduce else out
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend):
+    def __init__(self, config, variant: LlamaVariant, backend, mlp: tuple[str, nn.Module] | None = None):
+        """`mlp`: (the checkpoint's name for it, the module) where not the dense "mlp" (MoE models)."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, variant, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, variant)
+        self.mlp_name, module = mlp or ("mlp", LlamaMLP(config, variant))
+        setattr(self, self.mlp_name, module)
 
     def forward(self, h, residual, rotary, kv_cache, meta):
         """(this layer's MLP output, the residual stream before it): the add that joins them is
@@ -100,14 +109,16 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h, residual)
         h = self.self_attn(x, rotary, kv_cache, meta)
         x, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(x), residual
+        return getattr(self, self.mlp_name)(x), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend, max_position: int):
+    def __init__(self, config, variant: LlamaVariant, backend, max_position: int, mlp=lambda layer: None):
+        """`mlp(layer index)`: a layer's (name, MLP module), or None for the dense one."""
         super().__init__()
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend, mlp(i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(head_dim, max_position, rope_parameters(config))
@@ -126,13 +137,18 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config, backend, max_position: int):
         super().__init__(config)
-        self.model = LlamaModel(config, self.variant(config), backend, max_position)
+        variant = self.variant(config)
+        self.model = LlamaModel(config, variant, backend, max_position, lambda i: self.layer_mlp(config, variant, i))
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     @classmethod
     def variant(cls, config) -> LlamaVariant:
         return LlamaVariant(qkv_bias=config.attention_bias, o_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+
+    def layer_mlp(self, config, variant: LlamaVariant, layer: int) -> tuple[str, nn.Module] | None:
+        """Layer `layer`'s MLP (the checkpoint's name for it, the module); None: the dense one."""
+        return None
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

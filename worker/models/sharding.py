@@ -71,3 +71,16 @@ def head_split(num_heads: int, what: str, replicate: bool) -> tuple[int, int]:
         return rank * num_heads // world, 1
     also = " nor a divisor of it" if replicate else ""
     raise ValueError(f"{what}={num_heads} is neither a multiple of the tensor parallel size {world}{also}")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A parameter that stacks one slice per expert along dim 0 (a mixture-of-experts layer's
+    [experts, out, in] weights), where the checkpoint stores each expert apart, as Hugging Face's
+    per-expert modules name them: "<module>.<e>.<source>.weight" for expert e and each source
+    ("gate_proj" and "up_proj" into gate_up_proj, side by side along the expert's dim 0; or one
+    source alone, "down_proj"). Each source's Shard is the slice of it this rank holds, the same
+    for every expert: under tensor parallelism a rank holds part of every expert."""
+
+    num_experts: int
+    sections: tuple[tuple[str, Shard], ...]  # (checkpoint module name under "<module>.<e>.", this rank's slice)

@@ -1,0 +1,185 @@
+"""The mixture-of-experts layer (worker/models/moe.py) against transformers' own modules: the
+router's softmax, top-k and renormalisation for each config variant, the grouped experts (an
+expert without tokens included), the shared expert and its sigmoid gate, which layers are sparse;
+then whole MoE models under the runner's hard cases (chunked prefill beside decodes, prefix-cache
+hits, preemption by recompute), greedy tokens identical to transformers."""
+import pytest
+import torch
+
+from pagedserve.worker.config import WorkerConfig
+from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.models.moe import SparseMoeBlock, grouped_experts, route, sort_by_expert
+from pagedserve.worker.models.qwen2_moe import is_sparse_layer
+from pagedserve.worker.models.layers import ActAndMul
+from tests.helpers import tiny_models
+from tests.helpers.model_driver import BLOCK_SIZE, LONG_PROMPT, PROMPTS, Driver, hf_greedy
+
+MOE = ["qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+def hf_block(architecture: str, seed: int = 0, **overrides):
+    """transformers' sparse MoE block of a tiny config, random weights (the router's too: it
+    starts at zeros)."""
+    import transformers.models.mixtral.modeling_mixtral as mixtral
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qwen2_moe
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3_moe
+
+    config = tiny_models.hf_config(architecture, **overrides)
+    block_class = {"qwen3_moe": qwen3_moe.Qwen3MoeSparseMoeBlock, "qwen2_moe": qwen2_moe.Qwen2MoeSparseMoeBlock,
+                   "mixtral": mixtral.MixtralSparseMoeBlock}[architecture]
+    torch.manual_seed(seed)
+    block = block_class(config).eval()
+    for param in block.parameters():
+        param.data.normal_(0, 0.2)
+    return config, block
+
+
+def our_block(architecture: str, config, hf) -> SparseMoeBlock:
+    """Our block with the same weights: the experts' stacked tensors as transformers holds them in
+    memory ([E, 2I, H] gate then up; [E, H, I]), the shared expert's gate and up side by side."""
+    from pagedserve.worker.models.llama import LlamaMLP, LlamaVariant
+
+    num_experts = config.num_local_experts if architecture == "mixtral" else config.num_experts
+    intermediate = config.intermediate_size if architecture == "mixtral" else config.moe_intermediate_size
+    shared = None
+    if architecture == "qwen2_moe":
+        shared = LlamaMLP(config, LlamaVariant(), config.shared_expert_intermediate_size, reduce=False)
+    renormalize = True if architecture == "mixtral" else config.norm_topk_prob
+    block = SparseMoeBlock(config, num_experts, config.num_experts_per_tok, intermediate, renormalize,
+                           weights_in_model_dtype=architecture != "mixtral", shared_expert=shared).eval()
+    with torch.no_grad():
+        block.gate.weight.copy_(hf.gate.weight)
+        block.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
+        block.experts.down_proj.copy_(hf.experts.down_proj)
+        if shared is not None:
+            s = hf.shared_expert
+            shared.gate_up_proj.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
+            shared.down_proj.weight.copy_(s.down_proj.weight)
+            block.shared_expert_gate.weight.copy_(hf.shared_expert_gate.weight)
+    return block
+
+
+@pytest.mark.parametrize("architecture, overrides", [
+    ("qwen3_moe", {"norm_topk_prob": True}),
+    ("qwen3_moe", {"norm_topk_prob": False}),
+    ("qwen2_moe", {"norm_topk_prob": False}),  # with the shared expert and its sigmoid gate
+    ("qwen2_moe", {"norm_topk_prob": True, "num_experts_per_tok": 3}),
+    ("mixtral", {}),  # always renormalised, weights applied in float32
+])
+def test_moe_block_matches_transformers(architecture, overrides):
+    config, hf = hf_block(architecture, **overrides)
+    ours = our_block(architecture, config, hf)
+    x = torch.randn(1, 11, config.hidden_size)
+    with torch.inference_mode():
+        expected = hf(x)[0]
+        got = ours(x[0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, renormalize", [("qwen2_moe", False), ("qwen2_moe", True), ("mixtral", True)])
+def test_router_weights_and_choices_match_transformers(architecture, renormalize):
+    config, hf = hf_block(architecture, norm_topk_prob=renormalize)
+    x = torch.randn(9, config.hidden_size)
+    with torch.inference_mode():
+        _, hf_weights, hf_ids = hf.gate(x)
+        weights, ids = route(torch.nn.functional.linear(x, hf.gate.weight), config.num_experts_per_tok, renormalize)
+    assert torch.equal(ids, hf_ids)
+    torch.testing.assert_close(weights, hf_weights.float(), atol=0, rtol=0)
+    sums = weights.sum(-1)
+    if renormalize:
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    else:
+        assert (sums < 1).all()  # the top-k of a softmax over more experts
+
+
+def test_an_expert_without_tokens_is_skipped_and_the_rest_are_exact():
+    config, hf = hf_block("qwen3_moe")
+    E = config.num_experts
+    x = torch.randn(6, config.hidden_size)
+    ids = torch.tensor([[0, 3], [3, 0], [5, 0], [0, 5], [3, 5], [7, 0]])  # experts 1, 2, 4, 6 get nothing
+    weights = torch.softmax(torch.randn(6, 2), -1)
+    order, counts = sort_by_expert(ids, E)
+    assert counts.tolist() == [5, 0, 0, 3, 0, 3, 0, 1]
+    assert ids.reshape(-1)[order].tolist() == sorted(ids.reshape(-1).tolist())
+    calls = []
+    act = ActAndMul("silu")
+
+    def counted(gate_up):
+        calls.append(gate_up.shape[0])
+        return act(gate_up)
+
+    with torch.inference_mode():
+        got = grouped_experts(x, hf.experts.gate_up_proj, hf.experts.down_proj, weights, ids, counted)
+        expected = hf.experts(x, ids, weights)
+    assert calls == [5, 3, 3, 1]  # one grouped matmul per expert that received tokens, in expert order
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # Every token to one expert: one matmul over all of them.
+    calls.clear()
+    one = torch.full((6, 2), 2)
+    with torch.inference_mode():
+        got = grouped_experts(x, hf.experts.gate_up_proj, hf.experts.down_proj, weights, one, counted)
+        expected = hf.experts(x, one, weights)
+    assert calls == [12]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, overrides", [
+    ("qwen3_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}),
+    ("qwen2_moe", {"num_hidden_layers": 4, "mlp_only_layers": [0, 3]}),
+    ("qwen2_moe", {"num_hidden_layers": 6, "decoder_sparse_step": 3, "mlp_only_layers": [5]}),
+])
+def test_sparse_layers_are_the_ones_transformers_builds(architecture, overrides):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_models.hf_config(architecture, **overrides)
+    hf = AutoModelForCausalLM.from_config(config)
+    expected = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers]
+    assert [is_sparse_layer(config, i) for i in range(config.num_hidden_layers)] == expected
+    assert True in expected and False in expected
+
+
+# ----- whole models under the runner's hard cases ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=MOE)
+def moe(request, tmp_path_factory):
+    """(runner, transformers model) of a tiny MoE model."""
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model = tiny_models.build(request.param, path)
+    runner = ModelRunner(WorkerConfig(model=str(path), block_size=BLOCK_SIZE, num_gpu_blocks_override=128))
+    return runner, hf_model
+
+
+def test_moe_chunked_prefill_beside_decodes_matches_transformers(moe):
+    runner, hf_model = moe
+    d = Driver(runner)
+    d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[1])], sched=[d.sched(0, 7), d.sched(1, 2)])
+    d.step(new=[d.new(2, LONG_PROMPT)])
+    done = 0
+    while done < len(LONG_PROMPT):
+        chunk = min(5, len(LONG_PROMPT) - done)
+        d.step(sched=[d.sched(2, chunk), d.sched(0, 1), d.sched(1, 1)])
+        done += chunk
+    for _ in range(3):
+        d.step(sched=[d.sched(0, 1), d.sched(2, 1), d.sched(1, 1)])
+    assert d.outputs[2] == hf_greedy(hf_model, LONG_PROMPT, 4)
+    for i in (0, 1):
+        assert d.outputs[i] == hf_greedy(hf_model, PROMPTS[i], len(d.outputs[i]))
+
+
+def test_moe_prefix_cache_hit_and_preemption_match_transformers(moe):
+    runner, hf_model = moe
+    d = Driver(runner)
+    d.step(new=[d.new(0, LONG_PROMPT)], sched=[d.sched(0, len(LONG_PROMPT))])
+    other = LONG_PROMPT[:12] + [1, 2, 3, 4, 5]  # 3 cached blocks, 5 tokens computed
+    d.step(new=[d.new(1, other, table=d.tables[0][:3], num_computed=12)], sched=[d.sched(1, 5), d.sched(0, 1)])
+    d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    # Preempt sequence 0: freed, then back as new with prompt + generated, into other blocks.
+    generated = list(d.outputs[0])
+    d.next_block = 64
+    d.step(freed=[0], sched=[d.sched(1, 1)])
+    tokens = LONG_PROMPT + generated
+    d.step(new=[d.new(0, tokens, num_generated=len(generated))], sched=[d.sched(0, len(tokens)), d.sched(1, 1)])
+    d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    assert d.outputs[1] == hf_greedy(hf_model, other, 5)
+    assert d.outputs[0] == hf_greedy(hf_model, LONG_PROMPT, 5)
