@@ -65,6 +65,8 @@ CONFIGS.update({
     "mixtral": ("MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2,
                                   "intermediate_size": 32}),
 })
+# Phi-3: fused qkv_proj and gate_up_proj in the checkpoint.
+CONFIGS["phi3"] = ("Phi3Config", _LLAMA_LIKE)
 
 
 def build(architecture: str, path: Path, seed: int = 0, **overrides):

@@ -17,6 +17,7 @@ _MODELS = {
     "Qwen3MoeForCausalLM": ("pagedserve.worker.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen2MoeForCausalLM": ("pagedserve.worker.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.worker.models.mixtral", "MixtralForCausalLM"),
+    "Phi3ForCausalLM": ("pagedserve.worker.models.phi3", "Phi3ForCausalLM"),
 }
 
 

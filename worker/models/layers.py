@@ -205,6 +205,23 @@ def _llama3_scaled(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope_scaled(inv_freq: torch.Tensor, params: dict, max_position: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Ding et al. 2024; Phi-3's `longrope`, formerly `su`): each frequency divided by
+    its own factor, `long_factor` where the served context exceeds `original_max_position_embeddings`,
+    else `short_factor`; and cos/sin scaled by sqrt(1 + ln(factor) / ln(original)), factor being
+    max_position_embeddings / original unless given (transformers' _compute_longrope_parameters).
+    One set for every position, chosen by the context served, as vLLM does: transformers picks per
+    forward call by the longest sequence in it, which agrees wherever a sequence stays on one side
+    of the original length or is prefilled past it at once. Returns (inv_freq, attention_factor)."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_position_embeddings"] / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = params["long_factor"] if max_position > original else params["short_factor"]
+    return inv_freq / torch.tensor(ext, dtype=torch.float32, device=inv_freq.device), attention_factor
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin for every position up to max_position, computed once; a step indexes them by its
     tokens' positions (one gather per step, shared by all layers)."""
@@ -212,8 +229,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+        if rope_type not in ("default", "llama3", "longrope"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, longrope)")
         self.head_dim = head_dim
         self.max_position = max_position
         self.params = params
@@ -222,10 +239,15 @@ class RotaryEmbedding(nn.Module):
     def build(self, device: torch.device) -> None:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / (self.params["rope_theta"] ** exponents)
+        scale = 1.0
         if self.params["rope_type"] == "llama3":
             inv_freq = _llama3_scaled(inv_freq, self.params)
+        elif self.params["rope_type"] == "longrope":
+            inv_freq, scale = _longrope_scaled(inv_freq, self.params, self.max_position)
         freqs = torch.outer(torch.arange(self.max_position, device=device).float(), inv_freq)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
+        if scale != 1.0:
+            self.cos_sin *= scale
 
     def forward(self, positions: torch.Tensor) -> "StepRotary":
         return StepRotary(positions, self.cos_sin)
