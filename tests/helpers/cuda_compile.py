@@ -25,7 +25,13 @@ ATTENTION = [
 ]
 # (name, dtype, num_kv_heads, head_dim)
 WRITE_KV = [("write_kv_bf16", "bf16", 8, 128), ("write_kv_fp32", "fp32", 3, 64)]
-NAMES = [v[0] for v in ATTENTION] + [v[0] for v in WRITE_KV]
+# (name, dtype, token-expert pairs, hidden, moe intermediate, top_k): kernels/fused_moe.py
+FUSED_MOE = [
+    ("moe_tiny_fp32", "fp32", 12, 64, 32, 2),  # tests/worker/test_moe.py's shapes
+    ("moe_qwen3_30b_decode64", "bf16", 64 * 8, 2048, 768, 8),
+    ("moe_mixtral_prefill", "bf16", 2048 * 2, 4096, 14336, 2),
+]
+NAMES = [v[0] for v in ATTENTION] + [v[0] for v in WRITE_KV] + [v[0] for v in FUSED_MOE]
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
 
@@ -76,6 +82,14 @@ def main() -> int:
         c = dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(kv_heads),
                  BLOCK_D=triton.next_power_of_2(head_dim))
         error = compile_one(_write_kv_kernel, c, {"slot_ptr": "*i64"}, f"*{dtype}")
+        print(json.dumps({"name": name, "error": error}), flush=True)
+    from pagedserve.kernels.fused_moe import _moe_down_kernel, _moe_gate_up_kernel, block_sizes
+    routing = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "weights_ptr": "*fp32"}
+    for name, dtype, pairs, hidden, inter, top_k in FUSED_MOE:
+        blocks = block_sizes(pairs, hidden, inter)
+        error = compile_one(_moe_gate_up_kernel, {**blocks, "TOP_K": top_k}, routing, f"*{dtype}")
+        if error is None:
+            error = compile_one(_moe_down_kernel, blocks, routing, f"*{dtype}")
         print(json.dumps({"name": name, "error": error}), flush=True)
     return 0
 

@@ -123,6 +123,36 @@ def test_an_expert_without_tokens_is_skipped_and_the_rest_are_exact():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_triton_kernel_matches_transformers_experts():
+    """kernels/fused_moe.py (under Triton's interpreter here) on transformers' own experts."""
+    from pagedserve.kernels.fused_moe import fused_moe
+
+    config, hf = hf_block("qwen3_moe")
+    x = torch.randn(9, config.hidden_size)
+    ids = torch.tensor([[0, 3], [3, 0], [5, 0], [0, 5], [3, 5], [7, 0], [7, 3], [0, 7], [5, 3]])
+    weights = torch.softmax(torch.randn(9, 2), -1)
+    with torch.inference_mode():
+        expected = hf.experts(x, ids, weights)
+        got = fused_moe(x, hf.experts.gate_up_proj, hf.experts.down_proj, weights, ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_on_the_triton_kernel_gives_transformers_tokens(tmp_path):
+    """The kernel path of the model (CUDA's), forced on the CPU: greedy tokens as transformers'."""
+    hf_model = tiny_models.build("mixtral", tmp_path, seed=3)
+    runner = ModelRunner(WorkerConfig(model=str(tmp_path), block_size=BLOCK_SIZE, num_gpu_blocks_override=64))
+    experts = [m for m in runner.model.modules() if hasattr(m, "use_kernel")]
+    assert len(experts) == 2
+    for m in experts:
+        m.use_kernel = True
+    d = Driver(runner)
+    d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[3])], sched=[d.sched(0, 7), d.sched(1, 11)])
+    for _ in range(3):
+        d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    assert d.outputs[0] == hf_greedy(hf_model, PROMPTS[0], 4)
+    assert d.outputs[1] == hf_greedy(hf_model, PROMPTS[3], 4)
+
+
 @pytest.mark.parametrize("architecture, overrides", [
     ("qwen3_moe", {"num_hidden_layers": 4, "decoder_sparse_step": 2}),
     ("qwen2_moe", {"num_hidden_layers": 4, "mlp_only_layers": [0, 3]}),

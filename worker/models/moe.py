@@ -81,10 +81,12 @@ class FusedExperts(nn.Module):
                           "down_proj": Experts(num_experts, ((down, Shard(1, ((start, n),), intermediate_size)),))}
         self.act_and_mul = ActAndMul(hidden_act)
         self.hidden_act = hidden_act
+        self.use_kernel: bool | None = None  # the Triton kernel: None, on CUDA (tests set True on the CPU)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights and ids [T, k] -> this rank's partial sum [T, H]."""
-        if x.is_cuda and self.hidden_act == "silu":
+        use_kernel = x.is_cuda if self.use_kernel is None else self.use_kernel
+        if use_kernel and self.hidden_act == "silu":
             from pagedserve.kernels.fused_moe import fused_moe
             return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
         return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.act_and_mul)
