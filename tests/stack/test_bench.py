@@ -339,3 +339,21 @@ def test_fma_peak_benchmark_rows(tmp_path):
     assert all(value > 0 for value in gflops.values())
     for name in gflops:
         assert name in proc.stdout
+
+
+def test_moe_profile_rows(tmp_path):
+    """benchmarks/profile_moe.py at a tiny shape: a layer row and a step row per batch, the weights
+    the grouped path reads being the active experts' once (never more than every expert's)."""
+    path = tmp_path / "moe.json"
+    benchmark_script("profile_moe.py", "--hidden", "64", "--inter", "32", "--experts", "8", "--top-k", "2",
+                     "--layers", "1", "--vocab", "256", "--batches", "1", "16", "--rounds", "1", "--steps", "1",
+                     "--threads", "1", "--output", str(path))
+    result = json.loads(path.read_text())
+    expert_mib = 3 * 64 * 32 * 4 / 2**20
+    for row, batch in zip(result["layer"], [1, 16]):
+        assert row["batch"] == batch and 2 <= row["active_experts"] <= min(8, 2 * batch)
+        assert row["grouped_weight_mib"] == round(row["active_experts"] * expert_mib, 2)
+        assert row["per_pair_weight_mib"] == round(2 * batch * expert_mib, 2)
+        assert all(row[f"{way}_ms"] > 0 for way in ("router", "grouped", "transformers", "per_pair"))
+    assert [r["batch"] for r in result["step"]] == [1, 16]
+    assert all(0 < r["moe_ms"] < r["step_ms"] and 0 < r["moe_share"] < 1 for r in result["step"])
