@@ -109,10 +109,12 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     each expert's run padded to a multiple of block_m with T * top_k (invalid); P is the bound
     T * top_k + E * (block_m - 1) rounded up to block_m, so nothing waits on the device.
     block_expert[b]: the expert of rows b * block_m ... (b + 1) * block_m - 1, -1 if none."""
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()
     num_pairs = flat.numel()
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the largest id back to the host (a sync that a
+    # CUDA graph capture refuses).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
