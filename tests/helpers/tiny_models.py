@@ -67,6 +67,12 @@ CONFIGS.update({
 })
 # Phi-3: fused qkv_proj and gate_up_proj in the checkpoint.
 CONFIGS["phi3"] = ("Phi3Config", _LLAMA_LIKE)
+# DeepSeek V3: latent attention (q and kv latents of 32, 16 + 8 rotary dims for q . k, 16 for v),
+# 8 experts in 4 groups of which 2 are eligible, top-2, a shared expert, the first layer dense.
+CONFIGS["deepseek_v3"] = ("DeepseekV3Config", {
+    **_LLAMA_LIKE, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1})
 
 
 def build(architecture: str, path: Path, seed: int = 0, **overrides):

@@ -68,6 +68,8 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, architecture):
     # Mixture-of-experts: a dense layer among sparse ones, both ways transformers picks them.
     ("qwen3_moe", {"norm_topk_prob": False, "mlp_only_layers": [1]}),
     ("qwen2_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
+    # DeepSeek V3 without the q latent, rotary dims not interleaved, V wider than q . k's dims.
+    ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False, "v_head_dim": 32}),
 ])
 def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))

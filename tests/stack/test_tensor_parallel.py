@@ -27,6 +27,7 @@ MAX_TOKENS = 5
     ("opt", None, 2), ("qwen2", None, 2), ("qwen3", None, 2), ("gpt2", None, 4),
     ("qwen3_moe", None, 2), ("qwen2_moe", None, 2), ("mixtral", None, 2),  # a slice of every expert
     ("phi3", 1, 2),  # fused qkv_proj in the checkpoint, its one KV head on both ranks
+    ("deepseek_v3", None, 2),  # latent attention's heads split, its latents whole on each rank
 ])
 def test_logits_at_tensor_parallel_size_match_one_rank(tmp_path, architecture, kv_heads, world_size):
     tiny_models.build(architecture, tmp_path, **({"num_key_value_heads": kv_heads} if kv_heads else {}))

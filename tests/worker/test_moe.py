@@ -14,7 +14,7 @@ from pagedserve.worker.models.layers import ActAndMul
 from tests.helpers import tiny_models
 from tests.helpers.model_driver import BLOCK_SIZE, LONG_PROMPT, PROMPTS, Driver, hf_greedy
 
-MOE = ["qwen3_moe", "qwen2_moe", "mixtral"]
+MOE = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 
 
 def hf_block(architecture: str, seed: int = 0, **overrides):
@@ -166,6 +166,81 @@ def test_sparse_layers_are_the_ones_transformers_builds(architecture, overrides)
     expected = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers]
     assert [is_sparse_layer(config, i) for i in range(config.num_hidden_layers)] == expected
     assert True in expected and False in expected
+
+
+# ----- DeepSeek V3: grouped top-k sigmoid routing, shared experts -----------------------------------
+
+
+def hf_deepseek_moe(seed=0, **overrides):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = tiny_models.hf_config("deepseek_v3", **overrides)
+    torch.manual_seed(seed)
+    block = DeepseekV3MoE(config).eval()
+    for param in block.parameters():
+        param.data.normal_(0, 0.2)
+    block.gate.e_score_correction_bias.normal_(0, 0.3)  # a buffer: it moves the choice, not the weights
+    return config, block
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm_topk_prob": False, "routed_scaling_factor": 1.0},
+                                       {"n_group": 2, "topk_group": 1, "num_experts_per_tok": 3}])
+def test_deepseek_router_matches_transformers(overrides):
+    from pagedserve.worker.models.deepseek_v3 import grouped_topk_route
+
+    config, hf = hf_deepseek_moe(**overrides)
+    x = torch.randn(13, config.hidden_size)
+    with torch.inference_mode():
+        _, hf_weights, hf_ids = hf.gate(x)
+        weights, ids = grouped_topk_route(x @ hf.gate.weight.T, hf.gate.e_score_correction_bias, config.n_group,
+                                          config.topk_group, config.num_experts_per_tok, config.norm_topk_prob,
+                                          config.routed_scaling_factor)
+    assert torch.equal(ids, hf_ids)
+    torch.testing.assert_close(weights, hf_weights, atol=0, rtol=0)
+    # Only experts of topk_group groups are ever chosen for a token.
+    groups = ids // (config.n_routed_experts // config.n_group)
+    assert all(len(set(row)) <= config.topk_group for row in groups.tolist())
+
+
+def test_deepseek_moe_block_matches_transformers():
+    from pagedserve.worker.models.deepseek_v3 import DeepseekV3MoE
+    from pagedserve.worker.models.llama import LlamaVariant
+
+    config, hf = hf_deepseek_moe()
+    ours = DeepseekV3MoE(config, LlamaVariant()).eval()
+    with torch.no_grad():
+        ours.gate.weight.copy_(hf.gate.weight)
+        ours.gate.e_score_correction_bias.copy_(hf.gate.e_score_correction_bias)
+        ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
+        ours.experts.down_proj.copy_(hf.experts.down_proj)
+        s = hf.shared_experts
+        ours.shared_experts.gate_up_proj.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
+        ours.shared_experts.down_proj.weight.copy_(s.down_proj.weight)
+    x = torch.randn(1, 10, config.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x[0]), hf(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_with_a_score_correction_bias_gives_transformers_tokens(tmp_path):
+    """The bias is a checkpoint tensor (mlp.gate.e_score_correction_bias): a random one, loaded."""
+    hf_model = tiny_models.build("deepseek_v3", tmp_path, seed=4)
+    with torch.no_grad():
+        hf_model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    hf_model.save_pretrained(tmp_path)
+    runner = ModelRunner(WorkerConfig(model=str(tmp_path), block_size=BLOCK_SIZE, num_gpu_blocks_override=64))
+    d = Driver(runner)
+    d.step(new=[d.new(0, PROMPTS[0]), d.new(1, PROMPTS[3])], sched=[d.sched(0, 7), d.sched(1, 11)])
+    for _ in range(4):
+        d.step(sched=[d.sched(0, 1), d.sched(1, 1)])
+    assert d.outputs[0] == hf_greedy(hf_model, PROMPTS[0], 5)
+    assert d.outputs[1] == hf_greedy(hf_model, PROMPTS[3], 5)
+
+
+def test_deepseek_with_yarn_rope_is_refused_with_its_name(tmp_path):
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    tiny_models.build("deepseek_v3", tmp_path, rope_parameters=rope)
+    with pytest.raises(RuntimeError, match="rope_type 'yarn' is not supported for DeepseekV3ForCausalLM"):
+        ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
 
 
 # ----- whole models under the runner's hard cases ------------------------------------------------

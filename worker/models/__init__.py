@@ -18,6 +18,7 @@ _MODELS = {
     "Qwen2MoeForCausalLM": ("pagedserve.worker.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.worker.models.mixtral", "MixtralForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.worker.models.phi3", "Phi3ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("pagedserve.worker.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
 
