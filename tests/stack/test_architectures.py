@@ -70,6 +70,12 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, architecture):
     ("qwen2_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
     # DeepSeek V3 without the q latent, rotary dims not interleaved, V wider than q . k's dims.
     ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False, "norm_topk_prob": False, "v_head_dim": 32}),
+    # YaRN RoPE: DeepSeek V3's (its mscale also scales the softmax) and Qwen's long-context one.
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "mscale": 1.0,
+                                         "mscale_all_dim": 0.7, "original_max_position_embeddings": 32,
+                                         "beta_fast": 32, "beta_slow": 1}}),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 64}}),
 ])
 def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))

@@ -236,10 +236,11 @@ def test_deepseek_with_a_score_correction_bias_gives_transformers_tokens(tmp_pat
     assert d.outputs[1] == hf_greedy(hf_model, PROMPTS[3], 5)
 
 
-def test_deepseek_with_yarn_rope_is_refused_with_its_name(tmp_path):
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+def test_deepseek_with_an_unknown_rope_is_refused_with_its_name(tmp_path):
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     tiny_models.build("deepseek_v3", tmp_path, rope_parameters=rope)
-    with pytest.raises(RuntimeError, match="rope_type 'yarn' is not supported for DeepseekV3ForCausalLM"):
+    with pytest.raises(RuntimeError, match="rope_type 'longrope' is not supported for DeepseekV3ForCausalLM"):
         ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
 
 

@@ -12,7 +12,8 @@ one latent of kv_lora_rank + qk_rope_head_dim: the memory saving of MLA is not t
 The rotary part of q and k (qk_rope_head_dim of each head; k's is one head shared by all) is
 rotated by plain RoPE; `rope_interleave` (V3's checkpoints) pairs dims (0, 1), (2, 3), ...: they
 are de-interleaved to the half-split layout first, the same permutation for q and k, which leaves
-q . k as transformers computes it. RoPE `yarn` (the released V3/R1 checkpoints) is not supported.
+q . k as transformers computes it. RoPE is plain or `yarn` (the released V3/R1 checkpoints), whose
+mscale also scales the softmax (attention_mscale).
 
 Routing (DeepseekV3TopkRouter): sigmoid scores in float32, `e_score_correction_bias` added for
 the choice only, experts in `n_group` groups of which the `topk_group` with the largest sum of
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.worker.distributed import all_reduce
-from pagedserve.worker.models.layers import RMSNorm, RotaryEmbedding, heads_linear, rope_parameters, row_linear
+from pagedserve.worker.models.layers import (RMSNorm, RotaryEmbedding, heads_linear, rope_parameters, row_linear,
+                                             yarn_mscale)
 from pagedserve.worker.models.llama import LlamaForCausalLM, LlamaMLP, LlamaVariant
 from pagedserve.worker.models.moe import FusedExperts
 
@@ -135,6 +137,14 @@ class MultiHeadLatentAttention(nn.Module):
         return x.contiguous() if width == self.head_dim else F.pad(x, (0, self.head_dim - width))
 
 
+def attention_mscale(params: dict) -> float:
+    """The softmax scale's YaRN factor, mscale(factor, mscale_all_dim) squared, where the RoPE is
+    scaled and the config sets mscale_all_dim (transformers' yarn_apply_mscale); else 1."""
+    if params["rope_type"] == "default" or not params.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(params["factor"], params["mscale_all_dim"]) ** 2
+
+
 class DeepseekV3ForCausalLM(LlamaForCausalLM):
     config_defaults = {**LlamaForCausalLM.config_defaults, "q_lora_rank": None, "rope_interleave": True,
                        "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
@@ -143,15 +153,17 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config, backend, max_position: int):
         params = rope_parameters(config)
-        if params["rope_type"] != "default":
+        if params["rope_type"] not in ("default", "yarn"):
             raise ValueError(f"rope_type {params['rope_type']!r} is not supported for DeepseekV3ForCausalLM "
-                             "(supported: default)")
+                             "(supported: default, yarn)")
+        params.setdefault("max_position_embeddings", config.max_position_embeddings)
         # The Llama decoder's attention projections need these; MLA replaces them below.
         config.num_key_value_heads = config.num_attention_heads
         config.head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         super().__init__(config, backend, max_position)
         for layer in self.model.layers:  # built on the meta device: the replaced modules cost nothing
             layer.self_attn = MultiHeadLatentAttention(config, backend)
+            layer.self_attn.scale *= attention_mscale(params)
         self.model.rotary = RotaryEmbedding(config.qk_rope_head_dim, max_position, params)
 
     def layer_mlp(self, config, variant, layer):

@@ -222,6 +222,41 @@ def _longrope_scaled(inv_freq: torch.Tensor, params: dict, max_position: int) ->
     return inv_freq / torch.tensor(ext, dtype=torch.float32, device=inv_freq.device), attention_factor
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context `factor` times longer (Peng et al. 2023)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scaled(exponents: torch.Tensor, params: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (`yarn`: Qwen2.5 long context, DeepSeek V3): frequencies that turn fewer than
+    `beta_slow` times over the original context are divided by `factor`, those that turn more
+    than `beta_fast` times kept, a linear ramp between; cos/sin scaled by yarn_mscale (or its
+    mscale / mscale_all_dim ratio). As transformers' _compute_yarn_parameters. Returns
+    (inv_freq, attention_factor)."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_position_embeddings"] / original
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    base = params["rope_theta"]
+
+    def dim_of(rotations: float) -> float:  # the dim whose frequency turns `rotations` times over the context
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device=exponents.device) - low)
+                       / (high - low), 0, 1)
+    pos_freqs = base**exponents
+    keep = 1 - ramp
+    return 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep, float(attention_factor)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin for every position up to max_position, computed once; a step indexes them by its
     tokens' positions (one gather per step, shared by all layers)."""
@@ -229,8 +264,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
-        if rope_type not in ("default", "llama3", "longrope"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, longrope)")
+        if rope_type not in ("default", "llama3", "longrope", "yarn"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, longrope, yarn)")
         self.head_dim = head_dim
         self.max_position = max_position
         self.params = params
@@ -244,6 +279,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_scaled(inv_freq, self.params)
         elif self.params["rope_type"] == "longrope":
             inv_freq, scale = _longrope_scaled(inv_freq, self.params, self.max_position)
+        elif self.params["rope_type"] == "yarn":
+            inv_freq, scale = _yarn_scaled(exponents, self.params, self.head_dim)
         freqs = torch.outer(torch.arange(self.max_position, device=device).float(), inv_freq)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
         if scale != 1.0:
