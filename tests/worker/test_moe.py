@@ -244,6 +244,17 @@ def test_deepseek_with_an_unknown_rope_is_refused_with_its_name(tmp_path):
         ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
 
 
+def test_deepseek_fp8_checkpoint_is_refused_with_its_name(tmp_path):
+    import json
+
+    tiny_models.build("deepseek_v3", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="quantization_config 'fp8' is not supported: use a bfloat16 checkpoint"):
+        ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
+
+
 # ----- whole models under the runner's hard cases ------------------------------------------------
 
 

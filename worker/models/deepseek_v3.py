@@ -152,6 +152,10 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
     config_aliases = {"n_routed_experts": "num_local_experts"}
 
     def __init__(self, config, backend, max_position: int):
+        quantization = getattr(config, "quantization_config", None)
+        if quantization:  # the released V3/R1 weights are FP8 blocks with scales beside them
+            raise ValueError(f"quantization_config {quantization.get('quant_method', quantization)!r} is not "
+                             "supported: use a bfloat16 checkpoint")
         params = rope_parameters(config)
         if params["rope_type"] not in ("default", "yarn"):
             raise ValueError(f"rope_type {params['rope_type']!r} is not supported for DeepseekV3ForCausalLM "
