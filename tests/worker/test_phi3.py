@@ -1,7 +1,7 @@
 """Phi-3's LongRoPE against transformers, on a tiny random Phi3ForCausalLM whose pretraining
 context (`original_max_position_embeddings`) is 64 tokens and extended one 256: served within 64
 tokens the short factors rotate, served past it the long ones, and either way the logits (fp32,
-within 1e-4) and greedy tokens are transformers'. (The plain-RoPE Phi-3, its fused checkpoint
+within 1e-4) and greedy tokens are transformers'; and RoPE over part of each head (Phi-4-mini). (The plain-RoPE Phi-3, its fused checkpoint
 tensors and tensor parallelism are in tests/stack/test_architectures.py and test_tensor_parallel.py.)"""
 import pytest
 import torch
@@ -65,7 +65,15 @@ def test_long_factors_past_the_original_context_match_transformers(phi3):
     assert (long_logits[0] - hf_last_logits(hf_model, prompt[:40])).abs().max() > 1e-3
 
 
-def test_partial_rotary_is_refused_with_its_name(tmp_path):
-    tiny_models.build("phi3", tmp_path, partial_rotary_factor=0.5)
-    with pytest.raises(RuntimeError, match="partial_rotary_factor=0.5 is not supported"):
-        ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
+@pytest.mark.parametrize("rope_type", ["default", "longrope"])
+def test_partial_rotary_matches_transformers(tmp_path, rope_type):
+    """Phi-4-mini's layout: RoPE over 3/4 of each head's dims (12 of 16 here), the rest unrotated."""
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0 + 0.3 * i for i in range(6)], long_factor=[2.0 + i for i in range(6)])
+    hf_model = tiny_models.build("phi3", tmp_path, seed=5, rope_parameters=rope,
+                                 original_max_position_embeddings=ORIGINAL, tie_word_embeddings=True)
+    outputs, logits = run(tmp_path, ORIGINAL, PROMPTS[:2], 5)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        torch.testing.assert_close(logits[i], hf_last_logits(hf_model, prompt), atol=1e-4, rtol=0)
+        assert outputs[i] == hf_greedy(hf_model, prompt, 6), f"prompt {i}"
