@@ -1,8 +1,9 @@
 """Phi-3's LongRoPE against transformers, on a tiny random Phi3ForCausalLM whose pretraining
 context (`original_max_position_embeddings`) is 64 tokens and extended one 256: served within 64
 tokens the short factors rotate, served past it the long ones, and either way the logits (fp32,
-within 1e-4) and greedy tokens are transformers'; and RoPE over part of each head (Phi-4-mini). (The plain-RoPE Phi-3, its fused checkpoint
-tensors and tensor parallelism are in tests/stack/test_architectures.py and test_tensor_parallel.py.)"""
+within 1e-4) and greedy tokens are transformers'; and RoPE over part of each head (Phi-4-mini).
+(The plain-RoPE Phi-3, its fused checkpoint tensors and tensor parallelism are in
+tests/stack/test_architectures.py and test_tensor_parallel.py.)"""
 import pytest
 import torch
 
