@@ -255,6 +255,20 @@ def test_deepseek_fp8_checkpoint_is_refused_with_its_name(tmp_path):
         ModelRunner(WorkerConfig(model=str(tmp_path), num_gpu_blocks_override=16))
 
 
+@pytest.mark.parametrize("architecture", ["mixtral", "deepseek_v3"])
+def test_moe_models_run_in_bfloat16(tmp_path, architecture):
+    """Half precision through the grouped experts and both routers (float32 weights meet bfloat16
+    outputs there): every weight in bfloat16, logits finite and float32."""
+    from tests.helpers.tiny_models import PROMPTS as TINY_PROMPTS, generate_in_process, runner_config
+
+    tiny_models.build(architecture, tmp_path)
+    runner = ModelRunner(runner_config(tmp_path, dtype="bfloat16"))
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    outputs, logits = generate_in_process(runner, TINY_PROMPTS, 2)
+    assert all(len(out) == 2 for out in outputs)
+    assert logits[0].dtype == torch.float32 and torch.isfinite(torch.stack(logits)).all()
+
+
 # ----- whole models under the runner's hard cases ------------------------------------------------
 
 
