@@ -2,6 +2,8 @@
 gRPC): prefill only (chunked under a small token budget, no decode step), blocks back after, a
 prefix-cache hit for last-token pooling and none for mean pooling, each vector equal to
 transformers' pooled last hidden state; and scheduler/pooling.py's checks of what a request may ask."""
+from collections import deque
+
 import pytest
 import torch
 
@@ -42,7 +44,25 @@ def info_of(runner) -> pb.ModelInfo:
                         pooler=w.pooler, is_matryoshka=w.is_matryoshka, hidden_size=w.hidden_size)
 
 
-def run(tiny, requests, kind):
+def drive(s: Scheduler, runner, plans: list) -> None:
+    """The engine's loop (scheduler/engine.py): with async scheduling the next plan is built and
+    executed before the result of the one before it is applied."""
+    ahead = 2 if s.config.async_scheduling else 1
+    sent = deque()
+    while s.has_work() or sent:
+        while len(sent) < ahead and s.has_work():
+            plan = s.schedule()
+            if not (plan.scheduled or plan.freed_seq_ids):
+                break
+            plans.append(plan)
+            result = runner.execute(plan)
+            assert not result.error, result.error
+            assert not result.seq_ids  # nothing samples
+            sent.append(result)
+        s.update(sent.popleft())
+
+
+def run(tiny, requests, kind, async_scheduling=False):
     """Each (request_id, prompt) through a fresh Scheduler to the end; returns the scheduler, the
     plans sent and the finished requests' sequences by request id."""
     hf, runner = tiny
@@ -50,25 +70,21 @@ def run(tiny, requests, kind):
     runner.poolers.clear()
     info = info_of(runner)
     s = Scheduler(SchedulerConfig(num_blocks=info.num_kv_blocks, block_size=info.block_size,
-                                  max_model_len=info.max_model_len, max_num_batched_tokens=BUDGET))
+                                  max_model_len=info.max_model_len, max_num_batched_tokens=BUDGET,
+                                  async_scheduling=async_scheduling))
     seqs, plans = {}, []
     for rid, prompt in requests:
         request = pb.GenerateRequest(prompt_token_ids=prompt, pooling=pb.PoolingParams(pooling_type=kind))
         params, pooling = pooling_check.check(request, info, s.kv)
         seqs[rid] = s.add_request(rid, prompt, params, SamplingLimits.of(params, frozenset()), pooling).sequences[0]
-    while s.has_work():
-        plan = s.schedule()
-        plans.append(plan)
-        result = runner.execute(plan)
-        assert not result.error, result.error
-        assert not result.seq_ids  # nothing samples
-        s.update(result)
+    drive(s, runner, plans)
     return s, plans, seqs
 
 
-def test_chunked_prefill_only_and_blocks_freed(tiny):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunked_prefill_only_and_blocks_freed(tiny, async_scheduling):
     hf = tiny[0]
-    s, plans, seqs = run(tiny, [("a", PROMPT), ("b", SHORT)], pb.POOLING_TYPE_LAST)
+    s, plans, seqs = run(tiny, [("a", PROMPT), ("b", SHORT)], pb.POOLING_TYPE_LAST, async_scheduling)
     for rid, prompt in (("a", PROMPT), ("b", SHORT)):
         seq = seqs[rid]
         assert seq.finished and seq.finish_reason == pb.FINISH_REASON_STOP and seq.num_output == 0
@@ -92,10 +108,7 @@ def test_prefix_cache(tiny, kind, hits):
     request = pb.GenerateRequest(prompt_token_ids=second, pooling=pb.PoolingParams(pooling_type=kind))
     params, pooling = pooling_check.check(request, info, s.kv)
     seq = s.add_request("b", second, params, SamplingLimits.of(params, frozenset()), pooling).sequences[0]
-    while s.has_work():
-        result = runner.execute(s.schedule())
-        assert not result.error, result.error
-        s.update(result)
+    drive(s, runner, plans)
     assert (seq.num_cached_tokens == 24) is hits and (seq.num_cached_tokens == 0) is not hits
     expected = hf_pooled(hf, second, kind, True)  # the model's default: normalised
     assert (torch.tensor(seq.embedding) - expected).abs().max() < TOLERANCE

@@ -6,12 +6,14 @@ way (float32, within 1e-4 per entry, and 1e-5 through base64); a chat request is
 blocks come back; the metrics count the requests and tokens."""
 import base64
 
+import grpc
 import numpy as np
 import openai
 import pytest
 import torch
 from openai import OpenAI
 
+from pagedserve.v1 import scheduler_pb2 as pb
 from tests.helpers import tiny_models
 from tests.helpers.live_stack import scrape
 from tests.helpers.stack import run_stack
@@ -124,3 +126,19 @@ def test_metrics_count_embedding_requests(served, client):
     assert delta("pagedserve:e2e_request_latency_seconds_count") == 1  # one HTTP request
     assert delta("pagedserve:prompt_tokens_total") == len(tok.encode("zo")) + len(tok.encode("lomuso"))
     assert delta("pagedserve:generation_tokens_total") == 0
+
+
+def test_public_grpc_generate_with_pooling(served):
+    """GenerateRequest.pooling over the scheduler's public API: one message, the vector, no tokens;
+    a generation request to this model is refused naming `pooling`."""
+    stack, hf, _ = served
+    prompt = [5, 17, 300, 999, 42]
+    replies = list(stack.scheduler.Generate(pb.GenerateRequest(
+        prompt_token_ids=prompt, pooling=pb.PoolingParams(dimensions=32)), timeout=60))
+    assert len(replies) == 1 and not replies[0].token_ids
+    assert replies[0].finish_reason == pb.FINISH_REASON_STOP and replies[0].prompt_tokens == 5
+    assert np.abs(np.asarray(replies[0].embedding) - expected(hf, prompt, 32)).max() < TOLERANCE
+    with pytest.raises(grpc.RpcError) as e:
+        stack.generate(prompt, 2)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("pooling: this model is served for embeddings")
