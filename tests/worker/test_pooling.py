@@ -126,6 +126,19 @@ def test_last_token_pooling_after_a_prefix_cache_hit(qwen3):
     assert_close(result.pooled[0].embedding, hf_pooled(hf, second, LAST, True))
 
 
+def test_a_bare_base_model_checkpoint_without_lm_head(tmp_path):
+    """sentence-transformers saves the base model alone (no `model.` prefix, no LM head, untied):
+    served for pooling it loads, and its vectors equal transformers'."""
+    hf = tiny_models.build("qwen3", tmp_path / "full")
+    assert not hf.config.tie_word_embeddings
+    path = tiny_models.save_bin(hf, tmp_path / "bare", base_names=True)
+    tiny_models.save_sentence_transformers(path, "lasttoken", normalize=True)
+    runner = ModelRunner(runner_config(path, num_gpu_blocks_override=16))
+    d = driver(runner)
+    result = d.step([pooling_new(d, 0, PROMPTS[1], LAST, True)], [d.sched(0, 5)])
+    assert_close(result.pooled[0].embedding, hf_pooled(hf, PROMPTS[1], LAST, True))
+
+
 def test_mean_pooling_refuses_a_prefix_cache_hit(llama):
     _, runner = llama
     d = driver(runner)
