@@ -89,3 +89,14 @@ def test_response_shape(model):
     assert body["data"] == [{"object": "embedding", "index": 0, "embedding": [1.0]},
                             {"object": "embedding", "index": 1, "embedding": [2.0]}]
     assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+
+def test_every_field_is_documented_and_every_sdk_field_known():
+    from pathlib import Path
+
+    from openai.types import embedding_create_params
+
+    from pagedserve.router.embedding_request import FIELDS
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text().split("## Embeddings", 1)[1]
+    assert [name for name in FIELDS if f"`{name}`" not in doc] == []
+    assert sorted(set(embedding_create_params.EmbeddingCreateParams.__annotations__) - set(FIELDS)) == []

@@ -207,3 +207,26 @@ def test_unsupported_sentence_transformers_modules_are_refused(tmp_path):
         resolve_runner(tmp_path, "auto", None, Config())
     with pytest.raises(PoolingConfigError, match="add --runner pooling"):
         resolve_runner(tmp_path, "generate", '{"normalize": true}', Config())
+
+
+def rank_pooled(model_dir) -> list[list[float]]:
+    """One tensor parallel rank's MEAN vectors of PROMPTS, prefilled together (run by
+    pagedserve.worker.distributed.run_local_ranks)."""
+    from pagedserve.worker import distributed
+
+    runner = ModelRunner(runner_config(model_dir, rank=distributed.rank(), world_size=distributed.world_size(),
+                                       runner="pooling", pooler_config='{"pooling_type": "MEAN"}'))
+    d = Driver(runner)
+    result = d.step([pooling_new(d, i, p, MEAN, True) for i, p in enumerate(PROMPTS)],
+                    [d.sched(i, len(p)) for i, p in enumerate(PROMPTS)])
+    return [list(p.embedding) for p in result.pooled]
+
+
+def test_tensor_parallel_ranks_pool_as_transformers(tmp_path):
+    from pagedserve.worker import distributed
+
+    hf = tiny_models.build("llama", tmp_path)
+    for rank, vectors in enumerate(distributed.run_local_ranks(2, rank_pooled, tmp_path)):
+        assert len(vectors) == len(PROMPTS), f"rank {rank}"
+        for vector, prompt in zip(vectors, PROMPTS):
+            assert_close(vector, hf_pooled(hf, prompt, MEAN, True))
