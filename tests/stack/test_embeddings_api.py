@@ -81,6 +81,17 @@ def test_raw_base64_and_token_ids(served, client):
         assert np.abs(vector - expected(hf, ids)).max() < TOLERANCE
 
 
+def test_an_input_may_fill_the_context(served, client):
+    """Nothing is generated after an embedding's prompt: max_model_len (128) tokens fit, one more not."""
+    _, hf, _ = served
+    prompt = [(31 * i + 11) % 1000 for i in range(128)]
+    reply = client.embeddings.create(model=model_name(client), input=[prompt], encoding_format="float")
+    assert np.abs(np.asarray(reply.data[0].embedding) - expected(hf, prompt)).max() < TOLERANCE
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=model_name(client), input=[prompt + [1]])
+    assert e.value.body["param"] == "input" and "maximum context length is 128" in e.value.body["message"]
+
+
 def test_prefix_cache_hit_gives_the_same_vector(served, client):
     stack, hf, _ = served
     prompt = [(17 * i + 3) % 1000 for i in range(40)]
