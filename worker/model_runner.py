@@ -4,7 +4,6 @@ in one varlen forward pass, sample for the sequences that reached the end of the
 import logging
 import os
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +146,8 @@ class ModelRunner:
             logits, sampled = None, SamplerOutput([], [])
         prompt_chunks = prompt_logprobs.compute(self.model, hidden, self.batch.seqs_at(inputs.rows),
                                                 inputs.meta.query_lens_cpu)
-        pooled = self.poolers.step(self.model, hidden, self.batch.seqs_at(inputs.rows), inputs.meta.query_lens_cpu)
+        pooled = (self.poolers.step(self.model, hidden, self.batch.seqs_at(inputs.rows), inputs.meta.query_lens_cpu)
+                  if self.poolers.states else [])
         elapsed = time.perf_counter() - started
         if log.isEnabledFor(logging.DEBUG):  # cores busy below the thread count: the step waited on something
             log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
