@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 import pagedserve
 from pagedserve.router.cors import cors_middleware
+from pagedserve.router.embeddings import serve_embeddings
 from pagedserve.router.errors import (APIError, handle_api_error, handle_http_exception, handle_unexpected,
                            invalid, model_not_found, scheduler_unavailable)
 from pagedserve.router.fields import Fields
@@ -60,6 +61,7 @@ def build_app(settings: Settings) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/version", version, methods=["GET"]),
             Route("/metrics", metrics.render, methods=["GET"]),
+            Route("/v1/embeddings", serve_embeddings, methods=["POST"]),
         ],
         middleware=[*cors_middleware(settings.allowed_origins, settings.allowed_methods,
                                      settings.allowed_headers, settings.allow_credentials),

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve.router.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, until_disconnect
 from pagedserve.router.errors import APIError, invalid
+from pagedserve.router.embedding_request import not_served
 from pagedserve.router.frontend import Frontend
 from pagedserve.router.output import Delta
 from pagedserve.router.protocol import parse_chat, parse_completion
@@ -45,6 +46,8 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
     arrival = time.perf_counter()
     frontend: Frontend = request.app.state.frontend
     model = frontend.model
+    if model.runner == "pooling":
+        raise not_served(model)
     req = parse(await read_json(request), model)
     request_ids = [grpc_request_id(request, i) for i in range(len(req.prompts))]
     responses = responses_class(f"{id_prefix}-{request.state.request_id}", model.name,

@@ -34,7 +34,9 @@ def model_info(args, info) -> pb.ModelInfo:
         served_model_name=name, model_path=info.model_path, max_model_len=max_model_len,
         eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size, block_size=info.block_size,
         num_kv_blocks=info.num_kv_blocks, tensor_parallel_size=info.world_size,
-        sampling_defaults=info.sampling_defaults)
+        sampling_defaults=info.sampling_defaults, runner=info.runner or "generate", pooler=info.pooler,
+        is_matryoshka=info.is_matryoshka, matryoshka_dimensions=info.matryoshka_dimensions,
+        hidden_size=info.hidden_size)
 
 
 def scheduler_config(args, infos) -> SchedulerConfig:

@@ -10,6 +10,7 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 
+from . import pooling as pooling_check
 from . import validation
 from .engine import Engine
 from .outboxes import Outbox
@@ -55,7 +56,8 @@ async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest
     compile), UNAVAILABLE (no worker serving, or one lost during the check), ALREADY_EXISTS (its
     request_id is in flight), RESOURCE_EXHAUSTED (the waiting queue is full)."""
     try:
-        params = validation.check(request, info, engine.scheduler.kv)
+        embedding = pooling_check.check(request, info, engine.scheduler.kv)
+        params, pooling = embedding or (validation.check(request, info, engine.scheduler.kv), None)
     except validation.InvalidRequest as e:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     if not engine.healthy:
@@ -67,7 +69,7 @@ async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest
         raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                       f"request_id: {request_id!r} is already in flight")
     try:
-        engine.add(request_id, list(request.prompt_token_ids), params, outbox)
+        engine.add(request_id, list(request.prompt_token_ids), params, outbox, pooling=pooling)
     except QueueFull as e:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
     return request_id

@@ -38,12 +38,13 @@ class Engine:
     # ----- requests -----------------------------------------------------------------------------
 
     def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-            outbox: Outbox | None = None) -> Outbox:
+            outbox: Outbox | None = None, pooling: pb.PoolingParams | None = None) -> Outbox:
         """Queues a request whose params validation.check resolved; its news goes to `outbox`
-        (a new RequestQueue if none is given), which is returned.
+        (a new RequestQueue if none is given), which is returned. `pooling`: an embedding
+        request's resolved PoolingParams (scheduler/pooling.py).
         Raises QueueFull (scheduler.py) when the waiting queue is full."""
         limits = SamplingLimits.of(params, self.eos_token_ids)
-        request = self.scheduler.add_request(request_id, prompt, params, limits)
+        request = self.scheduler.add_request(request_id, prompt, params, limits, pooling)
         outbox = RequestQueue() if outbox is None else outbox
         self.outboxes[request_id] = outbox
         self.wakeup.set()
@@ -96,6 +97,8 @@ class Engine:
             request_id=seq.request.request_id, index=seq.index, token_ids=tokens,
             finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=num_output, cached_tokens=seq.num_cached_tokens)
+        if seq.embedding is not None:
+            reply.embedding.extend(seq.embedding)
         if seq.pending_logprobs:
             reply.logprobs.extend(seq.pending_logprobs)
             seq.pending_logprobs = []

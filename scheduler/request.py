@@ -48,6 +48,7 @@ class Sequence:
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     num_sent: int = 0              # output tokens already streamed to the client
     pending_logprobs: list = field(default_factory=list)
+    embedding: list[float] | None = None  # an embedding request's pooled vector, once computed
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +78,8 @@ class Request:
     num_prompt_logprobs: int | None = None
     prompt_logprobs: list[pb.PromptLogprob] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    # An embedding request's resolved PoolingParams (scheduler/pooling.py): prefill only, no token.
+    pooling: pb.PoolingParams | None = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -51,11 +51,12 @@ class Scheduler:
     # ----- requests -----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-                    limits: SamplingLimits) -> Request:
+                    limits: SamplingLimits, pooling: pb.PoolingParams | None = None) -> Request:
         limit = self.config.max_waiting_requests
         if limit and len(self.waiting) >= limit:
             raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
-        request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests))
+        request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests),
+                          pooling=pooling)
         if params.HasField("num_prompt_logprobs"):
             request.num_prompt_logprobs = params.num_prompt_logprobs
         n = params.n if params.HasField("n") else 1
@@ -213,6 +214,8 @@ class Scheduler:
         # Cached blocks would skip the rows whose logprobs are still wanted: use only those whose
         # positions are done (none at first; the part computed before a preemption).
         limit = None if prompt_logprobs is None else len(seq.request.prompt_logprobs)
+        if pools_every_position(seq.request):
+            limit = 0  # MEAN and CLS pooling read every position's hidden state: no cache hit
         computed = self.kv.get_computed_blocks(seq, max_num_tokens=limit)
         num_cached = computed.num_tokens
         n = min(seq.num_tokens - num_cached, budget)
@@ -230,7 +233,7 @@ class Scheduler:
         plan.new_sequences.append(wpb.NewSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
             num_computed_tokens=num_cached, num_generated=seq.num_output,
-            num_prompt_logprobs=prompt_logprobs))
+            num_prompt_logprobs=prompt_logprobs, pooling=seq.request.pooling))
         plan.scheduled.add(seq_id=seq.seq_id, num_tokens=n, new_block_ids=block_table)
         seq.num_scheduled = n
         scheduled.append((seq, n))
@@ -253,6 +256,7 @@ class Scheduler:
         logprobs = {lp.seq_id: lp.logprob for lp in result.logprobs} if result.logprobs else None
         prompt_chunks = ({chunk.seq_id: chunk for chunk in result.prompt_logprobs}
                          if result.prompt_logprobs else None)
+        pooled = {p.seq_id: p.embedding for p in result.pooled} if result.pooled else None
         block_size = self.kv.block_size
         news = []
         for seq, n in scheduled:
@@ -270,6 +274,11 @@ class Scheduler:
                 seq.num_scheduled -= n
             if prompt_chunks is not None and (chunk := prompt_chunks.get(seq.seq_id)) is not None:
                 seq.request.add_prompt_logprobs(chunk.first_position, chunk.logprobs)
+            if pooled is not None and seq.seq_id in pooled and seq.status is Status.RUNNING:
+                seq.embedding = list(pooled[seq.seq_id])  # an embedding request ends with its prompt
+                self.finish(seq, pb.FINISH_REASON_STOP)
+                news.append(seq)
+                continue
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
@@ -305,6 +314,11 @@ class Scheduler:
         self.in_flight.clear()
         self.kv.reset()
         return failed
+
+
+def pools_every_position(request: Request) -> bool:
+    """An embedding request whose pooling reads more than the last position's hidden state."""
+    return request.pooling is not None and request.pooling.pooling_type != pb.POOLING_TYPE_LAST
 
 
 def sequence_params(seq: Sequence) -> pb.SamplingParams:

@@ -40,6 +40,12 @@ class WorkerConfig:
     world_size: int = flag(1, "tensor parallel size: how many worker processes share the model")
     dist_init_addr: str | None = flag(
         None, "host:port of rank 0's torch.distributed store (tensor parallelism)")
+    runner: str = flag("auto", "generate: a causal LM; pooling: an embedding model (/v1/embeddings); "
+                       "auto: pooling for a sentence-transformers checkpoint (modules.json with a "
+                       "Pooling module), else generate", choices=["auto", "generate", "pooling"])
+    pooler_config: str | None = flag(
+        None, "with --runner pooling: JSON overriding the checkpoint's pooling, e.g. "
+        "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (pooling_type LAST, MEAN or CLS)")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pagedserve.worker.checkpoint import LazyTensor, LoadError, open_weights, re
 from pagedserve.worker.models import model_class
 from pagedserve.worker.models.layers import RotaryEmbedding
 from pagedserve.worker.models.sharding import Experts, Fused, Shard
+from pagedserve.worker.pooling_config import resolve_runner
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ def fill(region: torch.Tensor, shard: Shard | None, data: torch.Tensor | None) -
         region.narrow(shard.dim, 0, shard.length).copy_(data)
 
 
-def load_weights(model: nn.Module, model_dir: Path, prefix: str) -> None:
+def load_weights(model: nn.Module, model_dir: Path, prefix: str, optional: frozenset[str] = frozenset()) -> None:
+    """`optional`: tensors the checkpoint may lack (an embedding model's unused LM head)."""
     table = checkpoint_table(model)
     loaded, unexpected = set(), []
     with tqdm(desc="loading weights", unit="tensor", total=len(table), disable=distributed.rank() != 0) as bar:
@@ -235,7 +237,7 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str) -> None:
                     fill(region, shard, read_slice(tensors[name], shard))
                     loaded.add(target)
                     bar.update()
-    missing = sorted(set(table) - loaded)
+    missing = sorted(set(table) - loaded - optional)
     if missing:
         raise LoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
     if unexpected:
@@ -283,6 +285,14 @@ def context_length(config, spec: ModelSpec) -> int:
     return max_model_len
 
 
+def unused_tensors(config, spec: ModelSpec) -> frozenset[str]:
+    """A model served for pooling never runs its LM head: a sentence-transformers checkpoint of
+    the bare base model (Qwen3-Embedding's larger sizes) holds none."""
+    runner = resolve_runner(spec.model_dir, getattr(config, "runner", "generate"),
+                            getattr(config, "pooler_config", None), spec.hf_config)
+    return frozenset({"lm_head.weight"}) if runner.runner == "pooling" else frozenset()
+
+
 def load_model(config, backend) -> LoadedModel:
     """Build and fill the model that config.model names. `config` is a WorkerConfig."""
     spec = inspect_model_dir(config)
@@ -302,7 +312,7 @@ def load_model(config, backend) -> LoadedModel:
     if config.load_format == "dummy":
         dummy_weights(model, config.seed)
     else:
-        load_weights(model, spec.model_dir, spec.model_class.checkpoint_prefix)
+        load_weights(model, spec.model_dir, spec.model_class.checkpoint_prefix, unused_tensors(config, spec))
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)

@@ -4,6 +4,7 @@ in one varlen forward pass, sample for the sequences that reached the end of the
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, gra
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
 from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from pagedserve.worker.loader import load_model
+from pagedserve.worker.pooling import Poolers
+from pagedserve.worker.pooling_config import resolve_runner
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.structured_output import Grammars, advance
 
@@ -47,6 +50,9 @@ class ModelRunner:
                                      self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(config.model, self.loaded.vocab_size, self.loaded.eos_token_ids)
+        self.pooling = resolve_runner(Path(config.model), config.runner, config.pooler_config,
+                                      self.loaded.hf_config)
+        self.poolers = Poolers()  # the live sequences of embedding requests
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait policy %s)",
                  self.loaded.architecture, config.model, self.loaded.dtype, self.device, self.backend.name,
                  torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "libgomp's default"))
@@ -92,6 +98,11 @@ class ModelRunner:
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             cudagraph_capture_sizes=self.graphs.sizes if self.graphs is not None else [],
             sampling_defaults=self.loaded.sampling_defaults,
+            runner=self.pooling.runner,
+            pooler=self.pooling.pooler,
+            is_matryoshka=self.pooling.is_matryoshka,
+            matryoshka_dimensions=self.pooling.matryoshka_dimensions,
+            hidden_size=self.model.input_embeddings().embedding_dim,
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
@@ -110,7 +121,10 @@ class ModelRunner:
         """The step, raising on failure; also returns the sampled rows' logits (in result order),
         which tests compare with transformers."""
         self.batch.free(plan.freed_seq_ids)
+        self.poolers.free(plan.freed_seq_ids)
         for new in plan.new_sequences:
+            if new.HasField("pooling"):
+                self.poolers.add(new)
             seq = self.batch.add(new)
             if new.params.HasField("structured_outputs"):
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
@@ -119,7 +133,7 @@ class ModelRunner:
         step = self.batch.begin_step(plan.scheduled)
 
         started, cpu_started = time.perf_counter(), time.process_time()
-        inputs = self.batch.prepare_inputs(step)
+        inputs = self.poolers.without_pooling(self.batch.prepare_inputs(step), self.batch.seq_id_of_row)
         meta = self.backend.prepare(inputs.meta, self.loaded.dtype)
         hidden = self.forward(inputs.input_ids, inputs.positions, meta)
         sampling = self.batch.seqs_at(inputs.sampling_rows)
@@ -132,6 +146,8 @@ class ModelRunner:
             logits, sampled = None, SamplerOutput([], [])
         prompt_chunks = prompt_logprobs.compute(self.model, hidden, self.batch.seqs_at(inputs.rows),
                                                 inputs.meta.query_lens_cpu)
+        pooled = (self.poolers.step(self.model, hidden, self.batch.seqs_at(inputs.rows), inputs.meta.query_lens_cpu)
+                  if self.poolers.states else [])
         elapsed = time.perf_counter() - started
         if log.isEnabledFor(logging.DEBUG):  # cores busy below the thread count: the step waited on something
             log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
@@ -139,7 +155,11 @@ class ModelRunner:
 
         self.batch.finish_step(inputs, sampled.token_ids)
         advance(sampling, sampled.token_ids)
-        return self._result(plan.step_id, inputs, sampled, elapsed, prompt_chunks, logits)
+        result, logits = self._result(plan.step_id, inputs, sampled, elapsed, prompt_chunks, logits)
+        if pooled:  # batch order to plan order
+            place = dict(zip(self.batch.seq_id_of_row[inputs.rows].tolist(), inputs.plan_index.tolist()))
+            result.pooled.extend(sorted(pooled, key=lambda p: place[p.seq_id]))
+        return result, logits
 
     def _result(self, step_id: int, inputs, sampled: SamplerOutput, elapsed: float, prompt_chunks,
                 logits: torch.Tensor | None) -> tuple[worker_pb2.StepResult, torch.Tensor | None]:

@@ -33,6 +33,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.stream_id += 1
             mine = self.stream_id
             self.runner.batch.clear()
+            self.runner.poolers.clear()
         log.info("Execute stream %d opened by %s: batch reset", mine, context.peer())
         for plan in request_iterator:
             with self.lock:

@@ -14,20 +14,22 @@ class StructuredOutputCheck(_message.Message):
     def __init__(self, error: _Optional[str] = ...) -> None: ...
 
 class NewSequence(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "params", "num_computed_tokens", "num_generated", "num_prompt_logprobs")
+    __slots__ = ("seq_id", "token_ids", "params", "num_computed_tokens", "num_generated", "num_prompt_logprobs", "pooling")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _scheduler_pb2.SamplingParams
     num_computed_tokens: int
     num_generated: int
     num_prompt_logprobs: int
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ..., num_prompt_logprobs: _Optional[int] = ...) -> None: ...
+    pooling: _scheduler_pb2.PoolingParams
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ..., num_prompt_logprobs: _Optional[int] = ..., pooling: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
     __slots__ = ("seq_id", "num_tokens", "new_block_ids")
@@ -52,7 +54,7 @@ class StepPlan(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., freed_seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "seq_ids", "token_ids", "logprobs", "error", "forward_seconds", "prompt_logprobs")
+    __slots__ = ("step_id", "seq_ids", "token_ids", "logprobs", "error", "forward_seconds", "prompt_logprobs", "pooled")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +62,7 @@ class StepResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -67,7 +70,16 @@ class StepResult(_message.Message):
     error: str
     forward_seconds: float
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprobsChunk]
-    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[SequenceLogprob, _Mapping]]] = ..., error: _Optional[str] = ..., forward_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobsChunk, _Mapping]]] = ...) -> None: ...
+    pooled: _containers.RepeatedCompositeFieldContainer[PooledOutput]
+    def __init__(self, step_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[SequenceLogprob, _Mapping]]] = ..., error: _Optional[str] = ..., forward_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobsChunk, _Mapping]]] = ..., pooled: _Optional[_Iterable[_Union[PooledOutput, _Mapping]]] = ...) -> None: ...
+
+class PooledOutput(_message.Message):
+    __slots__ = ("seq_id", "embedding")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, seq_id: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PromptLogprobsChunk(_message.Message):
     __slots__ = ("seq_id", "first_position", "logprobs")
@@ -92,7 +104,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults")
+    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults", "runner", "pooler", "is_matryoshka", "matryoshka_dimensions", "hidden_size")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +117,11 @@ class WorkerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CUDAGRAPH_CAPTURE_SIZES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    POOLER_FIELD_NUMBER: _ClassVar[int]
+    IS_MATRYOSHKA_FIELD_NUMBER: _ClassVar[int]
+    MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     model_path: str
@@ -117,4 +134,9 @@ class WorkerInfo(_message.Message):
     dtype: str
     cudagraph_capture_sizes: _containers.RepeatedScalarFieldContainer[int]
     sampling_defaults: _scheduler_pb2.SamplingParams
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    runner: str
+    pooler: _scheduler_pb2.PoolingParams
+    is_matryoshka: bool
+    matryoshka_dimensions: _containers.RepeatedScalarFieldContainer[int]
+    hidden_size: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., runner: _Optional[str] = ..., pooler: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ...) -> None: ...

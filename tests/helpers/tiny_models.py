@@ -178,3 +178,21 @@ def weight_bytes(config) -> tuple[int, int]:
         size = data.numel() * data.element_size()
         split, whole = (split + size, whole) if shard else (split, whole + size)
     return split, whole
+
+
+def save_sentence_transformers(path: Path, pooling: str = "lasttoken", normalize: bool = True) -> Path:
+    """Marks the model directory `path` as a sentence-transformers checkpoint, as Qwen3-Embedding's
+    is: modules.json (Transformer, Pooling, then Normalize if `normalize`), the Pooling module's
+    config (`pooling`: lasttoken, mean_tokens or cls_token) and config_sentence_transformers.json."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    config = {"word_embedding_dimension": HIDDEN, **{f"pooling_mode_{m}": m == pooling for m in modes}}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {}, "similarity_fn_name": "cosine"}))
+    return path
