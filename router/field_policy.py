@@ -113,7 +113,7 @@ FIELDS: dict[str, Policy] = {
     "structured_outputs": honoured(), "request_id": accepted(str),
     "add_generation_prompt": honoured(CHAT), "continue_final_message": honoured(CHAT),
     "chat_template_kwargs": honoured(CHAT),
-    "include_reasoning": accepted(bool, CHAT),  # no reasoning parser: nothing to include
+    "include_reasoning": honoured(CHAT),  # with --reasoning-parser: false drops the thinking
     "mm_processor_kwargs": accepted(dict, CHAT), "media_io_kwargs": accepted(dict, CHAT),
     "chat_template": refused("per-request chat templates (start the server with "
                              "--chat-template)", endpoints=CHAT),

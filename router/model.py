@@ -22,6 +22,7 @@ class ServedModel:
     tokenizer: Tokenizer
     created: int
     tool_call_parser: str | None = None  # set with --enable-auto-tool-choice: tool_choice "auto"
+    reasoning_parser: str | None = None  # --reasoning-parser
 
 
 def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
@@ -38,5 +39,6 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
     # The model's vocabulary can be padded past the tokenizer's: any id below it is valid input.
     vocab = info.vocab_size or len(tokenizer)
     parser = settings.tool_call_parser if settings.enable_auto_tool_choice else None
-    return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser)
+    return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser,
+                       settings.reasoning_parser)
 

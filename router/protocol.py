@@ -46,6 +46,8 @@ class GenerationRequest:
     tokens_as_ids: bool = False      # logprobs name tokens "token_id:N" (vLLM's option)
     tools: Tools | None = None       # chat's tools, when calls can be made
     constraint_param: str | None = None  # the field a structured-output constraint came from
+    reasoning_parser: str | None = None  # chat's, when the thinking is split from the answer
+    include_reasoning: bool = True       # vLLM's: false drops the thinking
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
@@ -90,6 +92,8 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     if f.boolean("echo", False) and messages[-1]["role"] == "assistant":
         req.chat_echo = messages[-1]["content"]
     req.tools = tools if tools and tools.calls_possible else None
+    req.reasoning_parser = model.reasoning_parser
+    req.include_reasoning = f.boolean("include_reasoning", True)
     return constrained(req, constraint)
 
 

@@ -183,6 +183,8 @@ class ChatResponses(Responses):
 
     def chunk(self, index: int, delta: Delta) -> dict:
         message = {"content": delta.text} if delta.text else {}
+        if delta.reasoning:  # vLLM's older name and its newer one
+            message.update(reasoning_content=delta.reasoning, reasoning=delta.reasoning)
         if delta.tool_calls:  # OpenAI numbers a choice's calls in the chunks that carry them
             message["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.tool_calls)]
         return self.chunk_envelope([{"index": index, "delta": message,
@@ -190,7 +192,7 @@ class ChatResponses(Responses):
                                      "finish_reason": delta.finish_reason}])
 
     def plain_choice(self, index: int, delta: Delta) -> str | None:
-        if self.request.logprobs is not None or delta.tool_calls:
+        if self.request.logprobs is not None or delta.tool_calls or delta.reasoning:
             return None
         message = f'{{"content":{json_string(delta.text)}}}' if delta.text else "{}"
         return (f',"delta":{message},"logprobs":null,'
@@ -200,6 +202,9 @@ class ChatResponses(Responses):
         message = {"role": "assistant", "content": self.request.chat_echo + result.text}
         if result.tool_calls:
             message.update(content=result.text or None, tool_calls=result.tool_calls)
+        if self.request.reasoning_parser:
+            message.update(reasoning_content=result.reasoning or None,
+                           reasoning=result.reasoning or None)
         return {"index": index, "message": message,
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
 

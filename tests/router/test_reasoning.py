@@ -1,0 +1,95 @@
+"""Reasoning parsers (router/reasoning_parsers.py): the thinking split from the answer whatever
+the pieces the text comes in, and through the router with the real openai SDK (the fake scheduler
+writes the text)."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from pagedserve.router.output import Delta
+from pagedserve.router.reasoning_parsers import reasoning_output
+from pagedserve.router.tool_calls import ToolCallOutput, parse_tools
+from pagedserve.router.fields import Fields
+from tests.helpers.router_fixtures import say
+
+QWEN_PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def split(parser: str, text: str, prompt: str = QWEN_PROMPT, size: int = 0,
+          constrained: bool = False) -> tuple[str, str, list[tuple[str, str]]]:
+    """(reasoning, content, the streamed pieces) for `text` fed in pieces of `size` characters
+    (0: whole)."""
+    out = reasoning_output(parser, prompt, constrained)
+    pieces = [text[i:i + size] for i in range(0, len(text), size)] if size else [text]
+    deltas = [out.process(Delta(p, finish_reason="stop" if i == len(pieces) - 1 else None))
+              for i, p in enumerate(pieces)]
+    return ("".join(d.reasoning for d in deltas), "".join(d.text for d in deltas),
+            [(d.reasoning, d.text) for d in deltas])
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("parser, prompt, text, reasoning, content", [
+    ("qwen3", QWEN_PROMPT, "<think>\nLet me see.\n</think>\n\nHello!", "Let me see.\n", "Hello!"),
+    ("qwen3", QWEN_PROMPT, "Hello <think>x</think>", "", "Hello <think>x</think>"),
+    ("qwen3", QWEN_PROMPT, "<thin", "", "<thin"),  # cut short: never became a tag
+    ("qwen3", QWEN_PROMPT + "<think>\n", "a b</think>c", "a b", "c"),  # the template opened it
+    # enable_thinking false: Qwen3's template closes an empty block in the prompt
+    ("qwen3", QWEN_PROMPT + "<think>\n\n</think>\n\n", "<think>x</think>y", "", "<think>x</think>y"),
+    ("deepseek_r1", QWEN_PROMPT + "<think>\n", "so 2.</think>\n\nTwo.", "so 2.", "Two."),
+    ("deepseek_r1", QWEN_PROMPT, "<think>so 2.</think>Two.", "so 2.", "Two."),
+    ("deepseek_r1", QWEN_PROMPT, "never closed </thi", "never closed </thi", ""),
+])
+def test_thinking_is_split_from_the_answer_in_any_pieces(parser, prompt, text, reasoning, content,
+                                                         size):
+    # the same split in every piece size: half a tag is never released as text of either kind
+    assert split(parser, text, prompt, size)[:2] == (reasoning, content)
+
+
+def test_a_constrained_output_thinks_only_where_it_writes_the_tag():
+    assert split("deepseek_r1", '{"a": 1}', QWEN_PROMPT + "<think>\n", constrained=True)[:2] == \
+        ("", '{"a": 1}')
+    assert split("deepseek_r1", "<think>hm</think>[1]", constrained=True)[:2] == ("hm", "[1]")
+
+
+def test_tool_calls_are_parsed_from_the_answer_alone():
+    tools = parse_tools(Fields({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                        "hermes")
+    thinking, calls = reasoning_output("qwen3", QWEN_PROMPT), ToolCallOutput(tools)
+    text = '<think>maybe <tool_call>{"name": "g"}</tool_call>?</think>' \
+           '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    out = calls.process(thinking.process(Delta(text, finish_reason="stop")))
+    assert out.reasoning == 'maybe <tool_call>{"name": "g"}</tool_call>?'
+    assert [c["function"]["name"] for c in out.tool_calls] == ["f"]
+    assert out.finish_reason == "tool_calls" and out.text == ""
+
+
+@pytest.fixture(scope="module")
+def thinking_client(harness):
+    router = harness.router(reasoning_parser="qwen3")
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=20)
+
+
+def test_chat_returns_the_thinking_apart_and_streams_it(thinking_client, fake, tokenizer):
+    say(fake, tokenizer, "<think>\nTwo and two.\n</think>\n\nFour.")
+    msg = thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "2+2?"}]).choices[0].message
+    assert msg.content == "Four."
+    assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"] == "Two and two.\n"
+    chunks = list(thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "2+2?"}], stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Four."
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == \
+        "Two and two.\n"
+    # include_reasoning false (vLLM's): the thinking is dropped
+    msg = thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "2+2?"}],
+        extra_body={"include_reasoning": False}).choices[0].message
+    assert msg.content == "Four." and msg.model_extra["reasoning_content"] is None
+
+
+def test_without_a_parser_the_thinking_stays_in_the_content(client, fake, tokenizer):
+    say(fake, tokenizer, "<think>x</think>y")
+    msg = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "q"}]).choices[0].message
+    assert msg.content == "<think>x</think>y" and "reasoning_content" not in (msg.model_extra or {})
