@@ -143,6 +143,14 @@ def check_fields(body: dict, endpoint: str) -> None:
             raise invalid(name, refusal(name, policy))
 
 
+def check_keys(value: dict, where: str, known) -> None:
+    """Raises a 400 naming `where.key` for the first key of the nested object `value` (the body's
+    field `where`) that is not among `known`: nested fields are honoured or refused by name too."""
+    for key in value:
+        if key not in known:
+            raise invalid(f"{where}.{key}", f"Unrecognized request argument supplied: {where}.{key}")
+
+
 def refusal(name: str, policy: Policy) -> str:
     if policy.use:
         return (f"'{name}' is the deprecated form of '{policy.use}', which this server takes: "

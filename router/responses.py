@@ -80,10 +80,15 @@ class Responses:
     def chunk(self, index: int, delta: Delta) -> dict:
         raise NotImplementedError
 
-    def chunk_event(self, index: int, delta: Delta) -> bytes:
+    def chunk_event(self, index: int, delta: Delta, totals: dict | None = None) -> bytes:
         """event(self.chunk(index, delta)), the same bytes; built from the serialized envelope
         when the choice is plain text (no logprobs, echo or tool calls): the common case, once
-        per token and stream."""
+        per token and stream. `totals`: the usage so far, which the chunk then carries (vLLM's
+        continuous_usage_stats)."""
+        if totals is not None:
+            out = self.chunk(index, delta)
+            out["usage"] = totals
+            return event(out)
         rest = self.plain_choice(index, delta)
         if rest is None:
             return event(self.chunk(index, delta))
