@@ -129,11 +129,12 @@ FIELDS: dict[str, Policy] = {
 }
 
 
-def check_fields(body: dict, endpoint: str) -> None:
+def check_fields(body: dict, endpoint: str, table: dict[str, Policy] | None = None) -> None:
     """Raises a 400 naming the first field of `body` (a request to `endpoint`, "chat" or
-    "completion") that is unknown there, of the wrong type, or asks what the server cannot do."""
+    "completion", or the endpoint of another `table`) that is unknown there, of the wrong type,
+    or asks what the server cannot do."""
     for name, value in body.items():
-        policy = FIELDS.get(name)
+        policy = (FIELDS if table is None else table).get(name)
         if policy is None or endpoint not in policy.endpoints:
             raise invalid(name, f"Unrecognized request argument supplied: {name}")
         if policy.rule == ACCEPTED and value is not None and not is_kind(value, policy.kind):

@@ -39,6 +39,10 @@ class Settings:
                                         "from its answer: chat's reasoning_content and "
                                         "reasoning, the Responses API's reasoning items",
                                         choices=sorted(REASONING_PARSERS))
+    # The Responses API's store (router/response_store.py): in this router's memory only.
+    max_stored_responses: int = flag(1000, "responses kept for GET /v1/responses/{id} and "
+                                     "previous_response_id, least recently used evicted first; "
+                                     "lost on restart, not shared between routers (0: none)")
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 
