@@ -85,7 +85,8 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
     prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f),
-                         tools=tools.definitions if tools else None)
+                         tools=tools.definitions if tools else None,
+                         tool_parser=tools.parser if tools else model.tool_call_parser)
     [prompt] = truncate(f, [prompt], model)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
