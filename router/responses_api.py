@@ -10,6 +10,7 @@ endpoint's do (router/field_policy.py); docs/api.md lists them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,11 +135,12 @@ def parse_responses(body: Any, model: ServedModel, history: list[dict]) -> Respo
 
 
 def renamed(err: APIError) -> APIError:
-    """parse_chat's error about a chat field, naming the field this endpoint calls it by."""
+    """parse_chat's error about a chat field, naming the field this endpoint calls it by (a
+    message's index is left out: instructions and a stored conversation shift it)."""
     if err.param:
         for chat_name, name in CHAT_PARAMS.items():
             if err.param == chat_name or err.param.startswith(chat_name + "["):
-                err.message = err.message.replace(f"'{chat_name}", f"'{name}", 1)
+                err.message = re.sub(rf"'{chat_name}(\[\d+\])?", f"'{name}", err.message)
                 err.param = name
     return err
 

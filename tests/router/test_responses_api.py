@@ -230,6 +230,14 @@ def test_what_is_not_served_is_refused_by_name(api, kw, param):
     assert err.value.body["type"] == "invalid_request_error"
 
 
+def test_a_chat_error_names_this_endpoints_field(api):
+    with pytest.raises(openai.BadRequestError) as err:
+        api.responses.create(model="smol", instructions="x",
+                             input=[{"role": "robot", "content": "a"}])
+    assert err.value.body["param"] == "input"
+    assert err.value.body["message"].startswith("'input.role' must be one of")
+
+
 def test_accepted_fields_change_nothing(api, fake, tokenizer):
     say(fake, tokenizer, "Same.")
     r = api.responses.create(model="smol", input="Hi", user="u", safety_identifier="s",
