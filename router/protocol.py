@@ -13,6 +13,7 @@ from pagedserve.router.errors import invalid, model_not_found
 from pagedserve.router.field_policy import check_fields, check_keys
 from pagedserve.router.fields import Fields
 from pagedserve.router.model import ServedModel
+from pagedserve.router.reasoning_parsers import ThinkFirst, think_first
 from pagedserve.router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
                             completion_prompts, truncate_prompts)
 from pagedserve.router.structured_outputs import Constraint, one_constraint, request_constraint
@@ -50,6 +51,7 @@ class GenerationRequest:
     continuous_usage: bool = False       # vLLM's continuous_usage_stats: usage on every chunk
     reasoning_parser: str | None = None  # chat's, when the thinking is split from the answer
     include_reasoning: bool = True       # vLLM's: false drops the thinking
+    think_first: ThinkFirst | None = None  # a constrained reply that thinks before its answer
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
@@ -97,6 +99,10 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     req.tools = tools if tools and tools.calls_possible else None
     req.reasoning_parser = model.reasoning_parser
     req.include_reasoning = f.boolean("include_reasoning", True)
+    if model.reasoning_parser and constraint is not None and req.n == 1:
+        # the constraint then holds the answer only (router/thinking_first.py)
+        req.think_first = think_first(model.reasoning_parser, prompt.text,
+                                      lambda text: model.tokenizer.encode(text, False))
     return constrained(req, constraint)
 
 

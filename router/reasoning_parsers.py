@@ -96,6 +96,24 @@ class ReasoningOutput:
         return ""
 
 
+@dataclass(frozen=True)
+class ThinkFirst:
+    """How a constrained reply thinks before its answer (router/thinking_first.py)."""
+    start_ids: list[int]  # the parser's tags as token ids
+    end_ids: list[int]
+    thinking: bool        # the thinking has begun (the prompt opened it, or the parser's rule)
+
+
+def think_first(parser: str, prompt_text: str | None, encode) -> ThinkFirst | None:
+    """The plan for a constrained reply after this prompt; None when it cannot think (the
+    prompt closed the block). `encode`: text -> token ids, without special tokens."""
+    fmt = PARSERS[parser]
+    if first_state(fmt, prompt_text) == CONTENT:
+        return None
+    opens = (prompt_text or "").rstrip().endswith(fmt.start) or fmt.thinks_first
+    return ThinkFirst(encode(fmt.start), encode(fmt.end), opens)
+
+
 def reasoning_output(parser: str, prompt_text: str | None,
                      constrained: bool = False) -> ReasoningOutput:
     """A choice's ReasoningOutput for `--reasoning-parser parser` after a prompt of this text.

@@ -44,7 +44,8 @@ class Run:
         self.tool_calls = [ToolCallOutput(req.tools) for _ in self.choices] if req.tools else None
         # With a reasoning parser the thinking is split off first: tool calls are in the answer.
         self.reasoning = ([reasoning_output(req.reasoning_parser, prompt.text,
-                                            req.params.HasField("structured_outputs"))
+                                            req.params.HasField("structured_outputs")
+                                            and req.think_first is None)
                            for prompt in req.prompts for _ in range(req.n)]
                           if req.reasoning_parser else None)
         self.closed = False

@@ -3,6 +3,8 @@ the pieces the text comes in, and through the router with the real openai SDK (t
 writes the text)."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -10,7 +12,7 @@ from pagedserve.router.output import Delta
 from pagedserve.router.reasoning_parsers import reasoning_output
 from pagedserve.router.tool_calls import ToolCallOutput, parse_tools
 from pagedserve.router.fields import Fields
-from tests.helpers.router_fixtures import say
+from tests.helpers.router_fixtures import eventually, ids_of, say
 
 QWEN_PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -93,3 +95,90 @@ def test_without_a_parser_the_thinking_stays_in_the_content(client, fake, tokeni
     msg = client.chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "q"}]).choices[0].message
     assert msg.content == "<think>x</think>y" and "reasoning_content" not in (msg.model_extra or {})
+
+
+# ----- a constrained reply thinks first, then answers under the constraint (thinking_first.py) ---
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+def two_phases(fake, tokenizer, thinking: str, answer: str) -> tuple[list[int], list[int]]:
+    """The fake model thinks freely (and goes on after the end tag), and answers when the
+    request carries the constraint."""
+    think_ids = ids_of(tokenizer, thinking)
+    answer_ids = ids_of(tokenizer, answer)
+    junk = ids_of(tokenizer, " and more after the tag")
+    fake.script = lambda prompt, params, index: (
+        answer_ids if params.HasField("structured_outputs") else think_ids + junk)
+    return think_ids, answer_ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constrained_reply_thinks_then_answers_under_the_constraint(thinking_client, fake,
+                                                                      tokenizer, stream):
+    fake.tokens_per_message = 3  # the end tag may come inside a message, tokens after it
+    think_ids, answer_ids = two_phases(fake, tokenizer, "<think>\nHmm, a is 1.\n</think>",
+                                       '\n\n{"a": 1}')
+    kw = dict(model="smol", messages=[{"role": "user", "content": "a?"}], max_tokens=60,
+              response_format={"type": "json_schema", "json_schema": {"name": "a",
+                                                                      "schema": SCHEMA}})
+    if stream:
+        chunks = list(thinking_client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        usage = chunks[-1].usage
+    else:
+        reply = thinking_client.chat.completions.create(**kw)
+        reasoning, content = reply.choices[0].message.model_extra["reasoning_content"], \
+            reply.choices[0].message.content
+        usage = reply.usage
+    assert (reasoning, content) == ("Hmm, a is 1.\n", '{"a": 1}')
+    thinking, answer = fake.requests[-2:]
+    assert not thinking.params.HasField("structured_outputs")
+    assert json.loads(answer.params.structured_outputs.json) == SCHEMA
+    # the answer's prompt: the prompt, then the thinking up to its end tag (not what followed)
+    assert list(answer.prompt_token_ids) == list(thinking.prompt_token_ids) + think_ids
+    assert answer.params.max_tokens == 60 - len(think_ids)
+    assert usage.completion_tokens == len(think_ids) + len(answer_ids) + 1  # and EOS
+    assert usage.prompt_tokens == len(thinking.prompt_token_ids)
+    eventually(lambda: thinking.request_id in fake.aborts)
+
+
+def test_a_model_that_does_not_think_answers_from_the_prompt(thinking_client, fake, tokenizer):
+    _, answer_ids = two_phases(fake, tokenizer, "Straight away", '{"a": 2}')
+    reply = thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "a?"}],
+        response_format={"type": "json_object"})
+    message = reply.choices[0].message
+    assert message.content == '{"a": 2}' and message.model_extra["reasoning_content"] is None
+    thinking, answer = fake.requests[-2:]
+    assert list(answer.prompt_token_ids) == list(thinking.prompt_token_ids)
+    assert reply.usage.completion_tokens == len(answer_ids) + 1
+
+
+def test_a_thinking_that_uses_every_token_has_no_answer(thinking_client, fake, tokenizer):
+    think_ids, _ = two_phases(fake, tokenizer, "<think>\nLong thought</think>", "{}")
+    reply = thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "a?"}], max_tokens=len(think_ids),
+        response_format={"type": "json_object"})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content == ""
+    assert choice.message.model_extra["reasoning_content"] == "Long thought"
+    assert len(fake.requests) == 1  # no answer was asked for
+
+
+def test_thinking_turned_off_in_the_prompt_constrains_the_whole_reply(harness, fake, tokenizer,
+                                                                      tmp_path_factory):
+    """A prompt that closed the block cannot think: one request, under the constraint."""
+    path = tmp_path_factory.mktemp("template") / "closed.jinja"
+    path.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                    "{% endfor %}<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    router = harness.router(reasoning_parser="deepseek_r1", chat_template=str(path))
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    say(fake, tokenizer, '{"a": 3}')
+    reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "a"}],
+                                           response_format={"type": "json_object"})
+    assert reply.choices[0].message.content == '{"a": 3}' and len(fake.requests) == 1
+    assert fake.last_params.structured_outputs.json_object
