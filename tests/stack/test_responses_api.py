@@ -5,10 +5,12 @@ SmolLM2 (the shared `smol_stack`): a Responses reply is the chat reply to the sa
 full; `text.format` json_schema validates; a function tool round trip; GET and DELETE.
 
 A tiny random Qwen3 checkpoint served with `--reasoning-parser qwen3` and a Qwen3-style chat
-template: a regex steers its output into `<think>...</think>` followed by an answer; the raw text
-(the same prompt as a completion, greedy, same constraint) is split into the thinking and the
-answer in chat (plain and streamed) and in the Responses API's reasoning item; with
-`"enable_thinking": false` the template closes the block in the prompt and the text is all answer.
+template that opens the thinking: a logit bias on its `</think>` token steers it to end the
+thinking; the raw text (the same prompt as a completion, greedy) is split into the thinking and the
+answer in chat (plain and streamed); with a regex, the thinking stays free and the answer is the
+constrained continuation of the prompt and the thinking; unsteered, the Responses API returns the
+whole text as a reasoning item; with `"enable_thinking": false` the template closes the block in
+the prompt and the constrained text is all answer.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jsonschema
 import openai
 import pytest
 from openai import OpenAI
+from transformers import AutoTokenizer
 
 from tests.helpers import tiny_models
 from tests.helpers.stack import run_stack
@@ -39,7 +42,9 @@ QWEN3_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% else %}<think>\n{% endif %}{% endif %}")
-STEER = r"<think>[a-z]{2,10}</think>[a-z]{2,10}"
+STEER = r"<think>[a-z]{1,3}</think>[a-z]{1,3}"  # a whole reply shaped like a thinking one
+ANSWER = r"[a-z]{1,6}"
+END = tiny_models.VOCAB_SIZE + 1  # the token </think> (and <think> before it)
 
 
 @pytest.fixture(scope="module")
@@ -116,62 +121,100 @@ def test_a_function_tool_round_trip(smol):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
+    """The tiny random Qwen3 with `<think>` and `</think>` as tokens of their own (as Qwen3's
+    tokenizer has them), so a logit bias can steer the model to end its thinking."""
     path = tmp_path_factory.mktemp("qwen3")
-    tiny_models.build("qwen3", path)
-    template = path / "template.jinja"
-    template.write_text(QWEN3_TEMPLATE)
+    tiny_models.build("qwen3", path, vocab_size=tiny_models.VOCAB_SIZE + 2)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # a copy: the shared one stays as it is
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(path)
+    assert tokenizer.convert_tokens_to_ids("</think>") == END
+    (path / "template.jinja").write_text(QWEN3_TEMPLATE)
     with run_stack(path, "--served-model-name", "tiny", "--reasoning-parser", "qwen3",
-                   "--chat-template", str(template), "--max-model-len", "256",
+                   "--chat-template", str(path / "template.jinja"), "--max-model-len", "256",
                    log_dir=tmp_path_factory.mktemp("qwen3-stack")) as stack:
         yield stack
 
 
-def raw_text(stack, messages: list[dict], steer: bool = True, max_tokens: int = 40,
-             **template) -> str:
-    """The model's own text for this chat: its prompt as a completion, greedy (steered)."""
-    prompt = httpx.post(f"{stack.root_url}/tokenize", timeout=60, json={
+@pytest.fixture(scope="module")
+def tiny(qwen3) -> OpenAI:
+    return OpenAI(base_url=qwen3.base_url, api_key="none", max_retries=0, timeout=600)
+
+
+def prompt_ids(stack, messages: list[dict], **template) -> list[int]:
+    return httpx.post(f"{stack.root_url}/tokenize", timeout=60, json={
         "model": "tiny", "messages": messages, "chat_template_kwargs": template}).json()["tokens"]
-    client = OpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=600)
-    extra = {"structured_outputs": {"regex": STEER}} if steer else {}
-    return client.completions.create(model="tiny", prompt=prompt, temperature=0,
-                                     max_tokens=max_tokens, extra_body=extra).choices[0].text
 
 
-def test_the_thinking_is_split_from_the_answer(qwen3):
-    client = OpenAI(base_url=qwen3.base_url, api_key="none", max_retries=0, timeout=600)
-    messages = ask("hello")
-    raw = raw_text(qwen3, messages)
-    thinking, answer = re.fullmatch(r"<think>([a-z]+)</think>([a-z]+)", raw).groups()
-    kw = dict(model="tiny", messages=messages, temperature=0, max_tokens=40,
-              extra_body={"structured_outputs": {"regex": STEER}})
-    message = client.chat.completions.create(**kw).choices[0].message
-    assert (message.model_extra["reasoning_content"], message.content) == (thinking, answer)
-    assert message.model_extra["reasoning"] == thinking
-    deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw)
+def completion(client: OpenAI, prompt: list[int], max_tokens: int = 12, **extra):
+    """The model's own greedy continuation of `prompt`: (its text, its token ids)."""
+    choice = client.completions.create(
+        model="tiny", prompt=prompt, temperature=0, max_tokens=max_tokens, logprobs=0,
+        extra_body={"return_tokens_as_token_ids": True, **extra}).choices[0]
+    return choice.text, [int(t.split(":")[1]) for t in choice.logprobs.tokens]
+
+
+@pytest.fixture(scope="module")
+def steered(qwen3, tiny):
+    """The smallest logit bias on `</think>` (of a few) after which the model thinks at least a
+    token, then closes the block: (bias, the prompt's ids, the raw text, its token ids)."""
+    prompt = prompt_ids(qwen3, ask("hello"))
+    for bias in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5):  # its logits are small
+        text, ids = completion(tiny, prompt, logit_bias={str(END): bias})
+        if END in ids and ids[0] != END and not text.startswith("</think>"):
+            return bias, prompt, text, ids
+    pytest.fail("no logit bias on </think> made the model end a thinking")
+
+
+def test_the_thinking_is_split_from_the_answer(tiny, steered):
+    bias, _, raw, _ = steered
+    thinking, _, answer = raw.partition("</think>")
+    kw = dict(model="tiny", messages=ask("hello"), temperature=0, max_tokens=12,
+              logit_bias={str(END): bias})
+    message = tiny.chat.completions.create(**kw).choices[0].message
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == thinking
+    assert message.content == answer.lstrip()
+    deltas = [c.choices[0].delta for c in tiny.chat.completions.create(stream=True, **kw)
               if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == thinking
-    assert "".join(d.content or "" for d in deltas) == answer
+    assert "".join(d.content or "" for d in deltas) == answer.lstrip()
 
 
-def test_the_responses_api_returns_the_thinking_as_a_reasoning_item(qwen3):
+def test_a_constraint_holds_the_answer_not_the_thinking(tiny, steered):
+    """The thinking is the model's free text; the answer, after it, matches the regex: it is the
+    constrained continuation of the prompt and the thinking."""
+    bias, prompt, raw, ids = steered
+    thinking_ids = ids[:ids.index(END) + 1]
+    answer, _ = completion(tiny, prompt + thinking_ids, max_tokens=12 - len(thinking_ids),
+                           logit_bias={str(END): bias},
+                           structured_outputs={"regex": ANSWER})
+    assert re.fullmatch(ANSWER, answer)
+    message = tiny.chat.completions.create(
+        model="tiny", messages=ask("hello"), temperature=0, max_tokens=12,
+        logit_bias={str(END): bias}, extra_body={"structured_outputs": {"regex": ANSWER}}
+    ).choices[0].message
+    assert message.model_extra["reasoning_content"] == raw.partition("</think>")[0]
+    assert message.content == answer
+
+
+def test_the_responses_api_returns_the_thinking_as_a_reasoning_item(qwen3, tiny):
     """Unsteered, a random model never closes the block the template opened: all thinking."""
-    client = OpenAI(base_url=qwen3.base_url, api_key="none", max_retries=0, timeout=600)
-    raw = raw_text(qwen3, ask("hello"), steer=False, max_tokens=12)
-    assert raw and "</think>" not in raw
-    r = client.responses.create(model="tiny", input="hello", temperature=0, max_output_tokens=12)
+    raw, ids = completion(tiny, prompt_ids(qwen3, ask("hello")))
+    assert raw and END not in ids
+    r = tiny.responses.create(model="tiny", input="hello", temperature=0, max_output_tokens=12)
     assert [o.type for o in r.output] == ["reasoning"]
     assert r.output[0].content[0].text == raw and r.output_text == ""
-    events = list(client.responses.create(model="tiny", input="hello", temperature=0,
-                                          max_output_tokens=12, stream=True))
+    events = list(tiny.responses.create(model="tiny", input="hello", temperature=0,
+                                        max_output_tokens=12, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == raw
 
 
-def test_enable_thinking_false_leaves_the_text_whole(qwen3):
-    client = OpenAI(base_url=qwen3.base_url, api_key="none", max_retries=0, timeout=600)
-    messages = ask("hello")
-    raw = raw_text(qwen3, messages, enable_thinking=False)
-    message = client.chat.completions.create(
-        model="tiny", messages=messages, temperature=0, max_tokens=40,
+def test_enable_thinking_false_leaves_the_text_whole(qwen3, tiny):
+    """The template closed the block in the prompt: no thinking, the constraint holds it all."""
+    raw, _ = completion(tiny, prompt_ids(qwen3, ask("hello"), enable_thinking=False),
+                        structured_outputs={"regex": STEER})
+    message = tiny.chat.completions.create(
+        model="tiny", messages=ask("hello"), temperature=0, max_tokens=12,
         extra_body={"structured_outputs": {"regex": STEER},
                     "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
     assert message.content == raw and message.model_extra["reasoning_content"] is None
