@@ -182,3 +182,19 @@ def test_thinking_turned_off_in_the_prompt_constrains_the_whole_reply(harness, f
                                            response_format={"type": "json_object"})
     assert reply.choices[0].message.content == '{"a": 3}' and len(fake.requests) == 1
     assert fake.last_params.structured_outputs.json_object
+
+
+def test_required_tools_think_first_and_call_from_the_answer(thinking_client, fake, tokenizer):
+    two_phases(fake, tokenizer, "<think>\nAdd them.\n</think>",
+               '[{"name": "add", "parameters": {"a": 1, "b": 2}}]')
+    tool = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    reply = thinking_client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "1+2"}], tools=[tool],
+        tool_choice="required")
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"] == "Add them.\n"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("add", {"a": 1, "b": 2})]
+    assert reply.choices[0].finish_reason == "tool_calls" and not message.content
+    assert fake.requests[-1].params.HasField("structured_outputs")
