@@ -31,6 +31,8 @@ from pagedserve.router.prompts import chat_messages, chat_prompt
 from pagedserve.router.protocol import chat_template_options, check_model
 from pagedserve.router.serving import read_json, serve_chat, serve_completion
 from pagedserve.router.settings import Settings
+from pagedserve.router.response_store import ResponseStore
+from pagedserve.router.serving_responses import create_response, delete_response, get_response
 
 log = logging.getLogger("pagedserve.router")
 
@@ -62,6 +64,9 @@ def build_app(settings: Settings) -> Starlette:
             Route("/version", version, methods=["GET"]),
             Route("/metrics", metrics.render, methods=["GET"]),
             Route("/v1/embeddings", serve_embeddings, methods=["POST"]),
+            Route("/v1/responses", create_response, methods=["POST"]),
+            Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         ],
         middleware=[*cors_middleware(settings.allowed_origins, settings.allowed_methods,
                                      settings.allowed_headers, settings.allow_credentials),
@@ -72,6 +77,7 @@ def build_app(settings: Settings) -> Starlette:
                             Exception: handle_unexpected},
         lifespan=lifespan,
     )
+    app.state.response_store = ResponseStore(settings.max_stored_responses)
     return app
 
 

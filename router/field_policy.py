@@ -113,7 +113,7 @@ FIELDS: dict[str, Policy] = {
     "structured_outputs": honoured(), "request_id": accepted(str),
     "add_generation_prompt": honoured(CHAT), "continue_final_message": honoured(CHAT),
     "chat_template_kwargs": honoured(CHAT),
-    "include_reasoning": accepted(bool, CHAT),  # no reasoning parser: nothing to include
+    "include_reasoning": honoured(CHAT),  # with --reasoning-parser: false drops the thinking
     "mm_processor_kwargs": accepted(dict, CHAT), "media_io_kwargs": accepted(dict, CHAT),
     "chat_template": refused("per-request chat templates (start the server with "
                              "--chat-template)", endpoints=CHAT),
@@ -129,11 +129,12 @@ FIELDS: dict[str, Policy] = {
 }
 
 
-def check_fields(body: dict, endpoint: str) -> None:
+def check_fields(body: dict, endpoint: str, table: dict[str, Policy] | None = None) -> None:
     """Raises a 400 naming the first field of `body` (a request to `endpoint`, "chat" or
-    "completion") that is unknown there, of the wrong type, or asks what the server cannot do."""
+    "completion", or the endpoint of another `table`) that is unknown there, of the wrong type,
+    or asks what the server cannot do."""
     for name, value in body.items():
-        policy = FIELDS.get(name)
+        policy = (FIELDS if table is None else table).get(name)
         if policy is None or endpoint not in policy.endpoints:
             raise invalid(name, f"Unrecognized request argument supplied: {name}")
         if policy.rule == ACCEPTED and value is not None and not is_kind(value, policy.kind):
@@ -141,6 +142,14 @@ def check_fields(body: dict, endpoint: str) -> None:
                           f"{type_name(value)}.")
         if policy.rule == REFUSED and not policy.can_do(value):
             raise invalid(name, refusal(name, policy))
+
+
+def check_keys(value: dict, where: str, known) -> None:
+    """Raises a 400 naming `where.key` for the first key of the nested object `value` (the body's
+    field `where`) that is not among `known`: nested fields are honoured or refused by name too."""
+    for key in value:
+        if key not in known:
+            raise invalid(f"{where}.{key}", f"Unrecognized request argument supplied: {where}.{key}")
 
 
 def refusal(name: str, policy: Policy) -> str:

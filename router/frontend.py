@@ -30,6 +30,7 @@ from pagedserve.router.model import ServedModel, load_served_model
 from pagedserve.router.protocol import GenerationRequest
 from pagedserve.router.request_metrics import RequestMetrics
 from pagedserve.router.run import Run
+from pagedserve.router.thinking_first import start_thinking_first
 from pagedserve.router.settings import Settings
 
 
@@ -68,7 +69,12 @@ class Frontend:
         requests = [pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt.token_ids,
                                        params=req.params)
                     for request_id, prompt in zip(request_ids, req.prompts)]
-        generation = await start_generation(self.client, requests)
+        plan = req.think_first
+        if plan is not None:
+            generation = await start_thinking_first(self.client, requests[0], plan.start_ids,
+                                                    plan.end_ids, plan.thinking)
+        else:
+            generation = await start_generation(self.client, requests)
         return Run(req, self.model, generation, self.metrics, arrival)
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ class ServedModel:
     tokenizer: Tokenizer
     created: int
     tool_call_parser: str | None = None  # set with --enable-auto-tool-choice: tool_choice "auto"
+    reasoning_parser: str | None = None  # --reasoning-parser
     runner: str = "generate"  # "pooling": served for /v1/embeddings only (ModelInfo.runner)
 
 
@@ -40,5 +41,5 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
     vocab = info.vocab_size or len(tokenizer)
     parser = settings.tool_call_parser if settings.enable_auto_tool_choice else None
     return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser,
-                       runner=info.runner or "generate")
+                       settings.reasoning_parser, runner=info.runner or "generate")
 

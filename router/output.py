@@ -45,13 +45,16 @@ class Delta:
     logprobs: list[TextLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's, whole (router/tool_calls.py)
+    reasoning: str = ""  # the thinking, with --reasoning-parser (router/reasoning_parsers.py)
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.logprobs or self.finish_reason or self.tool_calls)
+        return bool(self.text or self.logprobs or self.finish_reason or self.tool_calls
+                    or self.reasoning)
 
     def absorb(self, later: "Delta") -> None:
         """Appends a later delta of the same choice (to build a non-streamed response)."""
         self.text += later.text
+        self.reasoning += later.reasoning
         self.logprobs.extend(later.logprobs)
         self.tool_calls.extend(later.tool_calls)
         self.finish_reason = later.finish_reason or self.finish_reason

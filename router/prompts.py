@@ -9,6 +9,7 @@ from typing import Any
 from pagedserve.router.errors import invalid
 from pagedserve.router.fields import is_int
 from pagedserve.router.tokenizer import Tokenizer
+from pagedserve.router.tool_prompt import with_calls_as_text, with_tool_definitions
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -99,13 +100,19 @@ def message_text(where: str, role: str, content: Any) -> str:
 
 def chat_prompt(messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False,
-                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> Prompt:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                tool_parser: str | None = None) -> Prompt:
     """The chat as a prompt. `continue_final_message` leaves the last message (the assistant's)
     open for the model to continue, as vLLM does; raises a 400 when the last message is not the
-    assistant's."""
+    assistant's. A template that cannot render `tools` or earlier tool calls gets them as text,
+    in `tool_parser`'s format (router/tool_prompt.py)."""
     if continue_final_message and messages[-1]["role"] != "assistant":
         raise invalid("continue_final_message", "'continue_final_message' needs the last message "
                       f"to be the assistant's; it is the {messages[-1]['role']}'s.")
+    if tools and not tokenizer.renders_tools:
+        messages, tools = with_tool_definitions(messages, tools, tool_parser), None
+    if not tokenizer.renders_tool_calls:
+        messages = with_calls_as_text(messages, tool_parser)
     text = tokenizer.render_chat(messages, add_generation_prompt, continue_final_message,
                                  template_kwargs or {}, tools)
     # The template already wrote the special tokens (BOS, role markers): by default add none again.

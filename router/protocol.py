@@ -10,14 +10,16 @@ from pagedserve.sampling_ranges import INT32_MAX, OPENAI_RANGES
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.bad_words import bad_words_token_ids
 from pagedserve.router.errors import invalid, model_not_found
-from pagedserve.router.field_policy import check_fields
+from pagedserve.router.field_policy import check_fields, check_keys
 from pagedserve.router.fields import Fields
 from pagedserve.router.model import ServedModel
+from pagedserve.router.reasoning_parsers import ThinkFirst, think_first
 from pagedserve.router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
                             completion_prompts, truncate_prompts)
 from pagedserve.router.structured_outputs import Constraint, one_constraint, request_constraint
 from pagedserve.router.tool_calls import Tools, parse_tools, tool_constraint
 
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")  # OpenAI's, then vLLM's
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
 # apply_chat_template's own arguments: chat_template_kwargs must not smuggle them in
 TEMPLATE_ARGUMENTS = frozenset({
@@ -46,6 +48,10 @@ class GenerationRequest:
     tokens_as_ids: bool = False      # logprobs name tokens "token_id:N" (vLLM's option)
     tools: Tools | None = None       # chat's tools, when calls can be made
     constraint_param: str | None = None  # the field a structured-output constraint came from
+    continuous_usage: bool = False       # vLLM's continuous_usage_stats: usage on every chunk
+    reasoning_parser: str | None = None  # chat's, when the thinking is split from the answer
+    include_reasoning: bool = True       # vLLM's: false drops the thinking
+    think_first: ThinkFirst | None = None  # a constrained reply that thinks before its answer
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
@@ -81,7 +87,8 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     params = sampling_params(f, model, max_tokens, name)
     messages = chat_messages(f.raw("messages"))
     prompt = chat_prompt(messages, model.tokenizer, **chat_template_options(f),
-                         tools=tools.definitions if tools else None)
+                         tools=tools.definitions if tools else None,
+                         tool_parser=tools.parser if tools else model.tool_call_parser)
     [prompt] = truncate(f, [prompt], model)
     check_context([prompt], max_tokens, model, "messages", name)
     logprobs = (top or 0) if want_logprobs else None
@@ -90,6 +97,12 @@ def parse_chat(body: Any, model: ServedModel) -> GenerationRequest:
     if f.boolean("echo", False) and messages[-1]["role"] == "assistant":
         req.chat_echo = messages[-1]["content"]
     req.tools = tools if tools and tools.calls_possible else None
+    req.reasoning_parser = model.reasoning_parser
+    req.include_reasoning = f.boolean("include_reasoning", True)
+    if model.reasoning_parser and constraint is not None and req.n == 1:
+        # the constraint then holds the answer only (router/thinking_first.py)
+        req.think_first = think_first(model.reasoning_parser, prompt.text,
+                                      lambda text: model.tokenizer.encode(text, False))
     return constrained(req, constraint)
 
 
@@ -123,7 +136,9 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
     options = f.object("stream_options")
     if f.given("stream_options") and not stream:
         raise invalid("stream_options", "'stream_options' is only allowed with 'stream': true.")
+    check_keys(options, "stream_options", STREAM_OPTIONS)
     include_usage = Fields(options).boolean("include_usage", False)
+    continuous_usage = Fields(options).boolean("continuous_usage_stats", False)
     if logprobs is not None:
         params.logprobs = logprobs
     include_stop_str = f.boolean("include_stop_str_in_output", False)
@@ -143,7 +158,7 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
         # vLLM shows the stop token's text too when stop strings are kept (EOS stays hidden as
         # a special token unless skip_special_tokens is false)
         hidden_stop_ids=frozenset() if include_stop_str else frozenset(hidden),
-        include_stop_str=include_stop_str,
+        include_stop_str=include_stop_str, continuous_usage=continuous_usage,
         tokens_as_ids=f.boolean("return_tokens_as_token_ids", False))
 
 

@@ -80,10 +80,15 @@ class Responses:
     def chunk(self, index: int, delta: Delta) -> dict:
         raise NotImplementedError
 
-    def chunk_event(self, index: int, delta: Delta) -> bytes:
+    def chunk_event(self, index: int, delta: Delta, totals: dict | None = None) -> bytes:
         """event(self.chunk(index, delta)), the same bytes; built from the serialized envelope
         when the choice is plain text (no logprobs, echo or tool calls): the common case, once
-        per token and stream."""
+        per token and stream. `totals`: the usage so far, which the chunk then carries (vLLM's
+        continuous_usage_stats)."""
+        if totals is not None:
+            out = self.chunk(index, delta)
+            out["usage"] = totals
+            return event(out)
         rest = self.plain_choice(index, delta)
         if rest is None:
             return event(self.chunk(index, delta))
@@ -183,6 +188,8 @@ class ChatResponses(Responses):
 
     def chunk(self, index: int, delta: Delta) -> dict:
         message = {"content": delta.text} if delta.text else {}
+        if delta.reasoning:  # vLLM's older name and its newer one
+            message.update(reasoning_content=delta.reasoning, reasoning=delta.reasoning)
         if delta.tool_calls:  # OpenAI numbers a choice's calls in the chunks that carry them
             message["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta.tool_calls)]
         return self.chunk_envelope([{"index": index, "delta": message,
@@ -190,7 +197,7 @@ class ChatResponses(Responses):
                                      "finish_reason": delta.finish_reason}])
 
     def plain_choice(self, index: int, delta: Delta) -> str | None:
-        if self.request.logprobs is not None or delta.tool_calls:
+        if self.request.logprobs is not None or delta.tool_calls or delta.reasoning:
             return None
         message = f'{{"content":{json_string(delta.text)}}}' if delta.text else "{}"
         return (f',"delta":{message},"logprobs":null,'
@@ -200,6 +207,9 @@ class ChatResponses(Responses):
         message = {"role": "assistant", "content": self.request.chat_echo + result.text}
         if result.tool_calls:
             message.update(content=result.text or None, tool_calls=result.tool_calls)
+        if self.request.reasoning_parser:
+            message.update(reasoning_content=result.reasoning or None,
+                           reasoning=result.reasoning or None)
         return {"index": index, "message": message,
                 "logprobs": self.logprobs(result), "finish_reason": result.finish_reason}
 

@@ -17,6 +17,7 @@ from pagedserve.router.generation import Generation
 from pagedserve.router.model import ServedModel
 from pagedserve.router.output import ChoiceOutput, Delta
 from pagedserve.router.protocol import GenerationRequest
+from pagedserve.router.reasoning_parsers import reasoning_output
 from pagedserve.router.request_metrics import RequestMetrics
 from pagedserve.router.responses import usage
 from pagedserve.router.stop import StopStrings
@@ -41,6 +42,12 @@ class Run:
         self.wants_prompt_logprobs = req.params.HasField("num_prompt_logprobs")
         # With tools, each choice's text goes through its tool-call parser (router/tool_calls.py).
         self.tool_calls = [ToolCallOutput(req.tools) for _ in self.choices] if req.tools else None
+        # With a reasoning parser the thinking is split off first: tool calls are in the answer.
+        self.reasoning = ([reasoning_output(req.reasoning_parser, prompt.text,
+                                            req.params.HasField("structured_outputs")
+                                            and req.think_first is None)
+                           for prompt in req.prompts for _ in range(req.n)]
+                          if req.reasoning_parser else None)
         self.closed = False
         metrics.request_started()
 
@@ -67,9 +74,7 @@ class Run:
             message = prompt_only(message)
         self.time_output(index)
         choice = self.choices[index]
-        delta = choice.add(message)
-        if self.tool_calls:
-            delta = self.tool_calls[index].process(delta)
+        delta = self.answer(index, choice.add(message))
         self.cached_tokens[prompt] = max(self.cached_tokens[prompt], message.cached_tokens)
         if choice.finish_reason is not None:
             self.finish_if_stopped(prompt)
@@ -90,10 +95,18 @@ class Run:
         self.last_output[index] = now
 
     def abandoned(self) -> list[tuple[int, Delta]]:
-        out = [(i, c.abandon()) for i, c in enumerate(self.choices) if not c.finished]
+        return [(i, self.answer(i, c.abandon())) for i, c in enumerate(self.choices)
+                if not c.finished]
+
+    def answer(self, index: int, delta: Delta) -> Delta:
+        """A choice's delta with the thinking split off, then the tool calls parsed out."""
+        if self.reasoning:
+            delta = self.reasoning[index].process(delta)
+            if not self.req.include_reasoning:
+                delta.reasoning = ""
         if self.tool_calls:
-            out = [(i, self.tool_calls[i].process(delta)) for i, delta in out]
-        return out
+            delta = self.tool_calls[index].process(delta)
+        return delta
 
     def usage(self) -> dict:
         return usage(self.prompt_tokens(), self.completion_tokens(), sum(self.cached_tokens))

@@ -92,6 +92,11 @@ async def collect(run: Run, responses: Responses, first: Event | None) -> dict:
     return responses.final(results, run.usage())
 
 
+def live_usage(run: Run) -> dict | None:
+    """The usage so far, for a chunk of a stream that asked for it on every chunk."""
+    return run.usage() if run.req.continuous_usage else None
+
+
 async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIterator[bytes]:
     for chunk in responses.opening():
         yield event(chunk)
@@ -104,13 +109,13 @@ async def stream(run: Run, responses: Responses, first: Event | None) -> AsyncIt
             while item is not None:
                 index, delta = run.handle(item)
                 if delta:
-                    frames.append(responses.chunk_event(index, delta))
+                    frames.append(responses.chunk_event(index, delta, live_usage(run)))
                 item = run.generation.ready()
             if frames:
                 yield b"".join(frames)
             item = await run.generation.next()
         for index, delta in run.abandoned():
-            yield responses.chunk_event(index, delta)
+            yield responses.chunk_event(index, delta, live_usage(run))
         if run.req.include_usage:
             yield event(responses.usage_chunk(run.usage()))
     except APIError as err:  # after the 200 went out, an error can only travel as an event

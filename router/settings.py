@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
                               served_model_name_flag, shutdown_timeout_flag)
+from pagedserve.router.reasoning_parsers import PARSERS as REASONING_PARSERS
 from pagedserve.router.tool_parsers import PARSERS
 
 
@@ -33,6 +34,15 @@ class Settings:
     enable_auto_tool_choice: bool = flag(False, 'allow tool_choice "auto" (needs --tool-call-parser)')
     tool_call_parser: str | None = flag(None, 'how tool calls are found in the text of tool_choice '
                                         '"auto" replies', choices=sorted(PARSERS))
+    # Reasoning models (router/reasoning_parsers.py), vLLM's flag: the thinking kept apart.
+    reasoning_parser: str | None = flag(None, "split the model's thinking (<think>...</think>) "
+                                        "from its answer: chat's reasoning_content and "
+                                        "reasoning, the Responses API's reasoning items",
+                                        choices=sorted(REASONING_PARSERS))
+    # The Responses API's store (router/response_store.py): in this router's memory only.
+    max_stored_responses: int = flag(1000, "responses kept for GET /v1/responses/{id} and "
+                                     "previous_response_id, least recently used evicted first; "
+                                     "lost on restart, not shared between routers (0: none)")
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.errors import invalid
+from pagedserve.router.field_policy import check_keys
 from pagedserve.router.fields import Fields, type_name
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -45,6 +46,7 @@ def one_constraint(*constraints: Constraint | None) -> Constraint | None:
 def response_format(f: Fields) -> Constraint | None:
     """OpenAI's `response_format`: text, json_object or json_schema ({name, schema, strict})."""
     fmt = f.object("response_format")
+    check_keys(fmt, "response_format", ("type", "json_schema"))
     kind = fmt.get("type", "text")
     if kind == "text":
         return None
@@ -57,6 +59,8 @@ def response_format(f: Fields) -> Constraint | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise invalid("response_format", "'response_format.json_schema' must be an object with "
                       "'name' (a string) and 'schema' (a JSON schema).")
+    # strict: the grammar is always enforced; description: only the model's documentation
+    check_keys(spec, "response_format.json_schema", ("name", "schema", "strict", "description"))
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise invalid("response_format", "'response_format.json_schema.schema' must be a JSON "

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from pagedserve.router.errors import invalid
 
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+PROBE = "pagedserve_probe_tool"  # a name no template writes unless it renders what holds it
 GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
@@ -85,6 +86,29 @@ class Tokenizer:
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as exc:  # jinja's raise_exception, e.g. roles that do not alternate
             raise invalid("messages", f"The chat template rejected the messages: {exc}") from exc
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes the `tools` it is given (many have no such variable
+        and drop them): a probe tool rendered, and looked for in the text."""
+        tool = {"type": "function", "function": {"name": PROBE, "description": PROBE,
+                                                 "parameters": {"type": "object"}}}
+        return self._shows_probe([{"role": "user", "content": "x"}], [tool])
+
+    @functools.cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template writes an assistant message's `tool_calls`."""
+        call = {"id": "call_0", "type": "function", "function": {"name": PROBE, "arguments": {}}}
+        return self._shows_probe([{"role": "user", "content": "x"},
+                                  {"role": "assistant", "content": "", "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": "call_0", "content": "y"},
+                                  {"role": "user", "content": "z"}], None)
+
+    def _shows_probe(self, messages: list[dict], tools: list[dict] | None) -> bool:
+        try:
+            return PROBE in self.render_chat(messages, tools=tools)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe does not render it
+            return False
 
     def _token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for: may be part of a UTF-8 character."""

@@ -142,7 +142,8 @@ class ToolCallOutput:
 
     def process(self, delta: Delta) -> Delta:
         self.text += delta.text
-        out = Delta(logprobs=delta.logprobs, finish_reason=delta.finish_reason)
+        out = Delta(logprobs=delta.logprobs, finish_reason=delta.finish_reason,
+                    reasoning=delta.reasoning)  # calls are parsed from the answer alone
         if delta.finish_reason is None:
             out.text = self.release(self.safe_end())
             return out

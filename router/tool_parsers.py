@@ -29,6 +29,23 @@ class HermesParser:
     start = "<tool_call>"
     calls = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
+    @staticmethod
+    def format_call(name: str, arguments: dict) -> str:
+        """A call as the model writes it in this format (for templates that cannot write one)."""
+        body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        return f"<tool_call>\n{body}\n</tool_call>"
+
+    @staticmethod
+    def instructions(definitions: list[dict]) -> str:
+        """The tools and how to call them, for a system message (for templates that cannot
+        render `tools`)."""
+        listed = "\n".join(json.dumps(d, ensure_ascii=False) for d in definitions)
+        return ("# Tools\n\nYou can call the functions described below, one JSON object each, "
+                f"between <tools> and </tools>:\n<tools>\n{listed}\n</tools>\n\n"
+                "To call one, write its name and a JSON object of its arguments between "
+                "<tool_call> and </tool_call>, as in:\n"
+                + HermesParser.format_call("function_name", {"argument": "value"}))
+
     def parse(self, text: str) -> tuple[int, list[ParsedCall]]:
         """(where the content ends, the calls); no calls when any of them is not valid JSON with
         a name: then the whole text is content, as vLLM's parser leaves it."""

@@ -16,6 +16,7 @@ from openai import OpenAI
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
+from pagedserve.router.tool_prompt import with_calls_as_text, with_tool_definitions
 from pagedserve.v1 import scheduler_pb2 as pb
 from tests.helpers.stack import run_stack
 
@@ -267,9 +268,13 @@ def test_tool_results_and_assistant_calls_render_through_the_chat_template(clien
             {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                              "arguments": json.loads(arguments)}}]},
         messages[2]]
-    expected = hf.apply_chat_template(template_messages, tools=TOOLS, add_generation_prompt=True,
-                                      tokenize=False)
-    assert "21 degrees and sunny" in expected
+    # SmolLM2's template renders neither tools nor tool calls: both go into the text, in the
+    # hermes format (router/tool_prompt.py), so that the model sees them
+    template_messages = with_calls_as_text(with_tool_definitions(template_messages, TOOLS, "hermes"),
+                                           "hermes")
+    expected = hf.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+    assert "21 degrees and sunny" in expected and '"description": "The time in a time zone"' in expected
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in expected
     assert reply.usage.prompt_tokens == len(hf(expected, add_special_tokens=False)["input_ids"])
 
 
