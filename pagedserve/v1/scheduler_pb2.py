@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\"\xe1\x06\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12 \n\x13num_prompt_logprobs\x18\x11 \x01(\x05H\x0c\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\x05\x12\x32\n\tbad_words\x18\x17 \x03(\x0b\x32\x1f.pagedserve.v1.TokenBanSequence\x12\x41\n\x12structured_outputs\x18\x1e \x01(\x0b\x32%.pagedserve.v1.StructuredOutputParams\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x16\n\x14_num_prompt_logprobs\"%\n\x10TokenBanSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"k\n\x16StructuredOutputParams\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x0f\n\x07grammar\x18\x04 \x01(\t\x12\x13\n\x0bjson_object\x18\x05 \x01(\x08\"n\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"h\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\xab\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x35\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"\x83\x01\n\x15GenerateStreamRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.pagedserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x42\x08\n\x06\x61\x63tion\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8b\x01\n\x16GenerateStreamResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.pagedserve.v1.GenerateResponse\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.RequestError\x12\x10\n\x08\x66inished\x18\x03 \x03(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xff\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\r\x12\x38\n\x11sampling_defaults\x18\t \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"\x11\n\x0fGetStatsRequest\"\xb9\x02\n\x0eSchedulerStats\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x17\n\x0fworkers_healthy\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9a\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x61\n\x0eGenerateStream\x12$.pagedserve.v1.GenerateStreamRequest\x1a%.pagedserve.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\"\xe1\x06\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x0e\n\x01n\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12 \n\x13num_prompt_logprobs\x18\x11 \x01(\x05H\x0c\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\x05\x12\x32\n\tbad_words\x18\x17 \x03(\x0b\x32\x1f.pagedserve.v1.TokenBanSequence\x12\x41\n\x12structured_outputs\x18\x1e \x01(\x0b\x32%.pagedserve.v1.StructuredOutputParams\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x16\n\x14_num_prompt_logprobs\"%\n\x10TokenBanSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"k\n\x16StructuredOutputParams\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x0f\n\x07grammar\x18\x04 \x01(\t\x12\x13\n\x0bjson_object\x18\x05 \x01(\x08\"\x8f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1f\n\x17resume_output_token_ids\x18\x04 \x03(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"h\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.pagedserve.v1.TopLogprob\"\xab\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\x12\x35\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"\x83\x01\n\x15GenerateStreamRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.pagedserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x42\x08\n\x06\x61\x63tion\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8b\x01\n\x16GenerateStreamResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.pagedserve.v1.GenerateResponse\x12+\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.RequestError\x12\x10\n\x08\x66inished\x18\x03 \x03(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xff\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\r\x12\x38\n\x11sampling_defaults\x18\t \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"\x11\n\x0fGetStatsRequest\"\xb9\x02\n\x0eSchedulerStats\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x11\n\tnum_steps\x18\n \x01(\x04\x12\x17\n\x0fworkers_healthy\x18\x0b \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x9a\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x61\n\x0eGenerateStream\x12$.pagedserve.v1.GenerateStreamRequest\x1a%.pagedserve.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2751
-  _globals['_FINISHREASON']._serialized_end=2871
+  _globals['_FINISHREASON']._serialized_start=2785
+  _globals['_FINISHREASON']._serialized_end=2905
   _globals['_SAMPLINGPARAMS']._serialized_start=49
   _globals['_SAMPLINGPARAMS']._serialized_end=914
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=672
@@ -43,34 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENBANSEQUENCE']._serialized_end=953
   _globals['_STRUCTUREDOUTPUTPARAMS']._serialized_start=955
   _globals['_STRUCTUREDOUTPUTPARAMS']._serialized_end=1062
-  _globals['_GENERATEREQUEST']._serialized_start=1064
-  _globals['_GENERATEREQUEST']._serialized_end=1174
-  _globals['_TOPLOGPROB']._serialized_start=1176
-  _globals['_TOPLOGPROB']._serialized_end=1223
-  _globals['_TOKENLOGPROB']._serialized_start=1225
-  _globals['_TOKENLOGPROB']._serialized_end=1314
-  _globals['_PROMPTLOGPROB']._serialized_start=1316
-  _globals['_PROMPTLOGPROB']._serialized_end=1420
-  _globals['_GENERATERESPONSE']._serialized_start=1423
-  _globals['_GENERATERESPONSE']._serialized_end=1722
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1725
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1856
-  _globals['_REQUESTERROR']._serialized_start=1858
-  _globals['_REQUESTERROR']._serialized_end=1923
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1926
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2065
-  _globals['_ABORTREQUEST']._serialized_start=2067
-  _globals['_ABORTREQUEST']._serialized_end=2101
-  _globals['_ABORTRESPONSE']._serialized_start=2103
-  _globals['_ABORTRESPONSE']._serialized_end=2133
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2135
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2156
-  _globals['_MODELINFO']._serialized_start=2159
-  _globals['_MODELINFO']._serialized_end=2414
-  _globals['_GETSTATSREQUEST']._serialized_start=2416
-  _globals['_GETSTATSREQUEST']._serialized_end=2433
-  _globals['_SCHEDULERSTATS']._serialized_start=2436
-  _globals['_SCHEDULERSTATS']._serialized_end=2749
-  _globals['_SCHEDULER']._serialized_start=2874
-  _globals['_SCHEDULER']._serialized_end=3284
+  _globals['_GENERATEREQUEST']._serialized_start=1065
+  _globals['_GENERATEREQUEST']._serialized_end=1208
+  _globals['_TOPLOGPROB']._serialized_start=1210
+  _globals['_TOPLOGPROB']._serialized_end=1257
+  _globals['_TOKENLOGPROB']._serialized_start=1259
+  _globals['_TOKENLOGPROB']._serialized_end=1348
+  _globals['_PROMPTLOGPROB']._serialized_start=1350
+  _globals['_PROMPTLOGPROB']._serialized_end=1454
+  _globals['_GENERATERESPONSE']._serialized_start=1457
+  _globals['_GENERATERESPONSE']._serialized_end=1756
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1759
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1890
+  _globals['_REQUESTERROR']._serialized_start=1892
+  _globals['_REQUESTERROR']._serialized_end=1957
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1960
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2099
+  _globals['_ABORTREQUEST']._serialized_start=2101
+  _globals['_ABORTREQUEST']._serialized_end=2135
+  _globals['_ABORTRESPONSE']._serialized_start=2137
+  _globals['_ABORTRESPONSE']._serialized_end=2167
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2169
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2190
+  _globals['_MODELINFO']._serialized_start=2193
+  _globals['_MODELINFO']._serialized_end=2448
+  _globals['_GETSTATSREQUEST']._serialized_start=2450
+  _globals['_GETSTATSREQUEST']._serialized_end=2467
+  _globals['_SCHEDULERSTATS']._serialized_start=2470
+  _globals['_SCHEDULERSTATS']._serialized_end=2783
+  _globals['_SCHEDULER']._serialized_start=2908
+  _globals['_SCHEDULER']._serialized_end=3318
 # @@protoc_insertion_point(module_scope)
