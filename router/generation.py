@@ -1,6 +1,6 @@
 """The scheduler requests behind one HTTP request: one per prompt (each with its n sequences),
-started on the router's GenerateStream call (router/stream.py), their news merged into one stream
-of (prompt index, message).
+each started on the GenerateStream call (router/stream.py) of the replica the routing policy
+picks for it (router/replicas.py), their news merged into one stream of (prompt index, message).
 
 Whatever ends the HTTP handler early (the client went away, an error, every choice hit a stop
 string) closes the Generation: an abort for each request still running goes out on the stream,
@@ -15,21 +15,29 @@ import grpc
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.client import SchedulerClient
-from pagedserve.router.errors import from_grpc
+from pagedserve.router.errors import from_grpc, scheduler_unavailable
+from pagedserve.router.replicas import Replica, ReplicaSet
+from pagedserve.router.routing import Route
 from pagedserve.router.stream import REQUEST_FINISHED, GenerateStream
 
 log = logging.getLogger("pagedserve.router")
 
 
 class Generation:
-    def __init__(self, client: SchedulerClient, requests: list[pb.GenerateRequest]):
-        self._client = client
+    def __init__(self, replicas: ReplicaSet | SchedulerClient, requests: list[pb.GenerateRequest],
+                 session: str | None = None):
+        """replicas: where to send (a lone SchedulerClient is a set of one). session: the value
+        of the request's session header (--routing-policy session)."""
+        if isinstance(replicas, SchedulerClient):
+            replicas = ReplicaSet.of(replicas)
+        self._replicas = replicas
         self._requests = requests
+        self._session = session
         # (prompt, a GenerateResponse, REQUEST_FINISHED or an AioRpcError), as router/stream.py
         # delivers them
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._stream: GenerateStream | None = None
-        self._started: set[int] = set()  # prompts whose request was sent
+        # Per prompt whose request was sent: the replica and the call it runs on.
+        self._placed: dict[int, tuple[Replica, GenerateStream]] = {}
         self._open = set(range(len(requests)))  # prompts whose request has not ended
         self._deferred: tuple[int, object] | None = None  # an error ready() left for next()
 
@@ -38,10 +46,20 @@ class Generation:
 
     async def start(self) -> None:
         """Sends every prompt's request. Raises APIError 503 if the scheduler is unreachable."""
-        self._stream = await self._client.stream()
         for i, request in enumerate(self._requests):
-            self._stream.start(request, lambda item, i=i: self._queue.put_nowait((i, item)))
-            self._started.add(i)
+            await self._send(i, request)
+
+    async def _send(self, prompt: int, request: pb.GenerateRequest) -> None:
+        """Starts `request` for `prompt` on the replica the policy picks. Raises APIError 503."""
+        route = Route(request.prompt_token_ids, self._session)
+        try:
+            replica = self._replicas.pick(route)
+        except LookupError as err:
+            raise scheduler_unavailable(str(err)) from None
+        stream = await replica.client.stream()
+        stream.start(request, lambda item: self._queue.put_nowait((prompt, item)))
+        self._replicas.routed(replica, route)
+        self._placed[prompt] = (replica, stream)
 
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
         """The next message of any prompt; None once every prompt's stream has ended."""
@@ -74,17 +92,23 @@ class Generation:
         if prompt not in self._open:
             return None  # queued before the prompt was finished early
         if item is REQUEST_FINISHED:
-            self._open.discard(prompt)
+            self._end(prompt)
             return None
         if isinstance(item, grpc.aio.AioRpcError):
-            self._open.discard(prompt)
+            self._end(prompt)
             raise from_grpc(item)
         return prompt, item
+
+    def _end(self, prompt: int) -> None:
+        """The prompt's request ended on its replica: it no longer counts toward its load."""
+        self._open.discard(prompt)
+        placed = self._placed.pop(prompt, None)
+        if placed is not None:
+            self._replicas.done(placed[0])
 
     def finish(self, prompt: int) -> None:
         """The router needs no more tokens for this prompt (stop strings ended all its choices)."""
         if prompt in self._open:
-            self._open.discard(prompt)
             self._stop(prompt)
 
     def close(self) -> None:
@@ -94,13 +118,16 @@ class Generation:
         self._open.clear()
 
     def _stop(self, prompt: int) -> None:
-        if prompt in self._started:
-            self._stream.abort(self.request_id(prompt))  # what it already sent is ignored
+        placed = self._placed.get(prompt)
+        if placed is not None:
+            placed[1].abort(self._requests[prompt].request_id)  # what it already sent is ignored
+        self._end(prompt)
 
 
-async def start_generation(client: SchedulerClient,
-                           requests: list[pb.GenerateRequest]) -> Generation:
-    generation = Generation(client, requests)
+async def start_generation(replicas: ReplicaSet | SchedulerClient,
+                           requests: list[pb.GenerateRequest],
+                           session: str | None = None) -> Generation:
+    generation = Generation(replicas, requests, session)
     try:
         await generation.start()
     except BaseException:  # an unreachable scheduler, or the client left while we connected

@@ -19,7 +19,7 @@ from pagedserve.flags import add_arguments, flag, to_argv
 # Per process: the flags that `serve` sets itself.
 WORKER_INTERNAL = ("host", "port", "rank", "world_size", "dist_init_addr")
 SCHEDULER_INTERNAL = ("worker_addrs", "host", "port")
-ROUTER_INTERNAL = ("scheduler_addr", "host", "port")
+ROUTER_INTERNAL = ("scheduler_addr", "scheduler_addrs", "host", "port")
 
 
 @dataclass
