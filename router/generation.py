@@ -2,6 +2,10 @@
 each started on the GenerateStream call (router/stream.py) of the replica the routing policy
 picks for it (router/replicas.py), their news merged into one stream of (prompt index, message).
 
+When a prompt's call breaks (its scheduler went away), the prompt is resumed on a healthy
+replica as a continuation of the tokens already received (router/resume.py): its messages go
+on coming, and the Run that reads them never knows.
+
 Whatever ends the HTTP handler early (the client went away, an error, every choice hit a stop
 string) closes the Generation: an abort for each request still running goes out on the stream,
 so no request is left holding KV blocks.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -17,10 +22,13 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.router.client import SchedulerClient
 from pagedserve.router.errors import from_grpc, scheduler_unavailable
 from pagedserve.router.replicas import Replica, ReplicaSet
+from pagedserve.router.resume import continuation, resumable
 from pagedserve.router.routing import Route
 from pagedserve.router.stream import REQUEST_FINISHED, GenerateStream
 
 log = logging.getLogger("pagedserve.router")
+
+RESUME_POLL_S = 0.1  # how often a broken request looks for a healthy replica
 
 
 class Generation:
@@ -40,6 +48,15 @@ class Generation:
         self._placed: dict[int, tuple[Replica, GenerateStream]] = {}
         self._open = set(range(len(requests)))  # prompts whose request has not ended
         self._deferred: tuple[int, object] | None = None  # an error ready() left for next()
+        # Resumption (router/resume.py), per prompt: the request running now (a continuation
+        # after a resumption), the output tokens received (n = 1), the time by which a broken
+        # prompt must be resumed, the task resuming it, the errors to let through.
+        self._current = list(requests)
+        self._outputs: list[list[int]] = [[] for _ in requests]
+        self._deadline: dict[int, float] = {}
+        self._resuming: dict[int, asyncio.Task] = {}
+        self._final: set[int] = set()
+        self._attempts = [0] * len(requests)
 
     def request_id(self, prompt: int) -> str:
         return self._requests[prompt].request_id
@@ -60,6 +77,7 @@ class Generation:
         stream.start(request, lambda item: self._queue.put_nowait((prompt, item)))
         self._replicas.routed(replica, route)
         self._placed[prompt] = (replica, stream)
+        self._current[prompt] = request
 
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
         """The next message of any prompt; None once every prompt's stream has ended."""
@@ -95,9 +113,56 @@ class Generation:
             self._end(prompt)
             return None
         if isinstance(item, grpc.aio.AioRpcError):
+            if self._resume_later(prompt, item):
+                return None
             self._end(prompt)
             raise from_grpc(item)
+        self._outputs[prompt].extend(item.token_ids)
+        self._deadline.pop(prompt, None)  # going again: a later break gets a timeout of its own
         return prompt, item
+
+    # ----- resumption ---------------------------------------------------------------------------
+
+    def _resume_later(self, prompt: int, error: grpc.aio.AioRpcError) -> bool:
+        """Starts resuming `prompt`, whose request ended with `error`, if it can be; whether it
+        does."""
+        request = self._current[prompt]
+        if (prompt in self._final
+                or not resumable(request, error, request is not self._requests[prompt])
+                or self._replicas.closed or self._replicas.settings.resume_timeout <= 0):
+            return False
+        timeout = self._replicas.settings.resume_timeout
+        placed = self._placed.pop(prompt, None)
+        if placed is not None:
+            self._replicas.mark_down(placed[0])
+            self._replicas.done(placed[0])
+        deadline = self._deadline.setdefault(prompt, time.monotonic() + timeout)
+        log.warning("request %s: %s (%s); resuming it after %d tokens", request.request_id,
+                    error.code().name, error.details(), len(self._outputs[prompt]))
+        self._resuming[prompt] = asyncio.get_running_loop().create_task(
+            self._resume(prompt, error, deadline))
+        return True
+
+    async def _resume(self, prompt: int, error: grpc.aio.AioRpcError, deadline: float) -> None:
+        """Re-sends `prompt` as a continuation once a replica is healthy; past the deadline, lets
+        `error` through as the prompt's end."""
+        while time.monotonic() < deadline:
+            if self._replicas.healthy():
+                self._attempts[prompt] += 1
+                request = continuation(self._requests[prompt], self._outputs[prompt],
+                                       self._attempts[prompt])
+                try:
+                    await self._send(prompt, request)
+                except Exception as err:  # noqa: BLE001 (an APIError 503: try again)
+                    log.info("request %s: not resumed yet (%s)", request.request_id, err)
+                else:
+                    self._replicas.resumptions += 1
+                    return
+            await asyncio.sleep(RESUME_POLL_S)
+        log.warning("request %s: no replica took it within --resume-timeout",
+                    self._requests[prompt].request_id)
+        self._final.add(prompt)
+        self._queue.put_nowait((prompt, error))
 
     def _end(self, prompt: int) -> None:
         """The prompt's request ended on its replica: it no longer counts toward its load."""
@@ -118,9 +183,12 @@ class Generation:
         self._open.clear()
 
     def _stop(self, prompt: int) -> None:
+        task = self._resuming.pop(prompt, None)
+        if task is not None:
+            task.cancel()
         placed = self._placed.get(prompt)
         if placed is not None:
-            placed[1].abort(self._requests[prompt].request_id)  # what it already sent is ignored
+            placed[1].abort(self._current[prompt].request_id)  # what it already sent is ignored
         self._end(prompt)
 
 

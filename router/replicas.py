@@ -62,12 +62,14 @@ class ReplicaSet:
                                   settings.balance_rel_threshold, settings.max_tree_size)
         self.policy_name = name
         self.resumptions = 0         # requests re-sent after their scheduler went away
+        self.closed = False          # the router is shutting down: nothing more is resumed
         self._watcher: asyncio.Task | None = None
 
     @classmethod
     def of(cls, client: SchedulerClient) -> "ReplicaSet":
-        """One replica, the given client: a caller that made its own SchedulerClient."""
-        return cls(Settings(scheduler_addr=client.address), [client])
+        """One replica, the given client: a caller that made its own SchedulerClient (no health
+        checks run, so nothing is resumed)."""
+        return cls(Settings(scheduler_addr=client.address, resume_timeout=0), [client])
 
     # ----- membership and health ----------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class ReplicaSet:
         return total, len(answers)
 
     async def close(self) -> None:
+        self.closed = True
         if self._watcher is not None:
             self._watcher.cancel()
         for replica in self.replicas.values():

@@ -58,8 +58,10 @@ class LLM:
         atexit.register(self.close)
         try:
             # The launcher waited for the scheduler: one GetModelInfo, no retries.
-            self._frontend = self._call(Frontend.connect(
-                frontend_settings(args, self._server.grpc_address), NoMetrics(), wait=False))
+            settings = frontend_settings(args, self._server.grpc_address)
+            if len(self._server.grpc_addresses) > 1:  # --data-parallel-size: every replica's
+                settings.scheduler_addrs = ",".join(self._server.grpc_addresses)
+            self._frontend = self._call(Frontend.connect(settings, NoMetrics(), wait=False))
         except BaseException:
             self.close()
             raise

@@ -30,6 +30,10 @@ class LauncherArgs:
     port: int = flag(8000, "HTTP port of the OpenAI API")
     grpc_port: int = flag(50051, "the scheduler's public gRPC port")
     tensor_parallel_size: int = flag(1, "worker ranks the model is split across", short="-tp")
+    data_parallel_size: int = flag(1, "engine replicas (a scheduler and its tensor parallel "
+                                   "workers each, on CUDA each on GPUs of its own) behind the "
+                                   "one router; replica i's scheduler serves gRPC on "
+                                   "--grpc-port + i", short="-dp")
     startup_timeout: float = flag(600.0, "seconds each process gets to become healthy")
 
 
