@@ -54,7 +54,8 @@ def test_each_process_parses_what_serve_hands_it_into_serves_values(flags):
                                                    "dist_init_addr"}),
                              (scheduler, SchedulerArgs, {"worker_addrs", "host", "port"}),
                              (scheduler, SchedulerConfig, set()),
-                             (router, RouterArgs, {"scheduler_addr", "host", "port"})):
+                             (router, RouterArgs, {"scheduler_addr", "scheduler_addrs", "host",
+                                                   "port"})):
         for f in flag_fields(cls, skip=own):
             assert getattr(parsed, f.name) == getattr(args, f.name), f"{cls.__name__}.{f.name}"
     assert (worker.port, worker.host) == (1234, "127.0.0.1")
@@ -85,3 +86,23 @@ def test_worker_flags_build_its_config():
                                               "--device", "cpu"]))
     assert (config.model, config.block_size, config.world_size) == ("m", 32, 2)
     assert config.num_threads >= 1  # ranks on one CPU host share its cores
+
+
+def test_data_parallel_replicas_each_get_a_scheduler_port_and_the_router_gets_them_all(monkeypatch):
+    from pagedserve.entrypoints.launcher import gpu_slice, replica_name
+    args = serve_namespace(data_parallel_size=3, routing_policy="round_robin")
+    launcher = Launcher(args)
+    assert launcher.grpc_ports == [args.grpc_port, args.grpc_port + 1, args.grpc_port + 2]
+    router = parse_router_args(launcher.router_command()[4:])
+    assert router.scheduler_addrs == ",".join(f"127.0.0.1:{args.grpc_port + i}" for i in range(3))
+    assert router.routing_policy == "round_robin"
+    scheduler = parse_scheduler_args(launcher.scheduler_command(["127.0.0.1:1"], 7001)[4:])
+    assert scheduler.port == 7001
+    assert replica_name("scheduler", 0, 1) == "scheduler"  # one replica: the names as ever
+    assert replica_name("worker 1", 2, 3) == "replica 2 worker 1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [gpu_slice(r, 2) for r in range(2)] == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert gpu_slice(1, 1) == "5"
+    with pytest.raises(SystemExit, match="replica 1 needs GPUs 2..3"):
+        gpu_slice(1, 2)
