@@ -128,3 +128,9 @@ def test_a_name_with_several_addresses_expands(monkeypatch):
     monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
     found = asyncio.run(discovery.resolve([("engine.pagedserve.svc", 50051)]))
     assert found == ["10.1.0.5:50051", "10.1.0.7:50051"]
+
+
+def test_a_bad_scheduler_address_stops_the_router_with_a_message():
+    from pagedserve.router.__main__ import main
+    with pytest.raises(SystemExit, match="--scheduler-addrs: scheduler address 'b': expected host:port"):
+        main(["--scheduler-addrs", "a:1,b"])
