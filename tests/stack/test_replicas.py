@@ -143,6 +143,36 @@ def test_two_replicas_both_serve_greedy_as_transformers_does(replicas):
     assert all(a > b for a, b in zip(after, before)), (before, after)  # both took some
 
 
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 0.0, "ignore_eos": True},
+    {"temperature": 1.0, "seed": 11, "ignore_eos": True},
+    # EOS banned before 20 tokens (min_tokens), then free to end the output early
+    {"temperature": 0.8, "seed": 5, "top_k": 50, "presence_penalty": 1.5,
+     "repetition_penalty": 1.3, "min_tokens": 20},
+], ids=["greedy", "seeded", "seeded-penalties-min-tokens"])
+def test_a_grpc_continuation_goes_on_as_the_undisturbed_run(replicas, sampling):
+    """GenerateRequest.resume_output_token_ids on a real worker: the rest of the output is the
+    undisturbed run's, with the seeded sampler, the penalties and min_tokens seeing the resumed
+    tokens as its own."""
+    stub = replicas.stubs[1]
+    prompt = tiny_models.tokenizer()(words(random.Random(3), 8), add_special_tokens=False)["input_ids"]
+    params = pb.SamplingParams(max_tokens=24, **sampling)
+
+    def generate(resumed=()):
+        request = pb.GenerateRequest(prompt_token_ids=prompt, params=params,
+                                     resume_output_token_ids=resumed)
+        replies = list(stub.Generate(request, timeout=120))
+        return [t for r in replies for t in r.token_ids], replies[-1]
+
+    whole, end = generate()
+    assert 20 <= len(whole) <= 24 and end.completion_tokens == len(whole)
+    for cut in (1, 9, 19):
+        rest, last = generate(whole[:cut])
+        assert rest == whole[cut:], cut
+        assert (last.completion_tokens, last.finish_reason) == (len(whole), end.finish_reason)
+        assert last.prompt_tokens == len(prompt)
+
+
 # ----- routing and the prefix cache -----------------------------------------------------------------
 
 def start_router(replicas, *flags: str) -> tuple[subprocess.Popen, str]:
