@@ -48,6 +48,7 @@ class LLM:
         # The scheduler batches up to max_num_seqs; as many again wait in its queue, ready for
         # the next step. More in flight would only hold open streams.
         self._in_flight = args.max_num_seqs + (args.max_waiting_requests or args.max_num_seqs)
+        self._in_flight *= args.data_parallel_size  # as many for each replica
         self._frontend: Frontend | None = None
         self._closed = False
         self._server = LocalServer(args, headless=True).start()

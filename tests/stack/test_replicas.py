@@ -173,6 +173,23 @@ def test_a_grpc_continuation_goes_on_as_the_undisturbed_run(replicas, sampling):
         assert last.prompt_tokens == len(prompt)
 
 
+def test_the_offline_llm_spreads_over_data_parallel_replicas(replicas):
+    from pagedserve import LLM, SamplingParams
+    tok = tiny_models.tokenizer()
+    rng = random.Random(2)
+    prompts = [tok(words(rng, 10), add_special_tokens=False)["input_ids"] for _ in range(6)]
+    with LLM(str(replicas.model_dir), data_parallel_size=2, max_num_seqs=4) as llm:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        stats = [pbgrpc.SchedulerStub(grpc.insecure_channel(a)).GetStats(pb.GetStatsRequest(),
+                                                                          timeout=10)
+                 for a in llm._server.grpc_addresses]
+    for prompt, output in zip(prompts, outputs):
+        assert list(output.outputs[0].token_ids) == hf_reference.greedy(
+            replicas.model_dir, prompt, 6, ignore_eos=True)
+    assert all(s.prompt_tokens_total > 0 for s in stats)  # both replicas served some
+
+
 # ----- routing and the prefix cache -----------------------------------------------------------------
 
 def start_router(replicas, *flags: str) -> tuple[subprocess.Popen, str]:
