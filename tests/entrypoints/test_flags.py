@@ -3,6 +3,7 @@ the process would parse itself, and no flag has two defaults."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -106,3 +107,36 @@ def test_data_parallel_replicas_each_get_a_scheduler_port_and_the_router_gets_th
     assert gpu_slice(1, 1) == "5"
     with pytest.raises(SystemExit, match="replica 1 needs GPUs 2..3"):
         gpu_slice(1, 2)
+
+
+def test_a_dead_worker_restarts_its_own_replicas_ranks_only(monkeypatch):
+    from pagedserve.entrypoints.launcher import Child
+
+    class Proc:
+        def __init__(self, code=None):
+            self.returncode, self.killed, self.pid = code, False, 1
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.killed, self.returncode = True, -9
+
+        def wait(self):
+            return self.returncode
+
+    launcher = Launcher(serve_namespace(data_parallel_size=2, tensor_parallel_size=2),
+                        output=open(os.devnull, "wb"))
+    children = [Child(f"replica {r} worker {k}", [str(r), str(k)], Proc(), 0.0, replica=r,
+                      env={"CUDA_VISIBLE_DEVICES": str(r)})
+                for r in range(2) for k in range(2)]
+    children.append(Child("replica 1 scheduler", ["s"], Proc(), 0.0, replica=1))
+    launcher.children = children
+    spawned = []
+    monkeypatch.setattr(launcher, "spawn", lambda cmd, env=None: spawned.append((cmd, env)) or Proc())
+    dead = children[2]  # replica 1, rank 0
+    dead.proc.returncode = -9
+    assert launcher.restart(dead) is None
+    assert spawned == [(["1", "0"], {"CUDA_VISIBLE_DEVICES": "1"}),
+                       (["1", "1"], {"CUDA_VISIBLE_DEVICES": "1"})]
+    assert not children[0].proc.killed and not children[4].proc.killed  # replica 0, scheduler
