@@ -95,6 +95,22 @@ def test_per_replica_metrics_count_the_requests_routed(pair, fakes):
     assert all(after[a] - before[a] == 2 for a in after)
 
 
+def test_the_session_header_keeps_a_session_on_one_replica(pair, fakes):
+    h = pair[0]
+    addrs = f"{h.scheduler.address},{pair[3].address}"
+    url = h.router(scheduler_addrs=addrs, routing_policy="session", health_interval_s=0.1).url
+    eventually(lambda: "pagedserve_router_healthy_replicas 2.0" in httpx.get(url + "/metrics").text)
+    places = {}
+    for session in [f"user-{i}" for i in range(12)]:
+        for fake in fakes:
+            fake.reset()
+        for _ in range(3):
+            assert complete(url, **{"x-session-id": session}).status_code == 200
+        places[session] = counts(fakes)
+        assert sorted(places[session]) == [0, 3]  # all three on one replica
+    assert len({tuple(p) for p in places.values()}) == 2  # and the sessions on both
+
+
 def routed(url: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
