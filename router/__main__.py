@@ -8,6 +8,7 @@ import uvicorn
 
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import stop_with_parent
+from pagedserve.router import discovery
 from pagedserve.router.app import build_app
 from pagedserve.router.logs import configure_logging
 from pagedserve.router.settings import RouterArgs, Settings
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
+    try:
+        discovery.split_targets(args.scheduler_addrs or args.scheduler_addr)
+    except ValueError as err:
+        raise SystemExit(f"--scheduler-addrs: {err}") from None
     configure_logging(args.log_level)
     settings = from_namespace(Settings, args)
     # On SIGTERM uvicorn closes its socket, lets the requests in flight finish, then raises the

@@ -27,6 +27,7 @@ from pagedserve.router.frontend import Frontend
 from pagedserve.router.metrics import Metrics, MetricsMiddleware
 from pagedserve.router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from pagedserve.router.model import ServedModel
+from pagedserve.router.replica_metrics import ReplicaCollector
 from pagedserve.router.prompts import chat_messages, chat_prompt
 from pagedserve.router.protocol import chat_template_options, check_model
 from pagedserve.router.serving import read_json, serve_chat, serve_completion
@@ -45,8 +46,9 @@ def build_app(settings: Settings) -> Starlette:
         frontend = await Frontend.connect(settings, metrics)
         app.state.frontend = frontend
         metrics.bind(frontend.model.name)
+        metrics.registry.register(ReplicaCollector(frontend.replicas))
         log.info("serving %s (max_model_len %d) with scheduler %s", frontend.model.name,
-                 frontend.model.max_model_len, settings.scheduler_addr)
+                 frontend.model.max_model_len, settings.scheduler_addrs or settings.scheduler_addr)
         try:
             yield
         finally:
@@ -132,11 +134,10 @@ async def read_object(request: Request) -> dict:
 
 
 async def health(request: Request) -> Response:
-    """200 only when the scheduler answers and reports its workers healthy."""
-    try:
-        stats = await request.app.state.frontend.client.stats(timeout_s=2.0)
-    except grpc.aio.AioRpcError as err:
-        return scheduler_unavailable(err.code().name).response()
+    """200 only when a scheduler (of any replica) answers and reports its workers healthy."""
+    stats, _ = await request.app.state.frontend.replicas.stats()
+    if stats is None:
+        return scheduler_unavailable("no scheduler answers").response()
     if not stats.workers_healthy:
         return APIError(503, "The scheduler reports unhealthy workers.",
                         "service_unavailable_error", code="workers_unhealthy").response()

@@ -24,10 +24,10 @@ import asyncio
 from typing import Sequence
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from pagedserve.router.client import SchedulerClient
 from pagedserve.router.generation import start_generation
 from pagedserve.router.model import ServedModel, load_served_model
 from pagedserve.router.protocol import GenerationRequest
+from pagedserve.router.replicas import ReplicaSet
 from pagedserve.router.request_metrics import RequestMetrics
 from pagedserve.router.run import Run
 from pagedserve.router.thinking_first import start_thinking_first
@@ -35,35 +35,37 @@ from pagedserve.router.settings import Settings
 
 
 class Frontend:
-    def __init__(self, client: SchedulerClient, model: ServedModel, metrics: RequestMetrics):
-        self.client = client
+    def __init__(self, replicas: ReplicaSet, model: ServedModel, metrics: RequestMetrics):
+        self.replicas = replicas
         self.model = model
         self.metrics = metrics
 
     @classmethod
     async def connect(cls, settings: Settings, metrics: RequestMetrics,
                       wait: bool = True) -> "Frontend":
-        """Asks the scheduler at settings.scheduler_addr what it serves and loads that model's
-        tokenizer. wait: retry until the scheduler answers (the router may start before it);
-        else one try, whose grpc.aio.AioRpcError is raised. Raises SystemExit if no model
+        """Asks the scheduler at settings.scheduler_addr (or the first of
+        settings.scheduler_addrs to answer: router/replicas.py) what it serves and loads that
+        model's tokenizer. wait: retry until a scheduler answers (the router may start before
+        it); else one try, whose grpc.aio.AioRpcError is raised. Raises SystemExit if no model
         directory is known (settings.model, or the scheduler's model_path)."""
-        client = SchedulerClient(settings.scheduler_addr, settings.connect_timeout_s,
-                                 settings.api_key)
+        replicas = ReplicaSet(settings)
         try:
-            info = await (client.wait_for_model_info(settings.startup_retry_s) if wait
-                          else client.model_info())
+            await replicas.start()
+            info = await (replicas.wait_for_model_info(settings.startup_retry_s) if wait
+                          else replicas.model_info())
             model = await asyncio.to_thread(load_served_model, settings, info)
         except BaseException:
-            await client.close()
+            await replicas.close()
             raise
-        return cls(client, model, metrics)
+        return cls(replicas, model, metrics)
 
     async def start(self, req: GenerationRequest, request_ids: Sequence[str],
-                    arrival: float) -> Run:
+                    arrival: float, session: str | None = None) -> Run:
         """Sends one GenerateRequest per prompt of `req`, named by `request_ids` (one per prompt,
         each unique among the requests in flight), and returns the Run that follows them.
-        `arrival`: time.perf_counter() when the request came in. Raises APIError 503 if the
-        scheduler is unreachable."""
+        `arrival`: time.perf_counter() when the request came in. `session`: the session
+        header's value (--routing-policy session). Raises APIError 503 if the scheduler is
+        unreachable."""
         if len(request_ids) != len(req.prompts):
             raise ValueError(f"{len(request_ids)} request ids for {len(req.prompts)} prompts")
         requests = [pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt.token_ids,
@@ -71,12 +73,12 @@ class Frontend:
                     for request_id, prompt in zip(request_ids, req.prompts)]
         plan = req.think_first
         if plan is not None:
-            generation = await start_thinking_first(self.client, requests[0], plan.start_ids,
-                                                    plan.end_ids, plan.thinking)
+            generation = await start_thinking_first(self.replicas, requests[0], plan.start_ids,
+                                                    plan.end_ids, plan.thinking, session)
         else:
-            generation = await start_generation(self.client, requests)
+            generation = await start_generation(self.replicas, requests, session)
         return Run(req, self.model, generation, self.metrics, arrival)
 
     async def close(self) -> None:
-        """Closes the gRPC channel: the scheduler aborts whatever still runs on it."""
-        await self.client.close()
+        """Closes the gRPC channels: the schedulers abort whatever still runs on them."""
+        await self.replicas.close()

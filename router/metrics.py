@@ -129,11 +129,10 @@ class Metrics(RequestMetrics):
             self._success.labels(self._model_name, reason).inc()
 
     async def render(self, request: Request) -> Response:
-        try:
-            self.scheduler.stats = await request.app.state.frontend.client.stats(timeout_s=1.0)
-        except grpc.aio.AioRpcError as err:
-            self.scheduler.stats = None
-            log.warning("scheduler stats unavailable for /metrics: %s", err.code().name)
+        # Summed over the replicas that answer (router/replicas.py).
+        self.scheduler.stats, _ = await request.app.state.frontend.replicas.stats()
+        if self.scheduler.stats is None:
+            log.warning("scheduler stats unavailable for /metrics: no scheduler answers")
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

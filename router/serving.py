@@ -53,7 +53,8 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
     responses = responses_class(f"{id_prefix}-{request.state.request_id}", model.name,
                                 int(time.time()), model.tokenizer, req)
     try:
-        run = await until_disconnect(request, frontend.start(req, request_ids, arrival))
+        session = request.headers.get(frontend.replicas.settings.session_header)
+        run = await until_disconnect(request, frontend.start(req, request_ids, arrival, session))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     streaming = False

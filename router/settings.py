@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
                               served_model_name_flag, shutdown_timeout_flag)
 from pagedserve.router.reasoning_parsers import PARSERS as REASONING_PARSERS
+from pagedserve.router.routing import POLICIES
 from pagedserve.router.tool_parsers import PARSERS
 
 
@@ -43,8 +44,32 @@ class Settings:
     max_stored_responses: int = flag(1000, "responses kept for GET /v1/responses/{id} and "
                                      "previous_response_id, least recently used evicted first; "
                                      "lost on restart, not shared between routers (0: none)")
+    # Replicas (router/replicas.py) and routing between them (router/routing.py).
+    scheduler_addrs: str | None = flag(
+        None, "the schedulers of several replicas, host:port,host:port; a name that resolves to "
+        "several addresses (a Kubernetes headless Service) is one replica per address, resolved "
+        "again every few seconds (default: --scheduler-addr alone)")
+    routing_policy: str | None = flag(
+        None, "how a request's replica is chosen (default: cache_aware with several replicas)",
+        choices=list(POLICIES))
+    session_header: str = flag("x-session-id", "the request header whose value picks the "
+                               "replica under --routing-policy session")
+    cache_threshold: float = flag(0.5, "cache_aware: the share of the prompt that must match a "
+                                  "replica's sent prefixes for it to get the request")
+    balance_abs_threshold: int = flag(32, "cache_aware: requests in flight by which the busiest "
+                                      "replica must exceed the idlest to count as imbalanced")
+    balance_rel_threshold: float = flag(1.5, "cache_aware: ...and the ratio of their loads it "
+                                        "must exceed; then the idlest replica gets the request")
+    max_tree_size: int = flag(1 << 20, "cache_aware: tokens of sent prefixes remembered per "
+                              "replica (least recently used go first)")
+    resume_timeout: float = flag(30.0, "seconds a request whose scheduler went away may wait "
+                                 "to be resumed on it (restarted) or another replica; then it "
+                                 "fails as before (0: fail at once)")
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
+    health_interval_s: float = 1.0        # between two health checks of every replica
+    health_timeout_s: float = 1.0         # a replica that takes longer to answer is unhealthy
+    dns_refresh_s: float = 5.0            # between two resolutions of the replicas' names
 
 
 @dataclass

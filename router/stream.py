@@ -34,6 +34,14 @@ def status_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+class CallBroken(grpc.aio.AioRpcError):
+    """A request's end because the whole call ended, not a refusal of that request: what the
+    router may resume elsewhere (router/resume.py)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 class GenerateStream:
     def __init__(self, stub: pb_grpc.SchedulerStub, metadata):
         self._outgoing: asyncio.Queue[pb.GenerateStreamRequest | None] = asyncio.Queue()
@@ -75,11 +83,11 @@ class GenerateStream:
         try:
             async for message in self._call:
                 self._dispatch(message)
-            error = status_error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the stream")
+            error = CallBroken(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the stream")
         except grpc.aio.AioRpcError as err:
-            error = err
+            error = CallBroken(err.code(), err.details() or err.code().name)
         except asyncio.CancelledError:
-            error = status_error(grpc.StatusCode.CANCELLED, "the router closed the stream")
+            error = CallBroken(grpc.StatusCode.CANCELLED, "the router closed the stream")
         self._fail_all(error)
 
     def _dispatch(self, message: pb.GenerateStreamResponse) -> None:
@@ -98,7 +106,7 @@ class GenerateStream:
             if deliver is not None:
                 deliver(REQUEST_FINISHED)
 
-    def _fail_all(self, error: grpc.aio.AioRpcError) -> None:
+    def _fail_all(self, error: CallBroken) -> None:
         self.broken = True
         if self._routes:
             log.warning("the GenerateStream call failed (%s: %s): failing its %d requests",

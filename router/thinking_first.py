@@ -23,6 +23,8 @@ import grpc
 from pagedserve.router.client import SchedulerClient
 from pagedserve.router.errors import scheduler_unavailable
 from pagedserve.router.generation import Generation
+from pagedserve.router.replicas import ReplicaSet
+from pagedserve.router.routing import Route
 from pagedserve.v1 import scheduler_pb2 as pb
 
 THINKING, ANSWER = 0, 1  # the two requests' indices in Generation's lists
@@ -31,12 +33,13 @@ THINKING, ANSWER = 0, 1  # the two requests' indices in Generation's lists
 class ThinkingFirst(Generation):
     """One prompt's choice as two scheduler requests (thinking, answer), shown as prompt 0."""
 
-    def __init__(self, client: SchedulerClient, request: pb.GenerateRequest,
-                 start_ids: list[int], end_ids: list[int], thinking: bool):
+    def __init__(self, replicas: ReplicaSet | SchedulerClient, request: pb.GenerateRequest,
+                 start_ids: list[int], end_ids: list[int], thinking: bool,
+                 session: str | None = None):
         free = pb.GenerateRequest()
         free.CopyFrom(request)
         free.params.ClearField("structured_outputs")
-        super().__init__(client, [free])
+        super().__init__(replicas, [free], session)
         self._constrained = request
         self._start_ids, self._end_ids = start_ids, end_ids
         self._phase = "thinking" if thinking else "undecided"
@@ -107,9 +110,12 @@ class ThinkingFirst(Generation):
     def _answer_now(self, thinking: list[int]) -> None:
         """Stops the thinking request and starts the answer after `thinking` (token ids)."""
         self._held.clear()
+        # The answer goes where the thinking ran: that replica's prefix cache holds the prompt.
+        placed = self._placed.get(THINKING)
         if THINKING in self._open:
-            self._open.discard(THINKING)
             self._stop(THINKING)
+        if placed is None:  # the thinking's scheduler went away as it ended
+            raise scheduler_unavailable(grpc.StatusCode.UNAVAILABLE.name)
         answer = pb.GenerateRequest()
         answer.CopyFrom(self._constrained)
         answer.request_id = f"{self._constrained.request_id}-answer"
@@ -122,12 +128,15 @@ class ThinkingFirst(Generation):
             params.min_tokens = max(0, params.min_tokens - len(thinking))
         self._phase = "answer"
         self._requests.append(answer)
-        try:
-            self._stream.start(answer, lambda item: self._queue.put_nowait((ANSWER, item)))
-        except RuntimeError:  # the scheduler's stream broke while the model thought
-            raise scheduler_unavailable(grpc.StatusCode.UNAVAILABLE.name) from None
-        self._started.add(ANSWER)
+        self._current.append(answer)
+        self._outputs.append([])
+        self._attempts.append(0)
         self._open.add(ANSWER)
+        try:
+            self._place(ANSWER, answer, *placed, Route(answer.prompt_token_ids, self._session))
+        except RuntimeError:  # the scheduler's stream broke while the model thought
+            self._open.discard(ANSWER)
+            raise scheduler_unavailable(grpc.StatusCode.UNAVAILABLE.name) from None
         self._generated = list(thinking)
 
     def finish(self, prompt: int) -> None:
@@ -136,13 +145,14 @@ class ThinkingFirst(Generation):
             super().finish(index)
 
 
-async def start_thinking_first(client: SchedulerClient, request: pb.GenerateRequest,
-                               start_ids: list[int], end_ids: list[int],
-                               thinking: bool) -> ThinkingFirst:
+async def start_thinking_first(replicas: ReplicaSet | SchedulerClient,
+                               request: pb.GenerateRequest, start_ids: list[int],
+                               end_ids: list[int], thinking: bool,
+                               session: str | None = None) -> ThinkingFirst:
     """Starts the thinking request of `request` (one prompt, n 1, with a constraint).
     `thinking`: the prompt opened the block (or the parser thinks first); else the model's first
     tokens decide. Raises APIError 503 if the scheduler is unreachable."""
-    generation = ThinkingFirst(client, request, start_ids, end_ids, thinking)
+    generation = ThinkingFirst(replicas, request, start_ids, end_ids, thinking, session)
     try:
         await generation.start()
     except BaseException:

@@ -69,7 +69,8 @@ async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest
         raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                       f"request_id: {request_id!r} is already in flight")
     try:
-        engine.add(request_id, list(request.prompt_token_ids), params, outbox, pooling=pooling)
+        engine.add(request_id, list(request.prompt_token_ids), params, outbox,
+                   list(request.resume_output_token_ids), pooling=pooling)
     except QueueFull as e:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
     return request_id

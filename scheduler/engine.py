@@ -38,18 +38,21 @@ class Engine:
     # ----- requests -----------------------------------------------------------------------------
 
     def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-            outbox: Outbox | None = None, pooling: pb.PoolingParams | None = None) -> Outbox:
+            outbox: Outbox | None = None, resumed: list[int] = (),
+            pooling: pb.PoolingParams | None = None) -> Outbox:
         """Queues a request whose params validation.check resolved; its news goes to `outbox`
-        (a new RequestQueue if none is given), which is returned. `pooling`: an embedding
+        (a new RequestQueue if none is given), which is returned. `resumed`: a continuation's
+        output so far (GenerateRequest.resume_output_token_ids). `pooling`: an embedding
         request's resolved PoolingParams (scheduler/pooling.py).
         Raises QueueFull (scheduler.py) when the waiting queue is full."""
         limits = SamplingLimits.of(params, self.eos_token_ids)
-        request = self.scheduler.add_request(request_id, prompt, params, limits, pooling)
+        request = self.scheduler.add_request(request_id, prompt, params, limits, resumed, pooling)
         outbox = RequestQueue() if outbox is None else outbox
         self.outboxes[request_id] = outbox
         self.wakeup.set()
-        log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d", request_id,
-                 len(prompt), limits.max_tokens, len(request.sequences))
+        log.info("request %s queued: %d prompt tokens, max_tokens %d, n %d%s", request_id,
+                 len(prompt), limits.max_tokens, len(request.sequences),
+                 f", resumed after {len(resumed)} tokens" if resumed else "")
         return outbox
 
     def abort(self, request_id: str) -> bool:

@@ -51,7 +51,12 @@ class Scheduler:
     # ----- requests -----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-                    limits: SamplingLimits, pooling: pb.PoolingParams | None = None) -> Request:
+                    limits: SamplingLimits, resumed: list[int] = (),
+                    pooling: pb.PoolingParams | None = None) -> Request:
+        """Queues a request of n sequences. `resumed`: a continuation's output so far
+        (GenerateRequest.resume_output_token_ids, n is 1): the sequence starts with prompt +
+        resumed and those tokens count as generated and already sent, as after a preemption.
+        `pooling`: an embedding request's resolved PoolingParams (prompt-only)."""
         limit = self.config.max_waiting_requests
         if limit and len(self.waiting) >= limit:
             raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
@@ -61,7 +66,8 @@ class Scheduler:
             request.num_prompt_logprobs = params.num_prompt_logprobs
         n = params.n if params.HasField("n") else 1
         for index in range(n):
-            seq = Sequence(self.next_seq_id, request, index, list(prompt), len(prompt))
+            seq = Sequence(self.next_seq_id, request, index, [*prompt, *resumed], len(prompt),
+                           num_sent=len(resumed))
             self.next_seq_id += 1
             request.sequences.append(seq)
             self.waiting.append(seq)
@@ -222,8 +228,8 @@ class Scheduler:
         block_table = self.kv.allocate_slots(seq, n, computed)
         if block_table is None:
             return 0
-        if seq.admitted == 0 and seq.num_output == 0:
-            seq.num_cached_tokens = num_cached
+        if seq.admitted == 0:  # first admission (a continuation's prompt is its own prompt)
+            seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
         seq.num_computed = num_cached
         seq.status = Status.RUNNING
         self.next_admission += 1

@@ -38,7 +38,26 @@ def check(request: pb.GenerateRequest, info: pb.ModelInfo, kv: KVCacheManager) -
         params.max_tokens = info.max_model_len - len(prompt)
     check_sampling(params, info.vocab_size)
     check_length(len(prompt), params.max_tokens, info.max_model_len, kv)
+    check_resume(request.resume_output_token_ids, params, info.vocab_size)
     return params
+
+
+def check_resume(resumed, params: pb.SamplingParams, vocab_size: int) -> None:
+    """A continuation (GenerateRequest.resume_output_token_ids) is one sequence's output so far,
+    shorter than max_tokens: a longer one would have ended already. Prompt plus max_tokens fit
+    the context (check_length), so prompt plus these tokens do too."""
+    if not resumed:
+        return
+    if params.n != 1:
+        raise InvalidRequest(f"resume_output_token_ids: a continuation has one sequence, but n "
+                             f"is {params.n}")
+    if len(resumed) >= params.max_tokens:
+        raise InvalidRequest(f"resume_output_token_ids: {len(resumed)} tokens, but max_tokens is "
+                             f"{params.max_tokens}: nothing is left to generate")
+    bad = next((t for t in resumed if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"resume_output_token_ids: token id {bad} is outside the vocabulary "
+                             f"[0, {vocab_size})")
 
 
 def with_defaults(params: pb.SamplingParams,

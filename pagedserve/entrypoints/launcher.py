@@ -3,6 +3,11 @@ waits until each is healthy, restarts any that dies, and stops them all, router 
 Ctrl-C/SIGTERM. Headless (vLLM's word), it starts no router: a front end in the launching process
 (the offline LLM) talks gRPC to the scheduler itself.
 
+With --data-parallel-size N it starts N engine replicas, each a scheduler (on --grpc-port + i)
+and its --tensor-parallel-size workers (on CUDA, each replica on its own slice of the visible
+GPUs, by CUDA_VISIBLE_DEVICES), and one router given every scheduler (--scheduler-addrs), which
+routes between them and resumes the requests of a scheduler that dies (router/replicas.py).
+
 Restarting in place is safe because every process recovers from its neighbours' restarts: the
 router reconnects to the scheduler, the scheduler fails the requests a lost worker held, resets
 its block pool and reconnects, and a worker resets its batch when a new Execute stream opens.
@@ -48,6 +53,28 @@ class Child:
     proc: subprocess.Popen
     started: float              # time.monotonic() of its latest start
     quick_exits: int = 0        # deaths within RESTART_WINDOW_S of starting, in a row
+    replica: int = 0            # which data parallel replica it belongs to (the router: 0)
+    env: dict | None = None     # what it adds to the environment (CUDA_VISIBLE_DEVICES)
+
+
+def gpu_slice(replica: int, tensor_parallel_size: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a replica's workers: its tensor_parallel_size GPUs among those
+    visible to the launcher (CUDA_VISIBLE_DEVICES, else 0, 1, ...), so rank k uses cuda:k."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    start = replica * tensor_parallel_size
+    if visible:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+        chosen = devices[start:start + tensor_parallel_size]
+        if len(chosen) < tensor_parallel_size:
+            raise SystemExit(f"pagedserve: replica {replica} needs GPUs {start}..{start + tensor_parallel_size - 1}"
+                             f" of CUDA_VISIBLE_DEVICES={visible}")
+        return ",".join(chosen)
+    return ",".join(str(d) for d in range(start, start + tensor_parallel_size))
+
+
+def replica_name(role: str, replica: int, data_parallel_size: int) -> str:
+    """"worker 0", "scheduler" with one replica (as ever); "replica 1 worker 0" with several."""
+    return role if data_parallel_size == 1 else f"replica {replica} {role}"
 
 
 # -P: the children do not put their working directory on sys.path, so a folder or script there named
@@ -76,28 +103,45 @@ class Launcher:
                     "--dist-init-addr", f"127.0.0.1:{dist_port}"]
         return cmd
 
-    def scheduler_command(self, worker_addrs: list[str]) -> list[str]:
+    def scheduler_command(self, worker_addrs: list[str], grpc_port: int | None = None) -> list[str]:
         a = self.args
+        port = a.grpc_port if grpc_port is None else grpc_port
         return [*PYTHON, "-m", "pagedserve.scheduler", *scheduler_argv(a),
-                "--worker-addrs", ",".join(worker_addrs), "--host", a.host, "--port", str(a.grpc_port)]
+                "--worker-addrs", ",".join(worker_addrs), "--host", a.host, "--port", str(port)]
+
+    @property
+    def grpc_ports(self) -> list[int]:
+        """Each replica's scheduler port: --grpc-port + i, unless the caller chose them
+        (LocalServer takes free ones)."""
+        a = self.args
+        chosen = getattr(a, "grpc_ports", None)
+        return list(chosen) if chosen else [a.grpc_port + r for r in range(self.data_parallel_size)]
+
+    @property
+    def data_parallel_size(self) -> int:
+        return getattr(self.args, "data_parallel_size", 1) or 1
 
     def router_command(self) -> list[str]:
         a = self.args
-        return [*PYTHON, "-m", "pagedserve.router", *router_argv(a),
-                "--scheduler-addr", f"{local_address(a.host)}:{a.grpc_port}", "--host", a.host,
+        addrs = [f"{local_address(a.host)}:{port}" for port in self.grpc_ports]
+        where = (["--scheduler-addr", addrs[0]] if len(addrs) == 1
+                 else ["--scheduler-addrs", ",".join(addrs)])
+        return [*PYTHON, "-m", "pagedserve.router", *router_argv(a), *where, "--host", a.host,
                 "--port", str(a.port)]
 
     # ----- lifecycle ----------------------------------------------------------------------------
 
-    def spawn(self, cmd: list[str]) -> subprocess.Popen:
+    def spawn(self, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         # A process group of its own: Ctrl-C in a terminal reaches only the launcher, which then
         # stops the children in order instead of all of them dying at once mid-request.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()),
+               **(extra_env or {})}
         return subprocess.Popen(cmd, env=env,
                                 stdout=self.output, stderr=self.output, process_group=0)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        child = Child(name, cmd, self.spawn(cmd), time.monotonic())
+    def start(self, name: str, cmd: list[str], replica: int = 0,
+              env: dict | None = None) -> subprocess.Popen:
+        child = Child(name, cmd, self.spawn(cmd, env), time.monotonic(), replica=replica, env=env)
         self.children.append(child)
         self.say(f"pagedserve: started {name} (pid {child.proc.pid})")
         return child.proc
@@ -126,8 +170,9 @@ class Launcher:
         try:
             self.start_all()
             self.serving = True
+            grpc = ", ".join(f"{a.host}:{port}" for port in self.grpc_ports)
             print(f"pagedserve: serving {a.served_model_name or os.path.basename(os.path.normpath(a.model))} "
-                  f"at http://{a.host}:{a.port}/v1 (gRPC {a.host}:{a.grpc_port})", flush=True)
+                  f"at http://{a.host}:{a.port}/v1 (gRPC {grpc})", flush=True)
             code = self.supervise()
         except KeyboardInterrupt:  # a signal while starting: nothing is in flight yet
             pass
@@ -136,17 +181,32 @@ class Launcher:
         return code or (0 if clean else 1)
 
     def start_all(self) -> None:
+        """Every replica's workers (all at once: they load their weights side by side), then
+        every scheduler, then the router."""
         a = self.args
-        dist_port = free_port()
-        ports = [free_port() for _ in range(a.tensor_parallel_size)]
-        workers = [self.start(f"worker {r}", self.worker_command(r, p, dist_port))
-                   for r, p in enumerate(ports)]
-        for rank, (port, proc) in enumerate(zip(ports, workers)):
-            self.wait_until(f"worker {rank}", proc, lambda p=port: grpc_serving(f"127.0.0.1:{p}"),
+        dp = self.data_parallel_size
+        worker_ports, started = [], []
+        for replica in range(dp):
+            dist_port = free_port()
+            ports = [free_port() for _ in range(a.tensor_parallel_size)]
+            env = ({"CUDA_VISIBLE_DEVICES": gpu_slice(replica, a.tensor_parallel_size)}
+                   if dp > 1 and getattr(a, "device", "cpu") == "cuda" else None)
+            for rank, port in enumerate(ports):
+                name = replica_name(f"worker {rank}", replica, dp)
+                proc = self.start(name, self.worker_command(rank, port, dist_port), replica, env)
+                started.append((name, proc, port))
+            worker_ports.append(ports)
+        for name, proc, port in started:
+            self.wait_until(name, proc, lambda p=port: grpc_serving(f"127.0.0.1:{p}"),
                             a.startup_timeout)
-        scheduler = self.start("scheduler", self.scheduler_command([f"127.0.0.1:{p}" for p in ports]))
-        self.wait_until("scheduler", scheduler, lambda: grpc_serving(f"{local_address(a.host)}:{a.grpc_port}"),
-                        a.startup_timeout)
+        schedulers = []
+        for replica, (ports, grpc_port) in enumerate(zip(worker_ports, self.grpc_ports)):
+            name = replica_name("scheduler", replica, dp)
+            cmd = self.scheduler_command([f"127.0.0.1:{p}" for p in ports], grpc_port)
+            schedulers.append((name, self.start(name, cmd, replica), grpc_port))
+        for name, proc, port in schedulers:
+            self.wait_until(name, proc, lambda p=port: grpc_serving(f"{local_address(a.host)}:{p}"),
+                            a.startup_timeout)
         if self.headless:
             return
         router = self.start("router", self.router_command())
@@ -173,9 +233,10 @@ class Launcher:
             self.say(f"pagedserve: {child.name} exited with code {code}, {child.quick_exits} "
                      f"times within {RESTART_WINDOW_S:.0f} s of starting; stopping")
             return code or 1
-        # Tensor-parallel ranks share collectives: one lost rank leaves the others stuck in them.
-        group = [c for c in self.children if c.name.startswith("worker")] \
-            if child.name.startswith("worker") else [child]
+        # Tensor-parallel ranks share collectives: one lost rank leaves the others stuck in them
+        # (the ranks of its own replica: the others' run on).
+        group = [c for c in self.children if is_worker(c) and c.replica == child.replica] \
+            if is_worker(child) else [child]
         self.say(f"pagedserve: {child.name} exited with code {code}; restarting "
                  + ", ".join(c.name for c in group))
         for member in group:
@@ -183,7 +244,7 @@ class Launcher:
                 member.proc.kill()
                 member.proc.wait()
         for member in group:
-            member.proc, member.started = self.spawn(member.cmd), time.monotonic()
+            member.proc, member.started = self.spawn(member.cmd, member.env), time.monotonic()
             self.say(f"pagedserve: started {member.name} (pid {member.proc.pid})")
         return None
 
@@ -216,3 +277,7 @@ class Launcher:
             self.say(f"pagedserve: {child.name} exited with code {proc.returncode}")
             clean = clean and proc.returncode == 0
         return clean
+
+
+def is_worker(child: Child) -> bool:
+    return " worker " in f" {child.name} "

@@ -48,6 +48,7 @@ class LLM:
         # The scheduler batches up to max_num_seqs; as many again wait in its queue, ready for
         # the next step. More in flight would only hold open streams.
         self._in_flight = args.max_num_seqs + (args.max_waiting_requests or args.max_num_seqs)
+        self._in_flight *= args.data_parallel_size  # as many for each replica
         self._frontend: Frontend | None = None
         self._closed = False
         self._server = LocalServer(args, headless=True).start()
@@ -58,8 +59,10 @@ class LLM:
         atexit.register(self.close)
         try:
             # The launcher waited for the scheduler: one GetModelInfo, no retries.
-            self._frontend = self._call(Frontend.connect(
-                frontend_settings(args, self._server.grpc_address), NoMetrics(), wait=False))
+            settings = frontend_settings(args, self._server.grpc_address)
+            if len(self._server.grpc_addresses) > 1:  # --data-parallel-size: every replica's
+                settings.scheduler_addrs = ",".join(self._server.grpc_addresses)
+            self._frontend = self._call(Frontend.connect(settings, NoMetrics(), wait=False))
         except BaseException:
             self.close()
             raise

@@ -48,11 +48,14 @@ class LocalServer:
         root_url None; the scheduler answers gRPC at grpc_address either way."""
         # On loopback and on ports of its own: it must not collide with a server already running.
         port = None if headless else free_port()
+        # One free port per replica's scheduler (--data-parallel-size): grpc_port + i may be taken.
+        grpc_ports = [free_port() for _ in range(getattr(args, "data_parallel_size", 1) or 1)]
         self.args = argparse.Namespace(**{**vars(args), "host": "127.0.0.1", "port": port,
-                                          "grpc_port": free_port()})
+                                          "grpc_port": grpc_ports[0], "grpc_ports": grpc_ports})
         self.headless = headless
         self.root_url = None if headless else f"http://127.0.0.1:{port}"
         self.grpc_address = f"127.0.0.1:{self.args.grpc_port}"
+        self.grpc_addresses = [f"127.0.0.1:{p}" for p in grpc_ports]  # every replica's
         self.log_file = tempfile.NamedTemporaryFile(prefix="pagedserve-", suffix=".log",
                                                     delete=False)
         self.launcher = Launcher(self.args, output=self.log_file, headless=headless)

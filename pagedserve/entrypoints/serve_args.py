@@ -19,7 +19,7 @@ from pagedserve.flags import add_arguments, flag, to_argv
 # Per process: the flags that `serve` sets itself.
 WORKER_INTERNAL = ("host", "port", "rank", "world_size", "dist_init_addr")
 SCHEDULER_INTERNAL = ("worker_addrs", "host", "port")
-ROUTER_INTERNAL = ("scheduler_addr", "host", "port")
+ROUTER_INTERNAL = ("scheduler_addr", "scheduler_addrs", "host", "port")
 
 
 @dataclass
@@ -30,6 +30,10 @@ class LauncherArgs:
     port: int = flag(8000, "HTTP port of the OpenAI API")
     grpc_port: int = flag(50051, "the scheduler's public gRPC port")
     tensor_parallel_size: int = flag(1, "worker ranks the model is split across", short="-tp")
+    data_parallel_size: int = flag(1, "engine replicas (a scheduler and its tensor parallel "
+                                   "workers each, on CUDA each on GPUs of its own) behind the "
+                                   "one router; replica i's scheduler serves gRPC on "
+                                   "--grpc-port + i", short="-dp")
     startup_timeout: float = flag(600.0, "seconds each process gets to become healthy")
 
 

@@ -3,6 +3,7 @@ the process would parse itself, and no flag has two defaults."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -54,7 +55,8 @@ def test_each_process_parses_what_serve_hands_it_into_serves_values(flags):
                                                    "dist_init_addr"}),
                              (scheduler, SchedulerArgs, {"worker_addrs", "host", "port"}),
                              (scheduler, SchedulerConfig, set()),
-                             (router, RouterArgs, {"scheduler_addr", "host", "port"})):
+                             (router, RouterArgs, {"scheduler_addr", "scheduler_addrs", "host",
+                                                   "port"})):
         for f in flag_fields(cls, skip=own):
             assert getattr(parsed, f.name) == getattr(args, f.name), f"{cls.__name__}.{f.name}"
     assert (worker.port, worker.host) == (1234, "127.0.0.1")
@@ -85,3 +87,56 @@ def test_worker_flags_build_its_config():
                                               "--device", "cpu"]))
     assert (config.model, config.block_size, config.world_size) == ("m", 32, 2)
     assert config.num_threads >= 1  # ranks on one CPU host share its cores
+
+
+def test_data_parallel_replicas_each_get_a_scheduler_port_and_the_router_gets_them_all(monkeypatch):
+    from pagedserve.entrypoints.launcher import gpu_slice, replica_name
+    args = serve_namespace(data_parallel_size=3, routing_policy="round_robin")
+    launcher = Launcher(args)
+    assert launcher.grpc_ports == [args.grpc_port, args.grpc_port + 1, args.grpc_port + 2]
+    router = parse_router_args(launcher.router_command()[4:])
+    assert router.scheduler_addrs == ",".join(f"127.0.0.1:{args.grpc_port + i}" for i in range(3))
+    assert router.routing_policy == "round_robin"
+    scheduler = parse_scheduler_args(launcher.scheduler_command(["127.0.0.1:1"], 7001)[4:])
+    assert scheduler.port == 7001
+    assert replica_name("scheduler", 0, 1) == "scheduler"  # one replica: the names as ever
+    assert replica_name("worker 1", 2, 3) == "replica 2 worker 1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [gpu_slice(r, 2) for r in range(2)] == ["0,1", "2,3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert gpu_slice(1, 1) == "5"
+    with pytest.raises(SystemExit, match="replica 1 needs GPUs 2..3"):
+        gpu_slice(1, 2)
+
+
+def test_a_dead_worker_restarts_its_own_replicas_ranks_only(monkeypatch):
+    from pagedserve.entrypoints.launcher import Child
+
+    class Proc:
+        def __init__(self, code=None):
+            self.returncode, self.killed, self.pid = code, False, 1
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.killed, self.returncode = True, -9
+
+        def wait(self):
+            return self.returncode
+
+    launcher = Launcher(serve_namespace(data_parallel_size=2, tensor_parallel_size=2),
+                        output=open(os.devnull, "wb"))
+    children = [Child(f"replica {r} worker {k}", [str(r), str(k)], Proc(), 0.0, replica=r,
+                      env={"CUDA_VISIBLE_DEVICES": str(r)})
+                for r in range(2) for k in range(2)]
+    children.append(Child("replica 1 scheduler", ["s"], Proc(), 0.0, replica=1))
+    launcher.children = children
+    spawned = []
+    monkeypatch.setattr(launcher, "spawn", lambda cmd, env=None: spawned.append((cmd, env)) or Proc())
+    dead = children[2]  # replica 1, rank 0
+    dead.proc.returncode = -9
+    assert launcher.restart(dead) is None
+    assert spawned == [(["1", "0"], {"CUDA_VISIBLE_DEVICES": "1"}),
+                       (["1", "1"], {"CUDA_VISIBLE_DEVICES": "1"})]
+    assert not children[0].proc.killed and not children[4].proc.killed  # replica 0, scheduler

@@ -133,12 +133,15 @@ class FakeScheduler(pb_grpc.SchedulerServicer):
         outgoing.put_nowait(pb.GenerateStreamResponse(finished=[request.request_id]))
 
     async def replies(self, request: pb.GenerateRequest):
-        """The request's messages, a step's worth every token_delay_s; none after an Abort."""
+        """The request's messages, a step's worth every token_delay_s; none after an Abort. A
+        continuation (resume_output_token_ids) starts after the tokens it was given, as the real
+        scheduler does."""
         params = request.params
         n = params.n if params.HasField("n") else 1
         outputs = [self.sequence(request, i) for i in range(n)]
         step = self.tokens_per_message
-        for start in range(0, max(len(tokens) for tokens, _ in outputs), step):
+        resumed = len(request.resume_output_token_ids)
+        for start in range(resumed, max(len(tokens) for tokens, _ in outputs), step):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             if request.request_id in self._aborted:

@@ -91,11 +91,12 @@ def test_scheduler_down_is_503_then_recovers(harness, client, url):
     assert chat(client, max_tokens=2).choices[0].finish_reason == "length"
 
 
-def test_a_request_in_flight_when_the_scheduler_goes_is_503_then_the_next_reopens(harness, fake,
-                                                                                   client, url):
-    """The router's one GenerateStream call breaks with the scheduler: the request on it fails as
-    its own broken Generate call did (503 scheduler_unavailable), and once the scheduler is back
-    the next request opens a new call."""
+def test_a_request_in_flight_when_the_scheduler_goes_is_503_then_the_next_reopens(harness, fake):
+    """The router's one GenerateStream call breaks with the scheduler: with --resume-timeout 0
+    the request on it fails as its own broken Generate call did (503 scheduler_unavailable), and
+    once the scheduler is back the next request opens a new call."""
+    url = harness.router(resume_timeout=0).url
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
     fake.token_delay_s = 0.05
     body = {"model": "smol", "prompt": "x", "max_tokens": 500, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool:

@@ -76,7 +76,7 @@ def run(tiny, requests, kind, async_scheduling=False):
     for rid, prompt in requests:
         request = pb.GenerateRequest(prompt_token_ids=prompt, pooling=pb.PoolingParams(pooling_type=kind))
         params, pooling = pooling_check.check(request, info, s.kv)
-        seqs[rid] = s.add_request(rid, prompt, params, SamplingLimits.of(params, frozenset()), pooling).sequences[0]
+        seqs[rid] = s.add_request(rid, prompt, params, SamplingLimits.of(params, frozenset()), pooling=pooling).sequences[0]
     drive(s, runner, plans)
     return s, plans, seqs
 
@@ -107,7 +107,7 @@ def test_prefix_cache(tiny, kind, hits):
     info = info_of(runner)
     request = pb.GenerateRequest(prompt_token_ids=second, pooling=pb.PoolingParams(pooling_type=kind))
     params, pooling = pooling_check.check(request, info, s.kv)
-    seq = s.add_request("b", second, params, SamplingLimits.of(params, frozenset()), pooling).sequences[0]
+    seq = s.add_request("b", second, params, SamplingLimits.of(params, frozenset()), pooling=pooling).sequences[0]
     drive(s, runner, plans)
     assert (seq.num_cached_tokens == 24) is hits and (seq.num_cached_tokens == 0) is not hits
     expected = hf_pooled(hf, second, kind, True)  # the model's default: normalised

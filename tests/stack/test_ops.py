@@ -25,7 +25,10 @@ MODEL = "SmolLM2-135M-Instruct"
 # A stack of its own for the tests that kill processes: a small cache keeps its memory small.
 OWN_STACK_FLAGS = ("--served-model-name", MODEL, "--kv-cache-memory-bytes", str(256 << 20),
                    "--shutdown-timeout", "600",  # ample for 8 streams on a busy machine
-                   "--max-model-len", "2048")
+                   "--max-model-len", "2048",
+                   # a request in flight when the scheduler dies waits this long to be resumed
+                   # on the restarted one, then fails (the launcher is paused in that test)
+                   "--resume-timeout", "5")
 
 
 @pytest.fixture(scope="module")
