@@ -92,6 +92,7 @@ class ModelRunner:
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             cudagraph_capture_sizes=self.graphs.sizes if self.graphs is not None else [],
             sampling_defaults=self.loaded.sampling_defaults,
+            sliding_window=self.loaded.sliding_window,
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:

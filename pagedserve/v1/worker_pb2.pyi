@@ -92,7 +92,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults")
+    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults", "sliding_window")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class WorkerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CUDAGRAPH_CAPTURE_SIZES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     model_path: str
@@ -117,4 +118,5 @@ class WorkerInfo(_message.Message):
     dtype: str
     cudagraph_capture_sizes: _containers.RepeatedScalarFieldContainer[int]
     sampling_defaults: _scheduler_pb2.SamplingParams
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    sliding_window: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., sliding_window: _Optional[int] = ...) -> None: ...

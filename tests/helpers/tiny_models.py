@@ -56,6 +56,12 @@ CONFIGS = {
                               vocab_size=VOCAB_SIZE, max_position_embeddings=256, word_embed_proj_dim=HIDDEN)),
     "gpt2": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=256)),
 }
+# Sliding windows shorter than most test prompts: Mistral's on every layer (the scheduler releases
+# blocks behind it; a context long enough for a 2,000-token generation), Qwen2's on its second
+# layer only (max_window_layers: the first attends to everything, so every block is kept).
+CONFIGS["mistral_swa"] = ("MistralConfig", {**_LLAMA_LIKE, "sliding_window": 12, "max_position_embeddings": 2304})
+CONFIGS["qwen2_swa"] = ("Qwen2Config", {**_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": 12,
+                                        "max_window_layers": 1})
 
 
 def build(architecture: str, path: Path, seed: int = 0, **overrides):

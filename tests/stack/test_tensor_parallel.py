@@ -25,6 +25,7 @@ MAX_TOKENS = 5
 @pytest.mark.parametrize("architecture, kv_heads, world_size", [
     ("llama", 2, 2), ("llama", 2, 4), ("llama", 4, 2), ("llama", 4, 4),  # 8 query heads
     ("opt", None, 2), ("qwen2", None, 2), ("qwen3", None, 2), ("gpt2", None, 4),
+    ("mistral_swa", None, 2),  # prompts longer than its window
 ])
 def test_logits_at_tensor_parallel_size_match_one_rank(tmp_path, architecture, kv_heads, world_size):
     tiny_models.build(architecture, tmp_path, **({"num_key_value_heads": kv_heads} if kv_heads else {}))

@@ -39,8 +39,9 @@ class LlamaVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend):
+    def __init__(self, config, variant: LlamaVariant, backend, window: int | None = None):
         super().__init__()
+        self.window = window  # sliding window of this layer, None: full attention
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
@@ -67,7 +68,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q), rotary(k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
         return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
 
 
@@ -84,10 +85,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend):
+    def __init__(self, config, variant: LlamaVariant, backend, window: int | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, variant, backend)
+        self.self_attn = LlamaAttention(config, variant, backend, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, variant)
 
@@ -104,10 +105,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend, max_position: int):
+    def __init__(self, config, variant: LlamaVariant, backend, max_position: int, windows: list[int | None]):
         super().__init__()
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend, w) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(head_dim, max_position, rope_parameters(config))
@@ -126,7 +127,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config, backend, max_position: int):
         super().__init__(config)
-        self.model = LlamaModel(config, self.variant(config), backend, max_position)
+        self.model = LlamaModel(config, self.variant(config), backend, max_position, self.sliding_windows(config))
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
