@@ -23,6 +23,7 @@ from tests.helpers import hf_reference, tiny_models
 from tests.helpers.stack import ROOT, generate_all, run_stack
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.models import supported_architectures
 
 ARCHITECTURES = list(tiny_models.CONFIGS)
 MAX_TOKENS = 6
@@ -173,8 +174,8 @@ def damaged_copy(tiny, tmp_path, damage: str):
         config = json.loads((model_dir / "config.json").read_text())
         config["architectures"] = ["FalconForCausalLM"]
         (model_dir / "config.json").write_text(json.dumps(config))
-        return model_dir, ("'FalconForCausalLM' is not supported; supported: GPT2LMHeadModel, LlamaForCausalLM, "
-                           "MistralForCausalLM, OPTForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+        # Every registered architecture, sorted (the registry grows: the list is read from it).
+        return model_dir, f"'FalconForCausalLM' is not supported; supported: {', '.join(supported_architectures())}"
     if damage == "shape":
         config = json.loads((model_dir / "config.json").read_text())
         config["n_inner"] = 128  # the checkpoint's MLP is 4 x 64 = 256 wide

@@ -341,7 +341,7 @@ def test_dummy_weights_need_no_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("architecture", "supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM"),
+    ("architecture", "supported: GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM"),
     ("shape", "model.safetensors: tensor model.embed_tokens.weight has shape"),
     ("missing", "neither model.safetensors"),
 ])

@@ -15,6 +15,8 @@ _MODELS = {
     "OPTForCausalLM": ("pagedserve.worker.models.opt", "OPTForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.worker.models.gpt2", "GPT2LMHeadModel"),
 }
+_MODELS["Gemma2ForCausalLM"] = ("pagedserve.worker.models.gemma2", "Gemma2ForCausalLM")
+_MODELS["Gemma3ForCausalLM"] = ("pagedserve.worker.models.gemma3", "Gemma3ForCausalLM")
 
 
 def supported_architectures() -> list[str]:

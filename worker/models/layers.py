@@ -212,8 +212,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, linear)")
         self.head_dim = head_dim
         self.max_position = max_position
         self.params = params
@@ -224,6 +224,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (self.params["rope_theta"] ** exponents)
         if self.params["rope_type"] == "llama3":
             inv_freq = _llama3_scaled(inv_freq, self.params)
+        elif self.params["rope_type"] == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+            inv_freq = inv_freq / self.params["factor"]
         freqs = torch.outer(torch.arange(self.max_position, device=device).float(), inv_freq)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
 
