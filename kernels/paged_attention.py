@@ -127,6 +127,10 @@ def _paged_attention_kernel(
     token = q_start + tok
     o_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
+        if HAS_WINDOW:
+            # Padding rows (past the query, or past the group) may see no key of the window:
+            # their sum stays 0. They are never stored; 1 spares them a 0 / 0.
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
