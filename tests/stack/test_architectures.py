@@ -76,6 +76,11 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, architecture):
                                          "beta_fast": 32, "beta_slow": 1}}),
     ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                    "original_max_position_embeddings": 64}}),
+    # Sliding windows shorter than the prompts, each model's own rule for which layers slide.
+    ("mixtral", {"sliding_window": 12}),
+    ("phi3", {"sliding_window": 12}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 2}),
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 12}),
 ])
 def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))
