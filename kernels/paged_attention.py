@@ -14,6 +14,11 @@ head (GQA/MQA), so each K/V tile is loaded once for the whole group. Its rows ar
 at >= 16 even for single-token decodes. The program walks the sequence's context up to the last
 position its tile may see, with an online softmax accumulated in fp32.
 
+Sliding window (WINDOW > 0): query position p sees keys p - WINDOW + 1 .. p (transformers'
+sliding_window_overlay). A program starts its walk at the first key its first query sees, so the
+blocks wholly before the window, which the scheduler may have released, are never read. Soft-capping
+(SOFTCAP > 0, Gemma 2): scores become SOFTCAP * tanh(score / SOFTCAP) before the mask.
+
 Split-KV decode (flash-decoding): when a batch of decodes has too few (sequence, kv head) programs
 to fill the GPU's SMs, each sequence's context is cut into `num_splits` equal ranges, one program
 each; every program writes its unnormalised output with its running max and sum, and a second
@@ -40,13 +45,13 @@ def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     part_out_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale,
+    scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_co, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -78,10 +83,14 @@ def _paged_attention_kernel(
 
     # Causality: the tile's last query sees keys up to ctx_len + its index, never beyond.
     kv_end = ctx_len + tl.minimum((tile + 1) * BLOCK_Q, q_len)
+    # The window: the tile's first query sees keys from ctx_len + its index - window + 1 on.
+    kv_start = 0
+    if HAS_WINDOW:
+        kv_start = tl.maximum(ctx_len + tile * BLOCK_Q - window + 1, 0)
     # This program's share of the context: all of it, or one of NUM_SPLITS tile-aligned ranges
-    # (splits run only for decodes, whose single query sees every key below seq_len).
-    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE_N) * TILE_N
-    kv_lo = split * split_len
+    # (splits run only for decodes, whose single query sees every key of [kv_start, seq_len)).
+    split_len = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), TILE_N) * TILE_N
+    kv_lo = kv_start + split * split_len
     kv_hi = tl.minimum(kv_lo + split_len, kv_end)
     n = tl.arange(0, TILE_N)
     for start in range(kv_lo, kv_hi, TILE_N):
@@ -94,9 +103,19 @@ def _paged_attention_kernel(
         k_t = tl.load(k_cache_ptr + slot[None, :] + d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
 
         s = tl.dot(q, k_t, input_precision="ieee") * scale
-        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        # The range's first key is visible to every row, so m_new is finite from the first tile on.
+        if HAS_SOFTCAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflows to inf, or is 0).
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        seen = k_pos[None, :] <= q_pos[:, None]
+        if HAS_WINDOW:
+            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
+        # Without a window the range's first key is visible to every row, so m_new is finite from
+        # the first tile on; with one, a row's first tiles may all lie before its window: its max
+        # stays -inf, and exp is taken against 0 so that no -inf - -inf makes a NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_WINDOW:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -108,6 +127,10 @@ def _paged_attention_kernel(
     token = q_start + tok
     o_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
+        if HAS_WINDOW:
+            # Padding rows (past the query, or past the group) may see no key of the window:
+            # their sum stays 0. They are never stored; 1 spares them a 0 / 0.
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
@@ -131,7 +154,9 @@ def _combine_splits_kernel(
     part = (token * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
     m = tl.load(part_ml_ptr + part * 2)
     l_s = tl.load(part_ml_ptr + part * 2 + 1)
-    weight = tl.exp(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
+    # Split 0 holds the first key the query sees, so the max is finite; a split whose range lies
+    # past the context has max -inf (or 0 with a window) and sum 0: its weight multiplies zeros.
+    weight = tl.exp(m - tl.max(m, 0))
     d = tl.arange(0, HEAD_DIM_PAD)
     acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :])
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
@@ -163,7 +188,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 def launch_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int,
-                     num_splits: int) -> dict[str, int]:
+                     num_splits: int, has_window: bool = False, has_softcap: bool = False) -> dict[str, int]:
     """The attention kernel's constexprs for a launch of this shape (also what tests compile for
     CUDA ahead of time, so that a shape the GPU would refuse fails on the CPU too)."""
     group = num_heads // num_kv_heads
@@ -171,7 +196,8 @@ def launch_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_siz
     return dict(GROUP=group, GROUP_PAD=group_pad,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=max(_MIN_TILE, triton.next_power_of_2(head_dim)),
                 BLOCK_SIZE=block_size, TILE_N=max(_MIN_TILE, block_size),
-                BLOCK_Q=_query_tile(max_query_len, group_pad), NUM_SPLITS=num_splits)
+                BLOCK_Q=_query_tile(max_query_len, group_pad), NUM_SPLITS=num_splits,
+                HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap)
 
 
 def combine_constants(constants: dict[str, int]) -> dict[str, int]:
@@ -180,7 +206,7 @@ def combine_constants(constants: dict[str, int]) -> dict[str, int]:
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                    max_query_len=None, num_splits=None):
+                    max_query_len=None, num_splits=None, window=None, softcap=None):
     """Causal attention of q [T, num_heads, head_dim] over the paged cache; returns [T, H, D].
 
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including this step's tokens),
@@ -188,6 +214,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     when None). num_splits: KV splits per sequence for an all-decode batch (max_query_len 1);
     None chooses by the device's SM count (choose_num_splits), 1 turns splitting off, a power of
     two forces it (tests). Raises ValueError when splits are forced on a batch with prefills.
+    window: a query at position p sees keys p - window + 1 .. p (None: 0 .. p); table entries of
+    blocks wholly before that are never read. softcap: scores become softcap * tanh(score / softcap).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -207,7 +235,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         num_splits = choose_num_splits(num_seqs, num_kv_heads, _num_sms(q.device)) if max_query_len == 1 else 1
     if num_splits & (num_splits - 1) or (num_splits > 1 and max_query_len != 1):
         raise ValueError(f"num_splits={num_splits}: splits are a power of two, for decode-only batches")
-    c = launch_constants(num_heads, num_kv_heads, head_dim, block_size, max_query_len, num_splits)
+    c = launch_constants(num_heads, num_kv_heads, head_dim, block_size, max_query_len, num_splits,
+                         has_window=bool(window), has_softcap=bool(softcap))
     if num_splits > 1:
         part_out = torch.empty(num_tokens, num_heads, num_splits, c["HEAD_DIM_PAD"], dtype=torch.float32,
                                device=q.device)
@@ -218,7 +247,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_ml,
         block_tables, seq_lens, query_start_loc,
-        scale,
+        scale, window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         **c,

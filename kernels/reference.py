@@ -13,8 +13,9 @@ def write_kv_reference(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                              max_query_len=None):
-    """Same contract as pagedserve.kernels.paged_attention.paged_attention (max_query_len is unused)."""
+                              max_query_len=None, window=None, softcap=None):
+    """Same contract as pagedserve.kernels.paged_attention.paged_attention (max_query_len is unused).
+    Reads every block of a sequence's table, released or not, and masks what the window hides."""
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
@@ -30,8 +31,13 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query
         v = v.float().repeat_interleave(group, dim=1)
 
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos[:, None]
+        if window:
+            visible &= k_pos > q_pos[:, None] - window
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out

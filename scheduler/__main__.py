@@ -45,6 +45,7 @@ def scheduler_config(args, infos) -> SchedulerConfig:
     return from_namespace(
         SchedulerConfig, args, num_blocks=min(i.num_kv_blocks for i in infos),
         block_size=infos[0].block_size, max_model_len=model_info(args, infos[0]).max_model_len,
+        sliding_window=infos[0].sliding_window if all(i.HasField("sliding_window") for i in infos) else None,
         max_num_batched_tokens=max(args.max_num_batched_tokens
                                    or default_max_num_batched_tokens(infos[0].device), 1))
 

@@ -20,6 +20,9 @@ class SchedulerConfig:
     num_blocks: int
     block_size: int
     max_model_len: int
+    # The workers' WorkerInfo.sliding_window: every layer attends within it, so blocks behind it
+    # are released while a sequence runs (None: kept until it ends).
+    sliding_window: int | None = None
     max_num_seqs: int = max_num_seqs_flag()
     max_num_batched_tokens: int | None = flag(
         None, "most tokens computed in one step, the budget that decodes and prefill chunks "

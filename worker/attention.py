@@ -12,6 +12,13 @@ Both backends take the same inputs and must give the same results:
 Cache layout (the kernels' contract): per layer, K and V of shape
 [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives in slot
 table[t // block_size] * block_size + t % block_size.
+
+Per layer, `window` (sliding-window attention: a query at position p sees keys p - window + 1 ..
+p, Hugging Face's `sliding_window_overlay`; None: all of them) and `softcap` (Gemma 2: scores
+become softcap * tanh(score / softcap) before the softmax). With a window, the blocks of positions
+wholly before the window may have been released by the scheduler (their table entries then name
+blocks that are no longer the sequence's): the kernels never read them, and the SDPA fallbacks,
+which read them, mask them out.
 """
 import os
 from dataclasses import dataclass
@@ -127,7 +134,10 @@ class TorchAttention:
         blocks = meta.block_tables[:nd, :num_blocks].flatten()
         return blocks, valid[:, None, None, :]
 
-    def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads, head_dim]; window
+        and softcap as in the module's docstring."""
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
         ops = cpu_ops(k)
@@ -139,17 +149,21 @@ class TorchAttention:
         nd, num_heads = meta.num_decodes, q.shape[1]
         if nd and meta.use_kernel:
             self.kernel.decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                               out[:nd], scale)
+                               out[:nd], scale, window, softcap)
         elif nd:
             # One call for every decode: the padded context [nd, kv_heads, L, d], and the query
             # heads of a KV group laid out as that group's "query rows", so GQA needs no repeat.
             k_ctx = k_cache.index_select(0, meta.decode_blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
             v_ctx = v_cache.index_select(0, meta.decode_blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
             q_grouped = q[:nd].view(nd, kv_heads, num_heads // kv_heads, head_dim)
-            o = F.scaled_dot_product_attention(q_grouped, k_ctx, v_ctx, attn_mask=meta.decode_valid, scale=scale)
+            valid = meta.decode_valid
+            if window:
+                first = (meta.seq_lens[:nd] - window)[:, None, None, None]
+                valid = valid & (torch.arange(valid.shape[-1], device=valid.device) >= first)
+            o = attend(q_grouped, k_ctx, v_ctx, valid, scale, softcap)
             out[:nd] = o.reshape(nd, num_heads, head_dim)
         if meta.kernel_prefills is not None:
-            self.kernel.prefill(q.contiguous(), k_cache, v_cache, *meta.kernel_prefills, out, scale)
+            self.kernel.prefill(q.contiguous(), k_cache, v_cache, *meta.kernel_prefills, out, scale, window, softcap)
         for rows, blocks, mask in meta.sdpa_chunks:
             if blocks is None:
                 k_seq, v_seq = k[rows], v[rows]
@@ -157,14 +171,36 @@ class TorchAttention:
                 ctx = len(mask[0])
                 k_seq = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
                 v_seq = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
+            q_seq = q[rows].transpose(0, 1)[None]
+            k_seq, v_seq = (x.repeat_interleave(num_heads // kv_heads, 1) if softcap else x for x in (k_seq, v_seq))
+            if window or softcap:
+                mask = visible(len(k_seq), rows.stop - rows.start, window, q.device)
             # 4-D [1, heads, len, d]: with 3-D inputs the CPU dispatcher falls back to the math
             # kernel, which materialises every score (several times slower on long prompts).
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None],
-                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
-            )
+            o = attend(q_seq, k_seq.transpose(0, 1)[None], v_seq.transpose(0, 1)[None], mask, scale, softcap)
             out[rows] = o[0].transpose(0, 1)
         return out
+
+
+def visible(ctx: int, q_len: int, window: int | None, device) -> torch.Tensor:
+    """[q_len, ctx] bool: which keys the last q_len of ctx positions see, causally and within the
+    window (key > query - window, as transformers' sliding_window_overlay)."""
+    q_pos = torch.arange(ctx - q_len, ctx, device=device)[:, None]
+    k_pos = torch.arange(ctx, device=device)[None, :]
+    mask = k_pos <= q_pos
+    return mask & (k_pos > q_pos - window) if window else mask
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """SDPA over [..., heads, len, d] (GQA: k and v may have fewer heads, SDPA's enable_gqa),
+    mask bool (None: causal); with softcap, the same in plain torch (SDPA cannot cap scores), k and v
+    then as many heads as q."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=True)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    return torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
 class TritonAttention:
@@ -182,14 +218,15 @@ class TritonAttention:
         """The kernel reads the common metadata as it is: nothing to precompute."""
         return meta
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         """Split-KV decodes are chosen by the batch's shape alone, so a CUDA graph captured for a
         batch size stays right for every context length."""
         k_cache, v_cache = kv_cache
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
-            max_query_len=meta.max_query_len, num_splits=self.num_splits,
+            max_query_len=meta.max_query_len, num_splits=self.num_splits, window=window, softcap=softcap,
         )
 
 

@@ -49,6 +49,7 @@ class LoadedModel:
     architecture: str
     dtype: torch.dtype
     max_model_len: int
+    sliding_window: int | None  # the window of every layer, else None (CausalLM.kv_sliding_window)
     vocab_size: int
     eos_token_ids: list[int]
     sampling_defaults: scheduler_pb2.SamplingParams
@@ -277,11 +278,6 @@ def context_length(config, spec: ModelSpec) -> int:
         raise LoadError(f"{spec.model_dir / 'config.json'}: no max_position_embeddings; pass --max-model-len")
     if max_position and max_model_len > max_position:
         log.warning("--max-model-len %d exceeds the model's max_position_embeddings %d", max_model_len, max_position)
-    window = spec.model_class.attention_window(hf_config)
-    if window and max_model_len > window:
-        log.warning("%s attends within a sliding window of %d tokens, which this worker does not implement: "
-                    "serving at most %d tokens per sequence (was %d)", spec.architecture, window, window, max_model_len)
-        max_model_len = window
     return max_model_len
 
 
@@ -323,6 +319,7 @@ def load_model(config, backend) -> LoadedModel:
         architecture=spec.architecture,
         dtype=dtype,
         max_model_len=max_model_len,
+        sliding_window=spec.model_class.kv_sliding_window(spec.hf_config),
         vocab_size=spec.hf_config.vocab_size,
         eos_token_ids=eos_token_ids(spec.model_dir, spec.hf_config),
         sampling_defaults=sampling_defaults(spec.model_dir),

@@ -103,6 +103,7 @@ class ModelRunner:
             is_matryoshka=self.pooling.is_matryoshka,
             matryoshka_dimensions=self.pooling.matryoshka_dimensions,
             hidden_size=self.model.input_embeddings().embedding_dim,
+            sliding_window=self.loaded.sliding_window,
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:

@@ -23,6 +23,15 @@ ATTENTION = [
     ("llama8b_prefill_block32", "bf16", 32, 8, 128, 32, 2048, 1),
     ("mha_block8_d80_split4", "fp16", 12, 12, 80, 8, 1, 4),
 ]
+# Variants with a sliding window and/or soft-capping (Mistral, Gemma 2): name -> (window, softcap).
+WINDOWED = {"mistral_window_prefill": (True, False), "mistral_window_decode_split8": (True, False),
+            "gemma2_softcap_window_prefill": (True, True), "gemma2_softcap_decode": (False, True)}
+ATTENTION += [
+    ("mistral_window_prefill", "bf16", 32, 8, 128, 16, 512, 1),
+    ("mistral_window_decode_split8", "bf16", 32, 8, 128, 16, 1, 8),
+    ("gemma2_softcap_window_prefill", "bf16", 8, 4, 256, 16, 512, 1),
+    ("gemma2_softcap_decode", "fp32", 4, 2, 16, 4, 1, 1),
+]
 # (name, dtype, num_kv_heads, head_dim)
 WRITE_KV = [("write_kv_bf16", "bf16", 8, 128), ("write_kv_fp32", "fp32", 3, 64)]
 # (name, dtype, token-expert pairs, hidden, moe intermediate, top_k): kernels/fused_moe.py
@@ -44,7 +53,7 @@ def signature(fn, constants: dict, pointer_types: dict, default_pointer: str) ->
             return "constexpr"
         if name.endswith("_ptr"):
             return pointer_types.get(name, default_pointer)
-        return "fp32" if name == "scale" else "i32"
+        return "fp32" if name in ("scale", "softcap") else "i32"
     return {name: kind(name) for name in fn.arg_names}
 
 
@@ -72,7 +81,8 @@ def main() -> int:
 
     indices = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32"}
     for name, dtype, heads, kv_heads, head_dim, block_size, max_q, splits in ATTENTION:
-        c = launch_constants(heads, kv_heads, head_dim, block_size, max_q, splits)
+        window, softcap = WINDOWED.get(name, (False, False))
+        c = launch_constants(heads, kv_heads, head_dim, block_size, max_q, splits, window, softcap)
         partials = {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32"}
         error = compile_one(_paged_attention_kernel, c, {**indices, **partials}, f"*{dtype}")
         if error is None and splits > 1:

@@ -73,6 +73,21 @@ CONFIGS["deepseek_v3"] = ("DeepseekV3Config", {
     **_LLAMA_LIKE, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
     "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
     "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1})
+# Sliding windows shorter than most test prompts: Mistral's on every layer (the scheduler releases
+# blocks behind it; a context long enough for a 2,000-token generation), Qwen2's on its second
+# layer only (max_window_layers: the first attends to everything, so every block is kept).
+CONFIGS["mistral_swa"] = ("MistralConfig", {**_LLAMA_LIKE, "sliding_window": 12, "max_position_embeddings": 2304})
+CONFIGS["qwen2_swa"] = ("Qwen2Config", {**_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": 12,
+                                        "max_window_layers": 1})
+# Gemma 2 and 3: local (window 12), global, local layers; query_pre_attn_scalar unlike head_dim;
+# weights (initializer_range) and caps small enough that soft-capping changes the scores.
+_GEMMA = {**_LLAMA_LIKE, "num_hidden_layers": 3, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 12,
+          "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "initializer_range": 0.2}
+CONFIGS["gemma2"] = ("Gemma2Config", {**_GEMMA, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 3.0})
+CONFIGS["gemma3"] = ("Gemma3TextConfig", {**_GEMMA, "final_logit_softcapping": 3.0,
+                                          "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                                              "full_attention": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                                                 "factor": 4.0}}})
 
 
 def build(architecture: str, path: Path, seed: int = 0, **overrides):
@@ -82,6 +97,12 @@ def build(architecture: str, path: Path, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(architecture, **overrides)).eval()
+    if architecture.startswith("gemma"):
+        # Gemma's norms multiply by (1 + weight) and start at zeros: random ones test the 1 +.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(-0.5, 0.5)
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)
     return model

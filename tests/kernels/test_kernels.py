@@ -181,3 +181,43 @@ def test_split_kv_is_refused_for_prefills_and_odd_counts():
 ])
 def test_choose_num_splits(num_seqs, num_kv_heads, num_sms, expected):
     assert choose_num_splits(num_seqs, num_kv_heads, num_sms) == expected
+
+
+# ------------------------------------------------------------------ sliding window, soft-capping
+
+def _release_outside_window(tables, seq_lens, qsl, block_size, window, caches):
+    """What the scheduler does to a sliding model's table: entries of blocks wholly before the
+    first key the step's first query sees point at a block of NaNs (a released block now someone
+    else's); the kernel must never read them. Returns the table and the caches with that block."""
+    released = tables.clone()
+    nan = torch.full_like(caches[0][:1], float("nan"))
+    caches = [torch.cat([c, nan]) for c in caches]
+    for b in range(len(seq_lens)):
+        first_query = int(seq_lens[b]) - int(qsl[b + 1] - qsl[b])
+        first_key = max(0, first_query - window + 1)
+        released[b, : first_key // block_size] = len(caches[0]) - 1
+    return released, caches
+
+
+@pytest.mark.parametrize("window,softcap", [(8, None), (13, None), (None, 5.0), (8, 3.0), (100, None)])
+@pytest.mark.parametrize("requests,num_splits", [(MIXED, 1), (PREFILL, 1), (LONG_DECODES, 1), (LONG_DECODES, 4)],
+                         ids=["mixed", "prefill", "decode", "decode_split4"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_window_and_softcap_match_reference(block_size, requests, num_splits, window, softcap):
+    """Windows shorter than a tile and than the prefill, one longer than most contexts; a cap small
+    enough to change every score; the blocks before the window released (NaN)."""
+    dtype, atol = DTYPES[0]
+    gen = torch.Generator().manual_seed(block_size + (window or 0) * 7)
+    q, k_cache, v_cache, tables, seq_lens, qsl, max_q = _build_batch(requests, block_size, 2, 3, 32, dtype, gen)
+    ref = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, 0.2, window=window,
+                                            softcap=softcap)
+    if softcap or window < max(ctx + n for ctx, n in requests):
+        plain = kernels.paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, qsl, 0.2)
+        assert not torch.allclose(ref, plain), "the window or the cap should change the result"
+    if window:
+        tables, (k_cache, v_cache) = _release_outside_window(tables, seq_lens, qsl, block_size, window,
+                                                             (k_cache, v_cache))
+    out = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 0.2, max_q, num_splits=num_splits,
+                                  window=window, softcap=softcap)
+    assert torch.isfinite(ref).all()
+    assert (out.float() - ref.float()).abs().max().item() <= atol

@@ -76,6 +76,11 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, architecture):
                                          "beta_fast": 32, "beta_slow": 1}}),
     ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                    "original_max_position_embeddings": 64}}),
+    # Sliding windows shorter than the prompts, each model's own rule for which layers slide.
+    ("mixtral", {"sliding_window": 12}),
+    ("phi3", {"sliding_window": 12}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 2}),
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 12}),
 ])
 def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))
@@ -137,10 +142,13 @@ def test_dtype_flag_sets_the_weights_and_cache_dtype(tiny, dtype):
     assert logits[0].dtype == torch.float32 and torch.isfinite(logits[0]).all()
 
 
-def test_mistral_sliding_window_caps_the_context(tmp_path):
-    tiny_models.build("mistral", tmp_path, sliding_window=48)
-    runner = ModelRunner(runner_config(tmp_path))
-    assert runner.worker_info().max_model_len == 48  # within the window, sliding attention is full attention
+def test_sliding_window_models_serve_their_whole_context(tiny):
+    """The window no longer caps max_model_len; the worker tells the scheduler the window it may
+    release blocks behind (Mistral: every layer's; Qwen2 with a full layer: none)."""
+    info = ModelRunner(runner_config(tiny["mistral_swa"][0])).worker_info()
+    assert (info.max_model_len, info.sliding_window) == (2304, 12)
+    info = ModelRunner(runner_config(tiny["qwen2_swa"][0])).worker_info()
+    assert info.max_model_len == 256 and not info.HasField("sliding_window")
 
 
 def test_generation_config_sets_defaults_a_request_leaves_unset(tiny, tmp_path):

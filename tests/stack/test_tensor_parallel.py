@@ -28,13 +28,14 @@ MAX_TOKENS = 5
     ("qwen3_moe", None, 2), ("qwen2_moe", None, 2), ("mixtral", None, 2),  # a slice of every expert
     ("phi3", 1, 2),  # fused qkv_proj in the checkpoint, its one KV head on both ranks
     ("deepseek_v3", None, 2),  # latent attention's heads split, its latents whole on each rank
+    ("mistral_swa", None, 2), ("gemma2", None, 2), ("gemma3", None, 2),  # prompts longer than their windows
 ])
 def test_logits_at_tensor_parallel_size_match_one_rank(tmp_path, architecture, kv_heads, world_size):
     tiny_models.build(architecture, tmp_path, **({"num_key_value_heads": kv_heads} if kv_heads else {}))
     one = ModelRunner(runner_config(tmp_path))
     expected_outputs, expected_logits = generate_in_process(one, PROMPTS, MAX_TOKENS)
     split_bytes, whole_bytes = weight_bytes(one.config)
-    _, total_kv_heads, head_dim = one.model.kv_cache_shape()
+    num_layers, total_kv_heads, head_dim = one.model.kv_cache_shape()
 
     ranks = distributed.run_local_ranks(world_size, rank_generate, tmp_path, MAX_TOKENS)
     for rank, (outputs, logits, held_bytes, kv_shape) in enumerate(ranks):
@@ -44,7 +45,7 @@ def test_logits_at_tensor_parallel_size_match_one_rank(tmp_path, architecture, k
         held_split, held_whole = held_bytes
         assert split_bytes / world_size <= held_split <= 1.05 * split_bytes / world_size, f"rank {rank}"
         assert held_whole == whole_bytes and whole_bytes < split_bytes / 5
-        assert kv_shape == (2, max(1, total_kv_heads // world_size), head_dim)
+        assert kv_shape == (num_layers, max(1, total_kv_heads // world_size), head_dim)
 
 
 def test_dummy_weights_are_the_same_model_at_any_size(tmp_path):

@@ -116,3 +116,62 @@ def test_long_fresh_prompts_stay_with_sdpa(monkeypatch):
     mine = run_step(TorchAttention(Counting()), work, shape, seed=3)
     torch.testing.assert_close(mine, run_step(TorchAttention(), work, shape, seed=3), atol=2e-6, rtol=1e-5)
     assert calls == [[8, 30]]
+
+
+def windowed_reference(q, caches, tables, work, block_size, scale, window, softcap):
+    """Each sequence's rows, attended in plain torch over its whole context: causal, within the
+    window (key > query - window, transformers' sliding_window_overlay), scores soft-capped."""
+    kv_heads = caches[0].shape[2]
+    out, row = torch.empty_like(q), 0
+    for (done, new), table in zip(work, tables):
+        ctx = done + new
+        k, v = (c[table].reshape(-1, kv_heads, c.shape[-1])[:ctx].repeat_interleave(q.shape[1] // kv_heads, 1)
+                for c in caches)
+        scores = torch.einsum("qhd,khd->hqk", q[row:row + new], k) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos, k_pos = torch.arange(done, ctx)[:, None], torch.arange(ctx)[None, :]
+        seen = (k_pos <= q_pos) & (k_pos > q_pos - (window or ctx + 1))
+        out[row:row + new] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
+        row += new
+    return out
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4]])
+@pytest.mark.parametrize("window,softcap", [(5, None), (16, None), (None, 4.0), (11, 2.5)])
+@pytest.mark.parametrize("with_kernel", [True, False])
+def test_window_and_softcap(monkeypatch, shape, window, softcap, with_kernel):
+    """Decodes, chunks continuing a prefix and fresh prompts (some past KERNEL_MAX_FRESH_CONTEXT,
+    so SDPA serves them beside the kernel), with the blocks wholly before each step's first window
+    released: for the C kernel they hold NaN (never read), for the SDPA fallback, which gathers
+    them, another sequence's finite values (masked)."""
+    monkeypatch.setattr(attention, "KERNEL_MAX_FRESH_CONTEXT", 20)
+    kernel = attention_kernel() if with_kernel else None
+    heads, kv_heads, head_dim, block_size = shape
+    work = [(40, 1), (7, 1), (0, 9), (30, 12), (0, 45), (19, 33)]
+    g = torch.Generator().manual_seed(sum(shape) + (window or 0))
+    widths = [-(-(done + new) // block_size) for done, new in work]
+    num_blocks = sum(widths) + 1  # the last: what released entries point at
+    order = torch.randperm(num_blocks - 1, generator=g).tolist()
+    tables = []
+    for width in widths:
+        tables.append(order[:width])
+        order = order[width:]
+    meta = step_inputs([([0] * (d + n), d, n, t) for (d, n), t in zip(work, tables)], block_size, num_blocks).meta
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2)]
+    tokens = sum(new for _, new in work)
+    q = torch.randn(tokens, heads, head_dim, generator=g)
+    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=g) for _ in range(2))
+    # The cache as the step leaves it (the new K/V written), for the reference.
+    for cache, new in zip(caches, (k, v)):
+        cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, new)
+    rows = sorted(range(len(work)), key=lambda i: work[i][1] != 1)  # decodes first, as the batch orders them
+    expected = windowed_reference(q, caches, [tables[i] for i in rows], [work[i] for i in rows], block_size,
+                                  head_dim ** -0.5, window, softcap)
+    if window:
+        for row, i in enumerate(rows):
+            meta.block_tables[row, : max(0, work[i][0] - window + 1) // block_size] = num_blocks - 1
+        caches[0][-1] = caches[1][-1] = float("nan") if with_kernel else 7.0
+    backend = TorchAttention(kernel)
+    out = backend.forward(q, k, v, tuple(caches), backend.prepare(meta), head_dim ** -0.5, window, softcap)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)

@@ -382,3 +382,23 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     plan = worker_pb2.StepPlan(step_id=1, new_sequences=[d.new(0, prompt)], scheduled=[d.sched(0, len(prompt))])
     _, logits = runner.run_step(plan)
     torch.testing.assert_close(logits[0], hf_last_logits(hf_model, prompt), atol=1e-4, rtol=0)
+
+
+def test_triton_backend_runs_gemma2_windows_and_soft_caps(tmp_path):
+    """Gemma 2's local layers (window 12) and attention soft-capping through the Triton kernel:
+    prompts longer than the window, the same tokens and logits as the torch backend's and
+    transformers' tokens."""
+    from tests.helpers import hf_reference, tiny_models
+
+    _triton_backend()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny_models.build("gemma2", tmp_path)
+    prompts = tiny_models.PROMPTS[2:]  # 19 and 37 tokens
+    results = [tiny_models.generate_in_process(ModelRunner(tiny_models.runner_config(
+        tmp_path, attention_backend=backend, device=device, dtype="float32")), prompts, 3)
+        for backend in ("torch", "triton")]
+    assert results[0][0] == results[1][0]
+    for step_torch, step_triton in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(step_triton.cpu(), step_torch.cpu(), atol=1e-4, rtol=0)
+    for prompt, output in zip(prompts, results[1][0]):
+        assert output == hf_reference.greedy(tmp_path, prompt, 3, ignore_eos=True)

@@ -37,16 +37,28 @@ float expf(float);
 
 /* One sequence, a run of its kv heads [kv_head, kv_head + num_kv) with their query heads (num_kv *
  * group of them, consecutive in q and out), and a run of `queries` consecutive query positions from
- * `first_pos` (a decode: one, its last position): query p sees keys [0, first_pos + p], and the
- * task reads keys [0, len), len = first_pos + queries. All heads of a row sit side by side in the
- * cache, so a task that takes them all reads each block as one contiguous span; its query positions
- * share every block it reads, which stays in L1 while they use it. */
+ * `first_pos` (a decode: one, its last position): query p sees keys [lo_p, first_pos + p], lo_p = 0,
+ * or with a sliding window W, max(0, first_pos + p - W + 1) (Hugging Face's: W keys, itself
+ * included). The task reads keys [base, len), len = first_pos + queries, base the start of the block
+ * that holds lo_0: blocks wholly before it may have been released (their table entries then name a
+ * block that is not this sequence's). Scores are kept per row for keys [base, len), `span` of them.
+ * All heads of a row sit side by side in the cache, so a task that takes them all reads each block
+ * as one contiguous span; its query positions share every block it reads, which stays in L1 while
+ * they use it. softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2). */
 typedef struct {
     const float *k_cache, *v_cache;
     const int32_t *table;
     int64_t len, first_pos, q_stride; /* q_stride: floats from one query position to the next in q and out */
     int group, block_size, kv_heads, head_dim, kv_head, num_kv, queries;
+    int64_t window, base, span; /* window 0: none */
+    float softcap;
 } Context;
+
+/* The first key query p of the task sees. */
+static inline int64_t first_key(const Context *c, int p) {
+    int64_t lo = c->first_pos + p - c->window + 1;
+    return c->window > 0 && lo > 0 ? lo : 0;
+}
 
 /* How many of block i's rows (`n` of them, from position `first`) query p sees: 0 to n. */
 static inline int64_t visible_rows(const Context *c, int p, int64_t first, int64_t n) {
@@ -123,11 +135,11 @@ static inline void ahead_fetch(Ahead *a, int lines) {
     do {                                                                             \
         int64_t stride_ = (int64_t)(c)->kv_heads * (c)->head_dim;                    \
         int64_t num_blocks_ = ((c)->len + (c)->block_size - 1) / (c)->block_size;    \
-        for (int64_t i_ = 0; i_ < num_blocks_; i_++) {                               \
+        for (int64_t i_ = (c)->base / (c)->block_size; i_ < num_blocks_; i_++) {    \
             const float *base_ = block_base((c), (cache), i_);                       \
             int64_t n_ = rows_in_block((c), i_);                                     \
             for (int64_t o_ = 0; o_ < n_; o_++) {                                    \
-                int64_t t = i_ * (c)->block_size + o_;                               \
+                int64_t t = i_ * (c)->block_size + o_ - (c)->base;                   \
                 const float *ptr = base_ + o_ * stride_;                             \
                 body                                                                 \
             }                                                                        \
@@ -146,20 +158,20 @@ static inline void axpy_plain(float *y, float a, const float *x, int d) {
     for (int i = 0; i < d; i++) y[i] += a * x[i];
 }
 
-/* scores[r * len + t] = scale * q_r . k_t for the task's query heads r, plain loops. */
+/* scores[r * span + t - base] = scale * q_r . k_t for the task's query heads r, plain loops. */
 static void scores_plain(const Context *c, const float *q, float scale, float *scores) {
     int d = c->head_dim, rows = c->num_kv * c->group;
     FOR_EACH_ROW(c, c->k_cache, t, k, {
-        for (int r = 0; r < rows; r++) scores[r * c->len + t] = dot_plain(q + r * d, k + (r / c->group) * d, d) * scale;
+        for (int r = 0; r < rows; r++) scores[r * c->span + t] = dot_plain(q + r * d, k + (r / c->group) * d, d) * scale;
     });
 }
 
-/* out_r = sum_t p[r * len + t] v_t, plain loops. */
+/* out_r = sum_t p[r * span + t - base] v_t, plain loops. */
 static void weighted_v_plain(const Context *c, const float *p, float *out) {
     int d = c->head_dim, rows = c->num_kv * c->group;
     memset(out, 0, sizeof(float) * rows * d);
     FOR_EACH_ROW(c, c->v_cache, t, v, {
-        for (int r = 0; r < rows; r++) axpy_plain(out + r * d, p[r * c->len + t], v + (r / c->group) * d, d);
+        for (int r = 0; r < rows; r++) axpy_plain(out + r * d, p[r * c->span + t], v + (r / c->group) * d, d);
     });
 }
 
@@ -204,13 +216,13 @@ static inline __m256 scores8(const float *q, const float *k, int64_t stride, int
 }
 
 /* Block by block (each staged into L1 first), eight rows at a time, for every query position and
- * head of the task: scores[(p * heads + r) * len + t]. */
+ * head of the task: scores[(p * heads + r) * span + t - base]. */
 static void scores_avx2(const Context *c, const float *q, float scale, float *scores) {
     int d = c->head_dim, rows = c->num_kv * c->group;
     int64_t stride = (int64_t)c->kv_heads * d;
     int64_t num_blocks = (c->len + c->block_size - 1) / c->block_size;
     __m256 scale8 = _mm256_set1_ps(scale);
-    for (int64_t i = 0; i < num_blocks; i++) {
+    for (int64_t i = c->base / c->block_size; i < num_blocks; i++) {
         const float *base = block_base(c, c->k_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
         stage_block(c, c->k_cache, i);
@@ -218,12 +230,12 @@ static void scores_avx2(const Context *c, const float *q, float scale, float *sc
         for (int p = 0; p < c->queries; p++) {
             int64_t seen = visible_rows(c, p, first, n);
             const float *qp = q + p * c->q_stride;
-            float *sp = scores + (int64_t)p * rows * c->len + first;
+            float *sp = scores + (int64_t)p * rows * c->span + first - c->base;
             for (int64_t o = 0; o < seen; o += 8) {
                 for (int r = 0; r < rows; r++) {
                     ahead_fetch(&next, AHEAD_LINES);
                     const float *k = base + o * stride + (r / c->group) * d, *qr = qp + r * d;
-                    float *s = sp + r * c->len + o;
+                    float *s = sp + r * c->span + o;
                     if (o + 8 <= seen) _mm256_storeu_ps(s, _mm256_mul_ps(scores8(qr, k, stride, d), scale8));
                     else for (int64_t t = 0; t < seen - o; t++) s[t] = dot_avx2(qr, k + t * stride, d) * scale;
                 }
@@ -260,14 +272,14 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
     int64_t stride = (int64_t)c->kv_heads * d;
     int64_t num_blocks = (c->len + c->block_size - 1) / c->block_size;
     for (int q = 0; q < c->queries; q++) memset(out + q * c->q_stride, 0, sizeof(float) * rows * d);
-    for (int64_t i = 0; i < num_blocks; i++) {
+    for (int64_t i = c->base / c->block_size; i < num_blocks; i++) {
         const float *base = block_base(c, c->v_cache, i);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
         stage_block(c, c->v_cache, i);
         Ahead next = ahead_of(c, c->v_cache, i);
         for (int q = 0; q < c->queries; q++) {
             int64_t seen = visible_rows(c, q, first, n);
-            const float *pq = p + (int64_t)q * rows * c->len + first;
+            const float *pq = p + (int64_t)q * rows * c->span + first - c->base;
             for (int64_t o = 0; o < seen; o += 8) { /* eight rows at a time, as in scores_avx2 */
                 int64_t m = seen - o < 8 ? seen - o : 8;
                 int nr;
@@ -275,13 +287,13 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
                     /* Up to three heads at a time, never across two kv heads (they read different rows). */
                     int in_group = c->group - r % c->group;
                     nr = in_group < 3 ? in_group : 3;
-                    const float *v = base + o * stride + (r / c->group) * d, *pr = pq + r * c->len + o;
+                    const float *v = base + o * stride + (r / c->group) * d, *pr = pq + r * c->span + o;
                     for (int f = 0; f < d; f += 32) {
                         ahead_fetch(&next, AHEAD_LINES);
                         float *acc = out + q * c->q_stride + r * d + f;
-                        if (nr == 3) weighted_chunk(v + f, stride, m, pr, c->len, acc, d, 3);
-                        else if (nr == 2) weighted_chunk(v + f, stride, m, pr, c->len, acc, d, 2);
-                        else weighted_chunk(v + f, stride, m, pr, c->len, acc, d, 1);
+                        if (nr == 3) weighted_chunk(v + f, stride, m, pr, c->span, acc, d, 3);
+                        else if (nr == 2) weighted_chunk(v + f, stride, m, pr, c->span, acc, d, 2);
+                        else weighted_chunk(v + f, stride, m, pr, c->span, acc, d, 1);
                     }
                 }
             }
@@ -291,10 +303,16 @@ static void weighted_v_avx2(const Context *c, const float *p, float *out) {
 }
 #endif
 
-/* Row g holds `len` scores, `stride` floats after row g - 1. */
-static void softmax_rows(float *scores, int rows, int64_t len, int64_t stride) {
+/* Row g holds `end` scores, `stride` floats after row g - 1; the first `skip` of them are outside the
+ * window and get weight 0. softcap > 0 caps the others first: softcap * tanh(s / softcap). */
+static void softmax_rows(float *scores, int rows, int64_t skip, int64_t end, int64_t stride, float softcap) {
+    int64_t len = end - skip;
     for (int g = 0; g < rows; g++) {
         float *s = scores + g * stride;
+        memset(s, 0, sizeof(float) * skip);
+        s += skip;
+        if (softcap > 0.0f)
+            for (int64_t t = 0; t < len; t++) s[t] = softcap * tanhf(s[t] / softcap);
         float top = s[0], total = 0.0f;
 #pragma omp simd reduction(max : top)
         for (int64_t t = 1; t < len; t++) top = s[t] > top ? s[t] : top;
@@ -315,7 +333,8 @@ static void one_task(const Context *c, const float *q, float *out, float scale, 
     if (c->head_dim % 32 == 0) {
         scores_avx2(c, q, scale, scores);
         for (int p = 0; p < c->queries; p++)
-            softmax_rows(scores + (int64_t)p * rows * c->len, rows, c->first_pos + p + 1, c->len);
+            softmax_rows(scores + (int64_t)p * rows * c->span, rows, first_key(c, p) - c->base,
+                         c->first_pos + p + 1 - c->base, c->span, c->softcap);
         weighted_v_avx2(c, scores, out);
         return;
     }
@@ -325,8 +344,9 @@ static void one_task(const Context *c, const float *q, float *out, float scale, 
         one.len = c->first_pos + p + 1;
         one.first_pos = one.len - 1;
         one.queries = 1;
+        one.span = one.len - one.base;
         scores_plain(&one, q + p * c->q_stride, scale, scores);
-        softmax_rows(scores, rows, one.len, one.len);
+        softmax_rows(scores, rows, first_key(c, p) - c->base, one.span, one.span, c->softcap);
         weighted_v_plain(&one, scores, out + p * c->q_stride);
     }
 }
@@ -343,7 +363,7 @@ static void one_task(const Context *c, const float *q, float *out, float scale, 
 static int attend(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
                   int64_t table_stride, const int32_t *seq_lens, const int32_t *query_start,
                   const int32_t *query_lens, float *out, int num_seqs, int heads, int kv_heads, int head_dim,
-                  int block_size, float scale) {
+                  int block_size, float scale, int64_t window, float softcap) {
     int group = heads / kv_heads, widest = 1;
     int64_t longest = 1;
     int64_t *tile_start = malloc(sizeof(int64_t) * (num_seqs + 1)); /* tiles before sequence b */
@@ -358,6 +378,8 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
         widest = tile > widest ? tile : widest;
     }
     int64_t tiles = tile_start[num_seqs];
+    /* A task's scores span its window (from the start of a block) and its own positions at most. */
+    if (window > 0 && window + widest + block_size < longest) longest = window + widest + block_size;
     int per_task = tiles >= 2 * omp_get_max_threads() ? kv_heads : 1;
     int64_t splits = kv_heads / per_task, tasks = tiles * splits, q_stride = (int64_t)heads * head_dim;
 #pragma omp parallel
@@ -378,7 +400,9 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
             count = count < QUERY_TILE ? count : QUERY_TILE;
             int64_t first_pos = seq_lens[b] - q_len + first;
             Context c = {k_cache, v_cache, block_tables + b * table_stride, first_pos + count, first_pos, q_stride,
-                         group, block_size, kv_heads, head_dim, h, per_task, (int)count};
+                         group, block_size, kv_heads, head_dim, h, per_task, (int)count, window, 0, 0, softcap};
+            c.base = first_key(&c, 0) / block_size * block_size;
+            c.span = c.len - c.base;
             int64_t offset = (row0 + first) * q_stride + (int64_t)h * group * head_dim;
             if (scores) one_task(&c, q + offset, out + offset, scale, scores);
             else {
@@ -395,9 +419,10 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
 /* out[b, h, :] = softmax(q[b, h, :] . K[b, :seq_lens[b]]) V[b, :seq_lens[b]] for every decode b. */
 int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                            const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, float *out,
-                           int num_seqs, int heads, int kv_heads, int head_dim, int block_size, float scale) {
+                           int num_seqs, int heads, int kv_heads, int head_dim, int block_size, float scale,
+                           int64_t window, float softcap) {
     return attend(q, k_cache, v_cache, block_tables, table_stride, seq_lens, 0, 0, out, num_seqs, heads, kv_heads,
-                  head_dim, block_size, scale);
+                  head_dim, block_size, scale, window, softcap);
 }
 
 /* Causal attention of prefill chunks: sequence b's query_lens[b] rows of q and out ([rows, heads,
@@ -406,7 +431,8 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
 int paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
                             const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                             const int32_t *query_start, const int32_t *query_lens, float *out, int num_seqs,
-                            int heads, int kv_heads, int head_dim, int block_size, float scale) {
+                            int heads, int kv_heads, int head_dim, int block_size, float scale, int64_t window,
+                            float softcap) {
     return attend(q, k_cache, v_cache, block_tables, table_stride, seq_lens, query_start, query_lens, out, num_seqs,
-                  heads, kv_heads, head_dim, block_size, scale);
+                  heads, kv_heads, head_dim, block_size, scale, window, softcap);
 }

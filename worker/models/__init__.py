@@ -20,6 +20,8 @@ _MODELS = {
     "Phi3ForCausalLM": ("pagedserve.worker.models.phi3", "Phi3ForCausalLM"),
     "DeepseekV3ForCausalLM": ("pagedserve.worker.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
+_MODELS["Gemma2ForCausalLM"] = ("pagedserve.worker.models.gemma2", "Gemma2ForCausalLM")
+_MODELS["Gemma3ForCausalLM"] = ("pagedserve.worker.models.gemma3", "Gemma3ForCausalLM")
 
 
 def supported_architectures() -> list[str]:

@@ -25,10 +25,17 @@ class CausalLM(nn.Module):
         self.config = config
 
     @classmethod
-    def attention_window(cls, config) -> int | None:
-        """The sliding attention window, where the architecture uses one; the loader caps the
-        context at it (within the window, sliding and full attention are the same)."""
-        return None
+    def sliding_windows(cls, config) -> list[int | None]:
+        """Per layer, its sliding attention window (a query sees its last `window` positions,
+        itself included) or None (full attention): what the layer passes the attention backend."""
+        return [None] * config.num_hidden_layers
+
+    @classmethod
+    def kv_sliding_window(cls, config) -> int | None:
+        """The window the scheduler may release KV blocks behind: the one window of every layer,
+        or None where any layer attends to the whole context (all blocks are then kept)."""
+        windows = set(cls.sliding_windows(config))
+        return windows.pop() if len(windows) == 1 else None
 
     def input_embeddings(self) -> nn.Embedding:
         raise NotImplementedError

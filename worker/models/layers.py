@@ -264,8 +264,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         rope_type = params["rope_type"]
-        if rope_type not in ("default", "llama3", "longrope", "yarn"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, longrope, yarn)")
+        if rope_type not in ("default", "llama3", "longrope", "yarn", "linear"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, longrope, yarn, linear)")
         self.head_dim = head_dim
         self.max_position = max_position
         self.params = params
@@ -281,6 +281,8 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scale = _longrope_scaled(inv_freq, self.params, self.max_position)
         elif self.params["rope_type"] == "yarn":
             inv_freq, scale = _yarn_scaled(exponents, self.params, self.head_dim)
+        elif self.params["rope_type"] == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+            inv_freq = inv_freq / self.params["factor"]
         freqs = torch.outer(torch.arange(self.max_position, device=device).float(), inv_freq)
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, head_dim]
         if scale != 1.0:

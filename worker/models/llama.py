@@ -39,8 +39,9 @@ class LlamaVariant:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend):
+    def __init__(self, config, variant: LlamaVariant, backend, window: int | None = None):
         super().__init__()
+        self.window = window  # sliding window of this layer, None: full attention
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
@@ -67,7 +68,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q), rotary(k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
         return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
 
 
@@ -91,11 +92,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend, mlp: tuple[str, nn.Module] | None = None):
-        """`mlp`: (the checkpoint's name for it, the module) where not the dense "mlp" (MoE models)."""
+    def __init__(self, config, variant: LlamaVariant, backend, mlp: tuple[str, nn.Module] | None = None,
+                 window: int | None = None):
+        """`mlp`: (the checkpoint's name for it, the module) where not the dense "mlp" (MoE models);
+        `window`: the layer's sliding attention window (None: full attention)."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, variant, backend)
+        self.self_attn = LlamaAttention(config, variant, backend, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp_name, module = mlp or ("mlp", LlamaMLP(config, variant))
         setattr(self, self.mlp_name, module)
@@ -113,11 +116,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, variant: LlamaVariant, backend, max_position: int, mlp=lambda layer: None):
-        """`mlp(layer index)`: a layer's (name, MLP module), or None for the dense one."""
+    def __init__(self, config, variant: LlamaVariant, backend, max_position: int, mlp=lambda layer: None,
+                 windows: list[int | None] | None = None):
+        """`mlp(layer index)`: a layer's (name, MLP module), or None for the dense one; `windows`:
+        each layer's sliding window (CausalLM.sliding_windows), None for all full attention."""
         super().__init__()
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend, mlp(i))
+        windows = windows or [None] * config.num_hidden_layers
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, variant, backend, mlp(i), windows[i])
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head_dim = self.layers[0].self_attn.head_dim
@@ -138,7 +144,8 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config, backend, max_position: int):
         super().__init__(config)
         variant = self.variant(config)
-        self.model = LlamaModel(config, variant, backend, max_position, lambda i: self.layer_mlp(config, variant, i))
+        self.model = LlamaModel(config, variant, backend, max_position, lambda i: self.layer_mlp(config, variant, i),
+                                self.sliding_windows(config))
         self.lm_head = lm_head(config.hidden_size, config.vocab_size)
         self.tie_weights()
 

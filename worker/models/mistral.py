@@ -1,7 +1,6 @@
-"""Mistral: the Llama decoder with a sliding attention window (Mistral 7B v0.1: 4096 tokens).
-
-The attention backends attend to the whole context, so the loader caps the context at the window,
-where sliding and full attention agree (later Mistral checkpoints set `sliding_window: null`).
+"""Mistral: the Llama decoder with a sliding attention window on every layer (Mistral 7B v0.1: 4096
+tokens; later checkpoints set `sliding_window: null`). The scheduler releases the KV blocks that
+fall behind the window (docs/ARCHITECTURE.md, "Sliding windows").
 """
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
@@ -10,5 +9,5 @@ class MistralForCausalLM(LlamaForCausalLM):
     config_defaults = {**LlamaForCausalLM.config_defaults, "sliding_window": 4096}
 
     @classmethod
-    def attention_window(cls, config) -> int | None:
-        return config.sliding_window
+    def sliding_windows(cls, config) -> list[int | None]:
+        return [config.sliding_window] * config.num_hidden_layers

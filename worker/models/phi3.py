@@ -15,7 +15,7 @@ from pagedserve.worker.models.sharding import head_split
 
 
 class Phi3ForCausalLM(MistralForCausalLM):
-    # Phi-3-mini-4k sets sliding_window 2047 (MistralForCausalLM.attention_window reads it).
+    # Phi-3-mini-4k sets sliding_window 2047 (MistralForCausalLM.sliding_windows reads it).
     config_defaults = {**MistralForCausalLM.config_defaults, "sliding_window": None, "rms_norm_eps": 1e-5,
                        "original_max_position_embeddings": 4096}
 

@@ -35,3 +35,13 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
         return "mlp", SparseMoeBlock(config, config.num_experts, config.num_experts_per_tok,
                                      config.moe_intermediate_size, config.norm_topk_prob,
                                      weights_in_model_dtype=True, shared_expert=shared)
+
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        """transformers' Qwen2MoeConfig: `layer_types`, else (with `use_sliding_window`) the
+        even-indexed layers below `max_window_layers` slide, unlike Qwen2's rule."""
+        window = config.sliding_window if config.use_sliding_window else None
+        types = config.layer_types or [
+            "sliding_attention" if window and (i + 1) % 2 and i < config.max_window_layers else "full_attention"
+            for i in range(config.num_hidden_layers)]
+        return [window if t == "sliding_attention" else None for t in types]

@@ -18,3 +18,9 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         return "mlp", SparseMoeBlock(config, config.num_experts, config.num_experts_per_tok,
                                      config.moe_intermediate_size, config.norm_topk_prob,
                                      weights_in_model_dtype=True)
+
+    @classmethod
+    def sliding_windows(cls, config) -> list[int | None]:
+        """transformers' Qwen3Moe attention: `sliding_window` on every layer when
+        `use_sliding_window` (no layer_types, unlike Qwen3)."""
+        return [config.sliding_window if config.use_sliding_window else None] * config.num_hidden_layers
