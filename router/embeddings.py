@@ -51,7 +51,7 @@ async def serve_embeddings(request: Request) -> Response:
                 for i, ids in enumerate(req.prompts)]
     metrics = frontend.metrics
     try:
-        generation = await until_disconnect(request, start_generation(frontend.client, requests))
+        generation = await until_disconnect(request, start_generation(frontend.replicas, requests))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     metrics.request_started()
