@@ -63,6 +63,8 @@ class SchedulerCollector:
                            s.num_preemptions)
         yield self.counter("prompt_tokens", "Prompt tokens admitted", s.prompt_tokens_total)
         yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
+        yield self.counter("num_requests_resumed", "Requests held through a lost worker and "
+                           "recomputed instead of failing", s.num_requests_resumed)
 
     def gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)

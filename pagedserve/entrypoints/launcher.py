@@ -4,8 +4,9 @@ Ctrl-C/SIGTERM. Headless (vLLM's word), it starts no router: a front end in the 
 (the offline LLM) talks gRPC to the scheduler itself.
 
 Restarting in place is safe because every process recovers from its neighbours' restarts: the
-router reconnects to the scheduler, the scheduler fails the requests a lost worker held, resets
-its block pool and reconnects, and a worker resets its batch when a new Execute stream opens.
+router reconnects to the scheduler, the scheduler holds the requests a lost worker held, resets
+its block pool, reconnects and recomputes them (failing them after --resume-timeout), and a worker
+resets its batch when a new Execute stream opens.
 A child that keeps dying right after it starts stops the whole server instead of looping."""
 from __future__ import annotations
 
