@@ -33,6 +33,10 @@ class Settings:
     enable_auto_tool_choice: bool = flag(False, 'allow tool_choice "auto" (needs --tool-call-parser)')
     tool_call_parser: str | None = flag(None, 'how tool calls are found in the text of tool_choice '
                                         '"auto" replies', choices=sorted(PARSERS))
+    metrics_prefix: str = flag(
+        "pagedserve", "the prefix of vLLM's metric names at /metrics: vllm gives vLLM's own "
+        "(vllm:num_requests_waiting...), for routers and autoscalers written for vLLM",
+        choices=["pagedserve", "vllm"])
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 

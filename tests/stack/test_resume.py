@@ -2,7 +2,10 @@
 holds every request in flight, and once the launcher has restarted the worker recomputes each
 one's prompt and generated tokens (as after a preemption). Every stream, greedy or seeded, over
 gRPC or HTTP, ends exactly as in an undisturbed run: a pause, never an error, a repeated token or
-a gap. Workers not back within --resume-timeout fail the requests as before; nothing leaks."""
+a gap. Workers not back within --resume-timeout fail the requests as before; nothing leaks.
+
+The stack runs with --metrics-prefix vllm, as the Kubernetes manifests' engines do (deploy/): its
+/metrics carries vLLM's own names, and their values move."""
 from __future__ import annotations
 
 import json
@@ -17,7 +20,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from tests.helpers.live_stack import children, poll, prompt_ids, scrape, wait_for_child
+from tests.helpers.live_stack import children, delta, poll, prompt_ids, scrape, wait_for_child
 from tests.helpers.stack import run_stack
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -31,7 +34,7 @@ GRPC_GREEDY, GRPC_SEEDED, HTTP_GREEDY = 12, 2, 2
 def stack(model_dir, tmp_path_factory):
     flags = ("--served-model-name", MODEL, "--kv-cache-memory-bytes", str(256 << 20),
              "--max-model-len", "1024", "--max-num-seqs", "16",
-             "--resume-timeout", str(RESUME_TIMEOUT))
+             "--resume-timeout", str(RESUME_TIMEOUT), "--metrics-prefix", "vllm")
     with run_stack(model_dir, *flags, log_dir=tmp_path_factory.mktemp("resume")) as stack:
         yield stack
 
@@ -100,6 +103,29 @@ def assert_clean(stack) -> None:
     stats = stack.wait_idle()
     assert (stats.kv_blocks_used, stats.num_requests_running, stats.num_requests_waiting) == \
         (0, 0, 0)
+
+
+def test_with_vllms_metric_prefix_the_vllm_names_are_served_and_move(stack, prompts):
+    before = scrape(stack.root_url)
+    assert before[("vllm:num_requests_waiting", ())] == 0
+    assert not [name for name, _ in before if name.startswith("pagedserve:")
+                and name != "pagedserve:num_requests_resumed_total"]
+    body = {"model": MODEL, "prompt": prompts[0], "max_tokens": 300, "ignore_eos": True,
+            "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, stack.base_url + "/completions", json=body,
+                              timeout=TIMEOUT)
+        poll(lambda: scrape(stack.root_url)[("vllm:num_requests_running", ())] == 1, TIMEOUT)
+        usage_perc = scrape(stack.root_url)[("vllm:kv_cache_usage_perc", ())]
+        assert 0 < usage_perc < 1
+        usage = running.result(timeout=TIMEOUT).json()["usage"]
+    after = scrape(stack.root_url)
+    assert after[("vllm:num_requests_running", ())] == 0
+    assert delta(after, before, "vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta(after, before, "vllm:generation_tokens_total") == usage["completion_tokens"] == 300
+    assert delta(after, before, "vllm:request_success_total", finished_reason="length") == 1
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count"):
+        assert delta(after, before, name) == 1
 
 
 def test_16_streams_through_a_killed_worker_end_exactly_as_undisturbed(stack, prompts):
