@@ -239,5 +239,11 @@ def shutdown_timeout_flag():
     return flag(30.0, "seconds that requests in flight get to finish after SIGTERM")
 
 
+def resume_timeout_flag():
+    return flag(60.0, "seconds a request in flight may wait for a lost process to be back (a "
+                "restarted worker; its KV cache is recomputed) before it fails as it would "
+                "without resuming")
+
+
 def log_level_flag():
     return flag("INFO", "debug, info, warning or error", env="PAGEDSERVE_LOG_LEVEL")

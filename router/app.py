@@ -39,7 +39,7 @@ log = logging.getLogger("pagedserve.router")
 
 
 def build_app(settings: Settings) -> Starlette:
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_prefix)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

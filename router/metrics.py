@@ -1,5 +1,6 @@
 """Prometheus metrics at /metrics, under vLLM's names with the prefix `pagedserve:` (so vLLM's
-dashboards work after a rename), plus the router's own HTTP traffic.
+dashboards work after a rename), or `vllm:` itself with `--metrics-prefix vllm` (so routers and
+autoscalers written for vLLM read them as they are), plus the router's own HTTP traffic.
 
 Request latencies are measured in the router, where the client sees them: each Run reports them
 through the RequestMetrics interface (router/request_metrics.py), which Metrics implements. Queue,
@@ -25,7 +26,8 @@ from pagedserve.router.request_metrics import RequestMetrics
 
 log = logging.getLogger("pagedserve.router")
 
-PREFIX = "pagedserve:"
+PREFIX = "pagedserve:"  # pagedserve's own metrics, which vLLM has no name for, keep it always
+METRICS_PREFIXES = ("pagedserve", "vllm")  # --metrics-prefix: what vLLM's names are under
 ROUTER_PREFIX = "pagedserve_router_"
 MODEL_LABEL = ["model_name"]
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -40,9 +42,10 @@ FINISHED_REASONS = ("stop", "length", "abort", "error")
 class SchedulerCollector:
     """The scheduler's figures from the latest GetStats, in vLLM's metric names."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = PREFIX):
         self.stats: pb.SchedulerStats | None = None
         self.model_name = ""
+        self.prefix = prefix
 
     def collect(self):
         s = self.stats
@@ -63,20 +66,27 @@ class SchedulerCollector:
                            s.num_preemptions)
         yield self.counter("prompt_tokens", "Prompt tokens admitted", s.prompt_tokens_total)
         yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
+        yield self.counter("num_requests_resumed", "Requests held through a lost worker and "
+                           "recomputed instead of failing", s.num_requests_resumed, PREFIX)
 
     def gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
+        family = GaugeMetricFamily(self.prefix + name, doc, labels=MODEL_LABEL)
         family.add_metric([self.model_name], value)
         return family
 
-    def counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
+    def counter(self, name: str, doc: str, value: float,
+                prefix: str | None = None) -> CounterMetricFamily:
+        family = CounterMetricFamily((prefix or self.prefix) + name, doc, labels=MODEL_LABEL)
         family.add_metric([self.model_name], value)
         return family
 
 
 class Metrics(RequestMetrics):
-    def __init__(self):
+    def __init__(self, metrics_prefix: str = "pagedserve"):
+        """metrics_prefix: one of METRICS_PREFIXES, the prefix of vLLM's names (before the colon)."""
+        if metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(f"metrics_prefix: {metrics_prefix!r} is not one of {METRICS_PREFIXES}")
+        prefix = metrics_prefix + ":"
         # A registry of its own: tests build several apps in one process.
         self.registry = r = CollectorRegistry()
         self.http_requests = Counter(ROUTER_PREFIX + "http_requests", "HTTP requests answered",
@@ -86,18 +96,18 @@ class Metrics(RequestMetrics):
                                       ["method", "path"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(ROUTER_PREFIX + "requests_in_flight",
                                "Generations the router is serving", registry=r)
-        self._ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+        self._ttft = Histogram(prefix + "time_to_first_token_seconds",
                                "Time from the request's arrival to its first token",
                                MODEL_LABEL, buckets=TTFT_BUCKETS, registry=r)
-        self._itl = Histogram(PREFIX + "inter_token_latency_seconds",
+        self._itl = Histogram(prefix + "inter_token_latency_seconds",
                               "Time between two successive outputs of a sequence",
                               MODEL_LABEL, buckets=ITL_BUCKETS, registry=r)
-        self._e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+        self._e2e = Histogram(prefix + "e2e_request_latency_seconds",
                               "Time from the request's arrival to its last token",
                               MODEL_LABEL, buckets=E2E_BUCKETS, registry=r)
-        self._success = Counter(PREFIX + "request_success", "Sequences finished, by reason",
+        self._success = Counter(prefix + "request_success", "Sequences finished, by reason",
                                 MODEL_LABEL + ["finished_reason"], registry=r)
-        self.scheduler = SchedulerCollector()
+        self.scheduler = SchedulerCollector(prefix)
         r.register(self.scheduler)
 
     def bind(self, model_name: str) -> None:

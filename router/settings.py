@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
-                              served_model_name_flag, shutdown_timeout_flag)
+                              resume_timeout_flag, served_model_name_flag, shutdown_timeout_flag)
 from pagedserve.router.reasoning_parsers import PARSERS as REASONING_PARSERS
 from pagedserve.router.routing import POLICIES
 from pagedserve.router.tool_parsers import PARSERS
@@ -62,9 +62,12 @@ class Settings:
                                         "must exceed; then the idlest replica gets the request")
     max_tree_size: int = flag(1 << 20, "cache_aware: tokens of sent prefixes remembered per "
                               "replica (least recently used go first)")
-    resume_timeout: float = flag(30.0, "seconds a request whose scheduler went away may wait "
-                                 "to be resumed on it (restarted) or another replica; then it "
-                                 "fails as before (0: fail at once)")
+    # a request whose scheduler went away waits for it (restarted) or another replica
+    resume_timeout: float = resume_timeout_flag()
+    metrics_prefix: str = flag(
+        "pagedserve", "the prefix of vLLM's metric names at /metrics: vllm gives vLLM's own "
+        "(vllm:num_requests_waiting...), for routers and autoscalers written for vLLM",
+        choices=["pagedserve", "vllm"])
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
     health_interval_s: float = 1.0        # between two health checks of every replica

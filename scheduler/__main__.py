@@ -55,7 +55,8 @@ async def serve(args) -> None:
     infos = await workers.wait_ready()
     info = model_info(args, infos[0])
     config = scheduler_config(args, infos)
-    engine = Engine(Scheduler(config), workers, list(info.eos_token_ids))
+    engine = Engine(Scheduler(config), workers, list(info.eos_token_ids),
+                    resume_timeout=args.resume_timeout)
     service = SchedulerService(engine, info)
     server, health_servicer = build_server(service, f"{args.host}:{args.port}", args.api_key)
     await server.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_num_seqs_flag,
-                              served_model_name_flag, shutdown_timeout_flag)
+                              resume_timeout_flag, served_model_name_flag, shutdown_timeout_flag)
 
 # Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
 # GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).
@@ -47,6 +47,7 @@ class SchedulerArgs:
     max_model_len: int | None = flag(None, "cap the context below the workers' (default: theirs)")
     api_key: str | None = api_key_flag()
     shutdown_timeout: float = shutdown_timeout_flag()
+    resume_timeout: float = resume_timeout_flag()
     log_level: str = log_level_flag()
 
 

@@ -23,13 +23,20 @@ from .workers import WorkerGroup, WorkerLost
 
 log = logging.getLogger("pagedserve.scheduler.engine")
 
+DEFAULT_RESUME_TIMEOUT_S = 60.0  # the default of --resume-timeout (pagedserve/flags.py)
+# A request held through this many lost workers fails instead: one whose own step kills
+# the worker each time must not take every restart down with it forever.
+MAX_LOSSES = 3
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, workers: WorkerGroup, eos_token_ids: list[int]):
+    def __init__(self, scheduler: Scheduler, workers: WorkerGroup, eos_token_ids: list[int],
+                 resume_timeout: float = DEFAULT_RESUME_TIMEOUT_S):
         self.scheduler = scheduler
         self.workers = workers
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.resume_timeout = resume_timeout  # seconds the requests held wait for the workers
+        self.held: list[Request] = []  # requests kept through the last lost worker, not resumed yet
         self.outboxes: dict[str, Outbox] = {}  # where each request in flight's news goes
         self.wakeup = asyncio.Event()
         self.healthy = False
@@ -115,8 +122,18 @@ class Engine:
     def fail_all(self, error: Exception) -> None:
         """The workers lost every sequence's KV cache: each request in flight fails at once with
         an error that says so (its client may retry), and the block pool starts empty."""
+        self.tell_failed(self.scheduler.fail_all(), error)
+        self.held = []
+
+    def fail(self, requests: list[Request], error: Exception) -> None:
+        """These requests end with `error`; their blocks go back."""
+        for request in requests:
+            self.scheduler.abort(request.request_id)
+        self.tell_failed(requests, error)
+
+    def tell_failed(self, requests: list[Request], error: Exception) -> None:
         written: set = set()
-        for request in self.scheduler.fail_all():
+        for request in requests:
             outbox = self.outboxes.pop(request.request_id, None)
             if outbox is not None:
                 log.warning("request %s failed: %s", request.request_id, error)
@@ -124,6 +141,20 @@ class Engine:
                 written.add(outbox)
         for outbox in written:
             outbox.flush()
+
+    def suspend(self, error: WorkerLost) -> None:
+        """A worker was lost with every sequence's KV cache: the requests in flight are held, to
+        be recomputed once the workers are back (connect); a request already held through
+        MAX_LOSSES lost workers fails now."""
+        held = self.scheduler.suspend_all()
+        doomed = [r for r in held if r.num_losses >= MAX_LOSSES]
+        if doomed:
+            self.fail(doomed, WorkerLost(f"{error}; the request was lost with the worker's state "
+                                         f"{MAX_LOSSES} times, retry it"))
+        self.held = [r for r in held if r.num_losses < MAX_LOSSES]
+        if self.held:
+            log.warning("%d requests held until the workers are back (at most %g s, "
+                        "--resume-timeout)", len(self.held), self.resume_timeout)
 
     # ----- the loop -----------------------------------------------------------------------------
 
@@ -133,26 +164,48 @@ class Engine:
             try:
                 await self.serve_steps()
             except WorkerLost as e:
-                log.error("%s; failing every request in flight and reconnecting", e)
+                log.error("%s; holding the requests in flight and reconnecting", e)
                 self.healthy = False
                 self.workers.cancel()
-                self.fail_all(WorkerLost(f"{e}; the request was lost with the worker's state, "
-                                         "retry it"))
+                self.suspend(e)
 
     async def connect(self) -> None:
         """(Re)joins the workers: each new Execute stream starts on an empty worker batch, and
         the block pool is sized to the cache the workers now have (a restarted worker may have
-        found a different amount of free memory)."""
-        infos = await self.workers.wait_ready()
+        found a different amount of free memory). The requests held through a lost worker are
+        resumed, or fail if the workers are not back within resume_timeout seconds."""
+        infos = await self.wait_for_workers()
         self.resize_pool(min(info.num_kv_blocks for info in infos))
         self.workers.open()
         self.healthy = True
+        resumed = [r for r in self.held if not r.finished]
+        if resumed:
+            self.scheduler.num_requests_resumed += len(resumed)
+            log.warning("%d requests resumed: recomputing their prompts and generated tokens",
+                        len(resumed))
+            self.wakeup.set()
+        self.held = []
         log.info("workers ready: %s%s", ", ".join(self.workers.addresses),
                  " (async scheduling)" if self.scheduler.config.async_scheduling else "")
 
+    async def wait_for_workers(self):
+        """Every rank's WorkerInfo, once they answer. While requests are held, at most
+        resume_timeout seconds pass before they fail (as they did before resuming existed); the
+        wait for the workers goes on after that."""
+        if self.held:
+            try:
+                return await asyncio.wait_for(self.workers.wait_ready(), self.resume_timeout)
+            except asyncio.TimeoutError:
+                self.fail_all(WorkerLost(
+                    f"no worker came back within {self.resume_timeout:g} s (--resume-timeout); "
+                    "the request was lost with the worker's state, retry it"))
+        return await self.workers.wait_ready()
+
     def resize_pool(self, num_blocks: int) -> None:
+        """Sized while no sequence holds a block: at start-up, and after a lost worker (requests
+        held then hold none)."""
         kv = self.scheduler.kv
-        if num_blocks != kv.num_blocks and not self.scheduler.requests:
+        if num_blocks != kv.num_blocks and not kv.tables:
             log.warning("the workers now hold %d KV blocks (was %d)", num_blocks, kv.num_blocks)
             kv.reset(num_blocks)
 
@@ -212,4 +265,4 @@ class Engine:
             kv_blocks_used=s.kv.num_used_blocks, prefix_cache_queries=s.kv.queries,
             prefix_cache_hits=s.kv.hits, prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total, num_steps=self.num_steps,
-            workers_healthy=self.healthy)
+            workers_healthy=self.healthy, num_requests_resumed=s.num_requests_resumed)

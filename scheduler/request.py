@@ -78,6 +78,7 @@ class Request:
     num_prompt_logprobs: int | None = None
     prompt_logprobs: list[pb.PromptLogprob] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    num_losses: int = 0             # lost workers it was held through (scheduler.suspend_all)
     # An embedding request's resolved PoolingParams (scheduler/pooling.py): prefill only, no token.
     pooling: pb.PoolingParams | None = None
 

@@ -46,6 +46,7 @@ class Scheduler:
         self.next_admission = 0
         self.next_step_id = 0
         self.num_preemptions = 0
+        self.num_requests_resumed = 0  # requests held through a lost worker and admitted again
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -311,6 +312,28 @@ class Scheduler:
         if num_output >= limits.max_tokens or num_tokens >= self.config.max_model_len:
             return pb.FINISH_REASON_LENGTH
         return pb.FINISH_REASON_UNSPECIFIED
+
+    def suspend_all(self) -> list[Request]:
+        """The workers lost their state (a worker died): every request in flight is kept, and
+        each of its sequences waits to be recomputed from its prompt and generated tokens, exactly
+        as after a preemption (the sampler's seeding by position makes the recompute produce the
+        same tokens). The steps in flight are lost with their results; the block pool starts
+        empty (the restarted worker's cache holds nothing, cached prefixes included).
+        Returns the requests held, each counted as having lived through one more loss."""
+        for seq in self.running + list(self.waiting):
+            seq.num_computed = seq.num_scheduled = 0
+            seq.on_worker = False
+        for seq in reversed(self.running):  # self.running is in admission order: it goes first
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+        self.running = []
+        self.freed = []
+        self.in_flight.clear()
+        self.kv.reset()
+        held = list(self.requests.values())
+        for request in held:
+            request.num_losses += 1
+        return held
 
     def fail_all(self) -> list[Request]:
         """The workers lost their state: every request ends, every block comes back."""

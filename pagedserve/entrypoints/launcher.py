@@ -9,8 +9,9 @@ GPUs, by CUDA_VISIBLE_DEVICES), and one router given every scheduler (--schedule
 routes between them and resumes the requests of a scheduler that dies (router/replicas.py).
 
 Restarting in place is safe because every process recovers from its neighbours' restarts: the
-router reconnects to the scheduler, the scheduler fails the requests a lost worker held, resets
-its block pool and reconnects, and a worker resets its batch when a new Execute stream opens.
+router reconnects to the scheduler, the scheduler holds the requests a lost worker held, resets
+its block pool, reconnects and recomputes them (failing them after --resume-timeout), and a worker
+resets its batch when a new Execute stream opens.
 A child that keeps dying right after it starts stops the whole server instead of looping."""
 from __future__ import annotations
 

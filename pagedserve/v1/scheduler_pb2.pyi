@@ -259,7 +259,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "num_preemptions", "kv_blocks_total", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_steps", "workers_healthy")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "num_preemptions", "kv_blocks_total", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_steps", "workers_healthy", "num_requests_resumed")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,7 @@ class SchedulerStats(_message.Message):
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_RESUMED_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     num_preemptions: int
@@ -282,4 +283,5 @@ class SchedulerStats(_message.Message):
     generation_tokens_total: int
     num_steps: int
     workers_healthy: bool
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_steps: _Optional[int] = ..., workers_healthy: _Optional[bool] = ...) -> None: ...
+    num_requests_resumed: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_steps: _Optional[int] = ..., workers_healthy: _Optional[bool] = ..., num_requests_resumed: _Optional[int] = ...) -> None: ...

@@ -1,96 +1,189 @@
-"""Continuations (GenerateRequest.resume_output_token_ids): a request re-sent with the tokens its
-client already got goes on where it stopped, as if it had never left, against the fake worker."""
+"""A lost worker, resumed (Engine.run, Scheduler.suspend_all): the requests in flight are held and
+recomputed once a fresh worker is back, and each client gets exactly what an undisturbed run gives
+(no error, no repeated token, no gap); a request whose workers are not back within
+--resume-timeout fails as it did before resuming existed; nothing leaks. Against the fake worker,
+which checks at every step that each sequence reads only its own tokens' KV."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
-from pagedserve.scheduler.engine import Engine
-from pagedserve.scheduler.kv_cache_manager import KVCacheManager
-from pagedserve.scheduler.outboxes import END_OF_REQUEST
-from pagedserve.scheduler.validation import InvalidRequest, check
 from pagedserve.v1 import scheduler_pb2 as pb
-from tests.helpers.scheduler_driver import EOS, VOCAB, make
+from pagedserve.v1 import worker_pb2 as wpb
+from pagedserve.scheduler.engine import MAX_LOSSES, Engine
+from pagedserve.scheduler.outboxes import END_OF_REQUEST
+from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
+from pagedserve.scheduler.workers import WorkerLost
+from tests.helpers.fake_worker import FakeWorker
 
-PROMPT = [5, 6, 7, 8, 9, 10]
-MAX_TOKENS = 9
-
-
-def run(prompt, resumed=(), ahead=False, min_tokens=0):
-    """Every message the engine streams for one request, and the plans' NewSequence entries."""
-    s, w = make(async_scheduling=ahead)
-    engine = Engine(s, workers=None, eos_token_ids=[EOS])
-    params = pb.SamplingParams(max_tokens=MAX_TOKENS, n=1, temperature=0, ignore_eos=True,
-                               min_tokens=min_tokens)
-    queue = engine.add("r", prompt, params, resumed=list(resumed))
-    new_sequences = []
-    while s.has_work():
-        plan = s.schedule()
-        new_sequences.extend(plan.new_sequences)
-        engine.publish(s.update(w.execute(plan)))
-    messages = []
-    while (item := queue.get_nowait()) is not END_OF_REQUEST:
-        messages.append(item)
-    assert s.kv.num_used_blocks == 0 and not s.requests
-    return messages, new_sequences
+VOCAB, EOS, BLOCK_SIZE, NUM_BLOCKS = 64, 0, 4, 64
 
 
-def tokens_of(messages) -> list[int]:
-    return [t for m in messages for t in m.token_ids]
+class DyingGroup:
+    """WorkerGroup over a FakeWorker that dies at the steps in `die_at` (its Execute stream
+    breaks: WorkerLost) and is replaced by a fresh one (empty batch, zeroed cache) once `back` is
+    set, as the launcher or an orchestrator restarts a worker."""
+
+    def __init__(self, die_at: set[int]):
+        self.die_at = die_at
+        self.worker = None
+        self.results: asyncio.Queue = asyncio.Queue()
+        self.back = asyncio.Event()
+        self.back.set()
+        self.addresses = ["fake:0"]
+        self.num_starts = 0
+
+    async def wait_ready(self):
+        await self.back.wait()
+        return [wpb.WorkerInfo(num_kv_blocks=NUM_BLOCKS)]
+
+    def open(self) -> None:
+        self.worker = FakeWorker(NUM_BLOCKS, BLOCK_SIZE, VOCAB)
+        self.results = asyncio.Queue()
+        self.num_starts += 1
+
+    def cancel(self) -> None:
+        self.worker = None
+
+    async def send(self, plan: wpb.StepPlan) -> None:
+        if self.worker is None:
+            raise WorkerLost("a worker's Execute stream has ended")
+        if plan.step_id in self.die_at:
+            self.worker = None
+            self.die_at.discard(plan.step_id)
+            self.back.clear()
+            self.results.put_nowait(None)
+            return
+        self.results.put_nowait(self.worker.execute(wpb.StepPlan.FromString(plan.SerializeToString())))
+
+    async def receive(self) -> wpb.StepResult:
+        await asyncio.sleep(0)
+        result = await self.results.get()
+        if result is None:
+            raise WorkerLost("worker fake:0 failed: UNAVAILABLE: Socket closed")
+        return result
+
+
+REQUESTS = {  # request id: (prompt, max_tokens, n, seed)
+    "greedy": (list(range(1, 23)), 20, 1, None),
+    "n3": ([7, 8, 9], 12, 3, None),
+    "seeded": ([5, 6, 7, 8, 9, 10], 16, 1, 1234),
+    "short": ([3, 1, 4, 1, 5], 3, 1, None),
+}
+
+
+def engine_for(die_at: set[int], ahead: bool = False, resume_timeout: float = 60.0) -> Engine:
+    config = SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_model_len=256,
+                             max_num_batched_tokens=32, async_scheduling=ahead)
+    return Engine(Scheduler(config), DyingGroup(die_at), eos_token_ids=[EOS],
+                  resume_timeout=resume_timeout)
+
+
+async def serve(engine: Engine, while_lost=None) -> dict:
+    """Every request of REQUESTS through Engine.run: per request, its tokens by sequence index as
+    the client got them (and whether each ended), or the error it ended with. `while_lost` runs
+    once the first worker is lost, before a new one is let back."""
+    runner = asyncio.ensure_future(engine.run())
+    await asyncio.sleep(0)  # connect
+    queues = {}
+    for rid, (prompt, max_tokens, n, seed) in REQUESTS.items():
+        params = pb.SamplingParams(max_tokens=max_tokens, n=n, temperature=0, ignore_eos=True)
+        if seed is not None:
+            params.temperature, params.seed = 1.0, seed
+        queues[rid] = engine.add(rid, prompt, params)
+
+    async def collect(rid):
+        tokens, ended = {}, set()
+        while (item := await queues[rid].get()) is not END_OF_REQUEST:
+            if isinstance(item, Exception):
+                return item
+            tokens.setdefault(item.index, []).extend(item.token_ids)
+            if item.finish_reason:
+                ended.add(item.index)
+        return tokens, ended
+
+    async def lose_then_return():  # each time a worker is lost
+        group = engine.workers
+        while True:
+            while group.back.is_set() or engine.healthy:  # until the engine knows
+                await asyncio.sleep(0)
+            if while_lost is not None and group.num_starts == 1:
+                await while_lost(engine)
+            group.back.set()
+            while not engine.healthy:
+                await asyncio.sleep(0)
+
+    helper = asyncio.ensure_future(lose_then_return())
+    clients = asyncio.gather(*(collect(rid) for rid in queues))
+    try:
+        await asyncio.wait([clients, helper], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if helper.done() and helper.exception():
+            raise helper.exception()
+        return dict(zip(queues, await asyncio.wait_for(clients, 30)))
+    finally:
+        runner.cancel()
+        helper.cancel()
+
+
+def undisturbed(ahead: bool) -> dict:
+    return asyncio.run(serve(engine_for(set(), ahead)))
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async-scheduling"])
-@pytest.mark.parametrize("cut", [1, 4, MAX_TOKENS - 1])
-def test_a_continuation_streams_exactly_the_rest_of_the_undisturbed_output(cut, ahead):
-    whole, _ = run(PROMPT, ahead=ahead)
-    output = tokens_of(whole)
-    assert len(output) == MAX_TOKENS
-    rest, new = run(PROMPT, resumed=output[:cut], ahead=ahead)
-    assert tokens_of(rest) == output[cut:]  # no token again, none missing
-    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    assert rest[-1].completion_tokens == MAX_TOKENS  # the resumed tokens count toward max_tokens
-    assert rest[-1].prompt_tokens == len(PROMPT)
-    # The worker recomputes prompt + resumed and knows how many were generated (seeds, penalties).
-    assert list(new[0].token_ids) == PROMPT + output[:cut]
-    assert new[0].num_generated == cut
+@pytest.mark.parametrize("die_at", [{1}, {4}, {4, 9}], ids=["in-prefill", "in-decode", "twice"])
+def test_a_lost_worker_is_resumed_and_every_client_gets_the_undisturbed_output(ahead, die_at):
+    engine = engine_for(set(die_at), ahead)
+
+    async def check_held(engine):  # while no worker serves: held, holding no block
+        s = engine.scheduler
+        assert not s.running and len(s.requests) >= 1 and s.kv.num_used_blocks == 0
+        assert not engine.outboxes.keys() - s.requests.keys()
+    got = asyncio.run(serve(engine, check_held))
+    assert got == undisturbed(ahead)
+    for rid, (tokens, ended) in got.items():
+        assert ended == set(range(REQUESTS[rid][2])) and all(
+            len(t) == REQUESTS[rid][1] for t in tokens.values())
+    s = engine.scheduler
+    assert engine.workers.num_starts == 1 + len(die_at)
+    assert s.num_requests_resumed >= len(die_at)  # each loss held at least one request
+    assert engine.stats().num_requests_resumed == s.num_requests_resumed
+    assert s.kv.num_used_blocks == 0 and s.kv.pool.num_free == NUM_BLOCKS
+    assert not s.requests and not engine.outboxes and not engine.held
 
 
-def test_a_continuation_reports_only_its_prompts_cached_tokens():
-    s, w = make()
-    engine = Engine(s, workers=None, eos_token_ids=[EOS])
-    params = pb.SamplingParams(max_tokens=MAX_TOKENS, n=1, temperature=0, ignore_eos=True)
-    prompt = list(range(1, 13))  # three full blocks of 4
-    first = engine.add("first", prompt, params)
-    while s.has_work():
-        engine.publish(s.update(w.execute(s.schedule())))
-    output = [t for m in iter(first.get_nowait, END_OF_REQUEST) for t in m.token_ids]
-    again = engine.add("again", prompt, params, resumed=output[:6])
-    while s.has_work():
-        engine.publish(s.update(w.execute(s.schedule())))
-    messages = list(iter(again.get_nowait, END_OF_REQUEST))
-    # prompt + 6 resumed = 18 tokens: 4 full blocks were cached, of which the prompt's 3.
-    assert messages[-1].cached_tokens == len(prompt)
-    assert tokens_of(messages) == output[6:]
+def test_requests_whose_workers_are_not_back_within_the_resume_timeout_fail_and_leak_nothing():
+    engine = engine_for({4}, resume_timeout=0.2)
+
+    async def stay_away(engine):
+        await asyncio.sleep(0.5)
+        s = engine.scheduler
+        assert not s.requests and not engine.outboxes  # failed at 0.2 s, before the worker's back
+    got = asyncio.run(serve(engine, stay_away))
+    failed = [rid for rid, r in got.items() if isinstance(r, Exception)]
+    assert failed and all(isinstance(got[rid], WorkerLost) and "--resume-timeout" in str(got[rid])
+                          for rid in failed)
+    s = engine.scheduler
+    assert s.num_requests_resumed == 0
+    assert s.kv.num_used_blocks == 0 and not s.requests and not engine.held
 
 
-MODEL = pb.ModelInfo(vocab_size=VOCAB, max_model_len=64, block_size=4)
+def test_a_request_held_through_max_losses_lost_workers_in_a_row_fails():
+    engine = engine_for(set(range(1, 1 + MAX_LOSSES)))  # each step, before any token comes back
+    got = asyncio.run(serve(engine))
+    assert all(isinstance(r, WorkerLost) and f"{MAX_LOSSES} times" in str(r) for r in got.values())
+    assert engine.scheduler.kv.num_used_blocks == 0 and not engine.scheduler.requests
 
 
-def checked(resumed, **params):
-    request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], params=pb.SamplingParams(**params),
-                                 resume_output_token_ids=resumed)
-    return check(request, MODEL, KVCacheManager(64, 4))
+def test_an_abort_while_the_worker_is_lost_ends_the_held_request():
+    engine = engine_for({4})
 
-
-@pytest.mark.parametrize("resumed, params, words", [
-    ([4, 5], {"n": 2, "max_tokens": 8}, "n is 2"),
-    ([4] * 8, {"max_tokens": 8}, "nothing is left"),
-    ([4, VOCAB], {"max_tokens": 8}, "outside the vocabulary"),
-    ([4] * 61, {}, "nothing is left"),  # max_tokens unset: the room the prompt alone leaves
-])
-def test_a_continuation_that_cannot_go_on_is_refused_naming_the_field(resumed, params, words):
-    with pytest.raises(InvalidRequest, match=f"^resume_output_token_ids: .*{words}"):
-        checked(resumed, **params)
-
-
-def test_max_tokens_left_unset_stays_the_room_the_original_prompt_leaves():
-    assert checked([4, 5, 6]).max_tokens == MODEL.max_model_len - 3
+    async def abort_one(engine):
+        assert engine.abort("greedy")
+    got = asyncio.run(serve(engine, abort_one))
+    tokens, ended = got["greedy"]
+    assert ended == {0} and len(tokens[0]) < REQUESTS["greedy"][1]  # ended by the abort
+    expected = undisturbed(False)
+    assert {rid: got[rid] for rid in got if rid != "greedy"} == \
+        {rid: expected[rid] for rid in expected if rid != "greedy"}
+    assert engine.scheduler.kv.num_used_blocks == 0 and not engine.scheduler.requests
