@@ -29,9 +29,10 @@ from pagedserve.v1 import scheduler_pb2 as pb
 
 log = logging.getLogger("pagedserve.router")
 
-SUMMED = ("num_requests_running", "num_requests_waiting", "num_preemptions", "kv_blocks_total",
-          "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total",
-          "generation_tokens_total", "num_steps")
+# Every count of SchedulerStats adds up over replicas (workers_healthy, the one flag, is any's):
+# read from the message itself, so a count added to the proto is summed without a word here.
+SUMMED = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields
+               if f.type != f.TYPE_BOOL and not f.is_repeated)
 
 
 class Replica:
