@@ -13,7 +13,8 @@ known: the worker appends its own sampled tokens, so the plan needs only the cou
 finishing at step N computes one token in step N+1 that update() throws away, and is freed in plan
 N+2. A sequence preempted by plan N+1 keeps what step N samples for it, and is re-added only once
 that result is in. Sequences that step N certainly finishes (max_tokens, max_model_len) are not
-run ahead, nor those with structured outputs, whose grammar must not see a token past its end.
+run ahead, nor those with structured outputs, whose grammar must not see a token past its end,
+nor those that speculate (scheduler/speculation.py): their drafts follow the token that step samples.
 """
 from __future__ import annotations
 

@@ -113,3 +113,15 @@ def test_random_streams_with_drafts_give_the_outputs_without(reqs, num_blocks, b
     spec, s = run(prompts, NGRAM, **kw)
     assert spec == plain
     assert all(seq.status is Status.FINISHED for r in s.requests.values() for seq in r.sequences)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_parallel_sampling_siblings_each_speculate(caching):
+    def outputs(spec):
+        s, w = make(speculative_config=spec, enable_prefix_caching=caching)
+        request = add(s, "r", [1, 2, 3, 4, 5, 1, 2, 3], 20, n=3, ignore_eos=True)
+        drain(s, w)
+        return [seq.output_ids() for seq in request.sequences], s
+    plain, _ = outputs(None)
+    spec, s = outputs(NGRAM)
+    assert spec == plain and s.speculator.num_accepted_tokens > 0
