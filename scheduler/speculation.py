@@ -3,8 +3,8 @@ counters behind vLLM's spec_decode metrics. The drafts travel in the plan
 (ScheduledSequence.draft_token_ids) as extra query tokens; the worker verifies them all in the
 step's one forward pass and answers with the accepted ones (StepResult.accepted).
 
-A sequence gets no drafts where they could not be verified exactly or would be wasted: structured
-outputs (the grammar would have to vet each draft), prompt logprobs, pooling, a step of it still
+A sequence gets no drafts where they could not be verified exactly or would be wasted: prompt
+logprobs, pooling, a step of it still
 in flight (async scheduling: its length is unknown until that result), or too little room left
 before max_tokens or max_model_len. It then decodes one token, in the same batch as the others.
 """
@@ -45,8 +45,7 @@ class Speculator:
     @staticmethod
     def eligible(seq: Sequence) -> bool:
         request = seq.request
-        return not (request.params.HasField("structured_outputs") or request.num_prompt_logprobs is not None
-                    or request.pooling is not None)
+        return not (request.num_prompt_logprobs is not None or request.pooling is not None)
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         """One verified sequence-step: num_drafts proposed, the first num_accepted accepted."""

@@ -16,6 +16,10 @@ the target's distribution, and greedy ones (argmax at each position) are the tok
 without drafts gives; a seeded request even draws the same tokens, since a position's uniform
 number depends only on (seed, position).
 
+Structured outputs: the sequence's grammar matcher accepts the drafts one by one, recording its
+bitmask before each (and after the last), then rolls back (`draft_grammars`); each position is
+masked with its own state, so a draft the grammar refuses is never kept.
+
 The KV the step wrote for rejected drafts stays in the cache and is overwritten later: the batch
 rolls num_computed back to the accepted prefix (`commit`), as the scheduler does.
 """
@@ -36,14 +40,52 @@ class DraftPosition:
 
     __slots__ = ("seq_id", "params", "token_ids", "num_prompt", "grammar")
 
-    def __init__(self, seq, tokens: list[int]):
+    def __init__(self, seq, tokens: list[int], grammar=None):
         self.seq_id, self.params, self.num_prompt = seq.seq_id, seq.params, seq.num_prompt
         self.token_ids = tokens
-        self.grammar = None  # the scheduler proposes no drafts to constrained sequences
+        self.grammar = grammar  # a DraftGrammar where structured outputs constrain the sequence
 
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt
+
+
+class DraftGrammar:
+    """A grammar matcher's state at one draft position, captured before sampling (the matcher
+    itself is at the last real token): what apply_bitmask reads of it."""
+
+    __slots__ = ("mask", "terminated")
+
+    def __init__(self, mask, terminated: bool):
+        self.mask, self.terminated = mask, terminated
+
+    def is_terminated(self) -> bool:
+        return self.terminated
+
+    def fill_next_token_bitmask(self, bitmask, index: int) -> None:
+        bitmask[index] = self.mask
+
+
+def draft_grammars(matcher, drafts: list[int], vocab_size: int) -> list[DraftGrammar]:
+    """The matcher's state before each draft and after the last (k + 1 of them), found by
+    accepting the drafts and rolling back. Past a draft the grammar refuses, the states are
+    "terminated" (unconstrained): those rows can never be kept, as the refused draft is masked
+    out of the row before them and so is rejected there."""
+    import xgrammar
+    states, taken = [], 0
+    for i in range(len(drafts) + 1):
+        terminated = matcher.is_terminated()
+        mask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        if not terminated:
+            matcher.fill_next_token_bitmask(mask, 0)
+        states.append(DraftGrammar(mask[0], terminated))
+        if i == len(drafts) or terminated or not matcher.accept_token(drafts[i]):
+            break
+        taken += 1
+    if taken:
+        matcher.rollback(taken)
+    states += [DraftGrammar(None, True)] * (len(drafts) + 1 - len(states))
+    return states
 
 
 def append_drafts(batch: PersistentBatch, scheduled) -> dict[int, list[int]]:
@@ -105,7 +147,9 @@ def expand(batch: PersistentBatch, sampling, sampling_rows: np.ndarray, logits_i
         length = len(history) - len(tokens)
         k = len(tokens)
         indices.extend(range(last - k, last + 1))
-        positions.extend(DraftPosition(seq, history[: length + i]) for i in range(k + 1))
+        grammars = (draft_grammars(seq.grammar, tokens, batch.vocab_size) if seq.grammar is not None
+                    else [None] * (k + 1))
+        positions.extend(DraftPosition(seq, history[: length + i], grammars[i]) for i in range(k + 1))
     return Verification(np.asarray(indices, dtype=np.int64), positions, spans)
 
 
@@ -126,12 +170,17 @@ def verify(v: Verification, drawn: SamplerOutput) -> SamplerOutput:
 
 def commit(batch: PersistentBatch, v: Verification) -> None:
     """Before batch.finish_step: drops the rejected drafts from each sequence's tokens and takes
-    their positions back from num_computed (finish_step then adds the whole query length)."""
+    their positions back from num_computed (finish_step then adds the whole query length); a
+    constrained sequence's matcher accepts the accepted drafts."""
     for (_, row, draft), a in zip(v.spans, v.accepted):
         if draft:
             rejected = len(draft) - a
             batch.num_tokens[row] -= rejected
             batch.num_computed[row] -= rejected
+            matcher = batch.by_row[row].grammar
+            for token in draft[:a]:  # the final token follows in structured_output.advance
+                if matcher is not None and not matcher.is_terminated():
+                    matcher.accept_token(token)
 
 
 def accepted_drafts(batch: PersistentBatch, v: Verification, drawn: SamplerOutput,

@@ -128,3 +128,15 @@ def test_rejection_sampling_keeps_the_target_distribution():
         assert counts[~keep].sum() == 0
         assert chi2 < 20.5, (draft, counts, expected)
         assert abs(accepted / n - target[draft].item()) < 0.02  # P(accept) = p(draft)
+
+
+def test_structured_outputs_check_drafts_against_the_grammar(runner):
+    """A regex-constrained request: drafts the grammar refuses are rejected, those it allows are
+    verified as any, and the output is the constrained greedy output without speculation."""
+    params = with_defaults(pb.SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS,
+        structured_outputs=pb.StructuredOutputParams(regex="(la |ba ){3}(la ){6}")))
+    plain, _ = generate(runner, None, 64, 2048, params=params)
+    spec, s = generate(runner, NGRAM, 64, 2048, params=params)
+    assert spec == plain
+    assert s.speculator.num_accepted_tokens > 0
