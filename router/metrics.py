@@ -68,6 +68,23 @@ class SchedulerCollector:
         yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
         yield self.counter("num_requests_resumed", "Requests held through a lost worker and "
                            "recomputed instead of failing", s.num_requests_resumed, PREFIX)
+        if s.spec_decode_num_accepted_tokens_per_pos:  # one per draft position: speculation is on
+            yield from self.spec_decode(s)
+
+    def spec_decode(self, s: pb.SchedulerStats):
+        """vLLM's speculative decoding counters; acceptance rate = accepted / draft tokens."""
+        yield self.counter("spec_decode_num_drafts", "Sequence-steps that verified draft tokens",
+                           s.spec_decode_num_drafts)
+        yield self.counter("spec_decode_num_draft_tokens", "Draft tokens proposed",
+                           s.spec_decode_num_draft_tokens)
+        yield self.counter("spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                           s.spec_decode_num_accepted_tokens)
+        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted at each draft position",
+                                     labels=MODEL_LABEL + ["position"])
+        for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+            family.add_metric([self.model_name, str(position)], value)
+        yield family
 
     def gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(self.prefix + name, doc, labels=MODEL_LABEL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import zip_longest
 from typing import Sequence
 
 import grpc
@@ -33,6 +34,7 @@ log = logging.getLogger("pagedserve.router")
 # read from the message itself, so a count added to the proto is summed without a word here.
 SUMMED = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields
                if f.type != f.TYPE_BOOL and not f.is_repeated)
+SUMMED_PER_INDEX = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields if f.is_repeated)
 
 
 class Replica:
@@ -195,6 +197,9 @@ class ReplicaSet:
         total = pb.SchedulerStats(workers_healthy=any(a.workers_healthy for a in answers))
         for name in SUMMED:
             setattr(total, name, sum(getattr(a, name) for a in answers))
+        for name in SUMMED_PER_INDEX:
+            getattr(total, name).extend(map(sum, zip_longest(*(getattr(a, name) for a in answers),
+                                                             fillvalue=0)))
         return total, len(answers)
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from .config import SchedulerArgs, SchedulerConfig, default_max_num_batched_tokens
 from .engine import Engine
 from .scheduler import Scheduler
+from .speculative_config import parse_speculative_config
 from .service import SchedulerService, build_server, drain, watch_health
 from .workers import WorkerGroup
 
@@ -24,7 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pagedserve.scheduler", description=__doc__)
     add_arguments(p, SchedulerArgs)
     add_arguments(p, SchedulerConfig)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        parse_speculative_config(args.speculative_config)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def model_info(args, info) -> pb.ModelInfo:

@@ -34,6 +34,11 @@ class SchedulerConfig:
                                   "runs, so the scheduler's work overlaps the workers' (outputs are "
                                   "unchanged; a sequence that finishes computes one token that is "
                                   "thrown away)")
+    speculative_config: str | None = flag(
+        None, 'speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": '
+        'k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes the k tokens that followed the '
+        "latest earlier match of the sequence's last m..n tokens; the workers verify them in one "
+        "step (outputs keep the model's distribution; greedy ones are unchanged)")
 
 
 @dataclass

@@ -265,4 +265,8 @@ class Engine:
             kv_blocks_used=s.kv.num_used_blocks, prefix_cache_queries=s.kv.queries,
             prefix_cache_hits=s.kv.hits, prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total, num_steps=self.num_steps,
-            workers_healthy=self.healthy, num_requests_resumed=s.num_requests_resumed)
+            workers_healthy=self.healthy, num_requests_resumed=s.num_requests_resumed,
+            spec_decode_num_drafts=s.speculator.num_drafts,
+            spec_decode_num_draft_tokens=s.speculator.num_draft_tokens,
+            spec_decode_num_accepted_tokens=s.speculator.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=s.speculator.num_accepted_per_pos)

@@ -49,6 +49,7 @@ class Sequence:
     num_sent: int = 0              # output tokens already streamed to the client
     pending_logprobs: list = field(default_factory=list)
     embedding: list[float] | None = None  # an embedding request's pooled vector, once computed
+    num_drafts_in_flight: int = 0  # draft tokens of its step in flight (speculative decoding)
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,8 @@ known: the worker appends its own sampled tokens, so the plan needs only the cou
 finishing at step N computes one token in step N+1 that update() throws away, and is freed in plan
 N+2. A sequence preempted by plan N+1 keeps what step N samples for it, and is re-added only once
 that result is in. Sequences that step N certainly finishes (max_tokens, max_model_len) are not
-run ahead, nor those with structured outputs, whose grammar must not see a token past its end.
+run ahead, nor those with structured outputs, whose grammar must not see a token past its end,
+nor those that speculate (scheduler/speculation.py): their drafts follow the token that step samples.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pagedserve.v1 import worker_pb2 as wpb
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, SamplingLimits, Sequence, Status
+from .speculation import Speculator
 
 
 class QueueFull(Exception):
@@ -49,6 +51,7 @@ class Scheduler:
         self.num_requests_resumed = 0  # requests held through a lost worker and admitted again
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.speculator = Speculator(config.speculative_config, config.max_model_len)
 
     # ----- requests -----------------------------------------------------------------------------
 
@@ -146,15 +149,25 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(n, budget)
-            new_blocks = self.kv.allocate_slots(seq, n)
+            # A decode may carry draft tokens (speculative decoding); without blocks for them too,
+            # it decodes plainly rather than preempt anyone.
+            drafts = self.speculator.drafts(seq, budget) if n == 1 else []
+            new_blocks = self.kv.allocate_slots(seq, n + len(drafts)) if drafts else None
+            if new_blocks is None:
+                drafts = []
+                new_blocks = self.kv.allocate_slots(seq, n)
             if new_blocks is None:
                 new_blocks = self.make_room(seq, n, scheduled)
                 if new_blocks is None:
                     preempted = True
                     continue
+            n += len(drafts)
             entry = add(seq_id=seq.seq_id, num_tokens=n)
             if new_blocks:
                 entry.new_block_ids.extend(new_blocks)
+            if drafts:
+                entry.draft_token_ids.extend(drafts)
+                seq.num_drafts_in_flight = len(drafts)
             seq.num_scheduled += n
             scheduled.append((seq, n))
             budget -= n
@@ -164,7 +177,10 @@ class Scheduler:
         """Whether seq, whose step in flight samples a token, is scheduled for the next one before
         that token is known (async scheduling): not when that token certainly ends it."""
         limits = seq.request.limits
-        return not (seq.num_output + 1 >= limits.max_tokens
+        # Nor those that speculate: their drafts come from the tokens that step samples, and how
+        # many tokens a step with drafts adds is known only from its result.
+        return not (seq.num_drafts_in_flight or self.speculator.speculates(seq)
+                    or seq.num_output + 1 >= limits.max_tokens
                     or seq.num_tokens + 1 >= self.config.max_model_len
                     or seq.request.params.HasField("structured_outputs"))
 
@@ -265,14 +281,21 @@ class Scheduler:
         prompt_chunks = ({chunk.seq_id: chunk for chunk in result.prompt_logprobs}
                          if result.prompt_logprobs else None)
         pooled = {p.seq_id: p.embedding for p in result.pooled} if result.pooled else None
+        accepted = {a.seq_id: a for a in result.accepted} if result.accepted else {}
         block_size = self.kv.block_size
         news = []
         for seq, n in scheduled:
+            verified = accepted.get(seq.seq_id)
+            seq.num_drafts_in_flight = 0
+            if verified is not None:
+                self.speculator.record(verified.num_draft_tokens, len(verified.token_ids))
             if seq.status is Status.RUNNING:
                 before = seq.num_computed
-                seq.num_computed = before + n
+                # The K/V written for rejected drafts is garbage: those slots are computed again.
+                rejected = verified.num_draft_tokens - len(verified.token_ids) if verified else 0
+                seq.num_computed = before + n - rejected
                 seq.num_scheduled -= n
-                if (before + n) // block_size != before // block_size:
+                if seq.num_computed // block_size != before // block_size:
                     self.kv.cache_blocks(seq)  # a block was filled
             elif seq.status is Status.FINISHED:
                 continue  # aborted, or ended by the token of the step before (async scheduling)
@@ -290,15 +313,25 @@ class Scheduler:
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
+            tokens = [token] if verified is None else [*verified.token_ids, token]
+            entries = [None] * len(tokens)
+            if logprobs is not None and seq.seq_id in logprobs:
+                entries = [*(verified.logprobs if verified else ()), logprobs[seq.seq_id]]
+            self.append_tokens(seq, tokens, entries)
+            news.append(seq)
+        return news
+
+    def append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
+        """Appends a step's tokens (one, or accepted drafts and one) until one finishes seq."""
+        for token, entry in zip(tokens, logprobs):
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
-            if logprobs is not None and seq.seq_id in logprobs:
-                seq.pending_logprobs.append(logprobs[seq.seq_id])
+            if entry is not None:
+                seq.pending_logprobs.append(entry)
             reason = self.finish_reason(seq, token)
             if reason:
                 self.finish(seq, reason)
-            news.append(seq)
-        return news
+                return
 
     def finish_reason(self, seq: Sequence, token: int) -> int:
         limits = seq.request.limits

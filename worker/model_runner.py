@@ -11,6 +11,7 @@ import torch
 
 from pagedserve.v1 import worker_pb2
 from pagedserve.worker import prompt_logprobs
+from pagedserve.worker import rejection_sampler
 from pagedserve.worker.attention import make_attention_backend
 from pagedserve.worker.batch import PersistentBatch, PlanError, blocks_per_seq
 from pagedserve.worker.config import WorkerConfig
@@ -131,14 +132,29 @@ class ModelRunner:
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
         if not plan.scheduled:
             return worker_pb2.StepResult(step_id=plan.step_id), None
-        step = self.batch.begin_step(plan.scheduled)
+        drafts = rejection_sampler.append_drafts(self.batch, plan.scheduled)  # speculative decoding
+        try:
+            step = self.batch.begin_step(plan.scheduled)
+        except PlanError:
+            rejection_sampler.drop_drafts(self.batch, drafts)
+            raise
 
         started, cpu_started = time.perf_counter(), time.process_time()
         inputs = self.poolers.without_pooling(self.batch.prepare_inputs(step), self.batch.seq_id_of_row)
         meta = self.backend.prepare(inputs.meta, self.loaded.dtype)
         hidden = self.forward(inputs.input_ids, inputs.positions, meta)
         sampling = self.batch.seqs_at(inputs.sampling_rows)
-        if sampling:
+        verification = None
+        if sampling and drafts:
+            verification = rejection_sampler.expand(self.batch, sampling, inputs.sampling_rows,
+                                                    inputs.logits_indices.cpu().numpy(), drafts)
+            index = torch.from_numpy(verification.logits_indices).to(hidden.device)
+            all_logits = self.model.compute_logits(hidden.index_select(0, index))
+            drawn = self.sampler(all_logits, verification.positions)
+            sampled = rejection_sampler.verify(verification, drawn)
+            finals = [first + a for (first, _, _), a in zip(verification.spans, verification.accepted)]
+            logits = all_logits[finals]
+        elif sampling:
             # Every row samples in a pure decode step: no gather (logits_indices is 0..T-1).
             rows = hidden if len(sampling) == len(hidden) else hidden.index_select(0, inputs.logits_indices)
             logits = self.model.compute_logits(rows)
@@ -154,9 +170,14 @@ class ModelRunner:
             log.debug("step %d: %d tokens in %.1f ms, %.2f cores busy", plan.step_id, len(inputs.input_ids),
                       elapsed * 1e3, (time.process_time() - cpu_started) / elapsed)
 
+        if verification is not None:
+            rejection_sampler.commit(self.batch, verification)
         self.batch.finish_step(inputs, sampled.token_ids)
         advance(sampling, sampled.token_ids)
         result, logits = self._result(plan.step_id, inputs, sampled, elapsed, prompt_chunks, logits)
+        if verification is not None:
+            place = dict(zip(inputs.rows.tolist(), inputs.plan_index.tolist()))
+            result.accepted.extend(rejection_sampler.accepted_drafts(self.batch, verification, drawn, place))
         if pooled:  # batch order to plan order
             place = dict(zip(self.batch.seq_id_of_row[inputs.rows].tolist(), inputs.plan_index.tolist()))
             result.pooled.extend(sorted(pooled, key=lambda p: place[p.seq_id]))

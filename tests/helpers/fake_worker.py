@@ -65,18 +65,34 @@ class FakeWorker:
         for item in plan.scheduled:
             seq = self.seqs[item.seq_id]
             seq.table.extend(item.new_block_ids)
+            length, drafts = len(seq.tokens), list(item.draft_token_ids)
+            if drafts:  # speculative decoding: the drafts are computed like tokens, then verified
+                assert seq.computed + 1 == length, "drafts on a sequence that is not decoding"
+                seq.tokens += drafts
             assert item.num_tokens >= 1 and seq.computed + item.num_tokens <= len(seq.tokens)
             self.check_cached(item.seq_id, seq)
             for pos in range(seq.computed, seq.computed + item.num_tokens):
                 self.slots[self.slot(seq, pos)] = tuple(seq.tokens[:pos + 1])
             self.add_prompt_logprobs(result, item, seq)
             seq.computed += item.num_tokens
+            if drafts:
+                self.verify(result, item.seq_id, seq, length, drafts)
             if seq.computed == len(seq.tokens):
                 token = next_token(seq.tokens, self.vocab_size)
                 seq.tokens.append(token)
                 result.seq_ids.append(item.seq_id)
                 result.token_ids.append(token)
         return result
+
+    def verify(self, result: wpb.StepResult, seq_id: int, seq: FakeSequence, length: int, drafts: list[int]):
+        """Greedy verification against the fake model: the drafts that equal its own next tokens."""
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == next_token(seq.tokens[:length + accepted], self.vocab_size):
+            accepted += 1
+        del seq.tokens[length + accepted:]
+        seq.computed = len(seq.tokens)  # the next token is appended below
+        result.accepted.append(wpb.AcceptedDrafts(seq_id=seq_id, token_ids=drafts[:accepted],
+                                                  num_draft_tokens=len(drafts)))
 
     @staticmethod
     def add_prompt_logprobs(result: wpb.StepResult, item, seq: FakeSequence) -> None:
