@@ -83,8 +83,9 @@ def gguf_spec(config, path: Path) -> ModelSpec:
     """A GGUF file's spec: its config from the file's metadata (gguf_checkpoint.gguf_config)."""
     if config.world_size != 1:
         raise LoadError(f"{path}: GGUF files are served without tensor parallelism (--world-size 1)")
-    if config.load_format != "auto":
-        raise LoadError(f"{path}: --load-format {config.load_format!r} does not apply to a GGUF file")
+    if config.load_format != "auto" or getattr(config, "quantization", None):
+        raise LoadError(f"{path}: --load-format and --quantization do not apply to a GGUF file "
+                        "(its own quantization is served)")
     raw = gguf_checkpoint.gguf_config(path)
     cls = model_class(raw["architectures"][0])
     return ModelSpec(path, model_config(raw, cls), raw["architectures"][0], cls)
@@ -287,6 +288,15 @@ def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
              spec.model_dir.name, swapped)
 
 
+def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:
+    """--quantization: weight-only int8/int4 linears (quant_linear.quantize_linears)."""
+    from pagedserve.worker.quant_linear import quantize_linears
+
+    if dtype != torch.float32 or device.type != "cpu":
+        raise LoadError(f"--quantization {method} is served in float32 on the CPU (--dtype float32 --device cpu)")
+    log.info("--quantization %s: %d linears quantized", method, quantize_linears(model, method))
+
+
 def dummy_weights(model: nn.Module, seed: int) -> None:
     """Random values of the checkpoint's shapes, seeded by name: every rank slices the same
     tensors, so a dummy model is the same model at any tensor parallel size. Small values keep
@@ -358,6 +368,8 @@ def load_model(config, backend) -> LoadedModel:
         load_gguf(model, spec)
     else:
         load_weights(model, spec.model_dir, spec.model_class.checkpoint_prefix, unused_tensors(config, spec))
+    if getattr(config, "quantization", None):
+        quantize(model, config.quantization, dtype, device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)

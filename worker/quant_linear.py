@@ -16,10 +16,14 @@ about 2^-8 a term); tests/worker/test_gguf.py states the bound on logits.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 GROUP = 32  # GGUF's block length, and the int4 op's group size here
 MAX_QUANT_ROWS = 16  # up to this many rows the int ops win (measured at 1-256 rows, SmolLM2 shapes)
@@ -154,14 +158,64 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
         if not all(p is not None and p.type.name in ("Q4_0", "Q4_1") for p in parts):
             continue
         linear = model.get_submodule(name)
-        if linear.in_features % GROUP or parts[0].in_features != linear.in_features:
+        if not int4_fits(linear) or parts[0].in_features != linear.in_features:
             continue
         codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
-        replace(model, name, Int4Linear.from_affine(codes, d, m, linear.bias))
+        module = Int4Linear.from_affine(codes, d, m, linear.bias)
+        if count == 0 and not quantized_is_faster(module, linear.weight.detach()):
+            log.warning("int4 matmul is slower than float32 on this CPU: the GGUF's 4-bit linears run dequantized")
+            return 0
+        replace(model, name, module)
         count += 1
     return count
+
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """The int4 op's packing needs in_features in whole groups and out_features a multiple of 16."""
+    return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0
 
 
 def replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+def quantize_linears(model: nn.Module, method: str) -> int:
+    """--quantization: every nn.Linear (a tied LM head as a quantized copy; the embedding stays
+    float32) as an Int8Linear ("int8") or Int4Linear ("int4", where `int4_fits`; others stay
+    float32); returns how many were replaced."""
+    count = 0
+    for name in list(linear_sources(model)):
+        linear = model.get_submodule(name)
+        weight = linear.weight.detach()
+        if method == "int8":
+            module = Int8Linear(*quantize_int8(weight), linear.bias)
+        elif int4_fits(linear):
+            module = Int4Linear.from_affine(*quantize_int4(weight), linear.bias)
+        else:
+            continue
+        if count == 0 and not quantized_is_faster(module, weight):
+            log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
+                        "serving float32 weights", method, method)
+            return 0
+        replace(model, name, module)
+        count += 1
+    return count
+
+
+def quantized_is_faster(module: nn.Module, weight: torch.Tensor, repeats: int = 20) -> bool:
+    """Whether `module` (a quantized linear) beats F.linear on the float32 `weight` [N, K] at one
+    row, on this CPU (medians of `repeats` calls each, interleaved): the int ops' fast paths need
+    AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
+    import time
+
+    x = torch.randn(1, weight.shape[1])
+    times = {"quantized": [], "float": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for key, fn in (("quantized", lambda: module(x)), ("float", lambda: F.linear(x, weight))):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    median = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    return median["quantized"] < median["float"]
