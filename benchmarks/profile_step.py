@@ -235,6 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "forward pass, whose parts then show only in the whole step)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linears (CPU, float32)")
+    p.add_argument("--tokenizer", default=None, help="with --model FILE.gguf: the tokenizer directory")
     p.add_argument("--torch-profile", action="store_true", help="also print torch profiler's top ops")
     p.add_argument("--json", default=None, help="write the breakdown here")
     p.add_argument("--async-scheduling", action="store_true",
@@ -270,7 +273,8 @@ def profile(args, overrides: dict) -> dict:
     """Runs the steps of `args` and prints their breakdown; returns what --json writes."""
     runner = ModelRunner(WorkerConfig(model=args.model, block_size=args.block_size, num_threads=args.num_threads,
                                       device=args.device, dtype=args.dtype, load_format=args.load_format,
-                                      enforce_eager=args.enforce_eager, max_num_seqs=args.batch))
+                                      enforce_eager=args.enforce_eager, max_num_seqs=args.batch,
+                                      quantization=args.quantization, tokenizer=args.tokenizer))
     rng = np.random.default_rng(args.seed)
     lens = [args.prompt_len] * args.batch if args.prompt_len else rng.integers(32, 513, size=args.batch).tolist()
     clock = Clock()

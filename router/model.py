@@ -27,13 +27,15 @@ class ServedModel:
 
 
 def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
-    path = settings.model or info.model_path
-    if not path:
+    model = settings.model or info.model_path
+    if not model:
         raise SystemExit("No model directory: pass --model DIR (the scheduler reported none).")
+    # a GGUF file holds no tokenizer: the worker reports --tokenizer's directory as its model_path
+    path = info.model_path if model.endswith(".gguf") and info.model_path else model
     template = Path(settings.chat_template).read_text() if settings.chat_template else None
     tokenizer = Tokenizer(path, template)
     name = (settings.served_model_name or info.served_model_name
-            or os.path.basename(os.path.normpath(path)))
+            or os.path.basename(os.path.normpath(model)))
     max_len = lower_max_model_len(settings.max_model_len, info.max_model_len, "scheduler")
     eos = frozenset(info.eos_token_ids) or frozenset(
         [tokenizer.hf.eos_token_id] if tokenizer.hf.eos_token_id is not None else [])

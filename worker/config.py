@@ -43,6 +43,13 @@ class WorkerConfig:
     runner: str = flag("auto", "generate: a causal LM; pooling: an embedding model (/v1/embeddings); "
                        "auto: pooling for a sentence-transformers checkpoint (modules.json with a "
                        "Pooling module), else generate", choices=["auto", "generate", "pooling"])
+    quantization: str | None = flag(
+        None, "weight-only quantization of a float checkpoint's linears on the CPU: int8 (per "
+        "output channel) or int4 (groups of 32); kept float32 where the CPU runs them slower",
+        choices=["int8", "int4"])
+    tokenizer: str | None = flag(
+        None, "the directory of the tokenizer, chat template and generation_config.json (needed "
+        "with --model FILE.gguf; default: the model directory)")
     pooler_config: str | None = flag(
         None, "with --runner pooling: JSON overriding the checkpoint's pooling, e.g. "
         "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (pooling_type LAST, MEAN or CLS)")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pagedserve.v1 import scheduler_pb2
 from pagedserve.worker import distributed
+from pagedserve.worker import gguf_checkpoint
 from pagedserve.worker.checkpoint import LazyTensor, LoadError, open_weights, read_json, weight_files
 from pagedserve.worker.models import model_class
 from pagedserve.worker.models.layers import RotaryEmbedding
@@ -59,6 +60,8 @@ def inspect_model_dir(config) -> ModelSpec:
     """config.json's architecture and the weight files, checked in milliseconds (the worker does
     this before it opens any port). `config` is a WorkerConfig."""
     model_dir = Path(config.model)
+    if gguf_checkpoint.is_gguf(model_dir):
+        return gguf_spec(config, model_dir)
     if not model_dir.is_dir():
         raise LoadError(f"{model_dir}: not a directory (pass --model a Hugging Face model directory)")
     config_path = model_dir / "config.json"
@@ -75,6 +78,24 @@ def inspect_model_dir(config) -> ModelSpec:
     elif config.load_format != "dummy":
         raise LoadError(f"--load-format {config.load_format!r} is not one of auto, dummy")
     return ModelSpec(model_dir, model_config(raw, cls), architectures[0], cls)
+
+
+def gguf_spec(config, path: Path) -> ModelSpec:
+    """A GGUF file's spec: its config from the file's metadata (gguf_checkpoint.gguf_config)."""
+    if config.world_size != 1:
+        raise LoadError(f"{path}: GGUF files are served without tensor parallelism (--world-size 1)")
+    if config.load_format != "auto" or getattr(config, "quantization", None):
+        raise LoadError(f"{path}: --load-format and --quantization do not apply to a GGUF file "
+                        "(its own quantization is served)")
+    raw = gguf_checkpoint.gguf_config(path)
+    cls = model_class(raw["architectures"][0])
+    return ModelSpec(path, model_config(raw, cls), raw["architectures"][0], cls)
+
+
+def tokenizer_dir(config) -> Path:
+    """Where the tokenizer, chat template and generation_config.json are: --tokenizer, else the
+    model directory (a GGUF file's own directory holds none of them)."""
+    return Path(config.tokenizer or config.model)
 
 
 def model_config(raw: dict, cls) -> SimpleNamespace:
@@ -100,7 +121,7 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
 
 def generation_config(model_dir: Path) -> dict:
     path = model_dir / "generation_config.json"
-    return read_json(path) if path.exists() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def eos_token_ids(model_dir: Path, hf_config) -> list[int]:
@@ -245,6 +266,38 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str, optional: froze
         log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
 
 
+def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
+    """Fill the model from a GGUF file, dequantized to float32 (bit-exact with gguf.quants.dequantize);
+    then linears stored as Q4_0/Q4_1 run on their own blocks (quant_linear.swap_gguf_linears)."""
+    from pagedserve.worker.quant_linear import swap_gguf_linears
+
+    if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
+        raise LoadError(f"{spec.model_dir}: GGUF files are served in float32 on the CPU (--dtype float32)")
+    tensors, blocks = gguf_checkpoint.read_tensors(spec.model_dir, vars(spec.hf_config))
+    table = checkpoint_table(model)
+    missing = sorted(set(table) - set(tensors))
+    if missing:
+        raise LoadError(f"{spec.model_dir}: the GGUF lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    for name, (region, shard) in table.items():
+        expected = checkpoint_shape(region, shard)
+        if tensors[name].shape != expected:
+            raise LoadError(f"{spec.model_dir}: tensor {name} has shape {tensors[name].shape}, "
+                            f"the model built from its metadata expects {expected}")
+        fill(region, shard, read_slice(tensors[name], shard))
+    swapped = swap_gguf_linears(model, blocks)
+    log.info("GGUF %s: %d linears run on their 4-bit blocks (int4 matmul), the rest in float32",
+             spec.model_dir.name, swapped)
+
+
+def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:
+    """--quantization: weight-only int8/int4 linears (quant_linear.quantize_linears)."""
+    from pagedserve.worker.quant_linear import quantize_linears
+
+    if dtype != torch.float32 or device.type != "cpu":
+        raise LoadError(f"--quantization {method} is served in float32 on the CPU (--dtype float32 --device cpu)")
+    log.info("--quantization %s: %d linears quantized", method, quantize_linears(model, method))
+
+
 def dummy_weights(model: nn.Module, seed: int) -> None:
     """Random values of the checkpoint's shapes, seeded by name: every rank slices the same
     tensors, so a dummy model is the same model at any tensor parallel size. Small values keep
@@ -307,8 +360,12 @@ def load_model(config, backend) -> LoadedModel:
     model.tie_weights()
     if config.load_format == "dummy":
         dummy_weights(model, config.seed)
+    elif gguf_checkpoint.is_gguf(spec.model_dir):
+        load_gguf(model, spec)
     else:
         load_weights(model, spec.model_dir, spec.model_class.checkpoint_prefix, unused_tensors(config, spec))
+    if getattr(config, "quantization", None):
+        quantize(model, config.quantization, dtype, device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)
@@ -321,6 +378,6 @@ def load_model(config, backend) -> LoadedModel:
         max_model_len=max_model_len,
         sliding_window=spec.model_class.kv_sliding_window(spec.hf_config),
         vocab_size=spec.hf_config.vocab_size,
-        eos_token_ids=eos_token_ids(spec.model_dir, spec.hf_config),
-        sampling_defaults=sampling_defaults(spec.model_dir),
+        eos_token_ids=eos_token_ids(tokenizer_dir(config), spec.hf_config),
+        sampling_defaults=sampling_defaults(tokenizer_dir(config)),
     )

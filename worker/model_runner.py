@@ -20,7 +20,7 @@ from pagedserve.worker.cpu.linear import prepare_linears
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
 from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
-from pagedserve.worker.loader import load_model
+from pagedserve.worker.loader import load_model, tokenizer_dir
 from pagedserve.worker.pooling import Poolers
 from pagedserve.worker.pooling_config import resolve_runner
 from pagedserve.worker.sampler import Sampler, SamplerOutput
@@ -50,8 +50,8 @@ class ModelRunner:
         self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len,
                                      self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
-        self.grammars = Grammars(config.model, self.loaded.vocab_size, self.loaded.eos_token_ids)
-        self.pooling = resolve_runner(Path(config.model), config.runner, config.pooler_config,
+        self.grammars = Grammars(str(tokenizer_dir(config)), self.loaded.vocab_size, self.loaded.eos_token_ids)
+        self.pooling = resolve_runner(tokenizer_dir(config), config.runner, config.pooler_config,
                                       self.loaded.hf_config)
         self.poolers = Poolers()  # the live sequences of embedding requests
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait policy %s)",
@@ -89,7 +89,7 @@ class ModelRunner:
         return worker_pb2.WorkerInfo(
             rank=self.config.rank,
             world_size=self.config.world_size,
-            model_path=str(self.config.model),
+            model_path=str(tokenizer_dir(self.config)),  # the router's tokenizer (a GGUF file holds none)
             num_kv_blocks=self.num_blocks,
             block_size=self.config.block_size,
             max_model_len=self.loaded.max_model_len,

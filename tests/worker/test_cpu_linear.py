@@ -53,3 +53,24 @@ def test_prepare_linears_swaps_every_linear_and_keeps_outputs(kernel):
         assert not any(isinstance(m, nn.Linear) for m in model.modules())
         assert sum(isinstance(m, CpuLinear) for m in model.modules()) == 2
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_faster_small_rows_path_is_chosen_and_both_match_nn_linear(kernel):
+    """choose_small_rows_path keeps the C loop unless F.linear is faster on this CPU; a C loop
+    made slow (a sleep around it) loses, and either path computes what nn.Linear computes."""
+    import time
+
+    from pagedserve.worker.cpu.linear import choose_small_rows_path
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80)
+    slow = CpuLinear(linear, kernel)
+    fast_kernel_forward = slow.kernel_forward
+    slow.kernel_forward = lambda x: (time.sleep(0.002), fast_kernel_forward(x))[1]
+    assert choose_small_rows_path(slow) == "torch"
+    x = torch.randn(3, 96)
+    for path in ("c", "torch"):
+        module = CpuLinear(linear, kernel)
+        module.small_rows = path
+        with torch.inference_mode():
+            torch.testing.assert_close(module(x), linear(x), rtol=1e-4, atol=1e-5)

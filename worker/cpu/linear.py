@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -51,10 +52,16 @@ class CpuLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.kernel = kernel
 
+    # "c": few rows through linear_rows; "torch": through F.linear (MKL), where this CPU runs
+    # that faster at this shape (choose_small_rows_path, timed once at start-up)
+    small_rows = "c"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > MAX_KERNEL_ROWS or rows == 0:
             return onednn_linear(x, self.weight, self.bias)
+        if self.small_rows == "torch":
+            return F.linear(x, self.weight, self.bias)
         return self.kernel_forward(x)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +113,41 @@ def prepare_linears(model: nn.Module) -> str:
     except Exception as e:  # a torch without the private ops, or one that changed them
         log.warning("oneDNN linears unavailable (%s): using nn.Linear", e)
         return "linears left as nn.Linear"
+    swapped = []
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, make(linear))
+        swapped.append(make(linear))
+        setattr(model.get_submodule(parent_name), child, swapped[-1])
     what = "cpu/linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
+    if kernel is not None:
+        what += "; " + choose_small_rows_paths(swapped)
     return f"{len(linears)} linear layers: {what}"
+
+
+def choose_small_rows_paths(linears: list[CpuLinear]) -> str:
+    """Per weight shape, the faster of cpu/linear.c and F.linear at one row on this CPU (the C
+    loop was tuned on AVX2 cores; MKL can beat it on AVX-512 ones), so that no decode path is
+    slower than F.linear. Returns the choices, for the log."""
+    choices = {}
+    for linear in linears:
+        shape = (linear.out_features, linear.in_features)
+        if shape not in choices:
+            choices[shape] = choose_small_rows_path(linear)
+        linear.small_rows = choices[shape]
+    return "at few rows " + ", ".join(f"{n}x{k}: {'cpu/linear.c' if c == 'c' else 'F.linear'}"
+                                      for (n, k), c in choices.items())
+
+
+def choose_small_rows_path(linear: CpuLinear, repeats: int = 15) -> str:
+    """"c" or "torch": medians of `repeats` interleaved one-row calls of each."""
+    x = torch.randn(1, linear.in_features)
+    times = {"c": [], "torch": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for path, fn in (("c", lambda: linear.kernel_forward(x)),
+                             ("torch", lambda: F.linear(x, linear.weight, linear.bias))):
+                start = time.perf_counter()
+                fn()
+                times[path].append(time.perf_counter() - start)
+    median = {path: sorted(values)[len(values) // 2] for path, values in times.items()}
+    return "torch" if median["torch"] < median["c"] else "c"

@@ -1,0 +1,221 @@
+"""Weight-only quantized linears on the CPU, through torch's own kernels (ATen's, kept by torch
+for torchao): int4 in groups of 32 along the input (`_weight_int4pack_mm_for_cpu`,
+w = (q - 8) * scale + zero) and int8 per output channel (`_weight_int8pack_mm`).
+
+Those ops are fast only with bfloat16 activations, scales and zeros (AVX-512 BF16 paths; with
+float32 they take a scalar path 5-30x slower than a float32 linear): a decode step's few rows go
+through them in bfloat16 and come back as float32. They lose to a plain matmul at prefill sizes,
+so above MAX_QUANT_ROWS rows the weight is dequantized to float32 on the fly instead (the same
+values as the GGUF's own dequantization, to float rounding).
+
+GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m) blocks are 32 weights of one row with one
+fp16 scale (and minimum): they map onto the int4 op's groups with zero = 0 and zero = m + 8 d.
+The bfloat16 rounding of activations and scales is the price of the fast path (relative error
+about 2^-8 a term); tests/worker/test_gguf.py states the bound on logits.
+`quantize_int4` / `quantize_int8` make the same layouts from a float weight (`--quantization`).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # GGUF's block length, and the int4 op's group size here
+MAX_QUANT_ROWS = 16  # up to this many rows the int ops win (measured at 1-256 rows, SmolLM2 shapes)
+
+
+def q4_blocks(data: np.ndarray, qtype_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q4_1 blocks uint8 [N, K/32 * bytes] -> codes int32 [N, K] in [0, 16), d and m float32
+    [N, K/32] (m = -8 d for Q4_0), so that the weight is d * codes + m (ggml's block_q4_0/q4_1:
+    fp16 d, for Q4_1 fp16 m, then 16 bytes: low nibbles are weights 0-15, high nibbles 16-31)."""
+    header = 2 if qtype_name == "Q4_0" else 4
+    n = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(n, -1, header + 16)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    qs = blocks[..., header:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1).astype(np.int32)
+    if qtype_name == "Q4_0":
+        m = -8 * d
+    else:
+        m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b), W [N, K] held as int4 codes in groups of 32 with a scale and a zero each.
+    x float32 [..., K] -> float32 [..., N]. K must be a multiple of 32."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        # [K/32, N, 2]: scale then zero of each group, in the op's own convention (q - 8) * s + z
+        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        # for prefill: codes a byte each, exact float32 scale and zero
+        self.codes, self.scale, self.zero = codes.to(torch.uint8), scale.float(), zero.float()
+        self.bias = bias
+
+    @classmethod
+    def from_affine(cls, codes, d, m, bias=None) -> "Int4Linear":
+        """From w = d * codes + m (d, m [N, K/32]): zero = m + 8 d."""
+        return cls(codes, d, m + 8 * d, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K]: (q - 8) * scale + zero per group."""
+        groups = self.codes.view(self.out_features, -1, GROUP).float() - 8
+        return (groups * self.scale[..., None] + self.zero[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_QUANT_ROWS:
+            y = F.linear(rows, self.dequantized())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.to(torch.bfloat16).contiguous(), self.packed, GROUP, self.scale_zero).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b), W [N, K] held as int8 with one float32 scale per output channel.
+    x float32 [..., K] -> float32 [..., N]."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.codes, self.scale, self.bias = codes.contiguous(), scale.float().contiguous(), bias
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_QUANT_ROWS:
+            y = F.linear(rows, self.codes.float() * self.scale[:, None])
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.codes,
+                                                   self.scale_bf16).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest in groups of 32 (as GGUF's Q4_1): weight [N, K] float ->
+    codes int32 [N, K], d and m float32 [N, K/32] with weight ~= d * codes + m."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = (high - low) / 15
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    codes = ((groups - low[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.int32)
+    return codes.reshape(n, k), d, low
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest per output channel: weight [N, K] -> int8 codes, float32 scale [N]."""
+    w = weight.float()
+    scale = w.abs().amax(-1) / 127
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (w / safe[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def linear_sources(model: nn.Module) -> dict[str, list[str]]:
+    """Each nn.Linear of the model by module name, with the checkpoint weights it holds, in row
+    order: a fused projection's sections ("...qkv_proj" holds q_proj, k_proj, v_proj), else its own."""
+    from pagedserve.worker.models.sharding import Fused
+
+    sources = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        fused = getattr(module, "tp_shards", {}).get("weight")
+        if isinstance(fused, Fused):
+            parent = name.rpartition(".")[0]
+            sources[name] = [f"{parent}.{source}.weight" if parent else f"{source}.weight" for source, _ in fused.sections]
+        else:
+            sources[name] = [f"{name}.weight"]
+    return sources
+
+
+def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
+    """Replace each nn.Linear whose weights are all Q4_0/Q4_1 GGUF blocks (gguf_checkpoint.QuantBlocks
+    by checkpoint name) with an Int4Linear of the same blocks; returns how many were replaced.
+    Others (Q8_0, K-quants, float) keep their float32 weight, dequantized on load."""
+    count = 0
+    for name, names in linear_sources(model).items():
+        parts = [blocks.get(source) for source in names]
+        if not all(p is not None and p.type.name in ("Q4_0", "Q4_1") for p in parts):
+            continue
+        linear = model.get_submodule(name)
+        if not int4_fits(linear) or parts[0].in_features != linear.in_features:
+            continue
+        codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
+        module = Int4Linear.from_affine(codes, d, m, linear.bias)
+        if count == 0 and not quantized_is_faster(module, linear.weight.detach()):
+            log.warning("int4 matmul is slower than float32 on this CPU: the GGUF's 4-bit linears run dequantized")
+            return 0
+        replace(model, name, module)
+        count += 1
+    return count
+
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """The int4 op's packing needs in_features in whole groups and out_features a multiple of 16."""
+    return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0
+
+
+def replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def quantize_linears(model: nn.Module, method: str) -> int:
+    """--quantization: every nn.Linear (a tied LM head as a quantized copy; the embedding stays
+    float32) as an Int8Linear ("int8") or Int4Linear ("int4", where `int4_fits`; others stay
+    float32); returns how many were replaced."""
+    count = 0
+    for name in list(linear_sources(model)):
+        linear = model.get_submodule(name)
+        weight = linear.weight.detach()
+        if method == "int8":
+            module = Int8Linear(*quantize_int8(weight), linear.bias)
+        elif int4_fits(linear):
+            module = Int4Linear.from_affine(*quantize_int4(weight), linear.bias)
+        else:
+            continue
+        if count == 0 and not quantized_is_faster(module, weight):
+            log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
+                        "serving float32 weights", method, method)
+            return 0
+        replace(model, name, module)
+        count += 1
+    return count
+
+
+def quantized_is_faster(module: nn.Module, weight: torch.Tensor, repeats: int = 20) -> bool:
+    """Whether `module` (a quantized linear) beats F.linear on the float32 `weight` [N, K] at one
+    row, on this CPU (medians of `repeats` calls each, interleaved): the int ops' fast paths need
+    AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
+    import time
+
+    x = torch.randn(1, weight.shape[1])
+    times = {"quantized": [], "float": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for key, fn in (("quantized", lambda: module(x)), ("float", lambda: F.linear(x, weight))):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    median = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    return median["quantized"] < median["float"]
