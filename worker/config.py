@@ -46,6 +46,10 @@ class WorkerConfig:
     pooler_config: str | None = flag(
         None, "with --runner pooling: JSON overriding the checkpoint's pooling, e.g. "
         "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (pooling_type LAST, MEAN or CLS)")
+    enable_lora: bool = flag(False, "serve LoRA adapters (PEFT directories) beside the base model")
+    max_loras: int = flag(1, "LoRA adapters one step may run (device slots)")
+    max_lora_rank: int = flag(16, "largest LoRA rank served")
+    max_cpu_loras: int | None = flag(None, "LoRA adapters kept read in host memory (default: --max-loras)")
 
 
 @dataclass
