@@ -241,3 +241,16 @@ def shutdown_timeout_flag():
 
 def log_level_flag():
     return flag("INFO", "debug, info, warning or error", env="PAGEDSERVE_LOG_LEVEL")
+
+
+# LoRA adapters (vLLM's flags), shared by the worker, the scheduler and the router.
+def enable_lora_flag():
+    return flag(False, "serve LoRA adapters (PEFT directories) beside the base model")
+
+
+def max_loras_flag():
+    return flag(1, "most LoRA adapters in one step's batch (the worker's device slots)")
+
+
+def max_lora_rank_flag():
+    return flag(16, "largest LoRA rank served")

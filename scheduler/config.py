@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_num_seqs_flag,
+from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, max_loras_flag, log_level_flag, max_num_seqs_flag,
                               served_model_name_flag, shutdown_timeout_flag)
 
 # Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
@@ -31,6 +31,8 @@ class SchedulerConfig:
                                   "runs, so the scheduler's work overlaps the workers' (outputs are "
                                   "unchanged; a sequence that finishes computes one token that is "
                                   "thrown away)")
+    enable_lora: bool = enable_lora_flag()
+    max_loras: int = max_loras_flag()
 
 
 @dataclass

@@ -38,13 +38,14 @@ class Engine:
     # ----- requests -----------------------------------------------------------------------------
 
     def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
-            outbox: Outbox | None = None, pooling: pb.PoolingParams | None = None) -> Outbox:
+            outbox: Outbox | None = None, pooling: pb.PoolingParams | None = None,
+            lora: pb.LoRARequest | None = None) -> Outbox:
         """Queues a request whose params validation.check resolved; its news goes to `outbox`
         (a new RequestQueue if none is given), which is returned. `pooling`: an embedding
         request's resolved PoolingParams (scheduler/pooling.py).
         Raises QueueFull (scheduler.py) when the waiting queue is full."""
         limits = SamplingLimits.of(params, self.eos_token_ids)
-        request = self.scheduler.add_request(request_id, prompt, params, limits, pooling)
+        request = self.scheduler.add_request(request_id, prompt, params, limits, pooling, lora)
         outbox = RequestQueue() if outbox is None else outbox
         self.outboxes[request_id] = outbox
         self.wakeup.set()

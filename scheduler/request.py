@@ -80,6 +80,8 @@ class Request:
     prompt_logprobs_sent: bool = False
     # An embedding request's resolved PoolingParams (scheduler/pooling.py): prefill only, no token.
     pooling: pb.PoolingParams | None = None
+    # The LoRA adapter it runs (GenerateRequest.lora_request); None: the base model.
+    lora: pb.LoRARequest | None = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:
