@@ -63,6 +63,8 @@ class SchedulerCollector:
                            s.num_preemptions)
         yield self.counter("prompt_tokens", "Prompt tokens admitted", s.prompt_tokens_total)
         yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
+        if s.max_loras:
+            yield lora_requests_info(s)
 
     def gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
@@ -73,6 +75,17 @@ class SchedulerCollector:
         family = CounterMetricFamily(PREFIX + name, doc, labels=MODEL_LABEL)
         family.add_metric([self.model_name], value)
         return family
+
+
+def lora_requests_info(s: pb.SchedulerStats) -> GaugeMetricFamily:
+    """vLLM's lora_requests_info: the adapters with running and with waiting requests as
+    comma-separated labels, the value the time of the figures (seconds since the epoch)."""
+    family = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests",
+                               labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    running = ",".join(a.lora_name for a in s.lora_requests if a.running)
+    waiting = ",".join(a.lora_name for a in s.lora_requests if a.waiting)
+    family.add_metric([running, waiting, str(s.max_loras)], time.time())
+    return family
 
 
 class Metrics(RequestMetrics):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
+from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, log_level_flag, max_lora_rank_flag,
+                              max_model_len_flag, model_flag,
                               served_model_name_flag, shutdown_timeout_flag)
 from pagedserve.router.reasoning_parsers import PARSERS as REASONING_PARSERS
 from pagedserve.router.tool_parsers import PARSERS
@@ -43,6 +44,12 @@ class Settings:
     max_stored_responses: int = flag(1000, "responses kept for GET /v1/responses/{id} and "
                                      "previous_response_id, least recently used evicted first; "
                                      "lost on restart, not shared between routers (0: none)")
+    # LoRA adapters (router/lora.py), vLLM's flags: requests pick one by `model`.
+    enable_lora: bool = enable_lora_flag()
+    lora_modules: list[str] | None = flag(
+        None, "LoRA adapters served from start-up, each name=path or JSON "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\' (with --enable-lora)', nargs="+")
+    max_lora_rank: int = max_lora_rank_flag()
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
 

@@ -17,6 +17,7 @@ from collections import deque
 from pagedserve.v1 import scheduler_pb2 as pb
 
 from .outboxes import Outbox, RequestQueue
+from .lora import lora_requests
 from .request import Request, SamplingLimits, Sequence
 from .scheduler import Scheduler
 from .workers import WorkerGroup, WorkerLost
@@ -210,4 +211,5 @@ class Engine:
             kv_blocks_used=s.kv.num_used_blocks, prefix_cache_queries=s.kv.queries,
             prefix_cache_hits=s.kv.hits, prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total, num_steps=self.num_steps,
-            workers_healthy=self.healthy)
+            workers_healthy=self.healthy, lora_requests=lora_requests(s.running, s.waiting),
+            max_loras=s.config.max_loras if s.config.enable_lora else 0)

@@ -53,3 +53,15 @@ def lora_root(seq: Sequence) -> bytes:
     if lora is None:
         return b""
     return hashlib.blake2b(f"lora\0{lora.lora_name}\0{lora.content_hash}".encode(), digest_size=16).digest()
+
+
+def lora_requests(running, waiting) -> list[pb.LoraRequests]:
+    """Requests per adapter in the running batch and in the queue (a request counts as running
+    once any of its sequences runs)."""
+    counts: dict[str, list[set]] = {}
+    for index, seqs in enumerate((running, waiting)):
+        for seq in seqs:
+            if seq.request.lora is not None:
+                counts.setdefault(seq.request.lora.lora_name, [set(), set()])[index].add(seq.request.request_id)
+    return [pb.LoraRequests(lora_name=name, running=len(r), waiting=len(w - r))
+            for name, (r, w) in sorted(counts.items())]

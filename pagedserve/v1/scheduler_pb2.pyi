@@ -269,7 +269,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "num_preemptions", "kv_blocks_total", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_steps", "workers_healthy")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "num_preemptions", "kv_blocks_total", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_total", "generation_tokens_total", "num_steps", "workers_healthy", "lora_requests", "max_loras")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,8 @@ class SchedulerStats(_message.Message):
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    LORA_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     num_preemptions: int
@@ -292,4 +294,16 @@ class SchedulerStats(_message.Message):
     generation_tokens_total: int
     num_steps: int
     workers_healthy: bool
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_steps: _Optional[int] = ..., workers_healthy: _Optional[bool] = ...) -> None: ...
+    lora_requests: _containers.RepeatedCompositeFieldContainer[LoraRequests]
+    max_loras: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., num_steps: _Optional[int] = ..., workers_healthy: _Optional[bool] = ..., lora_requests: _Optional[_Iterable[_Union[LoraRequests, _Mapping]]] = ..., max_loras: _Optional[int] = ...) -> None: ...
+
+class LoraRequests(_message.Message):
+    __slots__ = ("lora_name", "running", "waiting")
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    running: int
+    waiting: int
+    def __init__(self, lora_name: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...

@@ -53,3 +53,14 @@ def test_adapter_requests_are_refused_unless_lora_is_enabled():
         lora_of(request, off.config)
     on, _ = make(enable_lora=True)
     assert lora_of(request, on.config).lora_name == "a" and lora_of(pb.GenerateRequest(), on.config) is None
+
+
+def test_lora_requests_counts_running_and_waiting_per_adapter():
+    from pagedserve.scheduler.lora import lora_requests
+
+    s, w = make(num_blocks=256, enable_lora=True, max_loras=1)
+    for rid, adapter in [("a", lora("a")), ("a2", lora("a")), ("b", lora("b")), ("base", None)]:
+        add(s, rid, adapter, [ord(rid[0]), 2, 3])
+    step(s, w)
+    counts = {c.lora_name: (c.running, c.waiting) for c in lora_requests(s.running, s.waiting)}
+    assert counts == {"a": (2, 0), "b": (0, 1)}
