@@ -119,3 +119,15 @@ def test_lora_requests_info_metric(served):
     complete(stack, "one")
     series = [labels for (name, labels) in scrape(stack.root_url) if name == "pagedserve:lora_requests_info"]
     assert series and dict(series[0])["max_lora"] == "2"
+
+
+def test_grpc_generate_request_names_an_adapter(served):
+    from pagedserve.router.lora import LoraRegistry
+    from pagedserve.v1 import scheduler_pb2 as pb
+
+    stack, _, root, adapters, expected = served
+    adapter = LoraRegistry(root / "base", "base", 8).add("one", str(adapters["one"]))
+    request = pb.GenerateRequest(prompt_token_ids=PROMPT, lora_request=adapter.request(), params=pb.SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    tokens = [t for reply in stack.scheduler.Generate(request, timeout=120) for t in reply.token_ids]
+    assert tokens == expected["one"]
