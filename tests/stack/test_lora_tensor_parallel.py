@@ -12,11 +12,15 @@ from tests.helpers.tiny_models import PROMPTS, runner_config
 MAX_TOKENS = 5
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
-def test_lora_at_tp2_matches_one_rank(tmp_path, architecture):
+@pytest.mark.parametrize("architecture, targets_one, targets_two", [
+    ("llama", ATTENTION + MLP, ("k_proj", "o_proj", "down_proj")),
+    ("qwen3", ATTENTION + MLP, ("k_proj", "o_proj", "down_proj")),
+    ("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), ("qkv_proj",)),  # q/k/v fused in the checkpoint
+])
+def test_lora_at_tp2_matches_one_rank(tmp_path, architecture, targets_one, targets_two):
     hf = tiny_models.build(architecture, tmp_path / "base")
-    one = lora_adapters.save_adapter(hf, tmp_path / "one", targets=ATTENTION + MLP, seed=1)
-    two = lora_adapters.save_adapter(hf, tmp_path / "two", targets=("k_proj", "o_proj", "down_proj"), seed=2)
+    one = lora_adapters.save_adapter(hf, tmp_path / "one", targets=targets_one, seed=1)
+    two = lora_adapters.save_adapter(hf, tmp_path / "two", targets=targets_two, seed=2)
     mix = [("one", one), None, ("two", two), ("one", one)]
     expected = lora_adapters.generate(ModelRunner(runner_config(tmp_path / "base", enable_lora=True, max_loras=2)),
                                       PROMPTS, mix, MAX_TOKENS)

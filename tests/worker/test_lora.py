@@ -29,6 +29,9 @@ def served(tmp_path, architecture, **adapter_kwargs):
     ("llama", {}),
     ("qwen3", {"use_rslora": True, "r": 8}),  # scaling alpha / sqrt(r)
     ("qwen2", {"targets": ("q_proj", "v_proj")}),  # two of the fused q/k/v sections, biases kept
+    ("mistral", {"targets": ("k_proj", "gate_proj")}),
+    ("opt", {"targets": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")}),
+    ("phi3", {"targets": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}),  # fused in the checkpoint
 ])
 def test_greedy_with_adapter_matches_merged_weights(tmp_path, architecture, adapter_kwargs):
     base, adapter, merged = served(tmp_path, architecture, **adapter_kwargs)
