@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, max_loras_flag, log_level_flag, max_num_seqs_flag,
-                              served_model_name_flag, shutdown_timeout_flag)
+from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, log_level_flag, max_loras_flag,
+                              max_num_seqs_flag, served_model_name_flag, shutdown_timeout_flag)
 
 # Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
 # GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).

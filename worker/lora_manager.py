@@ -37,14 +37,15 @@ class LoraSpec:
 
 
 class StepGroups:
-    """One step's token rows by device slot: [(slot, row indices [n] on the device)], with the
-    segments SGMV reads (token ranges of one slot each, in order)."""
+    """One step's token rows by device slot: [(slot, row indices [n] on the device, or None
+    where the slot has every row)], with the segments SGMV reads (token ranges of one slot each,
+    in order)."""
 
     def __init__(self, token_slots: np.ndarray, device: torch.device):
         self.groups = []
         for slot in np.unique(token_slots[token_slots >= 0]).tolist():
             rows = np.flatnonzero(token_slots == slot)
-            self.groups.append((slot, torch.from_numpy(rows).to(device)))
+            self.groups.append((slot, None if len(rows) == len(token_slots) else torch.from_numpy(rows).to(device)))
         change = np.flatnonzero(np.diff(token_slots)) + 1
         starts = np.concatenate([[0], change]).astype(np.int64)
         ends = np.concatenate([change, [len(token_slots)]]).astype(np.int64)
@@ -63,9 +64,18 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: Step
         from pagedserve.kernels.sgmv import sgmv_lora
 
         return sgmv_lora(x, a, b, groups.seg_start, groups.seg_end, groups.seg_slot, groups.max_seg_len)
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+    return add_grouped_lora(torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device), x, a, b, groups)
+
+
+def add_grouped_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     groups: StepGroups) -> torch.Tensor:
+    """out [T, out] += the LoRA term, in place, in torch: per slot one pair of matmuls over its
+    rows (gathered, and scattered back with index_add_, unless the slot has every row)."""
     for slot, rows in groups.groups:
-        out.index_copy_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
+        if rows is None:
+            out.addmm_(x @ a[slot].t(), b[slot].t())
+        else:
+            out.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
     return out
 
 
@@ -90,7 +100,9 @@ class LoraManager:
             if self.groups is None:
                 return output
             a, b = self.stacks[name]
-            return output + grouped_lora(args[0], a, b, self.groups)
+            if output.is_cuda:
+                return output + grouped_lora(args[0], a, b, self.groups)
+            return add_grouped_lora(output, args[0], a, b, self.groups)  # fewer ops: each costs on the CPU
         return add_lora
 
     def adapter(self, spec: LoraSpec) -> LoraAdapter:

@@ -65,7 +65,7 @@ def test_more_adapters_than_slots_are_swapped_between_steps(tmp_path):
     runner = ModelRunner(runner_config(tmp_path / "base", enable_lora=True, max_loras=1, max_cpu_loras=2))
     first = [lora_adapters.generate(runner, PROMPTS[1:2], [a], 3)[0] for a in adapters]
     again = [lora_adapters.generate(runner, PROMPTS[1:2], [a], 3)[0] for a in reversed(adapters)]
-    assert first == again[::-1]
+    assert first == again[::-1] and len({tuple(t) for t in first}) == 3
 
 
 @pytest.fixture(scope="module")
