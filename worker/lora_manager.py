@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagedserve.worker.cpu.linear import MAX_KERNEL_ROWS, linear_rows
 from pagedserve.worker.lora import LoraAdapter, LoraError, Target, load_adapter
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,28 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: Step
 
 def add_grouped_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                      groups: StepGroups) -> torch.Tensor:
-    """out [T, out] += the LoRA term, in place, in torch: per slot one pair of matmuls over its
-    rows (gathered, and scattered back with index_add_, unless the slot has every row)."""
+    """out [T, out] += the LoRA term, in place: per slot one pair of matmuls over its rows
+    (gathered, and scattered back with index_add_, unless the slot has every row)."""
     for slot, rows in groups.groups:
         if rows is None:
-            out.addmm_(x @ a[slot].t(), b[slot].t())
+            out += _linear(_linear(x, a[slot]), b[slot])
         else:
-            out.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
+            out.index_add_(0, rows, _linear(_linear(x.index_select(0, rows), a[slot]), b[slot]))
     return out
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ w [out, in]^T. Decode-sized float32 rows on the CPU go through the C loop the
+    model's own linears use (worker/cpu/linear.py): switching to torch's matmul between its calls
+    costs far more than the LoRA's few FLOPs where the cores are busy (measured: benchmarks/lora.py)."""
+    kernel = linear_rows() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernel is None or x.shape[0] > MAX_KERNEL_ROWS or x.shape[0] == 0:
+        return x @ w.t()
+    rows = x.contiguous()
+    y = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype)
+    if kernel(rows.data_ptr(), rows.shape[0], w.shape[1], w.data_ptr(), None, w.shape[0], y.data_ptr()) != 0:
+        raise MemoryError("linear_rows could not allocate its panel buffer")
+    return y
 
 
 class LoraManager:
