@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, choices: list | None = None,
          group: str | None = None, env: str | None = None, short: str | None = None,
-         default_factory: Any = dataclasses.MISSING):
+         default_factory: Any = dataclasses.MISSING, nargs: str | None = None):
     """A dataclass field that is also a command-line option.
 
     `env`: an environment variable whose value, when set, replaces the default. `group`: options
     of one group are mutually exclusive. A field without a default is a required option. A
-    `list[str]` field takes a JSON array, as vLLM's list flags do (`--allowed-origins '["*"]'`)."""
-    meta = {FLAG: {"help": help, "choices": choices, "group": group, "env": env, "short": short}}
+    `list[str]` field takes a JSON array, as vLLM's list flags do (`--allowed-origins '["*"]'`), or
+    with `nargs="+"` one or more values (`--lora-modules a=/x b=/y`)."""
+    meta = {FLAG: {"help": help, "choices": choices, "group": group, "env": env, "short": short, "nargs": nargs}}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -159,6 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required: bool 
         kwargs: dict[str, Any] = {"default": default, "help": said}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta.get("nargs"):
+            kwargs.update(nargs=meta["nargs"])
         else:
             kwargs.update(type=kind, choices=meta["choices"])
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -190,6 +193,8 @@ def to_argv(values: Any, cls, skip=()) -> list[str]:
             continue
         if isinstance(value, bool):
             argv.append(option(f.name) if value else "--no-" + option(f.name)[2:])
+        elif isinstance(value, list) and f.metadata[FLAG].get("nargs"):
+            argv += [option(f.name), *value] if value else []
         elif isinstance(value, list):
             argv += [option(f.name), json.dumps(value)]
         else:
@@ -247,3 +252,16 @@ def resume_timeout_flag():
 
 def log_level_flag():
     return flag("INFO", "debug, info, warning or error", env="PAGEDSERVE_LOG_LEVEL")
+
+
+# LoRA adapters (vLLM's flags), shared by the worker, the scheduler and the router.
+def enable_lora_flag():
+    return flag(False, "serve LoRA adapters (PEFT directories) beside the base model")
+
+
+def max_loras_flag():
+    return flag(1, "most LoRA adapters in one step's batch (the worker's device slots)")
+
+
+def max_lora_rank_flag():
+    return flag(16, "largest LoRA rank served")

@@ -25,6 +25,7 @@ from pagedserve.router.errors import (APIError, handle_api_error, handle_http_ex
 from pagedserve.router.fields import Fields
 from pagedserve.router.frontend import Frontend
 from pagedserve.router.metrics import Metrics, MetricsMiddleware
+from pagedserve.router.lora_api import adapter_cards, lora_routes
 from pagedserve.router.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from pagedserve.router.model import ServedModel
 from pagedserve.router.replica_metrics import ReplicaCollector
@@ -69,6 +70,7 @@ def build_app(settings: Settings) -> Starlette:
             Route("/v1/responses", create_response, methods=["POST"]),
             Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
             Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+            *lora_routes(settings.enable_lora),
         ],
         middleware=[*cors_middleware(settings.allowed_origins, settings.allowed_methods,
                                      settings.allowed_headers, settings.allow_credentials),
@@ -91,14 +93,15 @@ def model_card(model: ServedModel) -> dict:
 
 async def list_models(request: Request) -> Response:
     model: ServedModel = request.app.state.frontend.model
-    return JSONResponse({"object": "list", "data": [model_card(model)]})
+    return JSONResponse({"object": "list", "data": [model_card(model), *adapter_cards(model)]})
 
 
 async def get_model(request: Request) -> Response:
     model: ServedModel = request.app.state.frontend.model
-    if request.path_params["model"] != model.name:
+    cards = {card["id"]: card for card in [model_card(model), *adapter_cards(model)]}
+    if request.path_params["model"] not in cards:
         raise model_not_found(request.path_params["model"], model.name)
-    return JSONResponse(model_card(model))
+    return JSONResponse(cards[request.path_params["model"]])
 
 
 async def tokenize(request: Request) -> Response:

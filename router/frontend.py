@@ -71,6 +71,9 @@ class Frontend:
         requests = [pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt.token_ids,
                                        params=req.params)
                     for request_id, prompt in zip(request_ids, req.prompts)]
+        if req.lora is not None:
+            for r in requests:
+                r.lora_request.CopyFrom(req.lora.request())
         plan = req.think_first
         if plan is not None:
             generation = await start_thinking_first(self.replicas, requests[0], plan.start_ids,

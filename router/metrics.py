@@ -68,6 +68,8 @@ class SchedulerCollector:
         yield self.counter("generation_tokens", "Tokens generated", s.generation_tokens_total)
         yield self.counter("num_requests_resumed", "Requests held through a lost worker and "
                            "recomputed instead of failing", s.num_requests_resumed, PREFIX)
+        if s.max_loras:
+            yield lora_requests_info(s)
         if s.spec_decode_num_accepted_tokens_per_pos:  # one per draft position: speculation is on
             yield from self.spec_decode(s)
 
@@ -96,6 +98,17 @@ class SchedulerCollector:
         family = CounterMetricFamily((prefix or self.prefix) + name, doc, labels=MODEL_LABEL)
         family.add_metric([self.model_name], value)
         return family
+
+
+def lora_requests_info(s: pb.SchedulerStats) -> GaugeMetricFamily:
+    """vLLM's lora_requests_info: the adapters with running and with waiting requests as
+    comma-separated labels, the value the time of the figures (seconds since the epoch)."""
+    family = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests",
+                               labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    running = ",".join(a.lora_name for a in s.lora_requests if a.running)
+    waiting = ",".join(a.lora_name for a in s.lora_requests if a.waiting)
+    family.add_metric([running, waiting, str(s.max_loras)], time.time())
+    return family
 
 
 class Metrics(RequestMetrics):

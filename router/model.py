@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pagedserve.flags import lower_max_model_len
 from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.router.lora import LoraRegistry, lora_registry
 from pagedserve.router.settings import Settings
 from pagedserve.router.tokenizer import Tokenizer
 
@@ -24,6 +25,7 @@ class ServedModel:
     tool_call_parser: str | None = None  # set with --enable-auto-tool-choice: tool_choice "auto"
     reasoning_parser: str | None = None  # --reasoning-parser
     runner: str = "generate"  # "pooling": served for /v1/embeddings only (ModelInfo.runner)
+    loras: LoraRegistry | None = None  # with --enable-lora: the adapters served (router/lora.py)
 
 
 def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
@@ -43,5 +45,6 @@ def load_served_model(settings: Settings, info: pb.ModelInfo) -> ServedModel:
     vocab = info.vocab_size or len(tokenizer)
     parser = settings.tool_call_parser if settings.enable_auto_tool_choice else None
     return ServedModel(name, path, max_len, vocab, eos, tokenizer, int(time.time()), parser,
-                       settings.reasoning_parser, runner=info.runner or "generate")
+                       settings.reasoning_parser, runner=info.runner or "generate",
+                       loras=lora_registry(settings, path, name))
 

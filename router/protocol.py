@@ -12,6 +12,7 @@ from pagedserve.router.bad_words import bad_words_token_ids
 from pagedserve.router.errors import invalid, model_not_found
 from pagedserve.router.field_policy import check_fields, check_keys
 from pagedserve.router.fields import Fields
+from pagedserve.router.lora import LoraAdapter
 from pagedserve.router.model import ServedModel
 from pagedserve.router.reasoning_parsers import ThinkFirst, think_first
 from pagedserve.router.prompts import (Prompt, chat_messages, chat_prompt, check_token_ids,
@@ -52,6 +53,7 @@ class GenerationRequest:
     reasoning_parser: str | None = None  # chat's, when the thinking is split from the answer
     include_reasoning: bool = True       # vLLM's: false drops the thinking
     think_first: ThinkFirst | None = None  # a constrained reply that thinks before its answer
+    lora: LoraAdapter | None = None  # the adapter `model` names (router/lora.py); None: the base model
 
 
 def parse_completion(body: Any, model: ServedModel) -> GenerationRequest:
@@ -125,7 +127,7 @@ def fields_of(body: Any, model: ServedModel, endpoint: str) -> Fields:
 
 def check_model(name: str | None, model: ServedModel) -> None:
     """`model` may be left out; when given it must be the served name (or the model's path)."""
-    if name is not None and name not in (model.name, model.path):
+    if name is not None and name not in (model.name, model.path) and not (model.loras and model.loras.get(name)):
         raise model_not_found(name, model.name)
 
 
@@ -159,7 +161,8 @@ def generation(f: Fields, kind: str, prompts: list[Prompt], params: pb.SamplingP
         # a special token unless skip_special_tokens is false)
         hidden_stop_ids=frozenset() if include_stop_str else frozenset(hidden),
         include_stop_str=include_stop_str, continuous_usage=continuous_usage,
-        tokens_as_ids=f.boolean("return_tokens_as_token_ids", False))
+        tokens_as_ids=f.boolean("return_tokens_as_token_ids", False),
+        lora=model.loras.get(f.string("model")) if model.loras else None)
 
 
 def sampling_params(f: Fields, model: ServedModel, max_tokens: int | None,

@@ -32,9 +32,13 @@ log = logging.getLogger("pagedserve.router")
 
 # Every count of SchedulerStats adds up over replicas (workers_healthy, the one flag, is any's):
 # read from the message itself, so a count added to the proto is summed without a word here.
+# Settings rather than counts (the same on every replica) are not added up but taken once.
+SETTINGS = ("max_loras",)
 SUMMED = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields
-               if f.type != f.TYPE_BOOL and not f.is_repeated)
-SUMMED_PER_INDEX = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields if f.is_repeated)
+               if f.type not in (f.TYPE_BOOL, f.TYPE_MESSAGE) and not f.is_repeated
+               and f.name not in SETTINGS)
+SUMMED_PER_INDEX = tuple(f.name for f in pb.SchedulerStats.DESCRIPTOR.fields
+                         if f.is_repeated and f.type != f.TYPE_MESSAGE)
 
 
 class Replica:
@@ -200,6 +204,9 @@ class ReplicaSet:
         for name in SUMMED_PER_INDEX:
             getattr(total, name).extend(map(sum, zip_longest(*(getattr(a, name) for a in answers),
                                                              fillvalue=0)))
+        for name in SETTINGS:
+            setattr(total, name, max(getattr(a, name) for a in answers))
+        total.lora_requests.extend(lora_requests_summed(answers))
         return total, len(answers)
 
     async def close(self) -> None:
@@ -208,3 +215,14 @@ class ReplicaSet:
             self._watcher.cancel()
         for replica in self.replicas.values():
             await replica.client.close()
+
+
+def lora_requests_summed(answers: list[pb.SchedulerStats]) -> list[pb.LoraRequests]:
+    """Each adapter's running and waiting requests over every replica (SchedulerStats.lora_requests)."""
+    by_name: dict[str, pb.LoraRequests] = {}
+    for stats in answers:
+        for entry in stats.lora_requests:
+            total = by_name.setdefault(entry.lora_name, pb.LoraRequests(lora_name=entry.lora_name))
+            total.running += entry.running
+            total.waiting += entry.waiting
+    return list(by_name.values())

@@ -50,7 +50,7 @@ async def serve(request: Request, parse: Callable, responses_class: type[Respons
         raise not_served(model)
     req = parse(await read_json(request), model)
     request_ids = [grpc_request_id(request, i) for i in range(len(req.prompts))]
-    responses = responses_class(f"{id_prefix}-{request.state.request_id}", model.name,
+    responses = responses_class(f"{id_prefix}-{request.state.request_id}", req.lora.name if req.lora else model.name,
                                 int(time.time()), model.tokenizer, req)
     try:
         session = request.headers.get(frontend.replicas.settings.session_header)

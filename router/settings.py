@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_model_len_flag, model_flag,
+from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, log_level_flag,
+                              max_lora_rank_flag, max_model_len_flag, model_flag,
                               resume_timeout_flag, served_model_name_flag, shutdown_timeout_flag)
 from pagedserve.router.reasoning_parsers import PARSERS as REASONING_PARSERS
 from pagedserve.router.routing import POLICIES
@@ -68,6 +69,12 @@ class Settings:
         "pagedserve", "the prefix of vLLM's metric names at /metrics: vllm gives vLLM's own "
         "(vllm:num_requests_waiting...), for routers and autoscalers written for vLLM",
         choices=["pagedserve", "vllm"])
+    # LoRA adapters (router/lora.py), vLLM's flags: requests pick one by `model`.
+    enable_lora: bool = enable_lora_flag()
+    lora_modules: list[str] | None = flag(
+        None, "LoRA adapters served from start-up, each name=path or JSON "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\' (with --enable-lora)', nargs="+")
+    max_lora_rank: int = max_lora_rank_flag()
     connect_timeout_s: float = 3.0        # how long a request waits for a down scheduler: then 503
     startup_retry_s: float = 2.0          # pause between GetModelInfo attempts at startup
     health_interval_s: float = 1.0        # between two health checks of every replica

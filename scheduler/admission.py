@@ -11,6 +11,7 @@ import grpc
 from pagedserve.v1 import scheduler_pb2 as pb
 
 from . import pooling as pooling_check
+from .lora import lora_of
 from . import validation
 from .engine import Engine
 from .outboxes import Outbox
@@ -56,6 +57,7 @@ async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest
     compile), UNAVAILABLE (no worker serving, or one lost during the check), ALREADY_EXISTS (its
     request_id is in flight), RESOURCE_EXHAUSTED (the waiting queue is full)."""
     try:
+        lora_of(request, engine.scheduler.config)
         embedding = pooling_check.check(request, info, engine.scheduler.kv)
         params, pooling = embedding or (validation.check(request, info, engine.scheduler.kv), None)
     except validation.InvalidRequest as e:
@@ -70,7 +72,8 @@ async def accept(engine: Engine, info: pb.ModelInfo, request: pb.GenerateRequest
                       f"request_id: {request_id!r} is already in flight")
     try:
         engine.add(request_id, list(request.prompt_token_ids), params, outbox,
-                   list(request.resume_output_token_ids), pooling=pooling)
+                   list(request.resume_output_token_ids), pooling=pooling,
+                   lora=lora_of(request, engine.scheduler.config))
     except QueueFull as e:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
     return request_id

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import (api_key_flag, flag, log_level_flag, max_num_seqs_flag,
-                              resume_timeout_flag, served_model_name_flag, shutdown_timeout_flag)
+from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, log_level_flag, max_loras_flag,
+                              max_num_seqs_flag, resume_timeout_flag, served_model_name_flag,
+                              shutdown_timeout_flag)
 
 # Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
 # GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).
@@ -39,6 +40,8 @@ class SchedulerConfig:
         'k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes the k tokens that followed the '
         "latest earlier match of the sequence's last m..n tokens; the workers verify them in one "
         "step (outputs keep the model's distribution; greedy ones are unchanged)")
+    enable_lora: bool = enable_lora_flag()
+    max_loras: int = max_loras_flag()
 
 
 @dataclass

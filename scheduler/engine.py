@@ -17,6 +17,7 @@ from collections import deque
 from pagedserve.v1 import scheduler_pb2 as pb
 
 from .outboxes import Outbox, RequestQueue
+from .lora import lora_requests
 from .request import Request, SamplingLimits, Sequence
 from .scheduler import Scheduler
 from .workers import WorkerGroup, WorkerLost
@@ -46,14 +47,15 @@ class Engine:
 
     def add(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
             outbox: Outbox | None = None, resumed: list[int] = (),
-            pooling: pb.PoolingParams | None = None) -> Outbox:
+            pooling: pb.PoolingParams | None = None, lora: pb.LoRARequest | None = None) -> Outbox:
         """Queues a request whose params validation.check resolved; its news goes to `outbox`
         (a new RequestQueue if none is given), which is returned. `resumed`: a continuation's
         output so far (GenerateRequest.resume_output_token_ids). `pooling`: an embedding
         request's resolved PoolingParams (scheduler/pooling.py).
         Raises QueueFull (scheduler.py) when the waiting queue is full."""
         limits = SamplingLimits.of(params, self.eos_token_ids)
-        request = self.scheduler.add_request(request_id, prompt, params, limits, resumed, pooling)
+        request = self.scheduler.add_request(request_id, prompt, params, limits, resumed, pooling,
+                                             lora)
         outbox = RequestQueue() if outbox is None else outbox
         self.outboxes[request_id] = outbox
         self.wakeup.set()
@@ -269,4 +271,6 @@ class Engine:
             spec_decode_num_drafts=s.speculator.num_drafts,
             spec_decode_num_draft_tokens=s.speculator.num_draft_tokens,
             spec_decode_num_accepted_tokens=s.speculator.num_accepted_tokens,
-            spec_decode_num_accepted_tokens_per_pos=s.speculator.num_accepted_per_pos)
+            spec_decode_num_accepted_tokens_per_pos=s.speculator.num_accepted_per_pos,
+            lora_requests=lora_requests(s.running, s.waiting),
+            max_loras=s.config.max_loras if s.config.enable_lora else 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .block_pool import BlockPool, block_hash
+from .lora import lora_root
 from .request import Sequence
 
 
@@ -208,7 +209,7 @@ class KVCacheManager:
     def full_block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
         """Hashes of seq's first num_full_blocks blocks, extending the ones computed before."""
         hashes = self.hashes.setdefault(seq.seq_id, [])
-        parent = hashes[-1] if hashes else b""
+        parent = hashes[-1] if hashes else lora_root(seq)  # an adapter's blocks never match another's
         bs = self.block_size
         for i in range(len(hashes), num_full_blocks):
             parent = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])

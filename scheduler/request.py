@@ -82,6 +82,8 @@ class Request:
     num_losses: int = 0             # lost workers it was held through (scheduler.suspend_all)
     # An embedding request's resolved PoolingParams (scheduler/pooling.py): prefill only, no token.
     pooling: pb.PoolingParams | None = None
+    # The LoRA adapter it runs (GenerateRequest.lora_request); None: the base model.
+    lora: pb.LoRARequest | None = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -25,6 +25,7 @@ from pagedserve.v1 import worker_pb2 as wpb
 
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
+from .lora import lora_fits
 from .request import Request, SamplingLimits, Sequence, Status
 from .speculation import Speculator
 
@@ -57,16 +58,18 @@ class Scheduler:
 
     def add_request(self, request_id: str, prompt: list[int], params: pb.SamplingParams,
                     limits: SamplingLimits, resumed: list[int] = (),
-                    pooling: pb.PoolingParams | None = None) -> Request:
+                    pooling: pb.PoolingParams | None = None,
+                    lora: pb.LoRARequest | None = None) -> Request:
         """Queues a request of n sequences. `resumed`: a continuation's output so far
         (GenerateRequest.resume_output_token_ids, n is 1): the sequence starts with prompt +
         resumed and those tokens count as generated and already sent, as after a preemption.
-        `pooling`: an embedding request's resolved PoolingParams (prompt-only)."""
+        `pooling`: an embedding request's resolved PoolingParams (prompt-only). `lora`: the
+        adapter the request runs with (None: the base model)."""
         limit = self.config.max_waiting_requests
         if limit and len(self.waiting) >= limit:
             raise QueueFull(f"the waiting queue is full ({limit} requests); retry later")
         request = Request(request_id, list(prompt), params, limits, arrival=len(self.requests),
-                          pooling=pooling)
+                          pooling=pooling, lora=lora)
         if params.HasField("num_prompt_logprobs"):
             request.num_prompt_logprobs = params.num_prompt_logprobs
         n = params.n if params.HasField("n") else 1
@@ -209,7 +212,7 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[i]
-            if self.waits_for_leader(seq):
+            if self.waits_for_leader(seq) or not lora_fits(seq, self.running, self.config.max_loras):
                 i += 1
                 continue
             if seq.num_scheduled:
@@ -257,7 +260,7 @@ class Scheduler:
         plan.new_sequences.append(wpb.NewSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids, params=sequence_params(seq),
             num_computed_tokens=num_cached, num_generated=seq.num_output,
-            num_prompt_logprobs=prompt_logprobs, pooling=seq.request.pooling))
+            num_prompt_logprobs=prompt_logprobs, pooling=seq.request.pooling, lora_request=seq.request.lora))
         plan.scheduled.add(seq_id=seq.seq_id, num_tokens=n, new_block_ids=block_table)
         seq.num_scheduled = n
         scheduled.append((seq, n))

@@ -37,7 +37,7 @@ class SequenceState:
     hold (its sampling options, its grammar matcher), and views of its numbers there, for the
     sampler, structured outputs and prompt logprobs."""
 
-    __slots__ = ("seq_id", "row", "num_prompt", "params", "num_prompt_logprobs", "grammar", "_batch")
+    __slots__ = ("seq_id", "row", "num_prompt", "params", "num_prompt_logprobs", "grammar", "lora", "_batch")
 
     def __init__(self, batch: PersistentBatch, row: int, seq_id: int, num_prompt: int, params: SamplingOptions,
                  num_prompt_logprobs: int | None):
@@ -46,6 +46,7 @@ class SequenceState:
         self.params = params
         self.num_prompt_logprobs = num_prompt_logprobs  # set while the scheduler wants its prompt logprobs
         self.grammar: Any = None  # its xgrammar.GrammarMatcher when structured outputs constrain it
+        self.lora: Any = None  # its lora_manager.LoraSpec when it runs a LoRA adapter
 
     @property
     def token_ids(self) -> list[int]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.flags import flag, log_level_flag, max_model_len_flag, max_num_seqs_flag, model_flag
+from pagedserve.flags import (enable_lora_flag, flag, log_level_flag, max_lora_rank_flag, max_loras_flag,
+                              max_model_len_flag, max_num_seqs_flag, model_flag)
 
 
 @dataclass
@@ -53,6 +54,10 @@ class WorkerConfig:
     pooler_config: str | None = flag(
         None, "with --runner pooling: JSON overriding the checkpoint's pooling, e.g. "
         "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (pooling_type LAST, MEAN or CLS)")
+    enable_lora: bool = enable_lora_flag()
+    max_loras: int = max_loras_flag()
+    max_lora_rank: int = max_lora_rank_flag()
+    max_cpu_loras: int | None = flag(None, "LoRA adapters kept read in host memory (default: --max-loras)")
 
 
 @dataclass

@@ -21,6 +21,8 @@ from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, gra
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
 from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from pagedserve.worker.loader import load_model, tokenizer_dir
+from pagedserve.worker.lora import lora_targets
+from pagedserve.worker.lora_manager import LoraManager, LoraSpec
 from pagedserve.worker.pooling import Poolers
 from pagedserve.worker.pooling_config import resolve_runner
 from pagedserve.worker.sampler import Sampler, SamplerOutput
@@ -40,9 +42,14 @@ class ModelRunner:
         self.backend = make_attention_backend(config.attention_backend, self.device, config.block_size)
         self.loaded = load_model(config, self.backend)
         self.model = self.loaded.model
+        targets = lora_targets(self.model) if config.enable_lora else {}  # before the CPU path swaps the linears
         if self.device.type == "cpu":
             log.info("%s", prepare_linears(self.model))
             log.info("%s", keep_freed_memory())
+        self.lora = (LoraManager(self.model, targets, config.max_loras, config.max_lora_rank,
+                                 config.max_cpu_loras or config.max_loras, self.loaded.dtype, self.device,
+                                 getattr(self.model, "checkpoint_prefix", ""))
+                     if config.enable_lora else None)
         shape = self.model.kv_cache_shape()
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
@@ -78,8 +85,9 @@ class ModelRunner:
         return runner
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """Hidden states [T, hidden]: replayed from a CUDA graph where one serves the step."""
-        if self.graphs is not None:
+        """Hidden states [T, hidden]: replayed from a CUDA graph where one serves the step (none
+        where LoRA tokens are in it: graphs are captured with the LoRA hooks idle)."""
+        if self.graphs is not None and (self.lora is None or self.lora.groups is None):
             hidden = self.graphs.run(input_ids, positions, meta)
             if hidden is not None:
                 return hidden
@@ -128,6 +136,8 @@ class ModelRunner:
             if new.HasField("pooling"):
                 self.poolers.add(new)
             seq = self.batch.add(new)
+            if new.HasField("lora_request"):
+                seq.lora = self._lora_spec(new.lora_request)
             if new.params.HasField("structured_outputs"):
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
         if not plan.scheduled:
@@ -142,7 +152,13 @@ class ModelRunner:
         started, cpu_started = time.perf_counter(), time.process_time()
         inputs = self.poolers.without_pooling(self.batch.prepare_inputs(step), self.batch.seq_id_of_row)
         meta = self.backend.prepare(inputs.meta, self.loaded.dtype)
-        hidden = self.forward(inputs.input_ids, inputs.positions, meta)
+        if self.lora is not None:
+            self.lora.begin_step([s.lora for s in self.batch.seqs_at(inputs.rows)], inputs.meta.query_lens_cpu)
+        try:
+            hidden = self.forward(inputs.input_ids, inputs.positions, meta)
+        finally:
+            if self.lora is not None:
+                self.lora.end_step()
         sampling = self.batch.seqs_at(inputs.sampling_rows)
         verification = None
         if sampling and drafts:
@@ -182,6 +198,11 @@ class ModelRunner:
             place = dict(zip(self.batch.seq_id_of_row[inputs.rows].tolist(), inputs.plan_index.tolist()))
             result.pooled.extend(sorted(pooled, key=lambda p: place[p.seq_id]))
         return result, logits
+
+    def _lora_spec(self, request) -> LoraSpec:
+        if self.lora is None:
+            raise PlanError(f"LoRA adapter {request.lora_name!r} requested, but the worker runs without --enable-lora")
+        return LoraSpec(request.lora_name, request.lora_path, request.content_hash)
 
     def _result(self, step_id: int, inputs, sampled: SamplerOutput, elapsed: float, prompt_chunks,
                 logits: torch.Tensor | None) -> tuple[worker_pb2.StepResult, torch.Tensor | None]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import scheduler_pb2 as pagedserve_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1dpagedserve/v1/scheduler.proto\"&\n\x15StructuredOutputCheck\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\xfc\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\x12 \n\x13num_prompt_logprobs\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12-\n\x07pooling\x18\x07 \x01(\x0b\x32\x1c.pagedserve.v1.PoolingParamsB\x16\n\x14_num_prompt_logprobs\"g\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\"\x9a\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x15\n\rfreed_seq_ids\x18\x04 \x03(\x04\"\xb6\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.pagedserve.v1.SequenceLogprob\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0f\x66orward_seconds\x18\x06 \x01(\x02\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".pagedserve.v1.PromptLogprobsChunk\x12+\n\x06pooled\x18\x08 \x03(\x0b\x32\x1b.pagedserve.v1.PooledOutput\x12/\n\x08\x61\x63\x63\x65pted\x18\t \x03(\x0b\x32\x1d.pagedserve.v1.AcceptedDrafts\"|\n\x0e\x41\x63\x63\x65ptedDrafts\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\r\"1\n\x0cPooledOutput\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tembedding\x18\x02 \x03(\x02\"m\n\x13PromptLogprobsChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"O\n\x0fSequenceLogprob\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12,\n\x07logprob\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"\x16\n\x14GetWorkerInfoRequest\"\xe2\x03\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x1f\n\x17\x63udagraph_capture_sizes\x18\x0b \x03(\r\x12\x38\n\x11sampling_defaults\x18\x0c \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x0e\n\x06runner\x18\r \x01(\t\x12,\n\x06pooler\x18\x0e \x01(\x0b\x32\x1c.pagedserve.v1.PoolingParams\x12\x15\n\ris_matryoshka\x18\x0f \x01(\x08\x12\x1d\n\x15matryoshka_dimensions\x18\x10 \x03(\r\x12\x13\n\x0bhidden_size\x18\x11 \x01(\r\x12\x1b\n\x0esliding_window\x18\x12 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_sliding_window2\x82\x02\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12O\n\rGetWorkerInfo\x12#.pagedserve.v1.GetWorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12\x64\n\x15\x43heckStructuredOutput\x12%.pagedserve.v1.StructuredOutputParams\x1a$.pagedserve.v1.StructuredOutputCheckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1dpagedserve/v1/scheduler.proto\"&\n\x15StructuredOutputCheck\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\xae\x02\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x15\n\rnum_generated\x18\x05 \x01(\r\x12 \n\x13num_prompt_logprobs\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12-\n\x07pooling\x18\x07 \x01(\x0b\x32\x1c.pagedserve.v1.PoolingParams\x12\x30\n\x0clora_request\x18\x08 \x01(\x0b\x32\x1a.pagedserve.v1.LoRARequestB\x16\n\x14_num_prompt_logprobs\"g\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\"\x9a\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x15\n\rfreed_seq_ids\x18\x04 \x03(\x04\"\xb6\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.pagedserve.v1.SequenceLogprob\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0f\x66orward_seconds\x18\x06 \x01(\x02\x12;\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\".pagedserve.v1.PromptLogprobsChunk\x12+\n\x06pooled\x18\x08 \x03(\x0b\x32\x1b.pagedserve.v1.PooledOutput\x12/\n\x08\x61\x63\x63\x65pted\x18\t \x03(\x0b\x32\x1d.pagedserve.v1.AcceptedDrafts\"|\n\x0e\x41\x63\x63\x65ptedDrafts\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\r\"1\n\x0cPooledOutput\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tembedding\x18\x02 \x03(\x02\"m\n\x13PromptLogprobsChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\r\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.PromptLogprob\"O\n\x0fSequenceLogprob\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12,\n\x07logprob\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"\x16\n\x14GetWorkerInfoRequest\"\xe2\x03\n\nWorkerInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x1f\n\x17\x63udagraph_capture_sizes\x18\x0b \x03(\r\x12\x38\n\x11sampling_defaults\x18\x0c \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x0e\n\x06runner\x18\r \x01(\t\x12,\n\x06pooler\x18\x0e \x01(\x0b\x32\x1c.pagedserve.v1.PoolingParams\x12\x15\n\ris_matryoshka\x18\x0f \x01(\x08\x12\x1d\n\x15matryoshka_dimensions\x18\x10 \x03(\r\x12\x13\n\x0bhidden_size\x18\x11 \x01(\r\x12\x1b\n\x0esliding_window\x18\x12 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_sliding_window2\x82\x02\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12O\n\rGetWorkerInfo\x12#.pagedserve.v1.GetWorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12\x64\n\x15\x43heckStructuredOutput\x12%.pagedserve.v1.StructuredOutputParams\x1a$.pagedserve.v1.StructuredOutputCheckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRUCTUREDOUTPUTCHECK']._serialized_start=76
   _globals['_STRUCTUREDOUTPUTCHECK']._serialized_end=114
   _globals['_NEWSEQUENCE']._serialized_start=117
-  _globals['_NEWSEQUENCE']._serialized_end=369
-  _globals['_SCHEDULEDSEQUENCE']._serialized_start=371
-  _globals['_SCHEDULEDSEQUENCE']._serialized_end=474
-  _globals['_STEPPLAN']._serialized_start=477
-  _globals['_STEPPLAN']._serialized_end=631
-  _globals['_STEPRESULT']._serialized_start=634
-  _globals['_STEPRESULT']._serialized_end=944
-  _globals['_ACCEPTEDDRAFTS']._serialized_start=946
-  _globals['_ACCEPTEDDRAFTS']._serialized_end=1070
-  _globals['_POOLEDOUTPUT']._serialized_start=1072
-  _globals['_POOLEDOUTPUT']._serialized_end=1121
-  _globals['_PROMPTLOGPROBSCHUNK']._serialized_start=1123
-  _globals['_PROMPTLOGPROBSCHUNK']._serialized_end=1232
-  _globals['_SEQUENCELOGPROB']._serialized_start=1234
-  _globals['_SEQUENCELOGPROB']._serialized_end=1313
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=1315
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=1337
-  _globals['_WORKERINFO']._serialized_start=1340
-  _globals['_WORKERINFO']._serialized_end=1822
-  _globals['_WORKER']._serialized_start=1825
-  _globals['_WORKER']._serialized_end=2083
+  _globals['_NEWSEQUENCE']._serialized_end=419
+  _globals['_SCHEDULEDSEQUENCE']._serialized_start=421
+  _globals['_SCHEDULEDSEQUENCE']._serialized_end=524
+  _globals['_STEPPLAN']._serialized_start=527
+  _globals['_STEPPLAN']._serialized_end=681
+  _globals['_STEPRESULT']._serialized_start=684
+  _globals['_STEPRESULT']._serialized_end=994
+  _globals['_ACCEPTEDDRAFTS']._serialized_start=996
+  _globals['_ACCEPTEDDRAFTS']._serialized_end=1120
+  _globals['_POOLEDOUTPUT']._serialized_start=1122
+  _globals['_POOLEDOUTPUT']._serialized_end=1171
+  _globals['_PROMPTLOGPROBSCHUNK']._serialized_start=1173
+  _globals['_PROMPTLOGPROBSCHUNK']._serialized_end=1282
+  _globals['_SEQUENCELOGPROB']._serialized_start=1284
+  _globals['_SEQUENCELOGPROB']._serialized_end=1363
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=1365
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=1387
+  _globals['_WORKERINFO']._serialized_start=1390
+  _globals['_WORKERINFO']._serialized_end=1872
+  _globals['_WORKER']._serialized_start=1875
+  _globals['_WORKER']._serialized_end=2133
 # @@protoc_insertion_point(module_scope)

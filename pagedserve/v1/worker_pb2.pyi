@@ -14,7 +14,7 @@ class StructuredOutputCheck(_message.Message):
     def __init__(self, error: _Optional[str] = ...) -> None: ...
 
 class NewSequence(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "params", "num_computed_tokens", "num_generated", "num_prompt_logprobs", "pooling")
+    __slots__ = ("seq_id", "token_ids", "params", "num_computed_tokens", "num_generated", "num_prompt_logprobs", "pooling", "lora_request")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class NewSequence(_message.Message):
     NUM_GENERATED_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    LORA_REQUEST_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _scheduler_pb2.SamplingParams
@@ -29,7 +30,8 @@ class NewSequence(_message.Message):
     num_generated: int
     num_prompt_logprobs: int
     pooling: _scheduler_pb2.PoolingParams
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ..., num_prompt_logprobs: _Optional[int] = ..., pooling: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ...) -> None: ...
+    lora_request: _scheduler_pb2.LoRARequest
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., num_generated: _Optional[int] = ..., num_prompt_logprobs: _Optional[int] = ..., pooling: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ..., lora_request: _Optional[_Union[_scheduler_pb2.LoRARequest, _Mapping]] = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
     __slots__ = ("seq_id", "num_tokens", "new_block_ids", "draft_token_ids")

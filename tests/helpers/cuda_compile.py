@@ -40,7 +40,9 @@ FUSED_MOE = [
     ("moe_qwen3_30b_decode64", "bf16", 64 * 8, 2048, 768, 8),
     ("moe_mixtral_prefill", "bf16", 2048 * 2, 4096, 14336, 2),
 ]
-NAMES = [v[0] for v in ATTENTION] + [v[0] for v in WRITE_KV] + [v[0] for v in FUSED_MOE]
+# (name, dtype, rank (sections x --max-lora-rank), longest segment): kernels/sgmv.py
+SGMV = [("sgmv_decode_qkv_r16_bf16", "bf16", 48, 1), ("sgmv_prefill_r8_fp32", "fp32", 8, 512)]
+NAMES = [v[0] for v in ATTENTION] + [v[0] for v in WRITE_KV] + [v[0] for v in FUSED_MOE] + [v[0] for v in SGMV]
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
 
@@ -100,6 +102,15 @@ def main() -> int:
         error = compile_one(_moe_gate_up_kernel, {**blocks, "TOP_K": top_k}, routing, f"*{dtype}")
         if error is None:
             error = compile_one(_moe_down_kernel, blocks, routing, f"*{dtype}")
+        print(json.dumps({"name": name, "error": error}), flush=True)
+    from pagedserve.kernels.sgmv import _expand, _shrink
+    from pagedserve.kernels.sgmv import block_sizes as sgmv_blocks
+    segments = {"seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "seg_slot_ptr": "*i32"}
+    for name, dtype, rank, max_seg_len in SGMV:
+        blocks = sgmv_blocks(rank, max_seg_len)
+        error = compile_one(_shrink, {**blocks, "BLOCK_K": 64}, {**segments, "v_ptr": "*fp32"}, f"*{dtype}")
+        if error is None:
+            error = compile_one(_expand, {**blocks, "BLOCK_N": 64}, {**segments, "v_ptr": "*fp32"}, f"*{dtype}")
         print(json.dumps({"name": name, "error": error}), flush=True)
     return 0
 
