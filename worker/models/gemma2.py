@@ -19,12 +19,12 @@ from torch import nn
 
 from pagedserve.worker.distributed import all_reduce
 from pagedserve.worker.models.base import CausalLM
+from pagedserve.worker.models.llama import LlamaAttention, LlamaVariant
 from pagedserve.worker.models.layers import (
     ActAndMul,
     RotaryEmbedding,
     column_shard,
     fused_linear,
-    heads_shard,
     lm_head,
     rope_parameters,
     row_linear,
@@ -46,37 +46,19 @@ class GemmaRMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, config, backend, window: int | None, softcap: float | None, qk_norm: bool):
-        super().__init__()
-        hd = self.head_dim = config.head_dim
-        q = heads_shard([config.num_attention_heads], hd)
-        kv = heads_shard([config.num_key_value_heads], hd, replicate=True, what="num_key_value_heads")
-        bias = config.attention_bias
-        self.qkv_proj = fused_linear(config.hidden_size, bias, q_proj=q, k_proj=kv, v_proj=kv)
-        self.o_proj = row_linear(config.num_attention_heads * hd, config.hidden_size, bias,
-                                 what="num_attention_heads * head_dim")
-        self.num_heads, self.num_kv_heads = q.length // hd, kv.length // hd  # this rank's
-        self.qkv_sizes = [q.length, kv.length, kv.length]
-        self.scale = config.query_pre_attn_scalar ** -0.5
-        self.window, self.softcap = window, softcap
-        self.qk_norm = qk_norm  # Gemma 3: a norm over each head's q and k, before the rotation
-        if qk_norm:
-            self.q_norm = GemmaRMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(hd, config.rms_norm_eps)
-        self.backend = backend
+class GemmaAttention(LlamaAttention):
+    """Llama's attention with Gemma's scale (query_pre_attn_scalar), soft-capped scores and, for
+    Gemma 3, (1 + weight) norms over each head's q and k."""
 
-    def forward(self, x, rotary, kv_cache, meta):
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q), rotary(k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
-        return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
+    def __init__(self, config, backend, window: int | None, softcap: float | None, qk_norm: bool):
+        bias = config.attention_bias
+        super().__init__(config, LlamaVariant(qkv_bias=bias, o_bias=bias), backend, window)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.softcap = softcap
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
 
 
 class GemmaMLP(nn.Module):

@@ -42,6 +42,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, variant: LlamaVariant, backend, window: int | None = None):
         super().__init__()
         self.window = window  # sliding window of this layer, None: full attention
+        self.softcap = None  # scores soft-capped at this (Gemma 2), None: not capped
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
@@ -68,7 +69,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q), rotary(k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
         return all_reduce(self.o_proj(out.reshape(T, self.num_heads * self.head_dim)))
 
 
