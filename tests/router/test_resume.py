@@ -3,7 +3,6 @@
 error, a repeated token or a gap; against fake schedulers (tests/helpers/fake_scheduler.py)."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,6 +11,7 @@ import pytest
 
 from tests.helpers.fake_scheduler import FakeScheduler, FakeSchedulerServer
 from tests.helpers.router_fixtures import EOS, Harness, eventually
+from tests.helpers.sse_client import stream_completion
 
 MAX_TOKENS = 40
 
@@ -49,33 +49,16 @@ BODY = {"model": "smol", "prompt": "once upon a time", "max_tokens": MAX_TOKENS,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
-def stream(url: str, on_chunk=None) -> tuple[str, int, list[str]]:
+def stream(url: str, on_chunk=None):
     """The streamed text, the usage's completion_tokens, and the errors seen."""
-    text, usage, errors = "", None, []
-    with httpx.stream("POST", url + "/v1/completions", json=BODY, timeout=60) as reply:
-        assert reply.status_code == 200, reply.read()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                errors.append(chunk["error"]["message"])
-                continue
-            for choice in chunk["choices"]:
-                text += choice["text"]
-                if on_chunk is not None:
-                    on_chunk()
-            usage = chunk.get("usage") or usage
-    return text, (usage or {}).get("completion_tokens"), errors
+    got = stream_completion(url, BODY, on_chunk, timeout=60)
+    return got.text, got.completion_tokens, got.errors
 
 
 def kill_after(n: int, stop):
     """An on_chunk callback that calls stop() once, after the n-th chunk."""
-    seen = [0]
-
-    def on_chunk():
-        seen[0] += 1
-        if seen[0] == n:
+    def on_chunk(chunks: int):
+        if chunks == n:
             threading.Thread(target=stop).start()
     return on_chunk
 

@@ -7,7 +7,6 @@ finish everything.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.v1 import scheduler_pb2_grpc as pbgrpc
 from tests.helpers import hf_reference, tiny_models
 from tests.helpers.live_stack import parent_of, poll, scrape
+from tests.helpers.sse_client import stream_completion
 from tests.helpers.stack import run_stack
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"
@@ -276,24 +275,11 @@ def run_streams(url: str, bodies: list[dict], when_started=None) -> list[tuple]:
     started = threading.Barrier(len(bodies), action=when_started) if when_started else None
 
     def one(body):
-        tokens, text, usage, errors, chunks = [], "", None, [], 0
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as reply:
-            assert reply.status_code == 200
-            for line in reply.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    errors.append(chunk["error"]["message"])
-                    continue
-                for choice in chunk["choices"]:
-                    text += choice["text"]
-                    tokens += (choice.get("logprobs") or {}).get("tokens") or []
-                    chunks += 1
-                    if started is not None and chunks == 3:
-                        started.wait(120)
-                usage = chunk.get("usage") or usage
-        return tokens, text, (usage or {}).get("completion_tokens"), errors
+        def on_chunk(chunks: int):
+            if started is not None and chunks == 3:
+                started.wait(120)
+        got = stream_completion(url, body, on_chunk)
+        return got.tokens, got.text, got.completion_tokens, got.errors
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(one, bodies))
