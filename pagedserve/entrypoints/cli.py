@@ -39,6 +39,10 @@ def main(argv=None) -> None:
         sys.exit(run_bench(args))
     if args.command == "serve":
         from .launcher import Launcher
+        from .serve_args import check_serve_args
+        refused = check_serve_args(args)
+        if refused:
+            subcommand(parser, "serve").error(refused)
         sys.exit(Launcher(args).run())
     if args.command == "run-batch":
         from .run_batch import refuse_flags_base_url_ignores, run_batch

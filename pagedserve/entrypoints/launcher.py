@@ -172,8 +172,8 @@ class Launcher:
             self.start_all()
             self.serving = True
             grpc = ", ".join(f"{a.host}:{port}" for port in self.grpc_ports)
-            print(f"pagedserve: serving {a.served_model_name or os.path.basename(os.path.normpath(a.model))} "
-                  f"at http://{a.host}:{a.port}/v1 (gRPC {grpc})", flush=True)
+            print(f"pagedserve: serving {served_name(a)} at http://{a.host}:{a.port}/v1 (gRPC {grpc})",
+                  flush=True)
             code = self.supervise()
         except KeyboardInterrupt:  # a signal while starting: nothing is in flight yet
             pass
@@ -282,3 +282,11 @@ class Launcher:
 
 def is_worker(child: Child) -> bool:
     return " worker " in f" {child.name} "
+
+
+def served_name(a) -> str:
+    """The model name the API answers to, as the scheduler chooses it: --served-model-name, else
+    the model directory's name; a GGUF file is served under its --tokenizer directory's name (the
+    worker reports that directory as the model's path)."""
+    path = a.tokenizer if a.model.endswith(".gguf") and getattr(a, "tokenizer", None) else a.model
+    return a.served_model_name or os.path.basename(os.path.normpath(path))

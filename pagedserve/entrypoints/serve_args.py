@@ -60,3 +60,22 @@ def scheduler_argv(args: argparse.Namespace) -> list[str]:
 
 def router_argv(args: argparse.Namespace) -> list[str]:
     return to_argv(args, RouterArgs, skip=ROUTER_INTERNAL)
+
+
+def check_serve_args(args: argparse.Namespace) -> str | None:
+    """The first JSON-valued flag (--speculative-config, --pooler-config, --lora-modules) its
+    process would refuse, as that process words it; None when all parse. `serve` asks before it
+    starts anything, so a typo costs no model load and names `serve`, not a child process."""
+    from pagedserve.router.lora import parse_lora_module
+    from pagedserve.scheduler.speculative_config import parse_speculative_config
+    from pagedserve.worker.pooling_config import PoolingConfigError, from_flag
+
+    checks = [lambda: parse_speculative_config(args.speculative_config),
+              lambda: from_flag(args.pooler_config),
+              *(lambda m=m: parse_lora_module(m) for m in args.lora_modules or ())]
+    for check in checks:
+        try:
+            check()
+        except (ValueError, PoolingConfigError) as e:
+            return str(e)
+    return None

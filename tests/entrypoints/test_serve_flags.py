@@ -38,3 +38,13 @@ def test_cuda_graph_flags_reach_the_worker(flags):
     assert config.enforce_eager == flags.get("enforce_eager", False)
     assert config.max_cudagraph_capture_size == flags.get("max_cudagraph_capture_size", 512)
     assert config.max_num_seqs == flags.get("max_num_seqs", 256)
+
+
+@pytest.mark.parametrize("model, extra, expected", [
+    ("/m/SmolLM2", {}, "SmolLM2"),
+    ("/m/x.Q4_1.gguf", {"tokenizer": "/m/SmolLM2/"}, "SmolLM2"),  # the name the scheduler serves
+    ("/m/x.gguf", {"tokenizer": "/m/tok", "served_model_name": "mine"}, "mine"),
+])
+def test_the_banner_names_the_model_as_the_api_serves_it(model, extra, expected):
+    from pagedserve.entrypoints.launcher import served_name
+    assert served_name(serve_args(model, **extra)) == expected
