@@ -36,6 +36,8 @@ class Speculator:
                    self.max_model_len - seq.num_tokens)
         if room <= 0:
             return []
+        if config.method == "draft_model":  # placeholders: the worker's draft model writes them
+            return [0] * room
         return propose_ngram(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
 
     def speculates(self, seq: Sequence) -> bool:
