@@ -28,11 +28,18 @@ def draft_model_dir(config_text: str | None) -> str | None:
 
 
 class DraftModel:
-    def __init__(self, path: str, vocab_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, path: str, vocab_size: int, max_model_len: int, dtype: torch.dtype, device: torch.device):
         """Loads the draft checkpoint at path with transformers. Raises ValueError when its
-        vocabulary size is not the target's (vocab_size): its token ids would mean other tokens."""
+        vocabulary size is not the target's (vocab_size): its token ids would mean other tokens;
+        or when its max_position_embeddings is below max_model_len (tokens): it runs over whole
+        sequences, and a model with learned positions fails past its own."""
         from transformers import AutoConfig, AutoModelForCausalLM
-        draft_vocab = AutoConfig.from_pretrained(path).vocab_size
+        hf_config = AutoConfig.from_pretrained(path)
+        draft_vocab = hf_config.vocab_size
+        draft_len = getattr(hf_config, "max_position_embeddings", None)
+        if draft_len is not None and draft_len < max_model_len:
+            raise ValueError(f"--speculative-config: the draft model {path} has max_position_embeddings "
+                             f"{draft_len}, below --max-model-len {max_model_len}; lower --max-model-len")
         if draft_vocab != vocab_size:
             raise ValueError(f"--speculative-config: the draft model {path} has a vocabulary of {draft_vocab} "
                              f"tokens, the target {vocab_size}; a draft model must share the target's tokenizer")

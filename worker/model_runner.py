@@ -60,7 +60,8 @@ class ModelRunner:
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(str(tokenizer_dir(config)), self.loaded.vocab_size, self.loaded.eos_token_ids)
         draft_dir = draft_model_dir(config.speculative_config)
-        self.draft = (DraftModel(draft_dir, self.loaded.vocab_size, self.loaded.dtype, self.device)
+        self.draft = (DraftModel(draft_dir, self.loaded.vocab_size, self.loaded.max_model_len,
+                                 self.loaded.dtype, self.device)
                       if draft_dir else None)
         self.pooling = resolve_runner(tokenizer_dir(config), config.runner, config.pooler_config,
                                       self.loaded.hf_config)

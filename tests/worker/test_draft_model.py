@@ -90,3 +90,10 @@ def test_a_draft_of_another_vocabulary_is_refused(models, tmp_path):
     tiny_models.build("llama", tmp_path, vocab_size=V // 2)
     with pytest.raises(ValueError, match="vocabulary"):
         ModelRunner(tiny_models.runner_config(target, speculative_config=spec(tmp_path)))
+
+
+def test_a_draft_shorter_than_max_model_len_is_refused(models, tmp_path):
+    target, _ = models
+    tiny_models.build("llama", tmp_path, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ModelRunner(tiny_models.runner_config(target, speculative_config=spec(tmp_path)))
