@@ -27,7 +27,7 @@ def spec(draft_dir) -> str:
     return json.dumps({"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3})
 
 
-def generate(runner: ModelRunner, spec_text, num_blocks: int, budget: int, caching: bool = True):
+def generate(runner: ModelRunner, spec_text, num_blocks: int, budget: int, caching: bool = True, params=None):
     """Every prompt's greedy output, run together by the scheduler's policy; the scheduler; the
     number of steps."""
     runner.batch.clear()
@@ -35,7 +35,7 @@ def generate(runner: ModelRunner, spec_text, num_blocks: int, budget: int, cachi
                              max_model_len=runner.loaded.max_model_len, max_num_batched_tokens=budget,
                              enable_prefix_caching=caching, speculative_config=spec_text)
     s = Scheduler(config)
-    params = with_defaults(pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    params = params or with_defaults(pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
     limits = SamplingLimits.of(params, frozenset(runner.loaded.eos_token_ids))
     requests = [s.add_request(f"r{i}", p, params, limits) for i, p in enumerate(PROMPTS)]
     steps = 0
@@ -83,6 +83,20 @@ def test_the_target_as_its_own_draft_has_every_draft_accepted(models):
     assert s.speculator.num_draft_tokens > 0
     assert s.speculator.num_accepted_tokens == s.speculator.num_draft_tokens
     assert steps < plain_steps  # up to k + 1 = 4 tokens a step
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_a_draft_model(models):
+    """Greedy drafts are point-mass proposals: verification draws from the target at each
+    position with (seed, position) randomness, so a seeded sampled request keeps its tokens."""
+    target, _ = models
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
+                                                   speculative_config=spec(target)))
+    params = with_defaults(pb.SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=MAX_TOKENS,
+                                             ignore_eos=True))
+    plain, _, _ = generate(runner, None, 64, 2048, params=params)
+    drafted, s, _ = generate(runner, spec(target), 64, 2048, params=params)
+    assert drafted == plain
+    assert s.speculator.num_draft_tokens > 0  # drafts were verified (a flat tiny model rejects most)
 
 
 def test_a_draft_of_another_vocabulary_is_refused(models, tmp_path):
