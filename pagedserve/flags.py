@@ -265,3 +265,15 @@ def max_loras_flag():
 
 def max_lora_rank_flag():
     return flag(16, "largest LoRA rank served")
+
+
+def speculative_config_flag():
+    """--speculative-config: the scheduler proposes or asks for drafts, the workers verify them
+    (and, for draft_model, load the draft); one flag, one help."""
+    return flag(
+        None, 'speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": '
+        'k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes the k tokens that followed the '
+        "latest earlier match of the sequence's last m..n tokens; {\"method\": \"draft_model\", "
+        '"model": DIR, "num_speculative_tokens": k} has a small model of the same vocabulary in the '
+        "workers propose k greedy tokens; the workers verify them in one step (outputs keep the "
+        "model's distribution; greedy ones are unchanged)")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pagedserve.flags import (api_key_flag, enable_lora_flag, flag, log_level_flag, max_loras_flag,
                               max_num_seqs_flag, resume_timeout_flag, served_model_name_flag,
-                              shutdown_timeout_flag)
+                              shutdown_timeout_flag, speculative_config_flag)
 
 # Tokens per step when --max-num-batched-tokens is not given: vLLM raises it to 8192 on H100-class
 # GPUs, where bigger prefill chunks keep the device busy; 2048 suits the CPU (docs/PERFORMANCE.md).
@@ -35,11 +35,7 @@ class SchedulerConfig:
                                   "runs, so the scheduler's work overlaps the workers' (outputs are "
                                   "unchanged; a sequence that finishes computes one token that is "
                                   "thrown away)")
-    speculative_config: str | None = flag(
-        None, 'speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": '
-        'k, "prompt_lookup_max": n, "prompt_lookup_min": m} proposes the k tokens that followed the '
-        "latest earlier match of the sequence's last m..n tokens; the workers verify them in one "
-        "step (outputs keep the model's distribution; greedy ones are unchanged)")
+    speculative_config: str | None = speculative_config_flag()
     enable_lora: bool = enable_lora_flag()
     max_loras: int = max_loras_flag()
 

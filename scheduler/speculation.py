@@ -1,7 +1,9 @@
 """Speculative decoding in the scheduler: which decoding sequences get drafts, how many, and the
 counters behind vLLM's spec_decode metrics. The drafts travel in the plan
 (ScheduledSequence.draft_token_ids) as extra query tokens; the worker verifies them all in the
-step's one forward pass and answers with the accepted ones (StepResult.accepted).
+step's one forward pass and answers with the accepted ones (StepResult.accepted). With the
+draft_model method the scheduler sends placeholder ids: the worker's draft model writes the
+tokens (worker/draft_model.py); the count and the KV slots are decided here as for n-gram.
 
 A sequence gets no drafts where they could not be verified exactly or would be wasted: prompt
 logprobs, pooling, a step of it still
@@ -36,6 +38,8 @@ class Speculator:
                    self.max_model_len - seq.num_tokens)
         if room <= 0:
             return []
+        if config.method == "draft_model":  # placeholders: the worker's draft model writes them
+            return [0] * room
         return propose_ngram(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
 
     def speculates(self, seq: Sequence) -> bool:

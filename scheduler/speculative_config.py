@@ -1,15 +1,18 @@
 """--speculative-config: vLLM's JSON object, read once at start-up.
 
-Only the n-gram method (prompt lookup decoding) is served: it proposes, from the sequence's own
-prompt and output, the tokens that followed the longest earlier match of its last n-gram. The
-worker verifies the proposals (worker/rejection_sampler.py).
+Two methods. "ngram" (prompt lookup decoding) proposes, in the scheduler, from the sequence's own
+prompt and output, the tokens that followed the longest earlier match of its last n-gram.
+"draft_model" names a small model of the same vocabulary ("model": its directory) that the worker
+runs to propose (worker/draft_model.py): the scheduler only decides how many drafts a sequence gets
+and allocates their KV slots. The worker verifies the proposals (worker/rejection_sampler.py).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+KEYS = {"ngram": {"prompt_lookup_max", "prompt_lookup_min"}, "draft_model": {"model"}}
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int  # k: drafts proposed per sequence per step, at most
     prompt_lookup_max: int       # the longest n-gram matched
     prompt_lookup_min: int       # the shortest n-gram matched
+    model: str | None = None     # draft_model: the draft's directory (the worker loads it)
 
 
 def parse_speculative_config(text: str | None) -> SpeculativeConfig | None:
@@ -35,7 +39,7 @@ def parse_speculative_config(text: str | None) -> SpeculativeConfig | None:
     method = value.get("method")
     if method not in METHODS:
         raise ValueError(f"--speculative-config: method {method!r} is not served; use one of {list(METHODS)}")
-    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    known = {"method", "num_speculative_tokens"} | KEYS[method]
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"--speculative-config: unknown keys {unknown} for method {method!r}")
@@ -48,4 +52,7 @@ def parse_speculative_config(text: str | None) -> SpeculativeConfig | None:
             raise ValueError(f"--speculative-config: {name} must be a positive integer, got {v!r}")
     if low > high:
         raise ValueError(f"--speculative-config: prompt_lookup_min {low} exceeds prompt_lookup_max {high}")
-    return SpeculativeConfig(method, k, high, low)
+    model = value.get("model")
+    if method == "draft_model" and (not isinstance(model, str) or not model):
+        raise ValueError("--speculative-config: method 'draft_model' needs \"model\": the draft model's directory")
+    return SpeculativeConfig(method, k, high, low, model)

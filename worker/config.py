@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.flags import (enable_lora_flag, flag, log_level_flag, max_lora_rank_flag, max_loras_flag,
-                              max_model_len_flag, max_num_seqs_flag, model_flag)
+                              max_model_len_flag, max_num_seqs_flag, model_flag,
+                              speculative_config_flag)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class WorkerConfig:
     max_loras: int = max_loras_flag()
     max_lora_rank: int = max_lora_rank_flag()
     max_cpu_loras: int | None = flag(None, "LoRA adapters kept read in host memory (default: --max-loras)")
+    speculative_config: str | None = speculative_config_flag()
 
 
 @dataclass

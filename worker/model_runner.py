@@ -19,6 +19,7 @@ from pagedserve.worker.cpu.host_memory import keep_freed_memory
 from pagedserve.worker.cpu.linear import prepare_linears
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
+from pagedserve.worker.draft_model import DraftModel, draft_model_dir, fill_drafts
 from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from pagedserve.worker.loader import load_model, tokenizer_dir
 from pagedserve.worker.lora import lora_targets
@@ -58,6 +59,10 @@ class ModelRunner:
                                      self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(str(tokenizer_dir(config)), self.loaded.vocab_size, self.loaded.eos_token_ids)
+        draft_dir = draft_model_dir(config.speculative_config)
+        self.draft = (DraftModel(draft_dir, self.loaded.vocab_size, self.loaded.max_model_len,
+                                 self.loaded.dtype, self.device)
+                      if draft_dir else None)
         self.pooling = resolve_runner(tokenizer_dir(config), config.runner, config.pooler_config,
                                       self.loaded.hf_config)
         self.poolers = Poolers()  # the live sequences of embedding requests
@@ -142,6 +147,8 @@ class ModelRunner:
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
         if not plan.scheduled:
             return worker_pb2.StepResult(step_id=plan.step_id), None
+        if self.draft is not None:
+            fill_drafts(self.draft, self.batch, plan.scheduled)
         drafts = rejection_sampler.append_drafts(self.batch, plan.scheduled)  # speculative decoding
         try:
             step = self.batch.begin_step(plan.scheduled)

@@ -54,10 +54,17 @@ def test_ngram_proposes_what_followed_the_longest_latest_match():
     ('{"method": "ngram", "num_speculative_tokens": 0}', "positive"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "exceeds"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}', "unknown keys"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2, "model": "x", "prompt_lookup_max": 3}', "unknown keys"),
 ])
 def test_bad_speculative_config_is_named(text, message):
     with pytest.raises(ValueError, match=message):
         parse_speculative_config(text)
+
+
+def test_draft_model_config_names_its_model():
+    config = parse_speculative_config('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 3}')
+    assert (config.method, config.model, config.num_speculative_tokens) == ("draft_model", "/m", 3)
 
 
 @pytest.mark.parametrize("ahead", [False, True])

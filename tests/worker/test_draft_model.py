@@ -1,0 +1,113 @@
+"""Draft-model speculative decoding in one process: the real scheduler (placeholder drafts, KV
+slots, rollback) driving a ModelRunner whose draft model (worker/draft_model.py) writes the drafts.
+Greedy outputs must be the tokens decoding without speculation gives, under prefix caching,
+chunked prefill and preemption; the target as its own draft must have every draft accepted; a
+draft of another vocabulary is refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedserve.v1 import scheduler_pb2 as pb
+from pagedserve.scheduler.config import SchedulerConfig
+from pagedserve.scheduler.request import SamplingLimits
+from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.validation import with_defaults
+from pagedserve.worker.model_runner import ModelRunner
+from tests.helpers import tiny_models
+
+V = tiny_models.VOCAB_SIZE
+PHRASE = [(37 * i + 5) % V for i in range(7)]
+PROMPTS = [PHRASE * 3, PHRASE * 2 + [11, 12, 13], [(31 * i + 11) % V for i in range(19)]]
+MAX_TOKENS = 16
+
+
+def spec(draft_dir) -> str:
+    return json.dumps({"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3})
+
+
+def generate(runner: ModelRunner, spec_text, num_blocks: int, budget: int, caching: bool = True, params=None):
+    """Every prompt's greedy output, run together by the scheduler's policy; the scheduler; the
+    number of steps."""
+    runner.batch.clear()
+    config = SchedulerConfig(num_blocks=num_blocks, block_size=runner.config.block_size,
+                             max_model_len=runner.loaded.max_model_len, max_num_batched_tokens=budget,
+                             enable_prefix_caching=caching, speculative_config=spec_text)
+    s = Scheduler(config)
+    params = params or with_defaults(pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    limits = SamplingLimits.of(params, frozenset(runner.loaded.eos_token_ids))
+    requests = [s.add_request(f"r{i}", p, params, limits) for i, p in enumerate(PROMPTS)]
+    steps = 0
+    while s.has_work():
+        steps += 1
+        result = runner.execute(s.schedule())
+        assert result.error == "", result.error
+        s.update(result)
+    assert s.kv.num_used_blocks == 0
+    return [r.sequences[0].output_ids() for r in requests], s, steps
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    target, other = tmp_path_factory.mktemp("target"), tmp_path_factory.mktemp("draft")
+    tiny_models.build("llama", target, seed=0)
+    tiny_models.build("llama", other, seed=1)  # same architecture and vocabulary, other weights
+    return target, other
+
+
+@pytest.mark.parametrize("num_blocks, budget, caching", [
+    (64, 2048, True),   # prefix caching: the draft recomputes the cached prefix itself
+    (64, 8, False),     # chunked prefill
+    (14, 2048, True),   # preemption
+])
+def test_greedy_outputs_equal_decoding_without_speculation(models, num_blocks, budget, caching):
+    target, other = models
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
+                                                   speculative_config=spec(other)))
+    plain, base, _ = generate(runner, None, num_blocks, budget, caching)
+    drafted, s, _ = generate(runner, spec(other), num_blocks, budget, caching)
+    assert drafted == plain
+    assert s.speculator.num_draft_tokens > 0
+    if num_blocks == 14:
+        assert base.num_preemptions > 0 and s.num_preemptions > 0
+
+
+def test_the_target_as_its_own_draft_has_every_draft_accepted(models):
+    target, _ = models
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
+                                                   speculative_config=spec(target)))
+    plain, _, plain_steps = generate(runner, None, 64, 2048)
+    drafted, s, steps = generate(runner, spec(target), 64, 2048)
+    assert drafted == plain
+    assert s.speculator.num_draft_tokens > 0
+    assert s.speculator.num_accepted_tokens == s.speculator.num_draft_tokens
+    assert steps < plain_steps  # up to k + 1 = 4 tokens a step
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_a_draft_model(models):
+    """Greedy drafts are point-mass proposals: verification draws from the target at each
+    position with (seed, position) randomness, so a seeded sampled request keeps its tokens."""
+    target, _ = models
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
+                                                   speculative_config=spec(target)))
+    params = with_defaults(pb.SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=MAX_TOKENS,
+                                             ignore_eos=True))
+    plain, _, _ = generate(runner, None, 64, 2048, params=params)
+    drafted, s, _ = generate(runner, spec(target), 64, 2048, params=params)
+    assert drafted == plain
+    assert s.speculator.num_draft_tokens > 0  # drafts were verified (a flat tiny model rejects most)
+
+
+def test_a_draft_of_another_vocabulary_is_refused(models, tmp_path):
+    target, _ = models
+    tiny_models.build("llama", tmp_path, vocab_size=V // 2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        ModelRunner(tiny_models.runner_config(target, speculative_config=spec(tmp_path)))
+
+
+def test_a_draft_shorter_than_max_model_len_is_refused(models, tmp_path):
+    target, _ = models
+    tiny_models.build("llama", tmp_path, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ModelRunner(tiny_models.runner_config(target, speculative_config=spec(tmp_path)))
