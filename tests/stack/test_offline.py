@@ -40,7 +40,10 @@ def llm(model_dir):
 
 @pytest.fixture(scope="module")
 def http(smol_stack):
-    with httpx.Client(base_url=smol_stack.base_url, timeout=300) as client:
+    # A fresh connection per request: between a module's requests the offline LLM can run longer
+    # than uvicorn keeps an idle connection (5 s), and a request sent as it closes one is reset.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=smol_stack.base_url, timeout=300, limits=limits) as client:
         yield client
 
 
