@@ -277,3 +277,16 @@ def speculative_config_flag():
         '"model": DIR, "num_speculative_tokens": k} has a small model of the same vocabulary in the '
         "workers propose k greedy tokens; the workers verify them in one step (outputs keep the "
         "model's distribution; greedy ones are unchanged)")
+
+
+def json_object_flag(text: str, name: str) -> dict:
+    """A flag whose value is a JSON object (vLLM's --speculative-config, --pooler-config, ...),
+    parsed. Raises ValueError naming the flag (`name`, e.g. "--pooler-config") when `text` is not
+    JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value

@@ -8,8 +8,9 @@ and allocates their KV slots. The worker verifies the proposals (worker/rejectio
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+
+from pagedserve.flags import json_object_flag
 
 METHODS = ("ngram", "draft_model")
 KEYS = {"ngram": {"prompt_lookup_max", "prompt_lookup_min"}, "draft_model": {"model"}}
@@ -30,12 +31,7 @@ def parse_speculative_config(text: str | None) -> SpeculativeConfig | None:
     defaults to prompt_lookup_max, and either to the other; both unset is 5 and 5 here."""
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--speculative-config is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("--speculative-config must be a JSON object")
+    value = json_object_flag(text, "--speculative-config")
     method = value.get("method")
     if method not in METHODS:
         raise ValueError(f"--speculative-config: method {method!r} is not served; use one of {list(METHODS)}")

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.flags import json_object_flag
 from pagedserve.v1 import scheduler_pb2
 
 ST_POOLING = "sentence_transformers.models.Pooling"
@@ -110,11 +111,9 @@ def from_flag(text: str | None) -> scheduler_pb2.PoolingParams:
     if not text:
         return found
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PoolingConfigError(f"--pooler-config is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise PoolingConfigError("--pooler-config must be a JSON object")
+        config = json_object_flag(text, "--pooler-config")
+    except ValueError as e:
+        raise PoolingConfigError(str(e)) from None
     unknown = sorted(set(config) - {"pooling_type", "normalize"})
     if unknown:
         raise PoolingConfigError(f"--pooler-config: {unknown[0]} is not supported "
