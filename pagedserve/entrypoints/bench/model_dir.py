@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+from pagedserve.flags import json_object_flag
+
 # One layer of a Llama with SmolLM2's tokenizer and vocabulary (49,152): 2 query heads and 1 KV
 # head of 64, hidden 128, intermediate 256.
 NOOP_OVERRIDES = {"num_hidden_layers": 1, "hidden_size": 128, "num_attention_heads": 2,
@@ -19,15 +21,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json"
 def parse_overrides(text: str | None) -> dict:
     """`--hf-overrides` as vLLM takes it: a JSON object of config.json fields. Raises ValueError
     on anything else."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--hf-overrides must be a JSON object: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--hf-overrides must be a JSON object, not {type(value).__name__}")
-    return value
+    return json_object_flag(text, "--hf-overrides") if text else {}
 
 
 def build_model_dir(source: str | Path, dest: str | Path, overrides: dict) -> Path:
