@@ -81,3 +81,31 @@ class Driver:
         for seq_id, token in zip(result.seq_ids, result.token_ids):
             self.outputs[seq_id].append(token)
         return result
+
+
+def run_prompts(runner, prompts, spec: str | None, num_blocks: int, budget: int, max_tokens: int,
+                caching: bool = True, params: scheduler_pb2.SamplingParams | None = None):
+    """Every prompt's output (token ids), run together by the real scheduler's policy over the
+    ModelRunner `runner`, with `spec` as --speculative-config (None: no speculation); then the
+    scheduler and the number of steps. Greedy, ignore_eos, `max_tokens` by default. Asserts no step
+    failed and no KV block is left in use."""
+    from pagedserve.scheduler.request import SamplingLimits
+    from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
+
+    runner.batch.clear()
+    config = SchedulerConfig(num_blocks=num_blocks, block_size=runner.config.block_size,
+                             max_model_len=runner.loaded.max_model_len, max_num_batched_tokens=budget,
+                             enable_prefix_caching=caching, speculative_config=spec)
+    s = Scheduler(config)
+    params = params or with_defaults(scheduler_pb2.SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                  ignore_eos=True))
+    limits = SamplingLimits.of(params, frozenset(runner.loaded.eos_token_ids))
+    requests = [s.add_request(f"r{i}", p, params, limits) for i, p in enumerate(prompts)]
+    steps = 0
+    while s.has_work():
+        steps += 1
+        result = runner.execute(s.schedule())
+        assert result.error == "", result.error
+        s.update(result)
+    assert s.kv.num_used_blocks == 0
+    return [r.sequences[0].output_ids() for r in requests], s, steps

@@ -10,12 +10,10 @@ import json
 import pytest
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.request import SamplingLimits
-from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.validation import with_defaults
 from pagedserve.worker.model_runner import ModelRunner
 from tests.helpers import tiny_models
+from tests.helpers.model_driver import run_prompts
 
 V = tiny_models.VOCAB_SIZE
 PHRASE = [(37 * i + 5) % V for i in range(7)]
@@ -30,22 +28,7 @@ def spec(draft_dir) -> str:
 def generate(runner: ModelRunner, spec_text, num_blocks: int, budget: int, caching: bool = True, params=None):
     """Every prompt's greedy output, run together by the scheduler's policy; the scheduler; the
     number of steps."""
-    runner.batch.clear()
-    config = SchedulerConfig(num_blocks=num_blocks, block_size=runner.config.block_size,
-                             max_model_len=runner.loaded.max_model_len, max_num_batched_tokens=budget,
-                             enable_prefix_caching=caching, speculative_config=spec_text)
-    s = Scheduler(config)
-    params = params or with_defaults(pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    limits = SamplingLimits.of(params, frozenset(runner.loaded.eos_token_ids))
-    requests = [s.add_request(f"r{i}", p, params, limits) for i, p in enumerate(PROMPTS)]
-    steps = 0
-    while s.has_work():
-        steps += 1
-        result = runner.execute(s.schedule())
-        assert result.error == "", result.error
-        s.update(result)
-    assert s.kv.num_used_blocks == 0
-    return [r.sequences[0].output_ids() for r in requests], s, steps
+    return run_prompts(runner, PROMPTS, spec_text, num_blocks, budget, MAX_TOKENS, caching, params)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from pagedserve.v1 import scheduler_pb2 as pb
-from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.request import SamplingLimits
-from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.validation import with_defaults
 from pagedserve.worker import rejection_sampler
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.sampler import Sampler, SamplingOptions
 from tests.helpers import tiny_models
+from tests.helpers.model_driver import run_prompts
 
 NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
                     "prompt_lookup_min": 1})
@@ -33,21 +31,9 @@ MAX_TOKENS = 24
 
 def generate(runner: ModelRunner, spec: str | None, num_blocks: int, budget: int, caching: bool = True,
              params: pb.SamplingParams | None = None):
-    """Every prompt's output, run together by the scheduler's policy, and its Speculator."""
-    runner.batch.clear()
-    config = SchedulerConfig(num_blocks=num_blocks, block_size=runner.config.block_size,
-                             max_model_len=runner.loaded.max_model_len, max_num_batched_tokens=budget,
-                             enable_prefix_caching=caching, speculative_config=spec)
-    s = Scheduler(config)
-    params = params or with_defaults(pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    limits = SamplingLimits.of(params, frozenset(runner.loaded.eos_token_ids))
-    requests = [s.add_request(f"r{i}", p, params, limits) for i, p in enumerate(PROMPTS)]
-    while s.has_work():
-        result = runner.execute(s.schedule())
-        assert result.error == "", result.error
-        s.update(result)
-    assert s.kv.num_used_blocks == 0
-    return [r.sequences[0].output_ids() for r in requests], s
+    """Every prompt's output, run together by the scheduler's policy, and its scheduler."""
+    outputs, s, _ = run_prompts(runner, PROMPTS, spec, num_blocks, budget, MAX_TOKENS, caching, params)
+    return outputs, s
 
 
 @pytest.fixture(scope="module", params=list(tiny_models.CONFIGS))
