@@ -27,13 +27,18 @@ def default_cache_bytes(device: torch.device) -> int:
     return CPU_DEFAULT_BYTES
 
 
-def choose_num_blocks(config, shape: tuple[int, int, int], dtype: torch.dtype, device, max_model_len: int) -> int:
+def choose_num_blocks(config, shape: tuple[int, int, int], dtype: torch.dtype, device, max_model_len: int,
+                      extra_bytes_per_block: int = 0) -> int:
     """--num-gpu-blocks-override as given; otherwise as many blocks as the memory budget holds,
-    capped at what MAX_USEFUL_SEQUENCES sequences of max_model_len tokens could use."""
+    capped at what MAX_USEFUL_SEQUENCES sequences of max_model_len tokens could use.
+    extra_bytes_per_block: another cache indexed by the same blocks (a draft model's), paid
+    from the same budget."""
     if config.num_gpu_blocks_override:
         return config.num_gpu_blocks_override
     num_layers, kv_heads, head_dim = shape
-    per_block = bytes_per_block(num_layers, config.block_size, kv_heads, head_dim, dtype)
+    per_block = bytes_per_block(num_layers, config.block_size, kv_heads, head_dim, dtype) + extra_bytes_per_block
+    if extra_bytes_per_block:
+        log.info("the draft model's KV cache takes %d of each block's %d bytes", extra_bytes_per_block, per_block)
     budget = config.kv_cache_memory_bytes or default_cache_bytes(torch.device(device))
     blocks_per_seq = -(-max_model_len // config.block_size)
     num_blocks = min(budget // per_block, MAX_USEFUL_SEQUENCES * blocks_per_seq)

@@ -19,7 +19,7 @@ from pagedserve.worker.cpu.host_memory import keep_freed_memory
 from pagedserve.worker.cpu.linear import prepare_linears
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
-from pagedserve.worker.draft_model import DraftModel, draft_model_dir, fill_drafts
+from pagedserve.worker.draft_model import DraftModel, draft_model_dir
 from pagedserve.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from pagedserve.worker.loader import load_model, tokenizer_dir
 from pagedserve.worker.lora import lora_targets
@@ -51,18 +51,22 @@ class ModelRunner:
                                  config.max_cpu_loras or config.max_loras, self.loaded.dtype, self.device,
                                  getattr(self.model, "checkpoint_prefix", ""))
                      if config.enable_lora else None)
+        draft_dir = draft_model_dir(config.speculative_config)
+        self.draft = (DraftModel(config, draft_dir, self.loaded.vocab_size, self.loaded.max_model_len,
+                                 self.loaded.dtype, self.backend)
+                      if draft_dir else None)
         shape = self.model.kv_cache_shape()
-        self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len)
+        draft_bytes = self.draft.bytes_per_block(config.block_size) if self.draft is not None else 0
+        self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len,
+                                            extra_bytes_per_block=draft_bytes)
         self.kv_caches = allocate_kv_cache(self.num_blocks, config.block_size, shape, self.loaded.dtype, self.device)
+        if self.draft is not None:  # indexed by the target's block tables: as many blocks
+            self.draft.allocate_cache(self.num_blocks, config.block_size)
         self.graphs = self.start_cuda_graphs()
         self.batch = PersistentBatch(config.block_size, self.num_blocks, self.loaded.max_model_len,
                                      self.loaded.vocab_size, config.max_num_seqs, self.device)
         self.sampler = Sampler(self.loaded.vocab_size, self.loaded.eos_token_ids, config.seed, self.device)
         self.grammars = Grammars(str(tokenizer_dir(config)), self.loaded.vocab_size, self.loaded.eos_token_ids)
-        draft_dir = draft_model_dir(config.speculative_config)
-        self.draft = (DraftModel(draft_dir, self.loaded.vocab_size, self.loaded.max_model_len,
-                                 self.loaded.dtype, self.device)
-                      if draft_dir else None)
         self.pooling = resolve_runner(tokenizer_dir(config), config.runner, config.pooler_config,
                                       self.loaded.hf_config)
         self.poolers = Poolers()  # the live sequences of embedding requests
@@ -137,24 +141,28 @@ class ModelRunner:
         which tests compare with transformers."""
         self.batch.free(plan.freed_seq_ids)
         self.poolers.free(plan.freed_seq_ids)
+        if self.draft is not None:
+            self.draft.free(plan.freed_seq_ids)
         for new in plan.new_sequences:
             if new.HasField("pooling"):
                 self.poolers.add(new)
             seq = self.batch.add(new)
+            if self.draft is not None:
+                self.draft.add(new.seq_id)
             if new.HasField("lora_request"):
                 seq.lora = self._lora_spec(new.lora_request)
             if new.params.HasField("structured_outputs"):
                 seq.grammar = self.grammars.matcher(new.params.structured_outputs, seq.token_ids[seq.num_prompt:])
         if not plan.scheduled:
             return worker_pb2.StepResult(step_id=plan.step_id), None
-        if self.draft is not None:
-            fill_drafts(self.draft, self.batch, plan.scheduled)
         drafts = rejection_sampler.append_drafts(self.batch, plan.scheduled)  # speculative decoding
         try:
             step = self.batch.begin_step(plan.scheduled)
         except PlanError:
             rejection_sampler.drop_drafts(self.batch, drafts)
             raise
+        if self.draft is not None:  # over the placeholders, with the step's blocks in the tables
+            self.draft.propose(self.batch, step, drafts, skip=self.poolers.states.keys())
 
         started, cpu_started = time.perf_counter(), time.process_time()
         inputs = self.poolers.without_pooling(self.batch.prepare_inputs(step), self.batch.seq_id_of_row)
@@ -195,6 +203,9 @@ class ModelRunner:
 
         if verification is not None:
             rejection_sampler.commit(self.batch, verification)
+            if self.draft is not None:
+                self.draft.accepted(self.batch, drafts, {row: a for (_, row, d), a in
+                                                         zip(verification.spans, verification.accepted) if d})
         self.batch.finish_step(inputs, sampled.token_ids)
         advance(sampling, sampled.token_ids)
         result, logits = self._result(plan.step_id, inputs, sampled, elapsed, prompt_chunks, logits)

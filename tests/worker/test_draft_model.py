@@ -1,13 +1,16 @@
 """Draft-model speculative decoding in one process: the real scheduler (placeholder drafts, KV
 slots, rollback) driving a ModelRunner whose draft model (worker/draft_model.py) writes the drafts.
 Greedy outputs must be the tokens decoding without speculation gives, under prefix caching,
-chunked prefill and preemption; the target as its own draft must have every draft accepted; a
-draft of another vocabulary is refused."""
+chunked prefill and preemption, for several architectures; the draft's paged KV cache means it
+runs each position of a sequence through its first forward once (O(new tokens) a step); the
+target as its own draft must have every draft accepted; a draft of another vocabulary is refused;
+the draft's cache is paid from the worker's KV budget."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from pagedserve.v1 import scheduler_pb2 as pb
 from pagedserve.scheduler.validation import with_defaults
@@ -49,11 +52,49 @@ def test_greedy_outputs_equal_decoding_without_speculation(models, num_blocks, b
     runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
                                                    speculative_config=spec(other)))
     plain, base, _ = generate(runner, None, num_blocks, budget, caching)
+    runner.draft.num_forward_tokens = 0
     drafted, s, _ = generate(runner, spec(other), num_blocks, budget, caching)
     assert drafted == plain
     assert s.speculator.num_draft_tokens > 0
+    assert s.speculator.num_accepted_tokens < s.speculator.num_draft_tokens  # rejections happened
+    # Every computed position (all but each sequence's last token) ran through the draft's first
+    # forward exactly once: its K/V stays in the draft's cache, prefix-cache hits are caught up
+    # once, an accepted draft's K/V is kept and a rejected one's recomputed. Without a cache this
+    # would be the whole sequence every step. A preempted sequence is recomputed.
+    once = sum(len(p) + MAX_TOKENS - 1 for p in PROMPTS)
     if num_blocks == 14:
         assert base.num_preemptions > 0 and s.num_preemptions > 0
+        assert runner.draft.num_forward_tokens > once
+    else:
+        assert runner.draft.num_forward_tokens == once
+
+
+@pytest.mark.parametrize("target_arch, draft_arch", [("qwen3", "llama"), ("gpt2", "opt")])
+def test_other_architectures_as_target_and_draft(tmp_path, target_arch, draft_arch):
+    """The draft is built by the target's loader: any served architecture can be either side."""
+    tiny_models.build(target_arch, tmp_path / "t", seed=0)
+    tiny_models.build(draft_arch, tmp_path / "d", seed=1)
+    runner = ModelRunner(tiny_models.runner_config(tmp_path / "t", num_gpu_blocks_override=64,
+                                                   speculative_config=spec(tmp_path / "d")))
+    plain, _, _ = generate(runner, None, 64, 8)  # chunked prefill
+    drafted, s, _ = generate(runner, spec(tmp_path / "d"), 64, 8)
+    assert drafted == plain
+    assert s.speculator.num_draft_tokens > 0
+
+
+def test_the_draft_cache_is_paid_from_the_kv_budget(models):
+    from pagedserve.worker.kv_cache import bytes_per_block
+
+    target, other = models
+    budget = 1 << 20
+    plain = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=None, kv_cache_memory_bytes=budget))
+    drafted = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=None, kv_cache_memory_bytes=budget,
+                                                    speculative_config=spec(other)))
+    num_layers, kv_heads, head_dim = plain.model.kv_cache_shape()
+    target_block = bytes_per_block(num_layers, tiny_models.BLOCK_SIZE, kv_heads, head_dim, torch.float32)
+    assert plain.num_blocks == budget // target_block
+    assert drafted.num_blocks == budget // (target_block + drafted.draft.bytes_per_block(tiny_models.BLOCK_SIZE))
+    assert len(drafted.draft.kv_caches) == 2 and drafted.draft.kv_caches[0][0].shape[0] == drafted.num_blocks
 
 
 def test_the_target_as_its_own_draft_has_every_draft_accepted(models):
