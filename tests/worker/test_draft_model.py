@@ -135,3 +135,38 @@ def test_a_draft_shorter_than_max_model_len_is_refused(models, tmp_path):
     tiny_models.build("llama", tmp_path, max_position_embeddings=64)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ModelRunner(tiny_models.runner_config(target, speculative_config=spec(tmp_path)))
+
+
+# ----- tensor parallelism ------------------------------------------------------------------------
+
+NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                    "prompt_lookup_min": 1})
+
+
+def rank_outputs(target_dir, spec_text: str) -> tuple[list[list[int]], int, int]:
+    """One tensor parallel rank (run by distributed.run_local_ranks) running PROMPTS with the real
+    scheduler: its outputs, draft tokens proposed and accepted. The draft model is loaded by the
+    target's loader, so it is sharded like the target; its logits are all-gathered, so every rank
+    proposes the same drafts."""
+    from pagedserve.worker import distributed
+
+    runner = ModelRunner(tiny_models.runner_config(target_dir, num_gpu_blocks_override=64, rank=distributed.rank(),
+                                                   world_size=distributed.world_size(),
+                                                   speculative_config=spec_text))
+    outputs, s, _ = generate(runner, spec_text, 64, 8)  # chunked prefill
+    return outputs, s.speculator.num_draft_tokens, s.speculator.num_accepted_tokens
+
+
+@pytest.mark.stack  # starts processes
+def test_tensor_parallel_speculation_gives_the_single_rank_outputs(models):
+    from pagedserve.worker import distributed
+
+    target, other = models
+    single = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64))
+    plain, _, _ = generate(single, None, 64, 8)
+    for spec_text in (NGRAM, spec(other)):
+        ranks = distributed.run_local_ranks(2, rank_outputs, target, spec_text)
+        assert ranks[0] == ranks[1]  # the ranks agree on drafts and on what they accepted
+        outputs, drafted, _ = ranks[0]
+        assert outputs == plain
+        assert drafted > 0
