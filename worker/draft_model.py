@@ -1,8 +1,9 @@
 """Draft-model proposals (speculative decoding, --speculative-config method "draft_model"): the
 scheduler gives a decoding sequence k placeholder drafts (and the KV slots of their positions);
 before the step's forward pass the worker replaces them with the k tokens a small draft model of
-the same vocabulary proposes. The verification path is the n-gram one (worker/
-rejection_sampler.py).
+the same vocabulary proposes: its argmax for greedy requests (a point mass, verified as n-gram
+drafts are), for sampled ones a draw from its own distribution q, kept with probability
+min(1, p/q) (worker/rejection_sampler.py).
 
 The draft is loaded by the target's loader (worker/loader.py), so any architecture we serve can
 be a draft, runs on our attention backends and is sharded like the target under tensor
@@ -44,6 +45,7 @@ import torch
 from pagedserve.worker.attention import AttentionMetadata
 from pagedserve.worker.kv_cache import allocate_kv_cache, bytes_per_block
 from pagedserve.worker.loader import DTYPES, inspect_model_dir, load_model
+from pagedserve.worker.rejection_sampler import DRAFT_SALT, DraftPosition, draw, samples_drafts
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ class DraftModel:
         self.model = self.loaded.model
         self.backend, self.dtype, self.device = backend, dtype, torch.device(config.device)
         self.kv_caches: list | None = None
-        self.computed: dict[int, int] = {}  # seq_id -> leading positions with draft K/V in the cache
+        self.computed: dict[int, int] = {}
+        self.q: dict[int, list[torch.Tensor]] = {}  # this step's sampled drafts: batch row -> q per draft  # seq_id -> leading positions with draft K/V in the cache
         self.num_forward_tokens = 0  # tokens run through the draft (its first forward of each step)
 
     def bytes_per_block(self, block_size: int) -> int:
@@ -126,12 +129,34 @@ class DraftModel:
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu - 1).to(device)])
         return logits[torch.from_numpy(np.argsort(order)).to(device)]  # back to the callers' order
 
+    def choose(self, batch, sampler, rows: np.ndarray, lengths: np.ndarray, logits: torch.Tensor) -> list[int]:
+        """The next draft of the sequence at each of `rows`, from the draft's logits [R, vocab] after
+        its first lengths[j] tokens: the argmax, or for rejection_sampler.samples_drafts sequences
+        a draw from q, the target sampler's distribution over the draft's logits (the request's
+        temperature, top-k, top-p, ... applied as for the target), q recorded for verification."""
+        tokens = logits.argmax(-1)
+        seqs = batch.seqs_at(rows)
+        sampled = [j for j, seq in enumerate(seqs) if samples_drafts(seq)]
+        if sampled:
+            at = [DraftPosition(seqs[j], seqs[j].token_ids[: int(lengths[j])]) for j in sampled]
+            q = sampler.distribution(logits[sampled], at)
+            tokens[sampled] = draw(q, sampler.uniforms(at, q.device, DRAFT_SALT)).to(tokens.device)
+            for j, row_q in zip(sampled, q):
+                self.q.setdefault(int(rows[j]), []).append(row_q)
+        return tokens.tolist()
+
+    def proposals(self) -> dict[int, torch.Tensor]:
+        """The last propose's q [k, vocab] of each sequence (batch row) whose drafts it sampled."""
+        return {row: torch.stack(q) for row, q in self.q.items()}
+
     @torch.inference_mode()
-    def propose(self, batch, step, drafts: dict[int, list[int]], skip=frozenset()) -> None:
-        """Writes the draft's greedy proposals over each sequence's placeholder drafts (`drafts`,
-        {batch row: placeholders} from rejection_sampler.append_drafts, overwritten in place, and
-        their copies in batch.token_ids), after batch.begin_step appended the step's blocks.
-        `step` is that ScheduledStep; sequences whose seq_id is in `skip` (pooling) are left out."""
+    def propose(self, batch, step, drafts: dict[int, list[int]], sampler, skip=frozenset()) -> None:
+        """Writes the draft's proposals (`choose`) over each sequence's placeholder drafts
+        (`drafts`, {batch row: placeholders} from rejection_sampler.append_drafts, overwritten in
+        place, and their copies in batch.token_ids), after batch.begin_step appended the step's
+        blocks. `step` is that ScheduledStep; sequences whose seq_id is in `skip` (pooling) are
+        left out; `sampler` is the target's (its distribution and seeded uniforms)."""
+        self.q = {}
         rows, ends = [], []
         for row, n in zip(step.rows.tolist(), step.num_tokens.tolist()):
             if int(batch.seq_id_of_row[row]) in skip:
@@ -152,7 +177,7 @@ class DraftModel:
         if not len(drafting):
             return
         rows, ends = rows[drafting], ends[drafting]
-        tokens = logits[torch.from_numpy(drafting).to(logits.device)].argmax(-1).tolist()
+        tokens = self.choose(batch, sampler, rows, ends, logits[torch.from_numpy(drafting).to(logits.device)])
         k = np.asarray([len(drafts[row]) for row in rows.tolist()])
         for i in range(max(k)):
             for j, row in enumerate(rows.tolist()):
@@ -165,7 +190,7 @@ class DraftModel:
             # Draft i + 1 sits at position end + i: run it, for the next proposal.
             step_logits = self.forward(batch, rows[live], ends[live] + i, ends[live] + i + 1)
             tokens = np.zeros(len(rows), dtype=np.int64)
-            tokens[live] = step_logits.argmax(-1).cpu().numpy()
+            tokens[live] = self.choose(batch, sampler, rows[live], ends[live] + i + 1, step_logits)
             tokens = tokens.tolist()
 
     def accepted(self, batch, drafts: dict[int, list[int]], accepted: dict[int, int]) -> None:

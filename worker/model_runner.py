@@ -162,7 +162,7 @@ class ModelRunner:
             rejection_sampler.drop_drafts(self.batch, drafts)
             raise
         if self.draft is not None:  # over the placeholders, with the step's blocks in the tables
-            self.draft.propose(self.batch, step, drafts, skip=self.poolers.states.keys())
+            self.draft.propose(self.batch, step, drafts, self.sampler, skip=self.poolers.states.keys())
 
         started, cpu_started = time.perf_counter(), time.process_time()
         inputs = self.poolers.without_pooling(self.batch.prepare_inputs(step), self.batch.seq_id_of_row)
@@ -182,7 +182,9 @@ class ModelRunner:
             index = torch.from_numpy(verification.logits_indices).to(hidden.device)
             all_logits = self.model.compute_logits(hidden.index_select(0, index))
             drawn = self.sampler(all_logits, verification.positions)
-            sampled = rejection_sampler.verify(verification, drawn)
+            by_q = (rejection_sampler.verify_sampled(verification, all_logits, self.sampler, self.draft.proposals())
+                    if self.draft is not None else None)  # drafts drawn from the draft's q
+            sampled = rejection_sampler.verify(verification, drawn, by_q)
             finals = [first + a for (first, _, _), a in zip(verification.spans, verification.accepted)]
             logits = all_logits[finals]
         elif sampling:

@@ -20,6 +20,13 @@ Structured outputs: the sequence's grammar matcher accepts the drafts one by one
 bitmask before each (and after the last), then rolls back (`draft_grammars`); each position is
 masked with its own state, so a draft the grammar refuses is never kept.
 
+Sampled drafts (the draft model with temperature > 0, `samples_drafts`): draft x comes from the
+draft's own distribution q, and `accept_sampled` keeps it with probability min(1, p(x) / q(x)),
+replacing the first refused one by a draw from norm(max(0, p - q)) (Leviathan et al. 2023,
+Algorithm 1; Chen et al. 2023), which again leaves every output position distributed as p. p is
+the target sampler's distribution at that position (Sampler.distribution, every processor
+applied); the uniforms come from the sampler's seeded streams, so a seeded request repeats.
+
 The KV the step wrote for rejected drafts stays in the cache and is overwritten later: the batch
 rolls num_computed back to the accepted prefix (`commit`), as the scheduler does.
 """
@@ -28,10 +35,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pagedserve.v1 import worker_pb2
 from pagedserve.worker.batch import PersistentBatch, PlanError
-from pagedserve.worker.sampler import SamplerOutput
+from pagedserve.worker.sampler import BLOCK, SamplerOutput, draw_from_weights
+
+# Seeded streams of speculative decoding's own draws (the sampler's draw is salt 0): the draft's
+# proposal, the acceptance test and the draw from the residual, each a function of (seed, position).
+DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT = 0x5D2AF7, 0xACC3E7, 0x2E51D0
 
 
 class DraftPosition:
@@ -153,11 +165,78 @@ def expand(batch: PersistentBatch, sampling, sampling_rows: np.ndarray, logits_i
     return Verification(np.asarray(indices, dtype=np.int64), positions, spans)
 
 
-def verify(v: Verification, drawn: SamplerOutput) -> SamplerOutput:
+def samples_drafts(seq) -> bool:
+    """Whether a draft model samples seq's drafts from its q (temperature > 0) rather than taking
+    its argmax (a point mass, verified by `verify` alone): not where logprobs are asked for (each
+    position's entry is the ordinary draw's) or a grammar constrains the sequence (its states are
+    known only once the drafts are)."""
+    return not seq.params.greedy and seq.params.logprobs is None and seq.grammar is None
+
+
+def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[R] int64: index i of each row of weights [R, V] (>= 0, a positive entry per row) with
+    probability weights[i] / row sum, by inverse CDF with uniforms [R] float64 (the sampler's)."""
+    padded = torch.nn.functional.pad(weights.float(), (0, -weights.shape[1] % BLOCK))
+    return draw_from_weights(padded.contiguous(), uniforms)
+
+
+def accept_sampled(p: torch.Tensor, q: torch.Tensor, draft: list[int], accept_u: torch.Tensor,
+                   residual_u: torch.Tensor) -> tuple[int, int | None]:
+    """Rejection sampling of drafts drawn from q (Leviathan et al. 2023, Algorithm 1): draft i is
+    accepted when accept_u[i] < p[i, x] / q[i, x]; the first refused is replaced by a draw from
+    max(0, p[i] - q[i]) renormalised (from p[i] itself where that is all 0: p == q to rounding).
+    p [k + 1, V] and q [k, V]: rows summing to 1; accept_u, residual_u [k] float64 in [0, 1).
+    Returns (drafts accepted, the replacing token), or (k, None) when all are (the bonus token
+    is then the ordinary draw at the last position)."""
+    k = len(draft)
+    index = torch.tensor(draft, device=p.device)
+    rows = torch.arange(k, device=p.device)
+    p_x, q_x = p[rows, index].double().cpu(), q[rows, index].double().cpu()
+    refused = (accept_u.cpu() * q_x >= p_x).nonzero()
+    if not len(refused):
+        return k, None
+    a = int(refused[0, 0])
+    residual = (p[a] - q[a]).clamp_(min=0)
+    if not bool(residual.sum() > 0):
+        residual = p[a]
+    return a, int(draw(residual[None], residual_u[a: a + 1])[0])
+
+
+def verify_sampled(v: Verification, logits: torch.Tensor, sampler, q_by_row: dict[int, torch.Tensor]
+                   ) -> dict[int, tuple[int, int | None]]:
+    """accept_sampled for every span whose drafts were sampled (q_by_row: batch row -> q [k, V]),
+    logits [R, V] being the verification's rows; {span index: (accepted, token)} for `verify`."""
+    spans = [(j, first, row, draft) for j, (first, row, draft) in enumerate(v.spans) if draft and row in q_by_row]
+    if not spans:
+        return {}
+    index = [first + i for _, first, _, draft in spans for i in range(len(draft) + 1)]
+    at = [v.positions[i] for i in index]
+    p = sampler.distribution(logits[index], at)
+    drafts_at = [v.positions[first + i] for _, first, _, draft in spans for i in range(len(draft))]
+    accept_u = sampler.uniforms(drafts_at, logits.device, ACCEPT_SALT)
+    residual_u = sampler.uniforms(drafts_at, logits.device, RESIDUAL_SALT)
+    out, p_start, u_start = {}, 0, 0
+    for j, _, row, draft in spans:
+        k = len(draft)
+        out[j] = accept_sampled(p[p_start: p_start + k + 1], q_by_row[row], draft,
+                                accept_u[u_start: u_start + k], residual_u[u_start: u_start + k])
+        p_start, u_start = p_start + k + 1, u_start + k
+    return out
+
+
+def verify(v: Verification, drawn: SamplerOutput,
+           sampled: dict[int, tuple[int, int | None]] | None = None) -> SamplerOutput:
     """From the draws at every row, each sampling sequence's final token (the first draw that
-    differs from its draft, or the bonus draw) and its logprobs; records v.accepted."""
+    differs from its draft, or the bonus draw) and its logprobs; records v.accepted. `sampled`
+    (verify_sampled's) decides the spans whose drafts were drawn from a q."""
     tokens, logprobs, accepted = [], [], []
-    for first, _, draft in v.spans:
+    for j, (first, _, draft) in enumerate(v.spans):
+        if sampled and j in sampled:
+            a, token = sampled[j]
+            accepted.append(a)
+            tokens.append(drawn.token_ids[first + a] if token is None else token)
+            logprobs.append(None)  # samples_drafts: no logprobs asked for
+            continue
         a = 0
         while a < len(draft) and drawn.token_ids[first + a] == draft[a]:
             a += 1

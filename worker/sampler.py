@@ -195,18 +195,7 @@ class Sampler:
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
-        # min_tokens is checked here once: processing keys on it, and so does the EOS ban.
-        in_min_tokens = [s.num_generated < s.params.min_tokens for s in seqs]
-        processed = [i for i, s in enumerate(seqs) if _needs_processing(s, in_min_tokens[i])]
-        sub = None
-        if processed:  # only these rows are copied and get full-vocabulary work
-            picked = [seqs[i] for i in processed]
-            sub = logits[processed]
-            apply_token_bans(sub, picked)
-            self._apply_bias_and_min_tokens(sub, picked, [in_min_tokens[i] for i in processed])
-            self._apply_penalties(sub, picked)
-            apply_bitmask(sub, picked)
-        processed_at = {row: j for j, row in enumerate(processed)}
+        sub, processed_at = self._process(logits, seqs)
 
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -223,6 +212,33 @@ class Sampler:
         if not want_logprobs:
             return SamplerOutput(tokens.tolist(), [None] * len(seqs))  # the step's one host sync
         return self._with_logprobs(tokens, raw_logprobs, want_logprobs, params)
+
+    def _process(self, logits, seqs) -> tuple[torch.Tensor | None, dict[int, int]]:
+        """The rows that use bans, bias, min_tokens, penalties or a grammar, copied out and
+        processed: (their logits [P, vocab] or None, {row of logits: row of that copy})."""
+        # min_tokens is checked here once: processing keys on it, and so does the EOS ban.
+        in_min_tokens = [s.num_generated < s.params.min_tokens for s in seqs]
+        processed = [i for i, s in enumerate(seqs) if _needs_processing(s, in_min_tokens[i])]
+        sub = None
+        if processed:  # only these rows are copied and get full-vocabulary work
+            picked = [seqs[i] for i in processed]
+            sub = logits[processed]
+            apply_token_bans(sub, picked)
+            self._apply_bias_and_min_tokens(sub, picked, [in_min_tokens[i] for i in processed])
+            self._apply_penalties(sub, picked)
+            apply_bitmask(sub, picked)
+        return sub, {row: j for j, row in enumerate(processed)}
+
+    def distribution(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """[S, vocab] float32, rows summing to 1: for each of `seqs` (all with temperature > 0,
+        as for __call__), the distribution its token is drawn from: after every processor,
+        temperature, min_p, top-k and top-p. Speculative decoding's p and q (rejection_sampler.py).
+        Raises ValueError for a greedy row (its distribution is a point mass: use __call__)."""
+        if any(s.params.greedy for s in seqs):
+            raise ValueError("distribution() is for sampled rows (temperature > 0)")
+        sub, processed_at = self._process(logits, seqs)
+        w = self._weights(logits, list(range(len(seqs))), seqs, sub, processed_at)[:, : logits.shape[1]]
+        return w / w.sum(dim=-1, keepdim=True)
 
     def _apply_bias_and_min_tokens(self, logits, seqs, in_min_tokens) -> None:
         """In place, on the processed rows."""
@@ -274,6 +290,12 @@ class Sampler:
         """Sample one token for each of `rows` (indices into logits [S, vocab] and seqs, all with
         temperature > 0; processed rows read from `sub` at processed_at[row]). Returns [len(rows)]
         int64. Nothing passed in is modified."""
+        weights = self._weights(logits, rows, seqs, sub, processed_at)
+        return draw_from_weights(weights, self.uniforms([seqs[i] for i in rows], logits.device))
+
+    def _weights(self, logits, rows, seqs, sub, processed_at) -> torch.Tensor:
+        """[len(rows), vocab rounded up to BLOCK] float32: each row's unnormalised sampling
+        weights (0 past the vocabulary), for draw_from_weights."""
         params = [seqs[i].params for i in rows]
         vocab = logits.shape[1]
         weights = torch.empty(len(rows), -(-vocab // BLOCK) * BLOCK, device=logits.device, dtype=torch.float32)
@@ -290,7 +312,7 @@ class Sampler:
             self._top_k(w, params)
         if any(p.top_p < 1 for p in params):
             self._top_p(w, params)
-        return draw_from_weights(weights, self._uniforms([seqs[i] for i in rows], logits.device))
+        return weights
 
     @staticmethod
     def _top_k(w, params) -> None:
@@ -331,16 +353,17 @@ class Sampler:
             out[at] = out[at].scatter_(1, order, best)
         w[rows] = out
 
-    def _uniforms(self, seqs, device) -> torch.Tensor:
+    def uniforms(self, seqs, device, salt: int = 0) -> torch.Tensor:
         """[R] float64 in [0, 1): the unseeded rows' from the sampler's generator in one call,
-        each seeded row's from its own (seed, position) generator."""
+        each seeded row's from its own (seed ^ salt, position) generator. The draw uses salt 0;
+        speculative decoding's other draws (rejection_sampler.py) their own salts."""
         u = torch.empty(len(seqs), dtype=torch.float64, device=device)
         unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
         if unseeded:
             u[unseeded] = torch.rand(len(unseeded), generator=self.generator, dtype=torch.float64, device=device)
         for i, s in enumerate(seqs):
             if s.params.seed is not None:
-                g = torch.Generator(device).manual_seed(_seed_for(s.params.seed, s.num_generated))
+                g = torch.Generator(device).manual_seed(_seed_for(s.params.seed ^ salt, s.num_generated))
                 u[i] = torch.rand(1, generator=g, dtype=torch.float64, device=device)[0]
         return u
 

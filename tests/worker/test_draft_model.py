@@ -109,18 +109,39 @@ def test_the_target_as_its_own_draft_has_every_draft_accepted(models):
     assert steps < plain_steps  # up to k + 1 = 4 tokens a step
 
 
-def test_seeded_sampling_draws_the_same_tokens_with_a_draft_model(models):
-    """Greedy drafts are point-mass proposals: verification draws from the target at each
-    position with (seed, position) randomness, so a seeded sampled request keeps its tokens."""
+def test_seeded_sampled_drafts_repeat_and_a_drafting_target_accepts_them(models):
+    """Sampled requests get drafts drawn from the draft's q, accepted with probability
+    min(1, p/q): with the target as its own draft q = p (to the rounding of two batch shapes), so
+    nearly every draft is accepted; a seeded request's tokens are the same on a second run (every
+    draw comes from a (seed, position) stream), and differ across seeds."""
     target, _ = models
     runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
                                                    speculative_config=spec(target)))
-    params = with_defaults(pb.SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=MAX_TOKENS,
+
+    def params(seed):
+        return with_defaults(pb.SamplingParams(temperature=0.8, top_k=50, seed=seed, max_tokens=MAX_TOKENS,
+                                               ignore_eos=True))
+    first, s, _ = generate(runner, spec(target), 64, 2048, params=params(7))
+    again, _, _ = generate(runner, spec(target), 64, 8, params=params(7))  # other steps, other batches
+    other, _, _ = generate(runner, spec(target), 64, 2048, params=params(8))
+    assert first == again
+    assert other != first
+    assert s.speculator.num_draft_tokens > 0
+    assert s.speculator.num_accepted_tokens >= 0.9 * s.speculator.num_draft_tokens
+
+
+def test_seeded_sampled_drafts_of_another_model_repeat(models):
+    """A draft of other weights: its q differs from p, some drafts are refused and replaced by a
+    residual draw, and the seeded outputs still repeat, whatever the batching."""
+    target, other = models
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=64,
+                                                   speculative_config=spec(other)))
+    params = with_defaults(pb.SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=MAX_TOKENS,
                                              ignore_eos=True))
-    plain, _, _ = generate(runner, None, 64, 2048, params=params)
-    drafted, s, _ = generate(runner, spec(target), 64, 2048, params=params)
-    assert drafted == plain
-    assert s.speculator.num_draft_tokens > 0  # drafts were verified (a flat tiny model rejects most)
+    first, s, _ = generate(runner, spec(other), 64, 2048, params=params)
+    again, _, _ = generate(runner, spec(other), 64, 8, params=params)
+    assert first == again
+    assert 0 < s.speculator.num_accepted_tokens < s.speculator.num_draft_tokens
 
 
 def test_a_draft_of_another_vocabulary_is_refused(models, tmp_path):
