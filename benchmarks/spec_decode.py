@@ -1,11 +1,13 @@
-"""Time per output token at concurrency 1, with and without n-gram speculative decoding, on
-input-grounded prompts (repeat or edit a given text, rewrite a given code file) and on random ones.
-With --concurrency N...: output throughput with N requests at once instead (grounded prompts
-with n-gram drafts against none; random prompts with a 32-gram minimum, which nothing matches,
-against none: the proposer's cost where it proposes nothing).
+"""Time per output token at concurrency 1, with and without speculative decoding (n-gram, or a
+draft model with --draft-model DIR), on input-grounded prompts (repeat or edit a given text,
+rewrite a given code file) and on random ones. With --concurrency N...: output throughput with N
+requests at once instead (grounded prompts with drafts against none; random prompts: for n-gram
+with a 32-gram minimum, which nothing matches, the proposer's cost where it proposes nothing; for
+a draft model, its drafts on text it was not given).
 
     .venv/bin/python benchmarks/spec_decode.py [--model models/SmolLM2-135M-Instruct] [--k 4]
-        [--max-tokens 128] [--concurrency 16 64] [--out docs/performance/spec_decode.json]
+        [--draft-model DIR] [--max-tokens 128] [--concurrency 16 64]
+        [--out docs/performance/spec_decode.json]
 
 In one process, the real scheduler policy (scheduler/scheduler.py, its n-gram proposer) drives the
 real ModelRunner, one request at a time, greedy: what a single user sees per token, minus the
@@ -106,16 +108,22 @@ def run_many(runner: ModelRunner, prompts: list[list[int]], max_tokens: int, spe
             "preemptions": s.num_preemptions}
 
 
-def throughput(runner: ModelRunner, prompts: dict, concurrency: list[int], max_tokens: int, k: int) -> list[dict]:
+def speculative_config(k: int, draft_model: str | None) -> str:
+    """The --speculative-config this benchmark measures: n-gram, or the draft model at draft_model."""
+    if draft_model:
+        return json.dumps({"method": "draft_model", "model": draft_model, "num_speculative_tokens": k})
+    return json.dumps({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+
+
+def throughput(runner: ModelRunner, prompts: dict, concurrency: list[int], max_tokens: int, spec: str) -> list[dict]:
     grounded = [p for name, p in prompts.items() if not name.startswith("random")]
     rng = random.Random(1)
     vocab = runner.loaded.vocab_size
-    workloads = {
-        "grounded": (grounded, json.dumps({"method": "ngram", "num_speculative_tokens": k,
-                                           "prompt_lookup_max": 4, "prompt_lookup_min": 2})),
-        "no match": (None, json.dumps({"method": "ngram", "num_speculative_tokens": k,
-                                       "prompt_lookup_max": 32, "prompt_lookup_min": 32})),
-    }
+    k = json.loads(spec)["num_speculative_tokens"]
+    no_match = (spec if json.loads(spec)["method"] == "draft_model"
+                else json.dumps({"method": "ngram", "num_speculative_tokens": k,
+                                 "prompt_lookup_max": 32, "prompt_lookup_min": 32}))
+    workloads = {"grounded": (grounded, spec), "no match": (None, no_match)}
     rows = []
     for n in concurrency:
         for name, (base, spec) in workloads.items():
@@ -125,14 +133,14 @@ def throughput(runner: ModelRunner, prompts: dict, concurrency: list[int], max_t
             on = run_many(runner, batch, max_tokens, spec)
             assert on["tokens"] == off["tokens"], f"{name} x{n}: outputs differ with speculation"
             row = {"workload": name, "concurrency": n, "speculative_config": json.loads(spec),
-                   "tokens_per_s_off": off["tokens_per_s"], "tokens_per_s_ngram": on["tokens_per_s"],
+                   "tokens_per_s_off": off["tokens_per_s"], "tokens_per_s_spec": on["tokens_per_s"],
                    "speedup": on["tokens_per_s"] / off["tokens_per_s"], "steps_off": off["steps"],
-                   "steps_ngram": on["steps"], "draft_tokens": on["draft_tokens"], "accepted_tokens": on["accepted"],
+                   "steps_spec": on["steps"], "draft_tokens": on["draft_tokens"], "accepted_tokens": on["accepted"],
                    "preemptions": [off["preemptions"], on["preemptions"]]}
             rows.append(row)
-            print(f"{name:9s} x{n:3d}  off {row['tokens_per_s_off']:7.1f} tok/s  ngram {row['tokens_per_s_ngram']:7.1f} "
+            print(f"{name:9s} x{n:3d}  off {row['tokens_per_s_off']:7.1f} tok/s  spec {row['tokens_per_s_spec']:7.1f} "
                   f"tok/s  x{row['speedup']:.2f}  drafts {row['draft_tokens']} accepted {row['accepted_tokens']}  "
-                  f"steps {row['steps_off']} -> {row['steps_ngram']}", flush=True)
+                  f"steps {row['steps_off']} -> {row['steps_spec']}", flush=True)
     return rows
 
 
@@ -147,6 +155,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--draft-model", default=None, help="a draft model's directory (method draft_model; "
+                   "default: n-gram drafts)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     p.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating; the fastest counts")
@@ -154,16 +164,15 @@ def main() -> None:
                    help="measure throughput with this many requests at once instead (e.g. 16 64)")
     p.add_argument("--out", default=str(ROOT / "docs" / "performance" / "spec_decode.json"))
     args = p.parse_args()
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4,
-                       "prompt_lookup_min": 2})
+    spec = speculative_config(args.k, args.draft_model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     runner = ModelRunner(WorkerConfig(model=args.model, kv_cache_memory_bytes=256 << 20, max_model_len=2048,
-                                       num_threads=args.threads or None))
+                                       num_threads=args.threads or None, speculative_config=spec))
     prompts = {**grounded_prompts(tokenizer), **random_prompts(runner.loaded.vocab_size)}
     run_one(runner, prompts["random 0"][:16], 8, None)  # warm-up
     if args.concurrency:
         load_before = os.getloadavg()
-        rows = throughput(runner, prompts, args.concurrency, args.max_tokens, args.k)
+        rows = throughput(runner, prompts, args.concurrency, args.max_tokens, spec)
         report = {"benchmark": "spec_decode_throughput", "commit": subprocess.run(
                       ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
                   "model": Path(args.model).name, "max_tokens": args.max_tokens, "device": "cpu",
@@ -183,15 +192,15 @@ def main() -> None:
         off, on = (min(runs[m], key=lambda r: r["tpot_ms"]) for m in (None, spec))
         assert on["tokens"] == off["tokens"], f"{name}: outputs differ with speculation"
         row = {"prompt": name, "grounded": not name.startswith("random"), "prompt_tokens": len(prompt),
-               "output_tokens": off["num_output"], "tpot_ms_off": off["tpot_ms"], "tpot_ms_ngram": on["tpot_ms"],
-               "speedup": off["tpot_ms"] / on["tpot_ms"], "steps_off": off["steps"], "steps_ngram": on["steps"],
+               "output_tokens": off["num_output"], "tpot_ms_off": off["tpot_ms"], "tpot_ms_spec": on["tpot_ms"],
+               "speedup": off["tpot_ms"] / on["tpot_ms"], "steps_off": off["steps"], "steps_spec": on["steps"],
                "acceptance_rate": on["accepted"] / on["draft_tokens"] if on["draft_tokens"] else 0.0,
                "mean_accepted_length": 1 + on["accepted"] / on["drafts"] if on["drafts"] else 1.0,
                "draft_tokens": on["draft_tokens"], "accepted_tokens": on["accepted"]}
         rows.append(row)
-        print(f"{name:12s} out {row['output_tokens']:4d}  TPOT off {row['tpot_ms_off']:6.1f} ms  ngram "
-              f"{row['tpot_ms_ngram']:6.1f} ms  x{row['speedup']:.2f}  acceptance {row['acceptance_rate']:.2f}  "
-              f"mean accepted length {row['mean_accepted_length']:.2f}  steps {row['steps_off']} -> {row['steps_ngram']}",
+        print(f"{name:12s} out {row['output_tokens']:4d}  TPOT off {row['tpot_ms_off']:6.1f} ms  spec "
+              f"{row['tpot_ms_spec']:6.1f} ms  x{row['speedup']:.2f}  acceptance {row['acceptance_rate']:.2f}  "
+              f"mean accepted length {row['mean_accepted_length']:.2f}  steps {row['steps_off']} -> {row['steps_spec']}",
               flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     report = {"benchmark": "spec_decode", "commit": commit, "model": Path(args.model).name,

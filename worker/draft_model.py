@@ -17,11 +17,12 @@ draft's cache bytes per block are counted in the worker's KV budget (kv_cache.ch
 so the worker reports fewer blocks.
 
 What the draft's cache holds: per live sequence, `computed[seq_id]`, the leading positions whose
-draft K/V is in it (0 when the sequence is added). Each step, for every scheduled sequence the
-draft runs ONE batched varlen forward over the sequence's real tokens from `computed` up to the
-end of what the target computes this step (drafts excluded), then k - 1 batched single-token
-steps for the sequences with drafts. So:
-- prefill chunks: the draft follows the target chunk by chunk, in the same step;
+draft K/V is in it (0 when the sequence is added). Each step that has drafts, for every
+scheduled sequence the draft runs ONE batched varlen forward over the sequence's real tokens from
+`computed` up to the end of what the target computes this step (drafts excluded), then k - 1
+batched single-token steps for the sequences with drafts (a step without drafts runs no draft:
+a runner serving without speculation pays nothing, and the next drafting step catches up). So:
+- prefill chunks: the draft follows the target chunk by chunk, in the steps that draft;
 - prefix-cache hits and resumed (preempted, recomputed) sequences: a newly added sequence has no
   draft K/V (the cached blocks were written by the target, perhaps of another sequence), so the
   first step catches up from position 0: O(prefix) once, then O(new tokens) per step;

@@ -161,7 +161,7 @@ class ModelRunner:
         except PlanError:
             rejection_sampler.drop_drafts(self.batch, drafts)
             raise
-        if self.draft is not None:  # over the placeholders, with the step's blocks in the tables
+        if self.draft is not None and drafts:  # over the placeholders, with the step's blocks in the tables
             self.draft.propose(self.batch, step, drafts, self.sampler, skip=self.poolers.states.keys())
 
         started, cpu_started = time.perf_counter(), time.process_time()
