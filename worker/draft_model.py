@@ -83,8 +83,8 @@ class DraftModel:
         self.model = self.loaded.model
         self.backend, self.dtype, self.device = backend, dtype, torch.device(config.device)
         self.kv_caches: list | None = None
-        self.computed: dict[int, int] = {}
-        self.q: dict[int, list[torch.Tensor]] = {}  # this step's sampled drafts: batch row -> q per draft  # seq_id -> leading positions with draft K/V in the cache
+        self.computed: dict[int, int] = {}  # seq_id -> leading positions with draft K/V in the cache
+        self.q: dict[int, list[torch.Tensor]] = {}  # this step's sampled drafts: batch row -> q per draft
         self.num_forward_tokens = 0  # tokens run through the draft (its first forward of each step)
 
     def bytes_per_block(self, block_size: int) -> int:
@@ -188,7 +188,7 @@ class DraftModel:
             live = np.flatnonzero(k > i + 1)  # sequences with a draft after this one
             if not len(live):
                 break
-            # Draft i + 1 sits at position end + i: run it, for the next proposal.
+            # drafts[row][i] sits at position end + i: run it through the draft for the next one.
             step_logits = self.forward(batch, rows[live], ends[live] + i, ends[live] + i + 1)
             tokens = np.zeros(len(rows), dtype=np.int64)
             tokens[live] = self.choose(batch, sampler, rows[live], ends[live] + i + 1, step_logits)
