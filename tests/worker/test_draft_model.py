@@ -192,3 +192,50 @@ def test_tensor_parallel_speculation_gives_the_single_rank_outputs(models):
         outputs, drafted, _ = ranks[0]
         assert outputs == plain
         assert drafted > 0
+
+
+def test_sampled_drafts_of_another_model_keep_the_target_distribution(models, tmp_path):
+    """End to end, with a draft whose LM head is the target's plus noise (its top 5 tokens only
+    partly the target's, so q puts mass where p has none and p where q has none): N copies of one prompt, temperature 1, top_k 5, 3 tokens each. The
+    second token is the one position verified (1 draft: max_tokens leaves room for one), so its
+    frequencies must match the target's p given each copy's first token: expected counts are the
+    sum of those conditional distributions; a chi-square test at p > 0.001 over the tokens that
+    can occur (each copy's top 5; the statistic of a sum of unequal categoricals is, if anything,
+    smaller than the multinomial's, so the bound is conservative). Drawing from p instead of the
+    residual max(0, p - q) on a rejection fails it (statistic ~200 against ~48)."""
+    from tests.helpers import hf_reference
+
+    target, _ = models
+    model = hf_reference.load(str(target))
+    noisy = type(model).from_pretrained(target)
+    with torch.no_grad():
+        weight = noisy.lm_head.weight
+        weight += torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 0.5
+    noisy.save_pretrained(tmp_path)
+    other = tmp_path
+    n = 1000
+    runner = ModelRunner(tiny_models.runner_config(target, num_gpu_blocks_override=1024,
+                                                   speculative_config=spec(other)))
+    prompt = PROMPTS[2][:6]
+    params = with_defaults(pb.SamplingParams(temperature=1.0, top_k=5, max_tokens=3, ignore_eos=True))
+    outputs, s, _ = run_prompts(runner, [prompt] * n, spec(other), 1024, 2048, 3, True, params)
+    assert s.speculator.num_draft_tokens == n  # one draft per copy, at the second token
+    assert 0.1 * n < s.speculator.num_accepted_tokens < 0.9 * n
+    expected = torch.zeros(V, dtype=torch.float64)
+    conditional = {}
+    for first in {out[0] for out in outputs}:
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + [first]])).logits[0, -1].double()
+        top = logits.topk(5)
+        conditional[first] = torch.zeros(V, dtype=torch.float64).index_put_((top.indices,), torch.softmax(top.values, -1))
+    for out in outputs:
+        expected += conditional[out[0]]
+    counts = torch.bincount(torch.tensor([out[1] for out in outputs]), minlength=V).double()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0  # never a token outside the target's top 5 (the draft's q has some)
+    chi2 = (((counts - expected) ** 2)[keep] / expected[keep]).sum().item()
+    # At most keep.sum() - 1 degrees of freedom; their chi-square 0.999 quantile by Wilson and
+    # Hilferty's approximation (z = 3.09), within 1% for df >= 10.
+    df = int(keep.sum()) - 1
+    bound = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+    assert chi2 < bound, (chi2, bound)
