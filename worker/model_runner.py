@@ -55,6 +55,8 @@ class ModelRunner:
         self.draft = (DraftModel(config, draft_dir, self.loaded.vocab_size, self.loaded.max_model_len,
                                  self.loaded.dtype, self.backend)
                       if draft_dir else None)
+        if self.draft is not None and self.device.type == "cpu":
+            log.info("draft model: %s", prepare_linears(self.draft.model))
         shape = self.model.kv_cache_shape()
         draft_bytes = self.draft.bytes_per_block(config.block_size) if self.draft is not None else 0
         self.num_blocks = choose_num_blocks(config, shape, self.loaded.dtype, self.device, self.loaded.max_model_len,
