@@ -165,17 +165,18 @@ NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_look
                     "prompt_lookup_min": 1})
 
 
-def rank_outputs(target_dir, spec_text: str) -> tuple[list[list[int]], int, int]:
+def rank_outputs(target_dir, spec_text: str, temperature: float = 0.0) -> tuple[list[list[int]], int, int]:
     """One tensor parallel rank (run by distributed.run_local_ranks) running PROMPTS with the real
     scheduler: its outputs, draft tokens proposed and accepted. The draft model is loaded by the
     target's loader, so it is sharded like the target; its logits are all-gathered, so every rank
-    proposes the same drafts."""
+    proposes the same drafts (sampled ones too: every rank's sampler has the same seed)."""
     from pagedserve.worker import distributed
 
     runner = ModelRunner(tiny_models.runner_config(target_dir, num_gpu_blocks_override=64, rank=distributed.rank(),
                                                    world_size=distributed.world_size(),
                                                    speculative_config=spec_text))
-    outputs, s, _ = generate(runner, spec_text, 64, 8)  # chunked prefill
+    params = with_defaults(pb.SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, ignore_eos=True))
+    outputs, s, _ = generate(runner, spec_text, 64, 8, params=params)  # chunked prefill
     return outputs, s.speculator.num_draft_tokens, s.speculator.num_accepted_tokens
 
 
@@ -192,6 +193,8 @@ def test_tensor_parallel_speculation_gives_the_single_rank_outputs(models):
         outputs, drafted, _ = ranks[0]
         assert outputs == plain
         assert drafted > 0
+    sampled = distributed.run_local_ranks(2, rank_outputs, target, spec(other), 1.0)
+    assert sampled[0] == sampled[1] and sampled[0][1] > 0
 
 
 def test_sampled_drafts_of_another_model_keep_the_target_distribution(models, tmp_path):
