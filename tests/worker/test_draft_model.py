@@ -2,9 +2,12 @@
 slots, rollback) driving a ModelRunner whose draft model (worker/draft_model.py) writes the drafts.
 Greedy outputs must be the tokens decoding without speculation gives, under prefix caching,
 chunked prefill and preemption, for several architectures; the draft's paged KV cache means it
-runs each position of a sequence through its first forward once (O(new tokens) a step); the
-target as its own draft must have every draft accepted; a draft of another vocabulary is refused;
-the draft's cache is paid from the worker's KV budget."""
+runs each position of a sequence through its first forward at most once (O(new tokens) a step);
+the target as its own draft must have every draft accepted; a draft of another vocabulary is
+refused; the draft's cache is paid from the worker's KV budget. Sampled drafts (drawn from the
+draft's q) keep the target's distribution (chi-square) and seeded requests repeat; under tensor
+parallelism (2 gloo ranks) ngram and draft_model give the single-rank greedy outputs and the
+ranks agree."""
 from __future__ import annotations
 
 import json
