@@ -108,15 +108,23 @@ def model_config(raw: dict, cls) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, hf_config, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """--dtype. auto: on CUDA the checkpoint's dtype; on the CPU bfloat16 when the checkpoint is
+    bfloat16 or float16 and the CPU has AVX-512 BF16 or AMX (cpu/features.py; there oneDNN's
+    bfloat16 linears run 1.3-10x float32's, docs/performance/cpu-quantized.md), else float32:
+    a float32 checkpoint is served as it was saved, and a CPU without those units is slow at
+    half precision. `quantized` (--quantization, whose ops take float32 models) keeps float32."""
     if name != "auto":
         if name not in DTYPES:
             raise LoadError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
         return DTYPES[name]
+    saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     if device.type == "cpu":
-        return torch.float32  # CPUs are slow at half precision matmuls without AMX
-    saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None) or "bfloat16"
-    return DTYPES.get(saved, torch.bfloat16)
+        from pagedserve.worker.cpu.features import has_native_bf16
+
+        half = saved in ("bfloat16", "float16")
+        return torch.bfloat16 if half and not quantized and has_native_bf16() else torch.float32
+    return DTYPES.get(saved or "bfloat16", torch.bfloat16)
 
 
 def generation_config(model_dir: Path) -> dict:
@@ -349,7 +357,7 @@ def load_model(config, backend) -> LoadedModel:
         raise LoadError(f"--world-size {config.world_size}, but this process joined a group of "
                         f"{distributed.world_size()} (distributed.init first)")
     device = torch.device(config.device)
-    dtype = resolve_dtype(config.dtype, spec.hf_config, device)
+    dtype = resolve_dtype(config.dtype, spec.hf_config, device, bool(getattr(config, "quantization", None)))
     max_model_len = context_length(config, spec)
     try:
         with torch.device("meta"):
