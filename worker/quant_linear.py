@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.worker.cpu import kernel_choices
+from pagedserve.worker.cpu.timing import fastest
+
 log = logging.getLogger(__name__)
 
 GROUP = 32  # GGUF's block length, and the int4 op's group size here
@@ -162,8 +165,10 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
             continue
         codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
         module = Int4Linear.from_affine(codes, d, m, linear.bias)
-        if count == 0 and not quantized_is_faster(module, linear.weight.detach()):
+        if count == 0 and not quantized_wins(model, "int4", module, linear.weight.detach()):
             log.warning("int4 matmul is slower than float32 on this CPU: the GGUF's 4-bit linears run dequantized")
+            kernel_choices.record(model, "GGUF Q4_0/Q4_1 linears: dequantized to float32 (the int4 op is "
+                                  "slower than float32 on this CPU)")
             return 0
         replace(model, name, module)
         count += 1
@@ -194,28 +199,32 @@ def quantize_linears(model: nn.Module, method: str) -> int:
             module = Int4Linear.from_affine(*quantize_int4(weight), linear.bias)
         else:
             continue
-        if count == 0 and not quantized_is_faster(module, weight):
+        if count == 0 and not quantized_wins(model, method, module, weight):
             log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
                         "serving float32 weights", method, method)
+            kernel_choices.record(model, f"--quantization {method}: not applied, float32 weights served (the "
+                                  f"{method} op is slower than float32 on this CPU)")
             return 0
         replace(model, name, module)
         count += 1
     return count
 
 
+def quantized_wins(model: nn.Module, method: str, module: nn.Module, weight: torch.Tensor) -> bool:
+    """quantized_is_faster for this weight shape, cached per CPU and recorded on the model
+    (cpu/kernel_choices.py)."""
+    n, k = weight.shape
+    key = f"{method} linear {n}x{k} at 1 row"
+    choice, hit = kernel_choices.cached(key, ("quantized", "float32"),
+                                        lambda: "quantized" if quantized_is_faster(module, weight) else "float32")
+    kernel_choices.record(model, f"{key}: {method if choice == 'quantized' else 'float32'} "
+                          f"({'cached' if hit else 'timed'})")
+    return choice == "quantized"
+
+
 def quantized_is_faster(module: nn.Module, weight: torch.Tensor, repeats: int = 20) -> bool:
     """Whether `module` (a quantized linear) beats F.linear on the float32 `weight` [N, K] at one
-    row, on this CPU (medians of `repeats` calls each, interleaved): the int ops' fast paths need
-    AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
-    import time
-
+    row, on this CPU (medians of `repeats` interleaved calls each, cpu/timing.py): the int ops'
+    fast paths need AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
     x = torch.randn(1, weight.shape[1])
-    times = {"quantized": [], "float": []}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for key, fn in (("quantized", lambda: module(x)), ("float", lambda: F.linear(x, weight))):
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    median = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
-    return median["quantized"] < median["float"]
+    return fastest({"quantized": lambda: module(x), "float": lambda: F.linear(x, weight)}, repeats) == "quantized"

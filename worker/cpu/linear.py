@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.worker.cpu import native
+from pagedserve.worker.cpu import kernel_choices, native
 from pagedserve.worker.cpu.timing import fastest
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def prepare_linears(model: nn.Module) -> str:
             raise RuntimeError("results differ from nn.Linear")
     except Exception as e:  # a torch without the private ops, or one that changed them
         log.warning("oneDNN linears unavailable (%s): using nn.Linear", e)
+        kernel_choices.record(model, f"float32 linears: nn.Linear (oneDNN unavailable: {e})")
         return "linears left as nn.Linear"
     swapped = []
     for name, linear in linears:
@@ -128,22 +129,34 @@ def prepare_linears(model: nn.Module) -> str:
         _replace(model, name, swapped[-1])
     what = "cpu/linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
     if kernel is not None:
-        what += "; " + choose_small_rows_paths(swapped)
+        what += "; " + choose_small_rows_paths(model, swapped)
     return f"{len(linears)} linear layers: {what}"
 
 
-def choose_small_rows_paths(linears: list[CpuLinear]) -> str:
+SMALL_ROWS_NAMES = {"c": "cpu/linear.c", "torch": "F.linear"}
+BF16_NAMES = {"onednn": "oneDNN packed", "torch": "F.linear"}
+
+
+def choose_small_rows_paths(model: nn.Module, linears: list[CpuLinear]) -> str:
     """Per weight shape, the faster of cpu/linear.c and F.linear at one row on this CPU (the C
     loop was tuned on AVX2 cores; MKL can beat it on AVX-512 ones), so that no decode path is
-    slower than F.linear. Returns the choices, for the log."""
+    slower than F.linear; cached per CPU and recorded on the model (kernel_choices.py). Returns
+    the choices, for the log."""
     choices = {}
     for linear in linears:
         shape = (linear.out_features, linear.in_features)
         if shape not in choices:
-            choices[shape] = choose_small_rows_path(linear)
+            choices[shape] = _cached_choice(model, f"float32 linear {shape[0]}x{shape[1]} at 1 row",
+                                            SMALL_ROWS_NAMES, lambda: choose_small_rows_path(linear))
         linear.small_rows = choices[shape]
-    return "at few rows " + ", ".join(f"{n}x{k}: {'cpu/linear.c' if c == 'c' else 'F.linear'}"
-                                      for (n, k), c in choices.items())
+    return "at few rows " + ", ".join(f"{n}x{k}: {SMALL_ROWS_NAMES[c]}" for (n, k), c in choices.items())
+
+
+def _cached_choice(model: nn.Module, key: str, names: dict[str, str], choose) -> str:
+    """kernel_choices.cached, recorded on the model as "<key>: <name> (timed|cached)"."""
+    choice, hit = kernel_choices.cached(key, tuple(names), choose)
+    kernel_choices.record(model, f"{key}: {names[choice]} ({'cached' if hit else 'timed'})")
+    return choice
 
 
 def choose_small_rows_path(linear: CpuLinear, repeats: int = 15) -> str:
@@ -180,6 +193,7 @@ def prepare_bf16_linears(model: nn.Module, linears: list[tuple[str, nn.Linear]])
             raise RuntimeError("results differ from nn.Linear")
     except Exception as e:  # a torch without the private ops, or one that changed them
         log.warning("oneDNN bfloat16 linears unavailable (%s): using nn.Linear", e)
+        kernel_choices.record(model, f"bfloat16 linears: nn.Linear (oneDNN unavailable: {e})")
         return "bfloat16 linears left as nn.Linear"
     choices = {}
     for name, linear in linears:
@@ -189,11 +203,12 @@ def prepare_bf16_linears(model: nn.Module, linears: list[tuple[str, nn.Linear]])
         packed = None
         if shape not in choices:
             packed = PackedLinear(linear)
-            choices[shape] = choose_bf16_path(linear, packed)
+            choices[shape] = _cached_choice(model, f"bfloat16 linear {shape[0]}x{shape[1]} at 1 row", BF16_NAMES,
+                                            lambda: choose_bf16_path(linear, packed))
         if choices[shape] == "onednn":
             _replace(model, name, packed or PackedLinear(linear))
     return f"{len(linears)} bfloat16 linear layers: " + ", ".join(
-        f"{n}x{k}: {'oneDNN packed' if c == 'onednn' else 'F.linear'}" for (n, k), c in choices.items())
+        f"{n}x{k}: {BF16_NAMES[c]}" for (n, k), c in choices.items())
 
 
 def choose_bf16_path(linear: nn.Linear, packed: PackedLinear, repeats: int = 15) -> str:
