@@ -111,7 +111,8 @@ def model_config(raw: dict, cls) -> SimpleNamespace:
 def resolve_dtype(name: str, hf_config, device: torch.device, quantized: bool = False) -> torch.dtype:
     """--dtype. auto: on CUDA the checkpoint's dtype; on the CPU bfloat16 when the checkpoint is
     bfloat16 or float16 and the CPU has AVX-512 BF16 or AMX (cpu/features.py; there oneDNN's
-    bfloat16 linears run 1.3-10x float32's, docs/performance/cpu-quantized.md), else float32:
+    bfloat16 linears ran 2.6-5x float32's from 8 rows up, 1.06-1.28x at one row,
+    docs/performance/cpu-quantized.md), else float32:
     a float32 checkpoint is served as it was saved, and a CPU without those units is slow at
     half precision. `quantized` (--quantization, whose ops take float32 models) keeps float32."""
     if name != "auto":

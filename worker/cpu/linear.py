@@ -11,9 +11,9 @@ packed once into its blocked layout instead (`torch.ops.mkldnn._reorder_linear_w
 private op is missing or disagrees with nn.Linear, nn.Linear stays.
 
 bfloat16 (`prepare_bf16_linears`): oneDNN on the weight packed once, which reaches the CPU's
-AMX / AVX-512 BF16 units: on SmolLM2-135M's shapes 1.3-2x F.linear in bfloat16 at 1-64 rows and
-even at 512 (`python benchmarks/bf16_linear.py`, docs/performance/cpu-quantized.md); each weight
-shape keeps F.linear where this CPU times that faster at one row.
+AMX / AVX-512 BF16 units: on SmolLM2-135M's shapes 1.06-2x F.linear in bfloat16 at 1-512 rows
+(`python benchmarks/bf16_linear.py`, docs/performance/cpu-quantized.md); each weight shape keeps
+F.linear where this CPU times that faster at one row.
 """
 from __future__ import annotations
 
