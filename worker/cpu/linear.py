@@ -112,6 +112,7 @@ def prepare_linears(model: nn.Module) -> str:
         return prepare_bf16_linears(model, linears)
     if not linears or linears[0][1].weight.device.type != "cpu" or linears[0][1].weight.dtype != torch.float32:
         return "linears left as nn.Linear"
+    linears = [(name, m) for name, m in linears if m.weight.dtype == torch.float32]  # the C loop reads float32
     kernel = linear_rows()
     try:
         if not torch.backends.mkldnn.is_available():
