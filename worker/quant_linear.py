@@ -195,6 +195,8 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
         method = methods.pop() if len(methods) == 1 else None
         if method is None or parts[0].in_features != linear.in_features or (method == "int4" and not int4_fits(linear)):
             continue
+        if wins.get(method) is False:  # this kind stays float32: build nothing more of it
+            continue
         module = gguf_module(method, parts, linear.bias)
         if method not in wins:
             wins[method] = quantized_wins(model, method, module, linear.weight.detach())
