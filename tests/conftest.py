@@ -10,6 +10,11 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Each test's workers time their kernels afresh, as before the cache existed: a cached choice from
+# an earlier test (or an earlier run) must not decide what a test of the timing itself observes
+# (tests/worker/test_kernel_choices.py turns the cache on, in a temporary file).
+os.environ.setdefault("PAGEDSERVE_KERNEL_CHOICES", "off")
+
 import pytest
 
 from pagedserve.entrypoints.fetch_model import MARKER

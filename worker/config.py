@@ -17,7 +17,8 @@ from pagedserve.flags import (enable_lora_flag, flag, log_level_flag, max_lora_r
 class WorkerConfig:
     model: str = model_flag()
     device: str = flag("cpu", "where the model runs", choices=["cpu", "cuda"])
-    dtype: str = flag("auto", "auto: float32 on CPU, the checkpoint's dtype on CUDA",
+    dtype: str = flag("auto", "auto: the checkpoint's dtype on CUDA; on the CPU bfloat16 for a "
+                      "bfloat16/float16 checkpoint where the CPU has AVX-512 BF16 or AMX, else float32",
                       choices=["auto", "float32", "bfloat16", "float16"])
     max_model_len: int | None = max_model_len_flag()
     block_size: int = flag(16, "tokens per KV cache block")

@@ -108,15 +108,24 @@ def model_config(raw: dict, cls) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, hf_config, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """--dtype. auto: on CUDA the checkpoint's dtype; on the CPU bfloat16 when the checkpoint is
+    bfloat16 or float16 and the CPU has AVX-512 BF16 or AMX (cpu/features.py; there oneDNN's
+    bfloat16 linears ran 2.6-5x float32's from 8 rows up, 1.06-1.28x at one row,
+    docs/performance/cpu-quantized.md), else float32:
+    a float32 checkpoint is served as it was saved, and a CPU without those units is slow at
+    half precision. `quantized` (--quantization, whose ops take float32 models) keeps float32."""
     if name != "auto":
         if name not in DTYPES:
             raise LoadError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
         return DTYPES[name]
+    saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     if device.type == "cpu":
-        return torch.float32  # CPUs are slow at half precision matmuls without AMX
-    saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None) or "bfloat16"
-    return DTYPES.get(saved, torch.bfloat16)
+        from pagedserve.worker.cpu.features import has_native_bf16
+
+        half = saved in ("bfloat16", "float16")
+        return torch.bfloat16 if half and not quantized and has_native_bf16() else torch.float32
+    return DTYPES.get(saved or "bfloat16", torch.bfloat16)
 
 
 def generation_config(model_dir: Path) -> dict:
@@ -268,7 +277,8 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str, optional: froze
 
 def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
     """Fill the model from a GGUF file, dequantized to float32 (bit-exact with gguf.quants.dequantize);
-    then linears stored as Q4_0/Q4_1 run on their own blocks (quant_linear.swap_gguf_linears)."""
+    then linears stored as Q4_0/Q4_1 run on their own blocks, those stored as Q8_0 through the int8
+    op (quant_linear.swap_gguf_linears)."""
     from pagedserve.worker.quant_linear import swap_gguf_linears
 
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
@@ -285,8 +295,8 @@ def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
                             f"the model built from its metadata expects {expected}")
         fill(region, shard, read_slice(tensors[name], shard))
     swapped = swap_gguf_linears(model, blocks)
-    log.info("GGUF %s: %d linears run on their 4-bit blocks (int4 matmul), the rest in float32",
-             spec.model_dir.name, swapped)
+    log.info("GGUF %s: %d linears run quantized (Q4_0/Q4_1 blocks in the int4 matmul, Q8_0 in the int8 one), "
+             "the rest in float32", spec.model_dir.name, swapped)
 
 
 def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -349,7 +359,7 @@ def load_model(config, backend) -> LoadedModel:
         raise LoadError(f"--world-size {config.world_size}, but this process joined a group of "
                         f"{distributed.world_size()} (distributed.init first)")
     device = torch.device(config.device)
-    dtype = resolve_dtype(config.dtype, spec.hf_config, device)
+    dtype = resolve_dtype(config.dtype, spec.hf_config, device, bool(getattr(config, "quantization", None)))
     max_model_len = context_length(config, spec)
     try:
         with torch.device("meta"):

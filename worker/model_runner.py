@@ -16,6 +16,7 @@ from pagedserve.worker.attention import make_attention_backend
 from pagedserve.worker.batch import PersistentBatch, PlanError, blocks_per_seq
 from pagedserve.worker.config import WorkerConfig
 from pagedserve.worker.cpu.host_memory import keep_freed_memory
+from pagedserve.worker.cpu.kernel_choices import recorded
 from pagedserve.worker.cpu.linear import prepare_linears
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_or_eager, graphs_off_reason
 from pagedserve.worker.cudagraph_batch import DecodeBuffers, capture_sizes, reserve_scratch_block
@@ -46,6 +47,7 @@ class ModelRunner:
         targets = lora_targets(self.model) if config.enable_lora else {}  # before the CPU path swaps the linears
         if self.device.type == "cpu":
             log.info("%s", prepare_linears(self.model))
+            log.info("kernel choices (cached per CPU, cpu/kernel_choices.py): %s", "; ".join(recorded(self.model)))
             log.info("%s", keep_freed_memory())
         self.lora = (LoraManager(self.model, targets, config.max_loras, config.max_lora_rank,
                                  config.max_cpu_loras or config.max_loras, self.loaded.dtype, self.device,
@@ -124,6 +126,7 @@ class ModelRunner:
             matryoshka_dimensions=self.pooling.matryoshka_dimensions,
             hidden_size=self.model.input_embeddings().embedding_dim,
             sliding_window=self.loaded.sliding_window,
+            kernel_choices=recorded(self.model),
         )
 
     def execute(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:

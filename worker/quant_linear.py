@@ -13,6 +13,14 @@ fp16 scale (and minimum): they map onto the int4 op's groups with zero = 0 and z
 The bfloat16 rounding of activations and scales is the price of the fast path (relative error
 about 2^-8 a term); tests/worker/test_gguf.py states the bound on logits.
 `quantize_int4` / `quantize_int8` make the same layouts from a float weight (`--quantization`).
+
+GGUF's Q8_0 (w = d * q, 32 int8 weights of one row and one fp16 d a block) has a scale per block,
+while the int8 op takes one per output channel: the exact float32 weight d * q is requantized per
+channel (`quantize_int8`: scale = the row's largest |w| / 127, round to nearest). That adds at most
+half a step of the row's scale to each weight (|error| <= max|w_row| / 254, where Q8_0's own is
+max|w_block| / 254), about what `--quantization int8` adds to a float weight;
+tests/worker/test_gguf.py states the bound on logits. Prefill still runs on the weight that the
+int8 codes hold (not Q8_0's exact one), so both paths serve one model.
 """
 from __future__ import annotations
 
@@ -22,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedserve.worker.cpu import kernel_choices
+from pagedserve.worker.cpu.timing import fastest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,22 @@ def q4_blocks(data: np.ndarray, qtype_name: str) -> tuple[torch.Tensor, torch.Te
     else:
         m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def q8_blocks(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks uint8 [N, K/32 * 34] -> codes int8 [N, K] and d float32 [N, K/32], so that the
+    weight is d * codes (ggml's block_q8_0: fp16 d, then 32 int8 weights)."""
+    n = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(n, -1, 2 + GROUP)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    codes = blocks[..., 2:].copy().view(np.int8).reshape(n, -1)
+    return torch.from_numpy(codes), torch.from_numpy(d)
+
+
+def q8_0_weight(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] of Q8_0 codes int8 [N, K] and d [N, K/32]: exact (an fp16 times an
+    int8 is a float32)."""
+    return codes.float() * d.repeat_interleave(GROUP, dim=1)
 
 
 class Int4Linear(nn.Module):
@@ -148,26 +175,50 @@ def linear_sources(model: nn.Module) -> dict[str, list[str]]:
     return sources
 
 
+# GGUF block types that run quantized, and the op each goes to (others are dequantized on load)
+GGUF_METHODS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+
+
 def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     """Replace each nn.Linear whose weights are all Q4_0/Q4_1 GGUF blocks (gguf_checkpoint.QuantBlocks
-    by checkpoint name) with an Int4Linear of the same blocks; returns how many were replaced.
-    Others (Q8_0, K-quants, float) keep their float32 weight, dequantized on load."""
-    count = 0
+    by checkpoint name) with an Int4Linear of the same blocks, and each whose weights are all Q8_0
+    with an Int8Linear (requantized per channel); returns how many were replaced. Others (K-quants,
+    mixed types, float) keep their float32 weight, dequantized on load; so do all of a kind
+    whose op this CPU runs slower than float32 (quantized_wins, timed on the first of its kind)."""
+    count, wins = 0, {}
     for name, names in linear_sources(model).items():
         parts = [blocks.get(source) for source in names]
-        if not all(p is not None and p.type.name in ("Q4_0", "Q4_1") for p in parts):
+        if any(p is None for p in parts):
             continue
+        methods = {GGUF_METHODS.get(p.type.name) for p in parts}
         linear = model.get_submodule(name)
-        if not int4_fits(linear) or parts[0].in_features != linear.in_features:
+        method = methods.pop() if len(methods) == 1 else None
+        if method is None or parts[0].in_features != linear.in_features or (method == "int4" and not int4_fits(linear)):
             continue
-        codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
-        module = Int4Linear.from_affine(codes, d, m, linear.bias)
-        if count == 0 and not quantized_is_faster(module, linear.weight.detach()):
-            log.warning("int4 matmul is slower than float32 on this CPU: the GGUF's 4-bit linears run dequantized")
-            return 0
-        replace(model, name, module)
-        count += 1
+        if wins.get(method) is False:  # this kind stays float32: build nothing more of it
+            continue
+        module = gguf_module(method, parts, linear.bias)
+        if method not in wins:
+            wins[method] = quantized_wins(model, method, module, linear.weight.detach())
+            if not wins[method]:
+                log.warning("%s matmul is slower than float32 on this CPU: the GGUF's %s linears run dequantized",
+                            method, method)
+                kernel_choices.record(model, f"GGUF {'Q4_0/Q4_1' if method == 'int4' else 'Q8_0'} linears: "
+                                      f"dequantized to float32 (the {method} op is slower than float32 on this CPU)")
+        if wins[method]:
+            replace(model, name, module)
+            count += 1
     return count
+
+
+def gguf_module(method: str, parts: list, bias: torch.Tensor | None) -> nn.Module:
+    """An Int4Linear on Q4_0/Q4_1 blocks (exact), or an Int8Linear of Q8_0 blocks requantized per
+    output channel (module docstring); `parts` are a linear's QuantBlocks in row order."""
+    if method == "int4":
+        codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
+        return Int4Linear.from_affine(codes, d, m, bias)
+    weight = torch.cat([q8_0_weight(*q8_blocks(p.data)) for p in parts])
+    return Int8Linear(*quantize_int8(weight), bias)
 
 
 def int4_fits(linear: nn.Linear) -> bool:
@@ -194,28 +245,32 @@ def quantize_linears(model: nn.Module, method: str) -> int:
             module = Int4Linear.from_affine(*quantize_int4(weight), linear.bias)
         else:
             continue
-        if count == 0 and not quantized_is_faster(module, weight):
+        if count == 0 and not quantized_wins(model, method, module, weight):
             log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
                         "serving float32 weights", method, method)
+            kernel_choices.record(model, f"--quantization {method}: not applied, float32 weights served (the "
+                                  f"{method} op is slower than float32 on this CPU)")
             return 0
         replace(model, name, module)
         count += 1
     return count
 
 
+def quantized_wins(model: nn.Module, method: str, module: nn.Module, weight: torch.Tensor) -> bool:
+    """quantized_is_faster for this weight shape, cached per CPU and recorded on the model
+    (cpu/kernel_choices.py)."""
+    n, k = weight.shape
+    key = f"{method} linear {n}x{k} at 1 row"
+    choice, hit = kernel_choices.cached(key, ("quantized", "float32"),
+                                        lambda: "quantized" if quantized_is_faster(module, weight) else "float32")
+    kernel_choices.record(model, f"{key}: {method if choice == 'quantized' else 'float32'} "
+                          f"({'cached' if hit else 'timed'})")
+    return choice == "quantized"
+
+
 def quantized_is_faster(module: nn.Module, weight: torch.Tensor, repeats: int = 20) -> bool:
     """Whether `module` (a quantized linear) beats F.linear on the float32 `weight` [N, K] at one
-    row, on this CPU (medians of `repeats` calls each, interleaved): the int ops' fast paths need
-    AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
-    import time
-
+    row, on this CPU (medians of `repeats` interleaved calls each, cpu/timing.py): the int ops'
+    fast paths need AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
     x = torch.randn(1, weight.shape[1])
-    times = {"quantized": [], "float": []}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for key, fn in (("quantized", lambda: module(x)), ("float", lambda: F.linear(x, weight))):
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    median = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
-    return median["quantized"] < median["float"]
+    return fastest({"quantized": lambda: module(x), "float": lambda: F.linear(x, weight)}, repeats) == "quantized"

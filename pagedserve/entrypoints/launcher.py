@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .healthcheck import grpc_serving, http_ok
 from pagedserve.parent_watch import PARENT_ENV
 from .serve_args import router_argv, scheduler_argv, worker_argv
+from .worker_report import describe_worker
 
 
 RESTART_WINDOW_S = 60.0   # a child that dies sooner than this after its start counts as crashing
@@ -200,6 +201,7 @@ class Launcher:
         for name, proc, port in started:
             self.wait_until(name, proc, lambda p=port: grpc_serving(f"127.0.0.1:{p}"),
                             a.startup_timeout)
+            self.say(describe_worker(name, f"127.0.0.1:{port}"))
         schedulers = []
         for replica, (ports, grpc_port) in enumerate(zip(worker_ports, self.grpc_ports)):
             name = replica_name("scheduler", replica, dp)

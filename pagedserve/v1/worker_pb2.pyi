@@ -122,7 +122,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults", "runner", "pooler", "is_matryoshka", "matryoshka_dimensions", "hidden_size", "sliding_window")
+    __slots__ = ("rank", "world_size", "model_path", "num_kv_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "dtype", "cudagraph_capture_sizes", "sampling_defaults", "runner", "pooler", "is_matryoshka", "matryoshka_dimensions", "hidden_size", "sliding_window", "kernel_choices")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class WorkerInfo(_message.Message):
     MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_CHOICES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     model_path: str
@@ -159,4 +160,5 @@ class WorkerInfo(_message.Message):
     matryoshka_dimensions: _containers.RepeatedScalarFieldContainer[int]
     hidden_size: int
     sliding_window: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., runner: _Optional[str] = ..., pooler: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., sliding_window: _Optional[int] = ...) -> None: ...
+    kernel_choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_path: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cudagraph_capture_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Union[_scheduler_pb2.SamplingParams, _Mapping]] = ..., runner: _Optional[str] = ..., pooler: _Optional[_Union[_scheduler_pb2.PoolingParams, _Mapping]] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., sliding_window: _Optional[int] = ..., kernel_choices: _Optional[_Iterable[str]] = ...) -> None: ...

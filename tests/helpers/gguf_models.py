@@ -45,11 +45,17 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{GGUF_NAMES[parts[-2]]}.weight"
 
 
-def qtype_of(hf_name: str) -> str:
-    if hf_name in TYPES:
-        return TYPES[hf_name]
+def qtype_of(hf_name: str, types: dict | None = None) -> str:
+    types = TYPES if types is None else types
+    if hf_name in types:
+        return types[hf_name]
     parts = hf_name.split(".")
-    return TYPES.get(f"{parts[2]}.{parts[-2]}", "F32") if parts[1] == "layers" else "F32"
+    return types.get(f"{parts[2]}.{parts[-2]}", "F32") if parts[1] == "layers" else "F32"
+
+
+def all_of(qtype: str) -> dict:
+    """A TYPES table with every linear, the embedding and the LM head in `qtype`."""
+    return {name: qtype for name in TYPES}
 
 
 def random_kquant_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
@@ -71,9 +77,10 @@ def interleave_rope_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, 2, n // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write(path: Path, seed: int = 0):
-    """Write the GGUF at `path` and a tokenizer beside it in path.parent / "tokenizer"; returns the
-    transformers LlamaForCausalLM (eval, float32) holding the dequantized weights."""
+def write(path: Path, seed: int = 0, types: dict | None = None):
+    """Write the GGUF at `path` (each tensor's type from `types`, default TYPES) and a tokenizer
+    beside it in path.parent / "tokenizer"; returns the transformers LlamaForCausalLM (eval,
+    float32) holding the dequantized weights."""
     import gguf
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize, quantize
@@ -98,7 +105,7 @@ def write(path: Path, seed: int = 0):
         weight = param.detach().numpy().astype(np.float32)
         if "norm" not in name:
             weight = weight * 0.05  # activations of a sane size through the layers
-        qtype = getattr(T, qtype_of(name))
+        qtype = getattr(T, qtype_of(name, types))
         if qtype == T.F32:
             data = weight
         elif qtype in (T.Q4_K, T.Q6_K):

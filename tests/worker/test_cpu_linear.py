@@ -74,3 +74,52 @@ def test_the_faster_small_rows_path_is_chosen_and_both_match_nn_linear(kernel):
         module.small_rows = path
         with torch.inference_mode():
             torch.testing.assert_close(module(x), linear(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_model_runs_on_packed_onednn_within_bf16_rounding_of_nn_linear():
+    """A bfloat16 model's linears go to oneDNN on the packed weight (where this CPU times that
+    faster than F.linear: forced here) and compute what nn.Linear computes in bfloat16, to the
+    rounding of a bfloat16 output (8 significant bits: 2^-8 relative, plus another summation order)."""
+    from unittest import mock
+
+    from pagedserve.worker.cpu import linear as cpu_linear
+
+    if not cpu_linear.bf16_onednn_available():
+        pytest.skip("this torch has no oneDNN bfloat16 on this CPU")
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(576, 960), nn.ReLU(), nn.Linear(960, 64, bias=False)).bfloat16()
+    with torch.inference_mode():
+        for layer in (model[0], model[2]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
+        w0, b0, w2 = model[0].weight.clone(), model[0].bias.clone(), model[2].weight.clone()
+        with mock.patch.object(cpu_linear, "choose_bf16_path", return_value="onednn"):
+            what = prepare_linears(model)
+        assert what == "2 bfloat16 linear layers: 960x576: oneDNN packed, 64x960: oneDNN packed"
+        assert sum(isinstance(m, cpu_linear.PackedLinear) for m in model.modules()) == 2
+        for rows in (1, 8, 64, 512):
+            x = torch.randn(rows, 576, generator=g).bfloat16()
+            reference = nn.functional.linear(torch.relu(nn.functional.linear(x, w0, b0)), w2)
+            got = model(x)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_path_choice_keeps_f_linear_where_onednn_is_slower():
+    """choose_bf16_path times both at one row: a oneDNN call made slow loses, and prepare_linears
+    then leaves that shape's linears as nn.Linear."""
+    import time
+    from unittest import mock
+
+    from pagedserve.worker.cpu import linear as cpu_linear
+
+    if not cpu_linear.bf16_onednn_available():
+        pytest.skip("this torch has no oneDNN bfloat16 on this CPU")
+    linear = nn.Linear(96, 80).bfloat16()
+    slow = cpu_linear.PackedLinear(linear)
+    fast_forward = slow.forward
+    slow.forward = lambda x: (time.sleep(0.01), fast_forward(x))[1]
+    assert cpu_linear.choose_bf16_path(linear, slow) == "torch"
+    model = nn.Sequential(linear)
+    with mock.patch.object(cpu_linear, "choose_bf16_path", return_value="torch"):
+        assert prepare_linears(model) == "1 bfloat16 linear layers: 80x96: F.linear"
+    assert isinstance(model[0], nn.Linear)

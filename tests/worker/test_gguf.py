@@ -11,7 +11,7 @@ from pagedserve.worker.checkpoint import LoadError
 from pagedserve.worker.gguf_checkpoint import gguf_config, read_tensors
 from pagedserve.worker import quant_linear
 from pagedserve.worker.model_runner import ModelRunner
-from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, q4_blocks
+from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, q4_blocks, q8_0_weight, q8_blocks
 from tests.helpers import gguf_models
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 
@@ -19,6 +19,10 @@ from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_confi
 # agree to float rounding. Decode: the int4 op's bfloat16, so to a fraction of the largest logit.
 PREFILL_ATOL = 1e-3
 DECODE_RTOL = 2e-3  # measured: at most 5e-4
+# All-Q8_0 model through the int8 op: the per-block scales requantized per channel (at most half a
+# step of the row's scale a weight), decode rows in bfloat16 too. Every step's logits within
+# Q8_RTOL of that step's largest |logit| of the dequantized float32 model; measured: at most 0.8%.
+Q8_RTOL = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +113,65 @@ def test_gguf_refuses_tensor_parallelism_and_other_dtypes(written):
         inspect_model_dir(runner_config(path, world_size=2))
     with pytest.raises(LoadError, match="float32"):
         ModelRunner(runner_config(path, dtype="bfloat16"))
+
+
+def test_q8_blocks_reproduce_gguf_dequantize_bit_exactly():
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    weight = np.random.default_rng(3).standard_normal((6, 128)).astype(np.float32)
+    data = quantize(weight, T.Q8_0)
+    codes, d = q8_blocks(data)
+    assert codes.dtype == torch.int8 and d.shape == (6, 4)
+    assert torch.equal(q8_0_weight(codes, d), torch.from_numpy(dequantize(data, T.Q8_0).reshape(6, 128)))
+
+
+def test_q8_0_requantized_per_channel_is_within_half_a_step():
+    """The int8 op's per-channel scale: each weight of the Int8Linear within half of its row's
+    step (max |w_row| / 254) of Q8_0's exact weight."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    from pagedserve.worker.quant_linear import gguf_module
+    from pagedserve.worker.gguf_checkpoint import QuantBlocks
+
+    weight = np.random.default_rng(4).standard_normal((48, 256)).astype(np.float32) * 0.05
+    data = quantize(weight, T.Q8_0)
+    exact = q8_0_weight(*q8_blocks(data))
+    module = gguf_module("int8", [QuantBlocks(T.Q8_0, data, 256)], None)
+    assert isinstance(module, Int8Linear)
+    served = module.codes.float() * module.scale[:, None]
+    step = exact.abs().amax(-1, keepdim=True) / 127
+    assert ((served - exact).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert (served != exact).any()  # requantized for real
+
+
+@pytest.fixture(scope="module")
+def written_q8(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf-q8") / "tiny-q8_0.gguf"
+    return path, gguf_models.write(path, types=gguf_models.all_of("Q8_0"))
+
+
+def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_model(written_q8, monkeypatch):
+    # the int8 path whatever this CPU's timing says (quantized_wins keeps float32 where slower)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: True)
+    path, hf_model = written_q8
+    runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
+    int8 = [name for name, m in runner.model.named_modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 2 * 4 + 1  # qkv, o, gate_up, down of both layers, and the LM head
+    outputs, logits = generate_in_process(runner, PROMPTS, 4)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
+        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+        error = (served - expected).abs()
+        assert (error <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
+        assert error.max() > 0  # quantized for real
+
+
+def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q8, monkeypatch):
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: False)
+    path, _ = written_q8
+    runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
+    assert not any(isinstance(m, Int8Linear) for m in runner.model.modules())
+    assert any(line.startswith("GGUF Q8_0 linears: dequantized to float32") for line in runner.worker_info().kernel_choices)

@@ -59,6 +59,9 @@ def test_quantization_kept_float_where_the_cpu_runs_it_slower(tiny, monkeypatch)
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: False)
     runner = ModelRunner(runner_config(tiny[0], quantization="int4"))
     assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in runner.model.modules())
+    # ... and says so to whoever asks the worker, not only in its log
+    assert any(line.startswith("--quantization int4: not applied, float32 weights served")
+               for line in runner.worker_info().kernel_choices)
 
 
 def test_quantization_needs_float32(tiny):

@@ -1,4 +1,4 @@
-"""The float32 linears of the CPU serving path.
+"""The float32 and bfloat16 linears of the CPU serving path.
 
 A decode step multiplies a few dozen rows by every weight, which streams from memory each step:
 there, `linear_rows` (cpu/linear.c, compiled on first use) beats oneDNN and MKL by 10-50%
@@ -9,20 +9,25 @@ Both read the weight as the checkpoint stores it, so there is one copy of it.
 Where the C file cannot be built (no compiler, no AVX2) every linear goes to oneDNN, with the weight
 packed once into its blocked layout instead (`torch.ops.mkldnn._reorder_linear_weight`); where that
 private op is missing or disagrees with nn.Linear, nn.Linear stays.
+
+bfloat16 (`prepare_bf16_linears`): oneDNN on the weight packed once, which reaches the CPU's
+AMX / AVX-512 BF16 units: on SmolLM2-135M's shapes 1.06-2x F.linear in bfloat16 at 1-512 rows
+(`python benchmarks/bf16_linear.py`, docs/performance/cpu-quantized.md); each weight shape keeps
+F.linear where this CPU times that faster at one row.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.worker.cpu import native
+from pagedserve.worker.cpu import kernel_choices, native
+from pagedserve.worker.cpu.timing import fastest
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,8 @@ class CpuLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """The fallback: oneDNN at every size, the weight reordered once into oneDNN's blocked layout."""
+    """oneDNN at every size, the weight reordered once into oneDNN's blocked layout: float32's
+    fallback, and bfloat16's fast path. x [..., K] -> [..., N] in the weight's dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -87,12 +93,13 @@ class PackedLinear(nn.Module):
         return onednn_linear(x, self.packed, self.bias)
 
 
-def _matches_nn_linear(module: nn.Module, linear: nn.Linear) -> bool:
+def _matches_nn_linear(module: nn.Module, linear: nn.Linear, tolerance: float = 1e-3) -> bool:
     """Checked at 3 rows (the C loop) and at MAX_KERNEL_ROWS + 1 (oneDNN)."""
     with torch.inference_mode():
         for rows in (3, MAX_KERNEL_ROWS + 1):
             x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
-            if not torch.allclose(module(x), F.linear(x, linear.weight, linear.bias), rtol=1e-3, atol=1e-3):
+            got, want = module(x).float(), F.linear(x, linear.weight, linear.bias).float()
+            if not torch.allclose(got, want, rtol=tolerance, atol=tolerance):
                 return False
     return True
 
@@ -101,8 +108,11 @@ def prepare_linears(model: nn.Module) -> str:
     """Swap every nn.Linear of a float32 CPU model for a CpuLinear (or, without the C loop, a
     PackedLinear); returns what was done, for the log."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears and linears[0][1].weight.device.type == "cpu" and linears[0][1].weight.dtype == torch.bfloat16:
+        return prepare_bf16_linears(model, linears)
     if not linears or linears[0][1].weight.device.type != "cpu" or linears[0][1].weight.dtype != torch.float32:
         return "linears left as nn.Linear"
+    linears = [(name, m) for name, m in linears if m.weight.dtype == torch.float32]  # the C loop reads float32
     kernel = linear_rows()
     try:
         if not torch.backends.mkldnn.is_available():
@@ -112,42 +122,98 @@ def prepare_linears(model: nn.Module) -> str:
             raise RuntimeError("results differ from nn.Linear")
     except Exception as e:  # a torch without the private ops, or one that changed them
         log.warning("oneDNN linears unavailable (%s): using nn.Linear", e)
+        kernel_choices.record(model, f"float32 linears: nn.Linear (oneDNN unavailable: {e})")
         return "linears left as nn.Linear"
     swapped = []
     for name, linear in linears:
-        parent_name, _, child = name.rpartition(".")
         swapped.append(make(linear))
-        setattr(model.get_submodule(parent_name), child, swapped[-1])
+        _replace(model, name, swapped[-1])
     what = "cpu/linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
     if kernel is not None:
-        what += "; " + choose_small_rows_paths(swapped)
+        what += "; " + choose_small_rows_paths(model, swapped)
     return f"{len(linears)} linear layers: {what}"
 
 
-def choose_small_rows_paths(linears: list[CpuLinear]) -> str:
+SMALL_ROWS_NAMES = {"c": "cpu/linear.c", "torch": "F.linear"}
+BF16_NAMES = {"onednn": "oneDNN packed", "torch": "F.linear"}
+
+
+def choose_small_rows_paths(model: nn.Module, linears: list[CpuLinear]) -> str:
     """Per weight shape, the faster of cpu/linear.c and F.linear at one row on this CPU (the C
     loop was tuned on AVX2 cores; MKL can beat it on AVX-512 ones), so that no decode path is
-    slower than F.linear. Returns the choices, for the log."""
+    slower than F.linear; cached per CPU and recorded on the model (kernel_choices.py). Returns
+    the choices, for the log."""
     choices = {}
     for linear in linears:
         shape = (linear.out_features, linear.in_features)
         if shape not in choices:
-            choices[shape] = choose_small_rows_path(linear)
+            choices[shape] = _cached_choice(model, f"float32 linear {shape[0]}x{shape[1]} at 1 row",
+                                            SMALL_ROWS_NAMES, lambda: choose_small_rows_path(linear))
         linear.small_rows = choices[shape]
-    return "at few rows " + ", ".join(f"{n}x{k}: {'cpu/linear.c' if c == 'c' else 'F.linear'}"
-                                      for (n, k), c in choices.items())
+    return "at few rows " + ", ".join(f"{n}x{k}: {SMALL_ROWS_NAMES[c]}" for (n, k), c in choices.items())
+
+
+def _cached_choice(model: nn.Module, key: str, names: dict[str, str], choose) -> str:
+    """kernel_choices.cached, recorded on the model as "<key>: <name> (timed|cached)"."""
+    choice, hit = kernel_choices.cached(key, tuple(names), choose)
+    kernel_choices.record(model, f"{key}: {names[choice]} ({'cached' if hit else 'timed'})")
+    return choice
 
 
 def choose_small_rows_path(linear: CpuLinear, repeats: int = 15) -> str:
     """"c" or "torch": medians of `repeats` interleaved one-row calls of each."""
     x = torch.randn(1, linear.in_features)
-    times = {"c": [], "torch": []}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for path, fn in (("c", lambda: linear.kernel_forward(x)),
-                             ("torch", lambda: F.linear(x, linear.weight, linear.bias))):
-                start = time.perf_counter()
-                fn()
-                times[path].append(time.perf_counter() - start)
-    median = {path: sorted(values)[len(values) // 2] for path, values in times.items()}
-    return "torch" if median["torch"] < median["c"] else "c"
+    return fastest({"c": lambda: linear.kernel_forward(x),
+                    "torch": lambda: F.linear(x, linear.weight, linear.bias)}, repeats)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def bf16_onednn_available() -> bool:
+    """Whether this torch has oneDNN with bfloat16 support on this CPU (AVX-512 BF16 / AMX, or
+    AVX-512 emulation in oneDNN)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_bf16_linears(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str:
+    """bfloat16 CPU model: per weight shape, the faster at one row of oneDNN on the packed weight
+    (PackedLinear) and F.linear (choose_bf16_path); swaps the linears whose shape chose oneDNN.
+    Returns the choices, for the log."""
+    first = linears[0][1]
+    try:
+        if not bf16_onednn_available():
+            raise RuntimeError("oneDNN has no bfloat16 on this CPU")
+        # bfloat16 outputs: 8 significant bits, and another summation order than F.linear's
+        if not _matches_nn_linear(PackedLinear(first), first, tolerance=2e-2):
+            raise RuntimeError("results differ from nn.Linear")
+    except Exception as e:  # a torch without the private ops, or one that changed them
+        log.warning("oneDNN bfloat16 linears unavailable (%s): using nn.Linear", e)
+        kernel_choices.record(model, f"bfloat16 linears: nn.Linear (oneDNN unavailable: {e})")
+        return "bfloat16 linears left as nn.Linear"
+    choices = {}
+    for name, linear in linears:
+        if linear.weight.dtype != torch.bfloat16:  # one kept in float32 (a MoE router) stays as it is
+            continue
+        shape = (linear.out_features, linear.in_features)
+        packed = None
+        if shape not in choices:
+            packed = PackedLinear(linear)
+            choices[shape] = _cached_choice(model, f"bfloat16 linear {shape[0]}x{shape[1]} at 1 row", BF16_NAMES,
+                                            lambda: choose_bf16_path(linear, packed))
+        if choices[shape] == "onednn":
+            _replace(model, name, packed or PackedLinear(linear))
+    return f"{len(linears)} bfloat16 linear layers: " + ", ".join(
+        f"{n}x{k}: {BF16_NAMES[c]}" for (n, k), c in choices.items())
+
+
+def choose_bf16_path(linear: nn.Linear, packed: PackedLinear, repeats: int = 15) -> str:
+    """"onednn" or "torch": the faster at one bfloat16 row on this CPU (medians of `repeats`)."""
+    x = torch.randn(1, linear.in_features, dtype=linear.weight.dtype)
+    weight, bias = linear.weight.detach(), linear.bias
+    return fastest({"onednn": lambda: packed(x), "torch": lambda: F.linear(x, weight, bias)}, repeats)
