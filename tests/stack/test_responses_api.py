@@ -25,7 +25,7 @@ from openai import OpenAI
 from transformers import AutoTokenizer
 
 from tests.helpers import tiny_models
-from tests.helpers.stack import launch, stop, wait_healthy
+from tests.helpers.stack import run_stack
 
 MODEL = "SmolLM2-135M-Instruct"
 POINT = {"type": "object", "additionalProperties": False, "required": ["x", "y"],
@@ -119,11 +119,10 @@ def test_a_function_tool_round_trip(smol):
 
 # ----- the reasoning parser on a tiny Qwen3 --------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def qwen3_launched(tmp_path_factory):
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
     """The tiny random Qwen3 with `<think>` and `</think>` as tokens of their own (as Qwen3's
-    tokenizer has them), so a logit bias can steer the model to end its thinking; its stack is
-    launched before the module's first test, so that it starts while the SmolLM2 tests run."""
+    tokenizer has them), so a logit bias can steer the model to end its thinking."""
     path = tmp_path_factory.mktemp("qwen3")
     tiny_models.build("qwen3", path, vocab_size=tiny_models.VOCAB_SIZE + 2)
     tokenizer = AutoTokenizer.from_pretrained(path)  # a copy: the shared one stays as it is
@@ -131,19 +130,10 @@ def qwen3_launched(tmp_path_factory):
     tokenizer.save_pretrained(path)
     assert tokenizer.convert_tokens_to_ids("</think>") == END
     (path / "template.jinja").write_text(QWEN3_TEMPLATE)
-    stack = launch(path, "--served-model-name", "tiny", "--reasoning-parser", "qwen3",
+    with run_stack(path, "--served-model-name", "tiny", "--reasoning-parser", "qwen3",
                    "--chat-template", str(path / "template.jinja"), "--max-model-len", "256",
-                   log_dir=tmp_path_factory.mktemp("qwen3-stack"))
-    try:
+                   log_dir=tmp_path_factory.mktemp("qwen3-stack")) as stack:
         yield stack
-    finally:
-        stop(stack)
-
-
-@pytest.fixture(scope="module")
-def qwen3(qwen3_launched):
-    wait_healthy(qwen3_launched, timeout=300)
-    return qwen3_launched
 
 
 @pytest.fixture(scope="module")
