@@ -67,27 +67,57 @@ def launch(model_dir: Path, *flags: str, log_dir: Path, cwd: Path = ROOT, env: d
     return Stack(proc, port, grpc_port, log_path)
 
 
+def wait_healthy(stack: Stack, timeout: float) -> None:
+    """Returns once the stack's router answers /health; RuntimeError with its log's tail if the
+    process exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not http_ok(f"{stack.root_url}/health"):
+        if stack.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the stack did not start:\n{stack.log()[-5000:]}")
+        time.sleep(0.5)
+
+
+def stop(*stacks: Stack) -> None:
+    """SIGTERM to each (all at once, so their shutdowns overlap), then SIGKILL to any still running
+    60 s later: the launcher stops its children on either."""
+    running = [stack.proc for stack in stacks if stack.proc.poll() is None]
+    for stack in stacks:
+        stack.channel.close()
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
 def run_stack(model_dir: Path, *flags: str, log_dir: Path, timeout: float = 300.0, cwd: Path = ROOT,
               env: dict | None = None):
     stack = launch(model_dir, *flags, log_dir=log_dir, cwd=cwd, env=env)
-    proc = stack.proc
     try:
-        deadline = time.monotonic() + timeout
-        while not http_ok(f"{stack.root_url}/health"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the stack did not start:\n{stack.log()[-5000:]}")
-            time.sleep(0.5)
+        wait_healthy(stack, timeout)
         yield stack
     finally:
-        stack.channel.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(stack)
+
+
+@contextmanager
+def run_stacks(servers: dict, log_dir: Path, timeout: float = 300.0):
+    """Several stacks started at once (their startups, mostly single-threaded imports, overlap on
+    the machine's cores): `servers` maps a name to (model directory, flags); yields name -> Stack
+    once every one is healthy, and stops them all on exit."""
+    stacks = {}
+    try:
+        for name, (model_dir, flags) in servers.items():
+            stacks[name] = launch(model_dir, *flags, log_dir=log_dir)
+        for stack in stacks.values():
+            wait_healthy(stack, timeout)
+        yield stacks
+    finally:
+        stop(*stacks.values())
 
 
 def generate_all(stack, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

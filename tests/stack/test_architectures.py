@@ -20,7 +20,7 @@ from pagedserve.v1 import worker_pb2
 from pagedserve.scheduler import validation
 from pagedserve.scheduler.kv_cache_manager import KVCacheManager
 from tests.helpers import hf_reference, tiny_models
-from tests.helpers.stack import ROOT, generate_all, run_stack
+from tests.helpers.stack import ROOT, generate_all, run_stacks
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import supported_architectures
@@ -86,13 +86,30 @@ def test_architecture_switches_match_transformers(tmp_path, variant, overrides):
     check_against_transformers(tmp_path, tiny_models.build(variant, tmp_path, seed=1, **overrides))
 
 
-@pytest.mark.parametrize("architecture", ["mistral", "qwen3", "gpt2", "qwen3_moe"])
-def test_greedy_tokens_through_the_stack_match_transformers(tiny, architecture, tmp_path):
+STACK_ARCHITECTURES = ["mistral", "qwen3", "gpt2", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def stacks(tiny, tmp_path_factory):
+    """architecture -> a `pagedserve serve` of its tiny model; all four start at once (a stack's
+    startup is mostly single-threaded imports: one after another they cost the suite ~60 s)."""
+    servers = {a: (tiny[a][0], ("--max-model-len", "128")) for a in STACK_ARCHITECTURES}
+    with run_stacks(servers, log_dir=tmp_path_factory.mktemp("stacks")) as stacks:
+        yield stacks
+
+
+@pytest.fixture
+def stack(stacks, architecture):
+    return stacks[architecture]  # a Stack argument: a failing test's report shows its log
+
+
+@pytest.mark.parametrize("architecture", STACK_ARCHITECTURES)
+def test_greedy_tokens_through_the_stack_match_transformers(tiny, stack, architecture):
     model_dir = tiny[architecture][0]
-    with run_stack(model_dir, "--max-model-len", "128", log_dir=tmp_path) as stack:
-        outputs = generate_all(stack, PROMPTS, 8)
+    outputs = generate_all(stack, PROMPTS, 8)
     for prompt, output in zip(PROMPTS, outputs):
         assert output == hf_reference.greedy(model_dir, prompt, 8, ignore_eos=True)
+    assert stack.wait_idle().kv_blocks_used == 0
 
 
 # ----- checkpoint formats ----------------------------------------------------------------------

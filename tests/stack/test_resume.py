@@ -2,7 +2,9 @@
 holds every request in flight, and once the launcher has restarted the worker recomputes each
 one's prompt and generated tokens (as after a preemption). Every stream, greedy or seeded, over
 gRPC or HTTP, ends exactly as in an undisturbed run: a pause, never an error, a repeated token or
-a gap. Workers not back within --resume-timeout fail the requests as before; nothing leaks.
+a gap. Workers not back within --resume-timeout fail the requests as before; nothing leaks (shown
+on a tiny random Llama served beside it with a 2 s --resume-timeout, so the test does not wait
+out SmolLM's 30 s).
 
 The stack runs with --metrics-prefix vllm, as the Kubernetes manifests' engines do (deploy/): its
 /metrics carries vLLM's own names, and their values move."""
@@ -20,23 +22,43 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedserve.v1 import scheduler_pb2 as pb
+from tests.helpers import tiny_models
 from tests.helpers.live_stack import children, delta, poll, prompt_ids, scrape, wait_for_child
-from tests.helpers.stack import run_stack
+from tests.helpers.stack import run_stacks
 
 MODEL = "SmolLM2-135M-Instruct"
 RESUME_TIMEOUT = 30  # a restarted SmolLM worker is back in ~5 s; a loaded machine takes longer
+SHORT_RESUME_TIMEOUT = 2  # the tiny stack's: its worker is never meant to be back in time
 MAX_TOKENS = 40
 TIMEOUT = 600  # a hang guard, not a bound on speed
 GRPC_GREEDY, GRPC_SEEDED, HTTP_GREEDY = 12, 2, 2
+METRICS_TOKENS = 120  # long enough to be seen running (and holding KV blocks) by a few scrapes
 
 
 @pytest.fixture(scope="module")
-def stack(model_dir, tmp_path_factory):
-    flags = ("--served-model-name", MODEL, "--kv-cache-memory-bytes", str(256 << 20),
-             "--max-model-len", "1024", "--max-num-seqs", "16",
-             "--resume-timeout", str(RESUME_TIMEOUT), "--metrics-prefix", "vllm")
-    with run_stack(model_dir, *flags, log_dir=tmp_path_factory.mktemp("resume")) as stack:
-        yield stack
+def stacks(model_dir, tmp_path_factory):
+    """SmolLM2 ("smol") and a tiny random Llama with a short --resume-timeout ("tiny"), started
+    at once so that their startups overlap."""
+    tiny_dir = tmp_path_factory.mktemp("tiny-llama")
+    tiny_models.build("llama", tiny_dir, max_position_embeddings=2048)
+    servers = {
+        "smol": (model_dir, ("--served-model-name", MODEL, "--kv-cache-memory-bytes", str(256 << 20),
+                             "--max-model-len", "1024", "--max-num-seqs", "16",
+                             "--resume-timeout", str(RESUME_TIMEOUT), "--metrics-prefix", "vllm")),
+        "tiny": (tiny_dir, ("--resume-timeout", str(SHORT_RESUME_TIMEOUT), "--num-gpu-blocks-override", "200")),
+    }
+    with run_stacks(servers, log_dir=tmp_path_factory.mktemp("resume")) as stacks:
+        yield stacks
+
+
+@pytest.fixture(scope="module")
+def stack(stacks):
+    return stacks["smol"]
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(stacks):
+    return stacks["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +132,7 @@ def test_with_vllms_metric_prefix_the_vllm_names_are_served_and_move(stack, prom
     assert before[("vllm:num_requests_waiting", ())] == 0
     assert not [name for name, _ in before if name.startswith("pagedserve:")
                 and name != "pagedserve:num_requests_resumed_total"]
-    body = {"model": MODEL, "prompt": prompts[0], "max_tokens": 300, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": prompts[0], "max_tokens": METRICS_TOKENS, "ignore_eos": True,
             "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, stack.base_url + "/completions", json=body,
@@ -122,7 +144,7 @@ def test_with_vllms_metric_prefix_the_vllm_names_are_served_and_move(stack, prom
     after = scrape(stack.root_url)
     assert after[("vllm:num_requests_running", ())] == 0
     assert delta(after, before, "vllm:prompt_tokens_total") == usage["prompt_tokens"]
-    assert delta(after, before, "vllm:generation_tokens_total") == usage["completion_tokens"] == 300
+    assert delta(after, before, "vllm:generation_tokens_total") == usage["completion_tokens"] == METRICS_TOKENS
     assert delta(after, before, "vllm:request_success_total", finished_reason="length") == 1
     for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count"):
         assert delta(after, before, name) == 1
@@ -148,15 +170,16 @@ def test_16_streams_through_a_killed_worker_end_exactly_as_undisturbed(stack, pr
     assert_clean(stack)
 
 
-def test_requests_whose_worker_is_not_back_within_the_resume_timeout_fail_cleanly(stack,
-                                                                                  prompts):
+def test_requests_whose_worker_is_not_back_within_the_resume_timeout_fail_cleanly(tiny_stack):
     """The launcher is stopped (SIGSTOP), so the killed worker stays dead past --resume-timeout:
     the requests held fail with UNAVAILABLE saying so; once the launcher goes on, it restarts
     the worker and the service is whole again."""
+    stack = tiny_stack
     launcher = stack.proc.pid
     before = children(launcher)
-    request = pb.GenerateRequest(prompt_token_ids=prompts[0], params=pb.SamplingParams(
-        max_tokens=400, ignore_eos=True, temperature=0))
+    prompt = [(13 * i + 5) % tiny_models.VOCAB_SIZE for i in range(20)]
+    request = pb.GenerateRequest(prompt_token_ids=prompt, params=pb.SamplingParams(
+        max_tokens=2000, ignore_eos=True, temperature=0))
     started, outcome = threading.Event(), {}
 
     def generate():
@@ -172,7 +195,7 @@ def test_requests_whose_worker_is_not_back_within_the_resume_timeout_fail_cleanl
     try:
         assert started.wait(TIMEOUT)
         os.kill(before["worker"], signal.SIGKILL)
-        thread.join(RESUME_TIMEOUT + 120)
+        thread.join(SHORT_RESUME_TIMEOUT + 120)
         assert not thread.is_alive()
     finally:
         os.kill(launcher, signal.SIGCONT)
@@ -182,4 +205,4 @@ def test_requests_whose_worker_is_not_back_within_the_resume_timeout_fail_cleanl
     wait_for_child(launcher, "worker", not_pid=before["worker"])
     poll(lambda: stack.stats().workers_healthy, 240, interval=0.5)
     assert_clean(stack)
-    assert len(stack.generate(prompts[1], 4)) == 4
+    assert len(stack.generate(prompt, 4)) == 4
