@@ -1,0 +1,26 @@
+"""worker/__main__.py: libgomp's threads spin a bounded while between parallel regions unless the
+environment chose, and the choice is made before torch (and with it libgomp, which reads it once)
+is loaded."""
+import os
+import subprocess
+import sys
+
+from pagedserve.worker.__main__ import SPIN_COUNT, set_openmp_wait
+
+
+def test_a_bounded_spin_unless_the_environment_chose():
+    environ = {}
+    set_openmp_wait(environ)
+    assert environ == {"GOMP_SPINCOUNT": SPIN_COUNT}
+    for chosen in ({"OMP_WAIT_POLICY": "passive"}, {"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "0"}):
+        environ = dict(chosen)
+        set_openmp_wait(environ)
+        assert environ == chosen
+
+
+def test_set_before_torch_is_loaded():
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import sys, os; import pagedserve.worker.__main__; "
+            "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", SPIN_COUNT]
