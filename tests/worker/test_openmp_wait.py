@@ -24,3 +24,15 @@ def test_set_before_torch_is_loaded():
             "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", SPIN_COUNT]
+
+
+def test_the_start_up_log_names_the_wait(monkeypatch):
+    from pagedserve.worker.model_runner import openmp_wait
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert openmp_wait() == "spin 1000 times, then sleep"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert openmp_wait() == "OMP_WAIT_POLICY=passive"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert openmp_wait() == "libgomp's default"
