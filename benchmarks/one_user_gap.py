@@ -89,9 +89,10 @@ def main() -> None:
         try:
             served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
             rng = random.Random(0)
+            vocab = json.loads((Path(a.model) / "config.json").read_text()).get("vocab_size", 40000)
             itl = []
             for _ in range(a.requests):
-                prompt = [rng.randrange(100, 40000) for _ in range(a.prompt_len)]
+                prompt = [rng.randrange(min(100, vocab // 2), min(40000, vocab)) for _ in range(a.prompt_len)]
                 times = stream_one(port, served, prompt, a.max_tokens)
                 itl += [(b - t) * 1e3 for t, b in zip(times, times[1:])]
         finally:
