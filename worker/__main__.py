@@ -11,21 +11,20 @@ import signal
 import sys
 import threading
 
-# OpenMP threads that finish a parallel region spin this many times (libgomp's GOMP_SPINCOUNT; a
-# pause instruction each: some 10-60 us in all) before they sleep. libgomp's default (300,000,
-# milliseconds) takes the cores the router, scheduler and clients share with the worker, and a
-# preempted spinner stalls the next region; sleeping at once (OMP_WAIT_POLICY=passive)
-# pays a futex wake-up in each of a step's hundreds of regions, ~5 ms a token to one user. A short
-# spin covers the gaps between one step's ops and still sleeps between steps
-# (docs/performance/one-user.md).
-SPIN_COUNT = "1000"
+# Before torch loads libgomp, which reads it once: OpenMP threads that finish a parallel region
+# sleep at once instead of spinning for the next one. On a host whose cores the worker shares with
+# the router, the scheduler and clients, spinning threads take those cores from them, and a
+# preempted spinner stalls the next region (docs/PERFORMANCE.md, "OpenMP threads"). A bounded spin
+# (GOMP_SPINCOUNT=1000) cut profile_step's batch-1 step but not the served time per token on shared
+# cores (docs/performance/one-user.md). Set OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) to spin on
+# cores the worker has to itself.
+DEFAULT_WAIT_POLICY = "passive"
 
 
 def set_openmp_wait(environ) -> None:
-    """Before torch loads libgomp, which reads these once: a bounded spin unless the environment
-    chose (OMP_WAIT_POLICY=active to spin on cores the worker has to itself, passive to sleep)."""
-    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
-        environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    """Before torch loads libgomp: passive unless the environment chose a policy or a spin count."""
+    if "GOMP_SPINCOUNT" not in environ:
+        environ.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
 
 
 set_openmp_wait(os.environ)
