@@ -37,7 +37,7 @@ def openmp_wait() -> str:
     policy, spins = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
     if spins is not None:
         return f"spin {spins} times, then sleep" + (f" (OMP_WAIT_POLICY={policy})" if policy else "")
-    return f"OMP_WAIT_POLICY={policy}" if policy else "libgomp's default"
+    return policy or "libgomp's default"
 
 
 class ModelRunner:
@@ -74,7 +74,7 @@ class ModelRunner:
         self.pooling = resolve_runner(tokenizer_dir(config), config.runner, config.pooler_config,
                                       self.loaded.hf_config)
         self.poolers = Poolers()  # the live sequences of embedding requests
-        log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait: %s)",
+        log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait policy %s)",
                  self.loaded.architecture, config.model, self.loaded.dtype, self.device, self.backend.name,
                  torch.get_num_threads(), openmp_wait())
 
