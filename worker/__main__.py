@@ -14,10 +14,20 @@ import threading
 # Before torch loads libgomp, which reads it once: OpenMP threads that finish a parallel region
 # sleep at once instead of spinning for the next one. On a host whose cores the worker shares with
 # the router, the scheduler and clients, spinning threads take those cores from them, and a
-# preempted spinner stalls the next region (docs/PERFORMANCE.md, "OpenMP threads"). Set
-# OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) to spin on cores the worker has to itself.
-if "GOMP_SPINCOUNT" not in os.environ:
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# preempted spinner stalls the next region (docs/PERFORMANCE.md, "OpenMP threads"). A bounded spin
+# (GOMP_SPINCOUNT=1000) cut profile_step's batch-1 step but not the served time per token on shared
+# cores (docs/performance/one-user.md). Set OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) to spin on
+# cores the worker has to itself.
+DEFAULT_WAIT_POLICY = "passive"
+
+
+def set_openmp_wait(environ) -> None:
+    """Before torch loads libgomp: passive unless the environment chose a policy or a spin count."""
+    if "GOMP_SPINCOUNT" not in environ:
+        environ.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
+
+
+set_openmp_wait(os.environ)
 
 from pagedserve.flags import add_arguments, from_namespace
 from pagedserve.parent_watch import exit_within_after_signal, stop_with_parent

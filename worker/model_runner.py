@@ -33,6 +33,14 @@ from pagedserve.worker.structured_output import Grammars, advance
 log = logging.getLogger(__name__)
 
 
+def openmp_wait() -> str:
+    """How libgomp's threads wait between parallel regions, as the environment set it."""
+    policy, spins = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if spins is not None:
+        return f"spin {spins} times, then sleep" + (f" (OMP_WAIT_POLICY={policy})" if policy else "")
+    return policy or "libgomp's default"
+
+
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -76,7 +84,7 @@ class ModelRunner:
         self.poolers = Poolers()  # the live sequences of embedding requests
         log.info("%s loaded from %s: %s on %s, %s attention, %d threads (OpenMP wait policy %s)",
                  self.loaded.architecture, config.model, self.loaded.dtype, self.device, self.backend.name,
-                 torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "libgomp's default"))
+                 torch.get_num_threads(), openmp_wait())
 
     def start_cuda_graphs(self) -> CudaGraphRunner | None:
         """Capture decode graphs unless graphs_off_reason says no; their padding rows take the

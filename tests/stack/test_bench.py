@@ -357,3 +357,15 @@ def test_moe_profile_rows(tmp_path):
         assert all(row[f"{way}_ms"] > 0 for way in ("router", "grouped", "transformers", "per_pair"))
     assert [r["batch"] for r in result["step"]] == [1, 16]
     assert all(0 < r["moe_ms"] < r["step_ms"] and 0 < r["moe_share"] < 1 for r in result["step"])
+
+
+def test_one_user_gap_splits_a_served_token(tmp_path):
+    from tests.helpers.tiny_models import build
+    build("llama", tmp_path / "tiny")
+    path = tmp_path / "gap.json"
+    benchmark_script("one_user_gap.py", "--model", str(tmp_path / "tiny"), "--requests", "1", "--prompt-len", "8",
+                     "--max-tokens", "5", "--env", "OMP_NUM_THREADS=1", "--json", str(path), timeout=300)
+    report = json.loads(path.read_text())
+    # Each decode step's round trip holds the worker's step, so their medians keep that order.
+    assert report["scheduler_round_trip_ms"] >= report["worker_step_ms"] > 0
+    assert report["client_itl_ms"] > 0 and report["env"] == {"OMP_NUM_THREADS": "1"}
