@@ -142,3 +142,18 @@ BENCH_HOST_MODES ?= streamed
 bench-host: install model
 	$(BIN)/pagedserve bench host --model $(MODEL_DIR) --modes $(BENCH_HOST_MODES) \
 		--result-filename bench-results/host.json --chart bench-results/host.png --log-dir bench-results/host-logs
+
+# One user at a time (issue 33): a 256-token prompt, 128 tokens out, streamed, ONE_USER_REPEATS
+# times; median TPOT and TTFT of pagedserve and llama.cpp's llama-server, and pagedserve's ratio to
+# llama.cpp's. Three pairs, each on the same weights: pagedserve fp32 (safetensors) against llama.cpp
+# on the f32 GGUF file, then both serving the Q8_0 file, then both serving the Q4_1 file.
+ONE_USER_REPEATS ?= 5
+ONE_USER_ARGS = --model $(MODEL_DIR) --num-prompts $(ONE_USER_REPEATS)
+
+bench-one-user: install model $(LLAMACPP_SERVER) gguf
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --llamacpp-gguf $(GGUF_F32) --log-dir bench-results/one-user-f32-logs \
+		--result-filename bench-results/one-user-f32.json --chart bench-results/one-user-f32.png
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --gguf $(GGUF_Q8_0) --log-dir bench-results/one-user-q8_0-logs \
+		--result-filename bench-results/one-user-q8_0.json --chart bench-results/one-user-q8_0.png
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --gguf $(GGUF_Q4_1) --log-dir bench-results/one-user-q4_1-logs \
+		--result-filename bench-results/one-user-q4_1.json --chart bench-results/one-user-q4_1.png
