@@ -83,7 +83,8 @@ def server_command(args, system: str, port: int) -> tuple[list[str], dict[str, s
     shared = dummy_flags(args) + batch_flags(args)
     if system == "pagedserve":
         # A GGUF file is served as vLLM does: --model FILE --tokenizer DIR.
-        model, tokenizer = (args.gguf, ["--tokenizer", args.model]) if args.gguf else (args.model, [])
+        gguf = getattr(args, "gguf", None)  # a Namespace built by hand may lack the peers' flags
+        model, tokenizer = (gguf, ["--tokenizer", args.model]) if gguf else (args.model, [])
         return pagedserve_command(model, name, port, tokenizer + shared + args.server_arg), {}
     if system == "llamacpp":
         return llamacpp_command(args.llamacpp_server, llamacpp_gguf(args), name, port, parallel_slots(args)), {}
@@ -119,7 +120,7 @@ def hf_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
 def settings(args, system: str) -> str:
     flags = " ".join(dummy_flags(args) + batch_flags(args) + args.server_arg)
     dummy = " ".join(dummy_flags(args) + batch_flags(args))
-    gguf = f"--model {Path(args.gguf).name} " if args.gguf else ""
+    gguf = f"--model {Path(args.gguf).name} " if getattr(args, "gguf", None) else ""
     return {
         "pagedserve": f"pagedserve serve {gguf}{flags}".rstrip() if gguf or flags else "pagedserve serve (defaults)",
         "llamacpp": f"llama.cpp llama-server on {Path(llamacpp_gguf(args)).name}, -np {parallel_slots(args)}, "
