@@ -66,7 +66,7 @@ $(VLLM_VENV)/.installed:
 
 # llama.cpp's `llama-server` and `llama-quantize`, built from the source PyPI's llama-cpp-python sdist
 # carries (vendor/llama.cpp; no binary is downloaded), for this CPU (GGML_NATIVE), offline: no curl,
-# no OpenSSL, no web UI fetched. About 15 minutes on 2 cores; the CPU flags the build chose are in
+# no OpenSSL, no web UI fetched. About 50 minutes on 2 busy shared cores; the CPU's flags head
 # $(LLAMACPP_BUILD)/build.log.
 LLAMACPP_PY_VERSION := 0.3.36
 LLAMACPP_SRC := $(PEERS)/src/llama_cpp_python-$(LLAMACPP_PY_VERSION)/vendor/llama.cpp
