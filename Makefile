@@ -147,8 +147,11 @@ bench-host: install model
 # times; median TPOT and TTFT of pagedserve and llama.cpp's llama-server, and pagedserve's ratio to
 # llama.cpp's. Three pairs, each on the same weights: pagedserve fp32 (safetensors) against llama.cpp
 # on the f32 GGUF file, then both serving the Q8_0 file, then both serving the Q4_1 file.
+# ONE_USER_LLAMACPP_ARGS="--llamacpp-arg=--no-repack": where llama-server crashes repacking Q8_0/Q4
+# weights for this CPU (it did on an AMX Xeon, 0.3.36's llama.cpp).
 ONE_USER_REPEATS ?= 5
-ONE_USER_ARGS = --model $(MODEL_DIR) --num-prompts $(ONE_USER_REPEATS)
+ONE_USER_LLAMACPP_ARGS ?=
+ONE_USER_ARGS = --model $(MODEL_DIR) --num-prompts $(ONE_USER_REPEATS) $(ONE_USER_LLAMACPP_ARGS)
 
 bench-one-user: install model $(LLAMACPP_SERVER) gguf
 	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --llamacpp-gguf $(GGUF_F32) --log-dir bench-results/one-user-f32-logs \

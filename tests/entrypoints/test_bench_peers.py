@@ -51,7 +51,7 @@ def test_one_user_defaults_are_one_request_at_a_time(model_dir):
 def test_llamacpp_command_serves_the_gguf_with_a_slot_per_concurrent_request(model_dir, peers):
     server, files = peers
     args = parse("compare", "--model", str(model_dir), "--systems", "llamacpp", "--llamacpp-server", str(server),
-                 "--llamacpp-gguf", str(files["q8_0"]), "--max-concurrency", "3")
+                 "--llamacpp-gguf", str(files["q8_0"]), "--max-concurrency", "3", "--llamacpp-arg=--no-repack")
     args.source_model = args.model
     cmd, env = compare.server_command(args, "llamacpp", 8123)
     assert env == {}
@@ -60,6 +60,7 @@ def test_llamacpp_command_serves_the_gguf_with_a_slot_per_concurrent_request(mod
     assert flags["--model"] == str(files["q8_0"]) and flags["--alias"] == "TinyModel"
     assert flags["--port"] == "8123" and flags["-np"] == "3" and flags["-c"] == str(3 * 2048)
     assert flags["-t"] == flags["-tb"] == str(len(os.sched_getaffinity(0)))
+    assert cmd[-1] == "--no-repack" and "--no-repack" in compare.settings(args, "llamacpp")
     # Without --max-concurrency every request is in flight at once: a slot each.
     args.max_concurrency = None
     assert dict(zip(*[iter(compare.server_command(args, "llamacpp", 1)[0][1:])] * 2))["-np"] == "64"

@@ -88,6 +88,8 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
     p.add_argument("--gguf", default=None, metavar="FILE",
                    help="a GGUF file pagedserve serves (--model FILE --tokenizer, the --model directory) and "
                         "llama.cpp too, so that both run the same weights")
+    p.add_argument("--llamacpp-arg", action="append", default=[], metavar="FLAG",
+                   help="an extra flag for llama-server (repeat for more), e.g. --llamacpp-arg=--no-repack")
     p.add_argument("--llamacpp-gguf", default=None, metavar="FILE",
                    help="llama.cpp's GGUF file when it differs from --gguf; default: --gguf, else the f32 file "
                         "`make gguf` writes (.peers/gguf/<model>-f32.gguf)")

@@ -87,7 +87,8 @@ def server_command(args, system: str, port: int) -> tuple[list[str], dict[str, s
         model, tokenizer = (gguf, ["--tokenizer", args.model]) if gguf else (args.model, [])
         return pagedserve_command(model, name, port, tokenizer + shared + args.server_arg), {}
     if system == "llamacpp":
-        return llamacpp_command(args.llamacpp_server, llamacpp_gguf(args), name, port, parallel_slots(args)), {}
+        return llamacpp_command(args.llamacpp_server, llamacpp_gguf(args), name, port, parallel_slots(args),
+                                args.llamacpp_arg), {}
     return vllm_command(args.vllm_python, args.model, name, port, shared), vllm_env(system == "vllm")
 
 
@@ -124,7 +125,7 @@ def settings(args, system: str) -> str:
     return {
         "pagedserve": f"pagedserve serve {gguf}{flags}".rstrip() if gguf or flags else "pagedserve serve (defaults)",
         "llamacpp": f"llama.cpp llama-server on {Path(llamacpp_gguf(args)).name}, -np {parallel_slots(args)}, "
-                    f"{cores()} threads",
+                    f"{cores()} threads {' '.join(getattr(args, 'llamacpp_arg', []))}".rstrip(),
         "vllm": f"vLLM CPU, OMP threads bound to all {cores()} cores {dummy}".rstrip(),
         "vllm-default": f"vLLM CPU, its default settings {dummy}".rstrip(),
         "transformers": f"transformers generate, static batches of {args.hf_batch_size}, left padding",
