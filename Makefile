@@ -10,7 +10,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 
-.PHONY: install model protos serve test test-unit test-loaded peers bench-compare bench-host
+.PHONY: install model protos serve test test-unit test-loaded peers bench-compare bench-host gguf bench-one-user
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,64 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# llama.cpp's `llama-server` and `llama-quantize`, built from the source PyPI's llama-cpp-python sdist
+# carries (vendor/llama.cpp; no binary is downloaded), for this CPU (GGML_NATIVE), offline: no curl,
+# no OpenSSL, no web UI fetched. About 50 minutes on 2 busy shared cores; the CPU's flags head
+# $(LLAMACPP_BUILD)/build.log.
+LLAMACPP_PY_VERSION := 0.3.36
+LLAMACPP_SRC := $(PEERS)/src/llama_cpp_python-$(LLAMACPP_PY_VERSION)/vendor/llama.cpp
+LLAMACPP_BUILD := $(PEERS)/llama.cpp
+LLAMACPP_SERVER := $(LLAMACPP_BUILD)/bin/llama-server
+LLAMACPP_QUANTIZE := $(LLAMACPP_BUILD)/bin/llama-quantize
+BUILD_JOBS ?= 2
+
+peers: $(LLAMACPP_SERVER)
+
+$(LLAMACPP_SRC)/CMakeLists.txt: | install
+	mkdir -p $(PEERS)/src
+	$(BIN)/python -m pip download -q --no-binary llama-cpp-python --no-deps llama-cpp-python==$(LLAMACPP_PY_VERSION) -d $(PEERS)/src
+	tar -xzf $(PEERS)/src/llama_cpp_python-$(LLAMACPP_PY_VERSION).tar.gz -C $(PEERS)/src
+	touch $@
+
+$(LLAMACPP_SERVER): $(LLAMACPP_SRC)/CMakeLists.txt
+	mkdir -p $(LLAMACPP_BUILD)
+	grep -o -w -E 'avx[0-9a-z_]*|fma|f16c|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ' \
+		| sed 's/^/CPU flags: /' > $(LLAMACPP_BUILD)/build.log; echo >> $(LLAMACPP_BUILD)/build.log
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_BUILD) -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF \
+		>> $(LLAMACPP_BUILD)/build.log 2>&1
+	nice cmake --build $(LLAMACPP_BUILD) -j $(BUILD_JOBS) --target llama-server llama-quantize \
+		>> $(LLAMACPP_BUILD)/build.log 2>&1
+	touch $@
+
+# The default model as GGUF files, made by the sdist's own convert_hf_to_gguf.py (with the gguf
+# package pyproject.toml pins): f32 and q8_0 by its --outtype, q4_1 and q4_0 by llama-quantize from
+# the f32 file. `pagedserve serve --model X.gguf --tokenizer $(MODEL_DIR)` and llama-server both serve them.
+GGUF_DIR := $(PEERS)/gguf
+GGUF_F32 := $(GGUF_DIR)/$(MODEL_NAME)-f32.gguf
+GGUF_Q8_0 := $(GGUF_DIR)/$(MODEL_NAME)-q8_0.gguf
+GGUF_Q4_1 := $(GGUF_DIR)/$(MODEL_NAME)-q4_1.gguf
+GGUF_Q4_0 := $(GGUF_DIR)/$(MODEL_NAME)-q4_0.gguf
+
+gguf: $(GGUF_F32) $(GGUF_Q8_0) $(GGUF_Q4_1) $(GGUF_Q4_0)
+
+# The converter imports the sdist's own gguf-py (newer than the PyPI gguf of the same version number
+# that pyproject.toml pins: it has LazyChunkedTensor) and sentencepiece, which goes into a folder of
+# its own under .peers rather than the project's venv.
+CONVERT_DEPS := $(PEERS)/convert-deps
+
+$(CONVERT_DEPS)/.installed: | install
+	$(BIN)/python -m pip install -q --target $(CONVERT_DEPS) --no-deps sentencepiece==0.2.3
+	touch $@
+
+$(GGUF_DIR)/$(MODEL_NAME)-f32.gguf $(GGUF_DIR)/$(MODEL_NAME)-q8_0.gguf: $(GGUF_DIR)/$(MODEL_NAME)-%.gguf: $(LLAMACPP_SRC)/CMakeLists.txt $(CONVERT_DEPS)/.installed | model
+	mkdir -p $(GGUF_DIR)
+	PYTHONPATH=$(CONVERT_DEPS) $(BIN)/python $(LLAMACPP_SRC)/convert_hf_to_gguf.py $(MODEL_DIR) --outtype $* --outfile $@
+
+$(GGUF_DIR)/$(MODEL_NAME)-q4_1.gguf $(GGUF_DIR)/$(MODEL_NAME)-q4_0.gguf: $(GGUF_DIR)/$(MODEL_NAME)-%.gguf: $(GGUF_F32) $(LLAMACPP_SERVER)
+	$(LLAMACPP_QUANTIZE) $(GGUF_F32) $@ $(shell echo $* | tr a-z A-Z)
+
 # The comparison in docs/PERFORMANCE.md: pagedserve, vLLM (both cores), transformers in static
 # batches of 16 and one request at a time, on one workload (64 requests, prompts of 32-512 tokens,
 # outputs of 16-256, seed 0), side by side; the servers with streamed and with plain requests.
@@ -84,3 +142,21 @@ BENCH_HOST_MODES ?= streamed
 bench-host: install model
 	$(BIN)/pagedserve bench host --model $(MODEL_DIR) --modes $(BENCH_HOST_MODES) \
 		--result-filename bench-results/host.json --chart bench-results/host.png --log-dir bench-results/host-logs
+
+# One user at a time (issue 33): a 256-token prompt, 128 tokens out, streamed, ONE_USER_REPEATS
+# times; median TPOT and TTFT of pagedserve and llama.cpp's llama-server, and pagedserve's ratio to
+# llama.cpp's. Three pairs, each on the same weights: pagedserve fp32 (safetensors) against llama.cpp
+# on the f32 GGUF file, then both serving the Q8_0 file, then both serving the Q4_1 file.
+# ONE_USER_LLAMACPP_ARGS="--llamacpp-arg=--no-repack": where llama-server crashes repacking Q8_0/Q4
+# weights for this CPU (it did on an AMX Xeon, 0.3.36's llama.cpp).
+ONE_USER_REPEATS ?= 5
+ONE_USER_LLAMACPP_ARGS ?=
+ONE_USER_ARGS = --model $(MODEL_DIR) --num-prompts $(ONE_USER_REPEATS) $(ONE_USER_LLAMACPP_ARGS)
+
+bench-one-user: install model $(LLAMACPP_SERVER) gguf
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --llamacpp-gguf $(GGUF_F32) --log-dir bench-results/one-user-f32-logs \
+		--result-filename bench-results/one-user-f32.json --chart bench-results/one-user-f32.png
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --gguf $(GGUF_Q8_0) --log-dir bench-results/one-user-q8_0-logs \
+		--result-filename bench-results/one-user-q8_0.json --chart bench-results/one-user-q8_0.png
+	$(BIN)/pagedserve bench one-user $(ONE_USER_ARGS) --gguf $(GGUF_Q4_1) --log-dir bench-results/one-user-q4_1-logs \
+		--result-filename bench-results/one-user-q4_1.json --chart bench-results/one-user-q4_1.png

@@ -62,7 +62,7 @@ def cli_parsers() -> dict[str, argparse.ArgumentParser]:
     bench = subcommand(top, "bench")
     parsers = {name: subcommand(top, name) for name in ("serve", "run-batch")}
     parsers.update({f"bench {name}": subcommand(bench, name)
-                    for name in ("serve", "compare", "compare-hf", "host", "kernels")})
+                    for name in ("serve", "compare", "compare-hf", "host", "one-user", "kernels")})
     return parsers
 
 

@@ -1,4 +1,4 @@
-"""The flags of `pagedserve bench serve|compare|compare-hf|host|kernels` (vLLM's names for the
+"""The flags of `pagedserve bench serve|compare|compare-hf|host|one-user|kernels` (vLLM's names for the
 workload), each subcommand's code imported only when it runs."""
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ HOST_DEFAULTS = {"model": "models/SmolLM2-135M-Instruct", "systems": None, "hf_o
                  "modes": "streamed", "served_model_name": "noop", "num_prompts": 256, "random_input_len": 64,
                  "random_output_len": 256, "random_range_ratio": 0.0, "max_num_seqs": 256}
 
+# `bench one-user` (issue 33): one request at a time, a 256-token prompt and 128 tokens out,
+# streamed, 5 times; pagedserve against llama.cpp's llama-server.
+ONE_USER_DEFAULTS = {"systems": "pagedserve,llamacpp", "modes": "streamed", "num_prompts": 5, "random_input_len": 256,
+                     "random_output_len": 128, "random_range_ratio": 0.0, "max_concurrency": 1}
+
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-name", choices=["random", "jsonl"], default="random")
@@ -32,7 +37,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="lengths uniform in [len*(1-r), len*(1+r)]; 0: every prompt and output exactly "
                         "its length")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-concurrency", type=int, default=None, help="default: every request in flight")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="most requests in flight at once; unset: every request")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf: all at once")
     p.add_argument("--metric-percentiles", default="99", help="comma-separated, e.g. 50,90,99")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -64,7 +70,8 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--systems", default=DEFAULT_SYSTEMS,
                    help="comma-separated, in run order: pagedserve, vllm (both cores), vllm-default, "
-                        "transformers (static batches of --hf-batch-size), transformers-sequential")
+                        "transformers (static batches of --hf-batch-size), transformers-sequential, "
+                        "llamacpp (llama.cpp's llama-server on a GGUF file, -np = the concurrency)")
     p.add_argument("--modes", default="streamed,plain",
                    help="comma-separated: streamed, plain (stream: false); a server runs the workload once "
                         "per mode, each time freshly started")
@@ -76,6 +83,16 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
                    help="dummy: random weights, for every server (not transformers)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--vllm-python", default=".peers/vllm/bin/python", help="the venv `make peers` creates")
+    p.add_argument("--llamacpp-server", default=".peers/llama.cpp/bin/llama-server",
+                   help="the llama-server `make peers` builds")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="a GGUF file pagedserve serves (--model FILE --tokenizer, the --model directory) and "
+                        "llama.cpp too, so that both run the same weights")
+    p.add_argument("--llamacpp-arg", action="append", default=[], metavar="FLAG",
+                   help="an extra flag for llama-server (repeat for more), e.g. --llamacpp-arg=--no-repack")
+    p.add_argument("--llamacpp-gguf", default=None, metavar="FILE",
+                   help="llama.cpp's GGUF file when it differs from --gguf; default: --gguf, else the f32 file "
+                        "`make gguf` writes (.peers/gguf/<model>-f32.gguf)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="vLLM's flag, given to every server (pagedserve, vllm): most sequences in a step. Unset, "
                         "each keeps its own default, which differ: vLLM's CPU build serves 128, pagedserve 256")
@@ -123,6 +140,9 @@ def add_bench_parser(sub) -> None:
     add_compare(kinds, "host", "the serving stack's own cost: pagedserve (and vLLM, where `make peers` installed "
                 "it) serving a one-layer model of --model's tokenizer with dummy weights (--hf-overrides), "
                 "256 requests of 64 tokens in, 256 out; CPU seconds per process", **HOST_DEFAULTS)
+    add_compare(kinds, "one-user", "one user: one request at a time (256-token prompt, 128 out, streamed, "
+                "--num-prompts times), pagedserve and llama.cpp; median TPOT and TTFT and their ratios to "
+                "pagedserve's", **ONE_USER_DEFAULTS)
     add_kernels(kinds)
 
 

@@ -3,11 +3,13 @@ the same model directory, one system at a time, then a table of output tokens/s,
 pagedserve's ratio to each, each process's CPU seconds per 1,000 output tokens, a JSON file and a
 PNG chart.
 
-Servers (pagedserve, vLLM) get the workload from the `bench serve` client, once per mode (streamed,
+Servers (pagedserve, vLLM, llama.cpp's `llama-server` on a GGUF file) get the workload from the `bench serve` client, once per mode (streamed,
 plain), each mode on a freshly started server so that no run finds the other's prompts in its
 prefix cache; transformers runs it through its own `generate` in this process. `--hf-overrides`
 serves a model of another shape built from --model's config and tokenizer with dummy weights
-(`bench host`: the no-op model). The machine's load average is recorded around each run: on a
+(`bench host`: the no-op model). `--gguf FILE` has pagedserve serve that GGUF file (with --model as
+its tokenizer) and llama.cpp the same one. With `--max-concurrency 1` (`bench one-user`) each
+system's median TPOT and TTFT are also given as ratios to pagedserve's (one_user.py). The machine's load average is recorded around each run: on a
 shared machine the numbers of one run are only comparable with each other."""
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ from .hf import load_model, run_static_batches
 from .metrics import format_ms, summarize
 from .model_dir import build_model_dir, parse_overrides
 from .serve import build_requests, json_rate, percentiles_of, run_workload
-from .systems import cores, cpu_seconds, pagedserve_command, server_process, vllm_command, vllm_env
+from .one_user import format_one_user, is_one_user, latency_ratios
+from .systems import cores, cpu_seconds, llamacpp_command, pagedserve_command, server_process, vllm_command, vllm_env
 
+LLAMACPP_GGUF_DIR = ".peers/gguf"  # where `make gguf` writes
 PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
-SERVERS = {"pagedserve", "vllm", "vllm-default"}
+SERVERS = {"pagedserve", "vllm", "vllm-default", "llamacpp"}
 TRANSFORMERS = {"transformers", "transformers-sequential"}
 MODES = ("streamed", "plain")
 
@@ -61,11 +65,30 @@ def batch_flags(args) -> list[str]:
     return flags
 
 
+def llamacpp_gguf(args) -> str:
+    """llama.cpp's file: --llamacpp-gguf, else --gguf (the one pagedserve serves), else the f32
+    file `make gguf` writes for --model."""
+    model = Path(getattr(args, "source_model", args.model)).resolve()
+    default = Path(LLAMACPP_GGUF_DIR) / f"{model.name}-f32.gguf"
+    return args.llamacpp_gguf or args.gguf or str(default)
+
+
+def parallel_slots(args) -> int:
+    """llama-server's -np: as many slots as requests can be in flight at once."""
+    return args.max_concurrency or args.num_prompts
+
+
 def server_command(args, system: str, port: int) -> tuple[list[str], dict[str, str]]:
     name = served_name(args)
     shared = dummy_flags(args) + batch_flags(args)
     if system == "pagedserve":
-        return pagedserve_command(args.model, name, port, shared + args.server_arg), {}
+        # A GGUF file is served as vLLM does: --model FILE --tokenizer DIR.
+        gguf = getattr(args, "gguf", None)  # a Namespace built by hand may lack the peers' flags
+        model, tokenizer = (gguf, ["--tokenizer", args.model]) if gguf else (args.model, [])
+        return pagedserve_command(model, name, port, tokenizer + shared + args.server_arg), {}
+    if system == "llamacpp":
+        return llamacpp_command(args.llamacpp_server, llamacpp_gguf(args), name, port, parallel_slots(args),
+                                args.llamacpp_arg), {}
     return vllm_command(args.vllm_python, args.model, name, port, shared), vllm_env(system == "vllm")
 
 
@@ -98,8 +121,11 @@ def hf_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
 def settings(args, system: str) -> str:
     flags = " ".join(dummy_flags(args) + batch_flags(args) + args.server_arg)
     dummy = " ".join(dummy_flags(args) + batch_flags(args))
+    gguf = f"--model {Path(args.gguf).name} " if getattr(args, "gguf", None) else ""
     return {
-        "pagedserve": f"pagedserve serve {flags}" if flags else "pagedserve serve (defaults)",
+        "pagedserve": f"pagedserve serve {gguf}{flags}".rstrip() if gguf or flags else "pagedserve serve (defaults)",
+        "llamacpp": f"llama.cpp llama-server on {Path(llamacpp_gguf(args)).name}, -np {parallel_slots(args)}, "
+                    f"{cores()} threads {' '.join(getattr(args, 'llamacpp_arg', []))}".rstrip(),
         "vllm": f"vLLM CPU, OMP threads bound to all {cores()} cores {dummy}".rstrip(),
         "vllm-default": f"vLLM CPU, its default settings {dummy}".rstrip(),
         "transformers": f"transformers generate, static batches of {args.hf_batch_size}, left padding",
@@ -143,11 +169,27 @@ def check_systems(args) -> list[str]:
     if any(s.startswith("vllm") for s in systems) and not Path(args.vllm_python).exists():
         raise SystemExit(f"bench: {args.vllm_python} does not exist: run `make peers` first (it installs "
                          "vLLM's CPU build in .peers/vllm), or leave vllm out of --systems")
+    if "llamacpp" in systems:
+        check_llamacpp(args)
+    if args.gguf and not Path(args.gguf).is_file():
+        raise SystemExit(f"bench: --gguf {args.gguf} is not a file: `make gguf` writes the default model's in .peers/gguf")
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"bench: {args.model} is not a Hugging Face model directory (no config.json)")
     if args.load_format == "dummy" and TRANSFORMERS & set(systems):
         raise SystemExit("bench: the transformers systems load real weights: leave them out with --load-format dummy")
     return systems
+
+
+def check_llamacpp(args) -> None:
+    if not Path(args.llamacpp_server).is_file():
+        raise SystemExit(f"bench: {args.llamacpp_server} does not exist: run `make peers` first (it builds "
+                         "llama.cpp's llama-server in .peers/llama.cpp), or leave llamacpp out of --systems")
+    if not Path(llamacpp_gguf(args)).is_file():
+        raise SystemExit(f"bench: no GGUF file {llamacpp_gguf(args)} for llama.cpp: run `make gguf`, or give "
+                         "--llamacpp-gguf or --gguf")
+    if args.load_format == "dummy" or args.hf_overrides:
+        raise SystemExit("bench: llama.cpp serves a GGUF file's own weights: leave it out with --load-format dummy "
+                         "or --hf-overrides")
 
 
 def default_systems(args) -> str:
@@ -256,12 +298,18 @@ def compare(args, systems: list[str], modes: list[str], overrides: dict) -> int:
                   "hf_overrides": overrides, "load_format": args.load_format, "modes": modes,
                   "workload": workload(args, requests), "machine": machine(), "systems": results,
                   "ratios": ratios(results), "failed_systems": broken}
+        if is_one_user(args):
+            report["one_user"] = latency_ratios(results)
         Path(args.result_filename).write_text(json.dumps(report, indent=2, allow_nan=False))
     print(format_table(results))
     load = workload(args, requests)
+    title = (f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "
+             f"outputs {load['output_len_range']} tokens, {cores()} cores")
+    if is_one_user(args):
+        print(format_one_user(latency_ratios(results)))
+        title = f"one user: {title}"
     if results:
-        draw(results, f"{served_name(args)}, {load['num_prompts']} requests, prompts {load['prompt_len_range']}, "
-                      f"outputs {load['output_len_range']} tokens, {cores()} cores", args.chart)
+        draw(results, title, args.chart, (latency_ratios(results) or None) if is_one_user(args) else None)
     print(f"wrote {args.result_filename}" + (f" and {args.chart}" if results else ""))
     failed = sum(s["failed"] for s in results.values())
     return 1 if failed or broken else 0

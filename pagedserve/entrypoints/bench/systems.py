@@ -34,6 +34,16 @@ def vllm_command(python: str, model: str, name: str, port: int, extra: list[str]
             "--port", str(port), *extra]
 
 
+def llamacpp_command(server: str, gguf: str, name: str, port: int, parallel: int, extra: list[str] = ()) -> list[str]:
+    """llama.cpp's `llama-server` on a GGUF file: `-np parallel` slots (the benchmark's
+    concurrency), each with VLLM_MAX_MODEL_LEN tokens of context (`-c` is the total over the
+    slots), its threads for generation and for prompts (-t, -tb) on every core; --alias answers
+    to the served name; `extra` flags last."""
+    threads = str(cores())
+    return [server, "--model", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(parallel), "-c", str(parallel * VLLM_MAX_MODEL_LEN), "-t", threads, "-tb", threads, *extra]
+
+
 def vllm_env(all_cores: bool) -> dict[str, str]:
     """vLLM's CPU settings: by default it leaves a core to its frontend; `all_cores` binds its
     OpenMP threads to every core (its best setting on a 2-core machine)."""
