@@ -183,9 +183,9 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     """Replace each nn.Linear whose weights are all Q4_0/Q4_1 GGUF blocks (gguf_checkpoint.QuantBlocks
     by checkpoint name) with an Int4Linear of the same blocks, and each whose weights are all Q8_0
     with an Int8Linear (requantized per channel); returns how many were replaced. Others (K-quants,
-    mixed types, float) keep their float32 weight, dequantized on load; so do all of a kind
-    whose op this CPU runs slower than float32 (quantized_wins, timed on the first of its kind)."""
-    count, wins = 0, {}
+    mixed types, float) keep their float32 weight, dequantized on load; so do all of a kind whose op
+    this CPU runs slower than float32 (quantized_wins, timed over every linear of the kind)."""
+    kinds: dict[str, list[tuple[str, nn.Module, torch.Tensor]]] = {}
     for name, names in linear_sources(model).items():
         parts = [blocks.get(source) for source in names]
         if any(p is None for p in parts):
@@ -195,19 +195,18 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
         method = methods.pop() if len(methods) == 1 else None
         if method is None or parts[0].in_features != linear.in_features or (method == "int4" and not int4_fits(linear)):
             continue
-        if wins.get(method) is False:  # this kind stays float32: build nothing more of it
+        kinds.setdefault(method, []).append((name, gguf_module(method, parts, linear.bias), linear.weight.detach()))
+    count = 0
+    for method, swaps in kinds.items():
+        if not quantized_wins(model, method, [(module, weight) for _, module, weight in swaps]):
+            log.warning("%s matmul is slower than float32 on this CPU: the GGUF's %s linears run dequantized",
+                        method, method)
+            kernel_choices.record(model, f"GGUF {'Q4_0/Q4_1' if method == 'int4' else 'Q8_0'} linears: "
+                                  f"dequantized to float32 (the {method} op is slower than float32 on this CPU)")
             continue
-        module = gguf_module(method, parts, linear.bias)
-        if method not in wins:
-            wins[method] = quantized_wins(model, method, module, linear.weight.detach())
-            if not wins[method]:
-                log.warning("%s matmul is slower than float32 on this CPU: the GGUF's %s linears run dequantized",
-                            method, method)
-                kernel_choices.record(model, f"GGUF {'Q4_0/Q4_1' if method == 'int4' else 'Q8_0'} linears: "
-                                      f"dequantized to float32 (the {method} op is slower than float32 on this CPU)")
-        if wins[method]:
+        for name, module, _ in swaps:
             replace(model, name, module)
-            count += 1
+        count += len(swaps)
     return count
 
 
@@ -234,43 +233,53 @@ def replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_linears(model: nn.Module, method: str) -> int:
     """--quantization: every nn.Linear (a tied LM head as a quantized copy; the embedding stays
     float32) as an Int8Linear ("int8") or Int4Linear ("int4", where `int4_fits`; others stay
-    float32); returns how many were replaced."""
-    count = 0
+    float32); returns how many were replaced: none where this CPU runs the op slower than float32
+    (quantized_wins)."""
+    swaps = []
     for name in list(linear_sources(model)):
         linear = model.get_submodule(name)
         weight = linear.weight.detach()
         if method == "int8":
-            module = Int8Linear(*quantize_int8(weight), linear.bias)
+            swaps.append((name, Int8Linear(*quantize_int8(weight), linear.bias), weight))
         elif int4_fits(linear):
-            module = Int4Linear.from_affine(*quantize_int4(weight), linear.bias)
-        else:
-            continue
-        if count == 0 and not quantized_wins(model, method, module, weight):
-            log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
-                        "serving float32 weights", method, method)
-            kernel_choices.record(model, f"--quantization {method}: not applied, float32 weights served (the "
-                                  f"{method} op is slower than float32 on this CPU)")
-            return 0
+            swaps.append((name, Int4Linear.from_affine(*quantize_int4(weight), linear.bias), weight))
+    if swaps and not quantized_wins(model, method, [(module, weight) for _, module, weight in swaps]):
+        log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
+                    "serving float32 weights", method, method)
+        kernel_choices.record(model, f"--quantization {method}: not applied, float32 weights served (the "
+                              f"{method} op is slower than float32 on this CPU)")
+        return 0
+    for name, module, _ in swaps:
         replace(model, name, module)
-        count += 1
-    return count
+    return len(swaps)
 
 
-def quantized_wins(model: nn.Module, method: str, module: nn.Module, weight: torch.Tensor) -> bool:
-    """quantized_is_faster for this weight shape, cached per CPU and recorded on the model
-    (cpu/kernel_choices.py)."""
-    n, k = weight.shape
-    key = f"{method} linear {n}x{k} at 1 row"
+def quantized_wins(model: nn.Module, method: str, pairs: list[tuple[nn.Module, torch.Tensor]]) -> bool:
+    """quantized_is_faster over these (quantized module, float32 weight) pairs, cached per CPU and
+    model shape and recorded on the model (cpu/kernel_choices.py)."""
+    mib = sum(weight.numel() * weight.element_size() for _, weight in pairs) >> 20
+    key = f"{method} linears at 1 row ({len(pairs)} of them, {mib} MiB in float32)"
     choice, hit = kernel_choices.cached(key, ("quantized", "float32"),
-                                        lambda: "quantized" if quantized_is_faster(module, weight) else "float32")
+                                        lambda: "quantized" if quantized_is_faster(*zip(*pairs)) else "float32")
     kernel_choices.record(model, f"{key}: {method if choice == 'quantized' else 'float32'} "
                           f"({'cached' if hit else 'timed'})")
     return choice == "quantized"
 
 
-def quantized_is_faster(module: nn.Module, weight: torch.Tensor, repeats: int = 20) -> bool:
-    """Whether `module` (a quantized linear) beats F.linear on the float32 `weight` [N, K] at one
-    row, on this CPU (medians of `repeats` interleaved calls each, cpu/timing.py): the int ops'
-    fast paths need AVX-512 BF16, and no quantized path may be slower than the float one it replaces."""
-    x = torch.randn(1, weight.shape[1])
-    return fastest({"quantized": lambda: module(x), "float": lambda: F.linear(x, weight)}, repeats) == "quantized"
+def quantized_is_faster(modules: tuple[nn.Module, ...], weights: tuple[torch.Tensor, ...], repeats: int = 7) -> bool:
+    """Whether the quantized `modules` beat F.linear on the float32 `weights` ([N, K] each) at one
+    row, all of them one after another as a decode step runs them (medians of `repeats`
+    interleaved rounds, cpu/timing.py). One weight alone would sit in the CPU's cache after the
+    first call and time float32 at its best; a model's linears stream from memory, where fewer
+    bytes win. The int ops' fast paths need AVX-512 BF16, and no quantized path may be slower
+    than the float one it replaces."""
+    xs = [torch.randn(1, weight.shape[1]) for weight in weights]
+
+    def quantized():
+        for module, x in zip(modules, xs):
+            module(x)
+
+    def float32():
+        for weight, x in zip(weights, xs):
+            F.linear(x, weight)
+    return fastest({"quantized": quantized, "float": float32}, repeats) == "quantized"

@@ -81,7 +81,7 @@ def test_int4_linear_matches_the_dequantized_weight():
 
 def test_served_gguf_matches_transformers_on_the_dequantized_weights(written, monkeypatch):
     # the int4 path whatever this CPU's timing says (quantized_is_faster keeps float32 where slower)
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: True)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
     path, hf_model = written
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     int4 = [name for name, m in runner.model.named_modules() if isinstance(m, Int4Linear)]
@@ -154,7 +154,7 @@ def written_q8(tmp_path_factory):
 
 def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_model(written_q8, monkeypatch):
     # the int8 path whatever this CPU's timing says (quantized_wins keeps float32 where slower)
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: True)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
     path, hf_model = written_q8
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     int8 = [name for name, m in runner.model.named_modules() if isinstance(m, Int8Linear)]
@@ -170,7 +170,7 @@ def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_mode
 
 
 def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q8, monkeypatch):
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: False)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: False)
     path, _ = written_q8
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     assert not any(isinstance(m, Int8Linear) for m in runner.model.modules())

@@ -35,7 +35,7 @@ def test_round_to_nearest_is_within_half_a_step():
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_model_logits_within_bound_of_float32(tiny, method, monkeypatch):
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: True)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
     path, hf_model = tiny
     runner = ModelRunner(runner_config(path, quantization=method))
     kind = Int8Linear if method == "int8" else Int4Linear
@@ -56,12 +56,45 @@ def test_quantized_model_logits_within_bound_of_float32(tiny, method, monkeypatc
 
 
 def test_quantization_kept_float_where_the_cpu_runs_it_slower(tiny, monkeypatch):
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda module, weight: False)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: False)
     runner = ModelRunner(runner_config(tiny[0], quantization="int4"))
     assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in runner.model.modules())
     # ... and says so to whoever asks the worker, not only in its log
     assert any(line.startswith("--quantization int4: not applied, float32 weights served")
                for line in runner.worker_info().kernel_choices)
+
+
+def test_quantized_or_float_is_timed_over_every_linear_of_the_model(tiny, monkeypatch):
+    # One small weight sits in the CPU's cache after its first call, which times float32 at its
+    # best (a Q4_1 SmolLM2 was served dequantized, 1.5x slower, for that): the decision times
+    # the whole model's linears, streamed as a decode step streams them.
+    seen = []
+
+    def record(modules, weights):
+        seen.append([(type(m), tuple(w.shape)) for m, w in zip(modules, weights)])
+        return True
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", record)
+    runner = ModelRunner(runner_config(tiny[0], quantization="int8"))
+    linears = [m for m in runner.model.modules() if isinstance(m, Int8Linear)]
+    assert len(seen) == 1 and len(seen[0]) == len(linears) == 2 * 4 + 1
+    assert {kind for kind, _ in seen[0]} == {Int8Linear}
+    assert sorted(shape for _, shape in seen[0]) == sorted((m.out_features, m.in_features) for m in linears)
+
+
+def test_quantized_is_faster_runs_every_module():
+    calls = []
+    weights = [torch.randn(32, 64), torch.randn(48, 32)]
+
+    class Counted(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            calls.append(tuple(self.weight.shape))
+            return torch.nn.functional.linear(x, self.weight)
+    quant_linear.quantized_is_faster(tuple(Counted(w) for w in weights), tuple(weights), repeats=3)
+    assert calls == [(32, 64), (48, 32)] * 3
 
 
 def test_quantization_needs_float32(tiny):

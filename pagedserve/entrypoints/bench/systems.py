@@ -47,7 +47,10 @@ def llamacpp_command(server: str, gguf: str, name: str, port: int, parallel: int
 def vllm_env(all_cores: bool) -> dict[str, str]:
     """vLLM's CPU settings: by default it leaves a core to its frontend; `all_cores` binds its
     OpenMP threads to every core (its best setting on a 2-core machine)."""
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    # PYTHONSAFEPATH: no working directory on sys.path, in vLLM's processes and the ones they start,
+    # where this repository's top-level kernels/ would shadow the `kernels` package transformers
+    # probes for (vLLM then fails to start).
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONSAFEPATH": "1"}
     if all_cores:
         env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores() - 1}", "OMP_NUM_THREADS": str(cores())}
     return env
