@@ -81,7 +81,7 @@ class SchedulerCollector:
                            s.spec_decode_num_draft_tokens)
         yield self.counter("spec_decode_num_accepted_tokens", "Draft tokens accepted",
                            s.spec_decode_num_accepted_tokens)
-        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+        family = CounterMetricFamily(self.prefix + "spec_decode_num_accepted_tokens_per_pos",
                                      "Draft tokens accepted at each draft position",
                                      labels=MODEL_LABEL + ["position"])
         for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):

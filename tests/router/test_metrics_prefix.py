@@ -60,3 +60,23 @@ def test_with_vllms_prefix_the_request_metrics_move(harness, fake, tokenizer):
 def test_an_unknown_prefix_is_refused():
     with pytest.raises(ValueError, match="metrics_prefix"):
         Metrics("sglang")
+
+
+@pytest.mark.parametrize("prefix", ["pagedserve", "vllm"])
+def test_every_spec_decode_counter_is_under_the_prefix(prefix):
+    # vLLM names all four (vllm:spec_decode_num_accepted_tokens_per_pos too): none may keep
+    # pagedserve: under --metrics-prefix vllm (a new user found the per-position one did)
+    from prometheus_client import generate_latest
+
+    from pagedserve.v1 import scheduler_pb2 as pb
+    metrics = Metrics(prefix)
+    metrics.bind("smol")
+    metrics.scheduler.stats = pb.SchedulerStats(
+        spec_decode_num_drafts=3, spec_decode_num_draft_tokens=12, spec_decode_num_accepted_tokens=7,
+        spec_decode_num_accepted_tokens_per_pos=[3, 2, 1, 1])
+    found = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    spec = {name for name in found if "spec_decode" in name}
+    assert spec == {f"{prefix}:spec_decode_{n}" for n in (
+        "num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")}
+    per_pos = found[f"{prefix}:spec_decode_num_accepted_tokens_per_pos"]
+    assert [sample(per_pos, "_total", position=str(i)) for i in range(4)] == [3, 2, 1, 1]
