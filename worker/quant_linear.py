@@ -175,6 +175,11 @@ def linear_sources(model: nn.Module) -> dict[str, list[str]]:
     return sources
 
 
+# A tied LM head has no tensor of its own in a GGUF file (no output.weight): it runs on the
+# embedding's blocks (token_embd, often Q8_0 even in a 4-bit file), as llama.cpp runs it, as a
+# quantized copy beside the float32 embedding the lookup reads.
+TIED_SOURCES = {"lm_head.weight": "model.embed_tokens.weight"}
+
 # GGUF block types that run quantized, and the op each goes to (others are dequantized on load)
 GGUF_METHODS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 
@@ -182,12 +187,13 @@ GGUF_METHODS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     """Replace each nn.Linear whose weights are all Q4_0/Q4_1 GGUF blocks (gguf_checkpoint.QuantBlocks
     by checkpoint name) with an Int4Linear of the same blocks, and each whose weights are all Q8_0
-    with an Int8Linear (requantized per channel); returns how many were replaced. Others (K-quants,
+    with an Int8Linear (requantized per channel), a tied LM head on the embedding's blocks
+    (TIED_SOURCES); returns how many were replaced. Others (K-quants,
     mixed types, float) keep their float32 weight, dequantized on load; so do all of a kind whose op
     this CPU runs slower than float32 (quantized_wins, timed over every linear of the kind)."""
     kinds: dict[str, list[tuple[str, nn.Module, torch.Tensor]]] = {}
     for name, names in linear_sources(model).items():
-        parts = [blocks.get(source) for source in names]
+        parts = [blocks.get(source, blocks.get(TIED_SOURCES.get(source))) for source in names]
         if any(p is None for p in parts):
             continue
         methods = {GGUF_METHODS.get(p.type.name) for p in parts}

@@ -28,12 +28,12 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def config():
+def config(tied: bool = False):
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                       tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -77,10 +77,11 @@ def interleave_rope_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, 2, n // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write(path: Path, seed: int = 0, types: dict | None = None):
+def write(path: Path, seed: int = 0, types: dict | None = None, tied: bool = False):
     """Write the GGUF at `path` (each tensor's type from `types`, default TYPES) and a tokenizer
     beside it in path.parent / "tokenizer"; returns the transformers LlamaForCausalLM (eval,
-    float32) holding the dequantized weights."""
+    float32) holding the dequantized weights. `tied`: no output.weight, the LM head is the
+    embedding (as SmolLM2's files are)."""
     import gguf
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize, quantize
@@ -90,7 +91,7 @@ def write(path: Path, seed: int = 0, types: dict | None = None):
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = LlamaForCausalLM(config()).eval()
+    model = LlamaForCausalLM(config(tied)).eval()
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, value in [("block_count", LAYERS), ("context_length", 256), ("embedding_length", HIDDEN),
                        ("feed_forward_length", INTERMEDIATE), ("head_count", HEADS), ("head_count_kv", KV_HEADS),
@@ -102,6 +103,8 @@ def write(path: Path, seed: int = 0, types: dict | None = None):
     writer.add_eos_token_id(0)
     state = {}
     for name, param in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the embedding's tensor
         weight = param.detach().numpy().astype(np.float32)
         if "norm" not in name:
             weight = weight * 0.05  # activations of a sane size through the layers
@@ -122,6 +125,8 @@ def write(path: Path, seed: int = 0, types: dict | None = None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)
     tokenizer().save_pretrained(path.parent / "tokenizer")
     return model

@@ -175,3 +175,20 @@ def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     assert not any(isinstance(m, Int8Linear) for m in runner.model.modules())
     assert any(line.startswith("GGUF Q8_0 linears: dequantized to float32") for line in runner.worker_info().kernel_choices)
+
+
+def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch):
+    # SmolLM2's GGUF files have no output.weight: the head is token_embd (Q8_0 even in a Q4_1 file),
+    # and served float32 it read 4x the bytes a token that llama.cpp reads for it
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    path = tmp_path / "tiny-tied-q8_0.gguf"
+    hf_model = gguf_models.write(path, types=gguf_models.all_of("Q8_0"), tied=True)
+    runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
+    head = runner.model.get_submodule("lm_head")
+    assert isinstance(head, Int8Linear) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
+    outputs, logits = generate_in_process(runner, PROMPTS, 4)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
+        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+        assert ((served - expected).abs() <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
