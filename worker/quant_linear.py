@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.worker.cpu import kernel_choices
+from pagedserve.worker.cpu.linear import replace_module
 from pagedserve.worker.cpu.timing import fastest
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
                                   f"dequantized to float32 (the {method} op is slower than float32 on this CPU)")
             continue
         for name, module, _ in swaps:
-            replace(model, name, module)
+            replace_module(model, name, module)
         count += len(swaps)
     return count
 
@@ -229,11 +230,6 @@ def gguf_module(method: str, parts: list, bias: torch.Tensor | None) -> nn.Modul
 def int4_fits(linear: nn.Linear) -> bool:
     """The int4 op's packing needs in_features in whole groups and out_features a multiple of 16."""
     return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0
-
-
-def replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def quantize_linears(model: nn.Module, method: str) -> int:
@@ -256,7 +252,7 @@ def quantize_linears(model: nn.Module, method: str) -> int:
                               f"{method} op is slower than float32 on this CPU)")
         return 0
     for name, module, _ in swaps:
-        replace(model, name, module)
+        replace_module(model, name, module)
     return len(swaps)
 
 
@@ -265,11 +261,8 @@ def quantized_wins(model: nn.Module, method: str, pairs: list[tuple[nn.Module, t
     model shape and recorded on the model (cpu/kernel_choices.py)."""
     mib = sum(weight.numel() * weight.element_size() for _, weight in pairs) >> 20
     key = f"{method} linears at 1 row ({len(pairs)} of them, {mib} MiB in float32)"
-    choice, hit = kernel_choices.cached(key, ("quantized", "float32"),
-                                        lambda: "quantized" if quantized_is_faster(*zip(*pairs)) else "float32")
-    kernel_choices.record(model, f"{key}: {method if choice == 'quantized' else 'float32'} "
-                          f"({'cached' if hit else 'timed'})")
-    return choice == "quantized"
+    return kernel_choices.decide(model, key, {"quantized": method, "float32": "float32"},
+                                 lambda: "quantized" if quantized_is_faster(*zip(*pairs)) else "float32") == "quantized"
 
 
 def quantized_is_faster(modules: tuple[nn.Module, ...], weights: tuple[torch.Tensor, ...], repeats: int = 7) -> bool:

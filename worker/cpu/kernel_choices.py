@@ -94,6 +94,14 @@ def cached(key: str, allowed: tuple[str, ...], choose: Callable[[], str]) -> tup
     return answer, False
 
 
+def decide(model: nn.Module, key: str, names: dict[str, str], choose: Callable[[], str]) -> str:
+    """`cached` over the choices `names` (choice -> how the log names it), recorded on the model
+    as "<key>: <name> (timed|cached)"; returns the choice."""
+    choice, hit = cached(key, tuple(names), choose)
+    record(model, f"{key}: {names[choice]} ({'cached' if hit else 'timed'})")
+    return choice
+
+
 def record(model: nn.Module, text: str) -> None:
     """Note a choice on the model (`model.kernel_choices`, a list of strings): the worker logs
     them and reports them in WorkerInfo.kernel_choices."""

@@ -127,7 +127,7 @@ def prepare_linears(model: nn.Module) -> str:
     swapped = []
     for name, linear in linears:
         swapped.append(make(linear))
-        _replace(model, name, swapped[-1])
+        replace_module(model, name, swapped[-1])
     what = "cpu/linear.c up to %d rows, oneDNN above" % MAX_KERNEL_ROWS if kernel is not None else "oneDNN, packed"
     if kernel is not None:
         what += "; " + choose_small_rows_paths(model, swapped)
@@ -147,17 +147,10 @@ def choose_small_rows_paths(model: nn.Module, linears: list[CpuLinear]) -> str:
     for linear in linears:
         shape = (linear.out_features, linear.in_features)
         if shape not in choices:
-            choices[shape] = _cached_choice(model, f"float32 linear {shape[0]}x{shape[1]} at 1 row",
-                                            SMALL_ROWS_NAMES, lambda: choose_small_rows_path(linear))
+            choices[shape] = kernel_choices.decide(model, f"float32 linear {shape[0]}x{shape[1]} at 1 row",
+                                                   SMALL_ROWS_NAMES, lambda: choose_small_rows_path(linear))
         linear.small_rows = choices[shape]
     return "at few rows " + ", ".join(f"{n}x{k}: {SMALL_ROWS_NAMES[c]}" for (n, k), c in choices.items())
-
-
-def _cached_choice(model: nn.Module, key: str, names: dict[str, str], choose) -> str:
-    """kernel_choices.cached, recorded on the model as "<key>: <name> (timed|cached)"."""
-    choice, hit = kernel_choices.cached(key, tuple(names), choose)
-    kernel_choices.record(model, f"{key}: {names[choice]} ({'cached' if hit else 'timed'})")
-    return choice
 
 
 def choose_small_rows_path(linear: CpuLinear, repeats: int = 15) -> str:
@@ -167,7 +160,8 @@ def choose_small_rows_path(linear: CpuLinear, repeats: int = 15) -> str:
                     "torch": lambda: F.linear(x, linear.weight, linear.bias)}, repeats)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` where the submodule called `name` (dotted) is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
@@ -204,10 +198,10 @@ def prepare_bf16_linears(model: nn.Module, linears: list[tuple[str, nn.Linear]])
         packed = None
         if shape not in choices:
             packed = PackedLinear(linear)
-            choices[shape] = _cached_choice(model, f"bfloat16 linear {shape[0]}x{shape[1]} at 1 row", BF16_NAMES,
-                                            lambda: choose_bf16_path(linear, packed))
+            choices[shape] = kernel_choices.decide(model, f"bfloat16 linear {shape[0]}x{shape[1]} at 1 row", BF16_NAMES,
+                                                   lambda: choose_bf16_path(linear, packed))
         if choices[shape] == "onednn":
-            _replace(model, name, packed or PackedLinear(linear))
+            replace_module(model, name, packed or PackedLinear(linear))
     return f"{len(linears)} bfloat16 linear layers: " + ", ".join(
         f"{n}x{k}: {BF16_NAMES[c]}" for (n, k), c in choices.items())
 
