@@ -32,6 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pagedserve.worker.__main__ import set_openmp_wait  # noqa: E402
+
+set_openmp_wait(os.environ)  # the served worker's OpenMP wait, set before torch loads libgomp
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

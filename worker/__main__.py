@@ -11,20 +11,22 @@ import signal
 import sys
 import threading
 
-# Before torch loads libgomp, which reads it once: OpenMP threads that finish a parallel region
-# sleep at once instead of spinning for the next one. On a host whose cores the worker shares with
-# the router, the scheduler and clients, spinning threads take those cores from them, and a
-# preempted spinner stalls the next region (docs/PERFORMANCE.md, "OpenMP threads"). A bounded spin
-# (GOMP_SPINCOUNT=1000) cut profile_step's batch-1 step but not the served time per token on shared
-# cores (docs/performance/one-user.md). Set OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) to spin on
-# cores the worker has to itself.
-DEFAULT_WAIT_POLICY = "passive"
+# Before torch loads libgomp, which reads it once: an OpenMP thread that finishes a parallel region
+# spins GOMP_SPINCOUNT pause instructions (10,000: about 0.1 ms at this Xeon's 10 ns a pause, up to
+# ~0.5 ms where a pause takes 140 cycles) before it sleeps. That covers the gaps between one step's
+# regions, where sleeping (OMP_WAIT_POLICY=passive, the default until 8 December 2026) paid a futex
+# wake-up per region: 48 against 32 ms a step at batch 1, 110 against 96 at batch 32 on quiet cores.
+# It is short enough that the threads still sleep between steps, when the router and scheduler need
+# the cores; libgomp's own default (300,000, ~3 ms) and active waiting collapse on busy cores, where
+# a spinner holds the core the next region needs (docs/PERFORMANCE.md, "OpenMP threads"). Set
+# OMP_WAIT_POLICY (active, passive) or GOMP_SPINCOUNT to choose otherwise.
+DEFAULT_SPIN_COUNT = "10000"
 
 
 def set_openmp_wait(environ) -> None:
-    """Before torch loads libgomp: passive unless the environment chose a policy or a spin count."""
-    if "GOMP_SPINCOUNT" not in environ:
-        environ.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
+    """Before torch loads libgomp: a bounded spin unless the environment chose a policy or a count."""
+    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+        environ["GOMP_SPINCOUNT"] = DEFAULT_SPIN_COUNT
 
 
 set_openmp_wait(os.environ)
