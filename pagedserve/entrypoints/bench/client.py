@@ -24,6 +24,7 @@ class RequestOutput:
     latency: float = 0.0  # end to end, seconds
     error: str = ""
     streamed: bool = True  # False: a plain request, whose ttft and itl are not measured
+    dropped_unanswered: bool = False  # the connection closed before any answer (send() retries it)
 
 
 def completion_body(model: str, request: BenchRequest, stream: bool = True) -> dict:
@@ -49,7 +50,20 @@ def take_usage(out: RequestOutput, usage: dict) -> None:
 
 async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
                stream: bool = True) -> RequestOutput:
-    """One request, streamed or plain; a failure is in the output's `error`, never raised."""
+    """One request, streamed or plain; a failure is in the output's `error`, never raised.
+
+    A request that a server drops before it answers anything (httpx.RemoteProtocolError with no
+    token yet) is sent once more: a kept-alive connection that the server closed while idle (as
+    llama-server does between one user's requests) fails the next request that way, through no
+    fault of the request."""
+    out = await send_once(client, url, model, request, stream)
+    if out.dropped_unanswered:
+        out = await send_once(client, url, model, request, stream)
+    return out
+
+
+async def send_once(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
+                    stream: bool) -> RequestOutput:
     out = RequestOutput(prompt_len=request.prompt_len, streamed=stream)
     start = time.perf_counter()
     try:
@@ -63,6 +77,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                 out.error = "the stream ended without a single token" if stream else "the response holds no tokens"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         out.error = f"{type(e).__name__}: {e}"
+        out.dropped_unanswered = isinstance(e, httpx.RemoteProtocolError) and out.ttft == 0.0
     return out
 
 
