@@ -5,7 +5,7 @@ convention: the tokenizer, chat template and generation_config.json come from DI
 Read with the `gguf` package (GGUFReader memory-maps the file). Every tensor reads as float32,
 dequantized by `gguf.quants.dequantize` (so bit-exact with it, for every type that package knows:
 Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...); the raw blocks of quantized linears stay at hand (`QuantBlocks`)
-for quant_linear.py's int4 (Q4_0/Q4_1) and int8 (Q8_0) matmuls. Only the Llama family (GGUF architecture "llama") is mapped.
+for quant_linear.py's int4 (Q4_0/Q4_1/Q4_K) and int8 (Q8_0/Q6_K/Q5_K/Q5_0/Q5_1, requantized) matmuls. Only the Llama family (GGUF architecture "llama") is mapped.
 
 llama.cpp's convert_hf_to_gguf.py reorders each head's q/k rows from transformers' rotate-half
 layout ([first half; second half]) to interleaved pairs; `unpermute_rows` is its inverse,

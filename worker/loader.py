@@ -277,8 +277,9 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str, optional: froze
 
 def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
     """Fill the model from a GGUF file, dequantized to float32 (bit-exact with gguf.quants.dequantize);
-    then linears stored as Q4_0/Q4_1 run on their own blocks, those stored as Q8_0 through the int8
-    op (quant_linear.swap_gguf_linears)."""
+    then linears stored as Q4_0/Q4_1/Q4_K run on their own blocks through the int4 op, those stored
+    as Q8_0/Q6_K/Q5_K/Q5_0/Q5_1 (or a mix) requantized through the int8 op
+    (quant_linear.swap_gguf_linears)."""
     from pagedserve.worker.quant_linear import swap_gguf_linears
 
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
@@ -295,7 +296,7 @@ def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
                             f"the model built from its metadata expects {expected}")
         fill(region, shard, read_slice(tensors[name], shard))
     swapped = swap_gguf_linears(model, blocks)
-    log.info("GGUF %s: %d linears run quantized (Q4_0/Q4_1 blocks in the int4 matmul, Q8_0 in the int8 one), "
+    log.info("GGUF %s: %d linears run quantized (4-bit blocks in the int4 matmul, 5- to 8-bit ones in the int8 one), "
              "the rest in float32", spec.model_dir.name, swapped)
 
 

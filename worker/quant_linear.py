@@ -10,17 +10,24 @@ values as the GGUF's own dequantization, to float rounding).
 
 GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m) blocks are 32 weights of one row with one
 fp16 scale (and minimum): they map onto the int4 op's groups with zero = 0 and zero = m + 8 d.
-The bfloat16 rounding of activations and scales is the price of the fast path (relative error
-about 2^-8 a term); tests/worker/test_gguf.py states the bound on logits.
+Q4_K's super-blocks of 256 weights are 8 sub-blocks of 32, each w = (d * sc) * q - dmin * mn
+(fp16 d and dmin, 6-bit sc and mn): exactly a group-32 affine int4, scale d * sc and minimum
+-dmin * mn, both exact in float32 (an 11-bit fp16 mantissa times a 6-bit integer).
+The bfloat16 rounding of activations, scales and zeros is the price of the fast path (relative
+error about 2^-8 a term; Q4_K's scales, up to 17 significant bits, lose the most to it);
+tests/worker/test_gguf.py states the bound on logits.
 `quantize_int4` / `quantize_int8` make the same layouts from a float weight (`--quantization`).
 
-GGUF's Q8_0 (w = d * q, 32 int8 weights of one row and one fp16 d a block) has a scale per block,
-while the int8 op takes one per output channel: the exact float32 weight d * q is requantized per
-channel (`quantize_int8`: scale = the row's largest |w| / 127, round to nearest). That adds at most
-half a step of the row's scale to each weight (|error| <= max|w_row| / 254, where Q8_0's own is
-max|w_block| / 254), about what `--quantization int8` adds to a float weight;
-tests/worker/test_gguf.py states the bound on logits. Prefill still runs on the weight that the
-int8 codes hold (not Q8_0's exact one), so both paths serve one model.
+The int8 op takes one scale per output channel, while GGUF's Q8_0 (32 int8 weights and an fp16
+d a block), Q6_K (6-bit codes, an int8 scale per 16 and an fp16 d per 256), Q5_K, Q5_0 and Q5_1
+scale each block: the exact float32 weight (gguf.quants.dequantize's, which the loader holds) is
+requantized per channel (`quantize_int8`: scale = the row's largest |w| / 127, round to nearest).
+That adds at most half a step of the row's scale to each weight (|error| <= max|w_row| / 254;
+Q8_0's own is max|w_block| / 254, Q6_K's max|w_block| / 62), about what `--quantization int8`
+adds to a float weight; tests/worker/test_gguf.py states the bound on logits. A linear fused of
+4-bit and other blocks (Q4_K_M's qkv with a Q6_K or Q8_0 v_proj), or a 4-bit one whose shape the
+int4 packing refuses, goes the int8 way too. Prefill still runs on the weight that the int8 codes
+hold (not the GGUF's exact one), so both paths serve one model.
 """
 from __future__ import annotations
 
@@ -58,20 +65,30 @@ def q4_blocks(data: np.ndarray, qtype_name: str) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
 
 
-def q8_blocks(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks uint8 [N, K/32 * 34] -> codes int8 [N, K] and d float32 [N, K/32], so that the
-    weight is d * codes (ggml's block_q8_0: fp16 d, then 32 int8 weights)."""
+def q4_k_blocks(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks uint8 [N, K/256 * 144] -> codes int32 [N, K] in [0, 16), d and m float32
+    [N, K/32] (d = d_super * sc, m = -dmin * mn), so that the weight is d * codes + m, bit for bit
+    gguf.quants.dequantize's d * q - dm (ggml's block_q4_K: fp16 d, fp16 dmin, 12 bytes of eight
+    6-bit scales and mins, then 128 bytes: each 32 bytes hold sub-block 2i in their low nibbles
+    and 2i + 1 in their high ones)."""
     n = data.shape[0]
-    blocks = np.ascontiguousarray(data).reshape(n, -1, 2 + GROUP)
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
-    codes = blocks[..., 2:].copy().view(np.int8).reshape(n, -1)
-    return torch.from_numpy(codes), torch.from_numpy(d)
+    blocks = np.ascontiguousarray(data).reshape(n, -1, 144)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    low, high, mixed = (blocks[..., 4 + 4 * i:8 + 4 * i] for i in range(3))
+    # sub-blocks 0-3: 6 low bits of bytes 0-3 (scales) and 4-7 (mins); 4-7: a nibble of bytes 8-11
+    # and the two top bits of bytes 0-3 (scales) and 4-7 (mins)
+    sc = np.concatenate([low & 0x3F, (mixed & 0x0F) | ((low >> 2) & 0x30)], axis=-1).astype(np.float32)
+    mn = np.concatenate([high & 0x3F, (mixed >> 4) | ((high >> 2) & 0x30)], axis=-1).astype(np.float32)
+    qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1).astype(np.int32)
+    scale, minimum = (d * sc).reshape(n, -1), -(dmin * mn).reshape(n, -1)
+    return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum)
 
 
-def q8_0_weight(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [N, K] of Q8_0 codes int8 [N, K] and d [N, K/32]: exact (an fp16 times an
-    int8 is a float32)."""
-    return codes.float() * d.repeat_interleave(GROUP, dim=1)
+def int4_blocks(data: np.ndarray, qtype_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any 4-bit GGUF type (INT4_TYPES) -> codes [N, K], d and m [N, K/32]: weight = d * codes + m."""
+    return q4_k_blocks(data) if qtype_name == "Q4_K" else q4_blocks(data, qtype_name)
 
 
 class Int4Linear(nn.Module):
@@ -181,35 +198,51 @@ def linear_sources(model: nn.Module) -> dict[str, list[str]]:
 # quantized copy beside the float32 embedding the lookup reads.
 TIED_SOURCES = {"lm_head.weight": "model.embed_tokens.weight"}
 
-# GGUF block types that run quantized, and the op each goes to (others are dequantized on load)
-GGUF_METHODS = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+# GGUF block types whose codes the int4 op runs as they are, and those the int8 op runs
+# requantized per channel; others (Q2_K, Q3_K, ...) are dequantized to float32 on load
+INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}
+INT8_TYPES = {"Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1"}
+
+
+def gguf_method(parts: list, linear: nn.Linear) -> str | None:
+    """"int4" when all of a linear's blocks are 4-bit and the int4 packing takes its shape, else
+    "int8" when all are quantized types we run (a requantized copy: module docstring), else None."""
+    types = {p.type.name for p in parts}
+    if parts[0].in_features != linear.in_features:
+        return None
+    if types <= INT4_TYPES and int4_fits(linear):
+        return "int4"
+    return "int8" if types <= INT4_TYPES | INT8_TYPES else None
 
 
 def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
-    """Replace each nn.Linear whose weights are all Q4_0/Q4_1 GGUF blocks (gguf_checkpoint.QuantBlocks
-    by checkpoint name) with an Int4Linear of the same blocks, and each whose weights are all Q8_0
-    with an Int8Linear (requantized per channel), a tied LM head on the embedding's blocks
-    (TIED_SOURCES); returns how many were replaced. Others (K-quants,
-    mixed types, float) keep their float32 weight, dequantized on load; so do all of a kind whose op
-    this CPU runs slower than float32 (quantized_wins, timed over every linear of the kind)."""
+    """Replace each nn.Linear whose weights are all 4-bit GGUF blocks (Q4_0, Q4_1, Q4_K:
+    gguf_checkpoint.QuantBlocks by checkpoint name) with an Int4Linear of the same codes, and each
+    other whose weights are all of INT4_TYPES | INT8_TYPES with an Int8Linear (requantized per
+    channel; `gguf_method`), a tied LM head on the embedding's blocks (TIED_SOURCES); returns how
+    many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
+    so do all of a kind whose op this CPU runs slower than float32 (quantized_wins, timed over
+    every linear of the kind)."""
     kinds: dict[str, list[tuple[str, nn.Module, torch.Tensor]]] = {}
+    types: dict[str, set[str]] = {}
     for name, names in linear_sources(model).items():
         parts = [blocks.get(source, blocks.get(TIED_SOURCES.get(source))) for source in names]
         if any(p is None for p in parts):
             continue
-        methods = {GGUF_METHODS.get(p.type.name) for p in parts}
         linear = model.get_submodule(name)
-        method = methods.pop() if len(methods) == 1 else None
-        if method is None or parts[0].in_features != linear.in_features or (method == "int4" and not int4_fits(linear)):
+        method = gguf_method(parts, linear)
+        if method is None:
             continue
-        kinds.setdefault(method, []).append((name, gguf_module(method, parts, linear.bias), linear.weight.detach()))
+        weight = linear.weight.detach()
+        kinds.setdefault(method, []).append((name, gguf_module(method, parts, weight, linear.bias), weight))
+        types.setdefault(method, set()).update(p.type.name for p in parts)
     count = 0
     for method, swaps in kinds.items():
         if not quantized_wins(model, method, [(module, weight) for _, module, weight in swaps]):
             log.warning("%s matmul is slower than float32 on this CPU: the GGUF's %s linears run dequantized",
                         method, method)
-            kernel_choices.record(model, f"GGUF {'Q4_0/Q4_1' if method == 'int4' else 'Q8_0'} linears: "
-                                  f"dequantized to float32 (the {method} op is slower than float32 on this CPU)")
+            kernel_choices.record(model, f"GGUF {'/'.join(sorted(types[method]))} linears: dequantized to float32 "
+                                  f"(the {method} op is slower than float32 on this CPU)")
             continue
         for name, module, _ in swaps:
             replace_module(model, name, module)
@@ -217,13 +250,14 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     return count
 
 
-def gguf_module(method: str, parts: list, bias: torch.Tensor | None) -> nn.Module:
-    """An Int4Linear on Q4_0/Q4_1 blocks (exact), or an Int8Linear of Q8_0 blocks requantized per
-    output channel (module docstring); `parts` are a linear's QuantBlocks in row order."""
+def gguf_module(method: str, parts: list, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """An Int4Linear on 4-bit blocks' own codes (exact), or an Int8Linear of the float32 `weight`
+    [N, K] (the blocks as gguf.quants.dequantize gives them, which the loader filled the linear
+    with) requantized per output channel (module docstring); `parts` are a linear's QuantBlocks
+    in row order."""
     if method == "int4":
-        codes, d, m = (torch.cat(t) for t in zip(*(q4_blocks(p.data, p.type.name) for p in parts)))
+        codes, d, m = (torch.cat(t) for t in zip(*(int4_blocks(p.data, p.type.name) for p in parts)))
         return Int4Linear.from_affine(codes, d, m, bias)
-    weight = torch.cat([q8_0_weight(*q8_blocks(p.data)) for p in parts])
     return Int8Linear(*quantize_int8(weight), bias)
 
 

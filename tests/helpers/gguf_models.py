@@ -2,8 +2,8 @@
 in a mix of quantized types, and the transformers model holding the same weights dequantized to
 float32 (the reference the served GGUF is held to). No download.
 
-Q8_0, Q4_0 and Q4_1 come from gguf.quants.quantize; the K-quants (Q4_K, Q6_K), which that package
-cannot make, are random blocks with sane fp16 scales. q_proj/k_proj rows are written in
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 come from gguf.quants.quantize; the K-quants (Q4_K, Q5_K, Q6_K),
+which that package cannot make, are random blocks with sane fp16 scales. q_proj/k_proj rows are written in
 llama.cpp's interleaved rope order, as its convert_hf_to_gguf.py writes them.
 """
 from __future__ import annotations
@@ -58,16 +58,36 @@ def all_of(qtype: str) -> dict:
     return {name: qtype for name in TYPES}
 
 
+# the smallest super-block scale d: |w| about d * sub-block scale (~48; Q6_K ~96) * |q - middle|
+KQUANT_D = {"Q4_K": 1e-4, "Q5_K": 5e-5, "Q6_K": 1.5e-5}
+
+
 def random_kquant_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
-    """Random Q4_K/Q6_K blocks uint8 [rows, bytes] whose fp16 super-block scales are small."""
+    """Random Q4_K/Q5_K/Q6_K blocks uint8 [rows, bytes] shaped like a quantized model's: fp16
+    super-block scales within 2x of each other along a row, sized for weights of about 0.03
+    (KQUANT_D; weights of 0.3 made the tiny model's attention a hard argmax, so rounding flipped it), sub-block scales in the upper half of
+    their range (6-bit 32-63; Q6_K's int8 64-127 either sign), as a quantizer that scales each to
+    its block's largest weight leaves them; Q4_K/Q5_K's sub-block minimums about the middle code
+    times the scale (each mn = its sc, dmin = d times 6-10 for Q4_K, 12-20 for Q5_K), so weights
+    are centred on 0 (fully random bytes made every weight of a row positive, and logits huge)."""
     from gguf.constants import GGML_QUANT_SIZES
     block, size = GGML_QUANT_SIZES[qtype]
     data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    scale = lambda n: rng.uniform(1e-4, 2e-3, size=(rows, cols // block, n)).astype(np.float16).view(np.uint8)
-    if qtype.name == "Q4_K":
-        data[..., 0:4] = scale(2)  # d, dmin
+    low = KQUANT_D[qtype.name]
+    uniform = lambda low, high: rng.uniform(low, high, size=(rows, cols // block, 1)).astype(np.float32)
+    if qtype.name in ("Q4_K", "Q5_K"):
+        d = uniform(low, 2 * low)
+        middle = 8 if qtype.name == "Q4_K" else 16
+        dmin = d * uniform(0.75 * middle, 1.25 * middle)
+        data[..., 0:4] = np.concatenate([d, dmin], -1).astype(np.float16).view(np.uint8)
+        # scales bytes 0-3 (sc 0-3 and sc 4-7's top bits), 4-7 the same for mn; 8-11 nibbles: sc | mn << 4
+        data[..., 4:8] |= 0xA0  # bit 5 of sc 0-3 (bits 0-5) and of sc 4-7 (bits 6-7 are its 4-5)
+        data[..., 8:12] = data[..., 4:8]
+        data[..., 12:16] = (data[..., 12:16] & 0x0F) * 0x11
     else:
-        data[..., size - 2:] = scale(1)  # Q6_K's d is last
+        data[..., size - 2:] = uniform(low, 2 * low).astype(np.float16).view(np.uint8)  # Q6_K's d is last
+        scales = data[..., size - 18:size - 2]  # 16 int8 sub-block scales before d
+        data[..., size - 18:size - 2] = (scales | 0x40) & 0x7F | (scales & 0x80)  # |scale| in 64-127
     return data.reshape(rows, -1)
 
 
@@ -111,7 +131,7 @@ def write(path: Path, seed: int = 0, types: dict | None = None, tied: bool = Fal
         qtype = getattr(T, qtype_of(name, types))
         if qtype == T.F32:
             data = weight
-        elif qtype in (T.Q4_K, T.Q6_K):
+        elif qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
             data = random_kquant_blocks(qtype, *weight.shape, rng)
         else:
             data = quantize(weight, qtype)

@@ -11,7 +11,7 @@ from pagedserve.worker.checkpoint import LoadError
 from pagedserve.worker.gguf_checkpoint import gguf_config, read_tensors
 from pagedserve.worker import quant_linear
 from pagedserve.worker.model_runner import ModelRunner
-from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, q4_blocks, q8_0_weight, q8_blocks
+from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, q4_blocks, q4_k_blocks
 from tests.helpers import gguf_models
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 
@@ -23,6 +23,10 @@ DECODE_RTOL = 2e-3  # measured: at most 5e-4
 # step of the row's scale a weight), decode rows in bfloat16 too. Every step's logits within
 # Q8_RTOL of that step's largest |logit| of the dequantized float32 model; measured: at most 0.8%.
 Q8_RTOL = 2e-2
+# K-quants: Q4_K through the int4 op (bfloat16 scales and zeros), Q5_K/Q6_K/Q8_0 requantized per
+# channel into the int8 op; every step's logits within KQ_RTOL of that step's largest |logit| of
+# the dequantized float32 model (measured: at most 1.4%; the int4 kind alone 0.8%, int8 alone 1.1%).
+KQ_RTOL = 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,19 @@ def test_q4_blocks_reproduce_gguf_dequantize_bit_exactly(qtype):
     assert torch.equal(ours, torch.from_numpy(dequantize(data, getattr(T, qtype)).reshape(6, 128)))
 
 
+def test_q4_k_blocks_reproduce_gguf_dequantize_bit_exactly():
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    data = gguf_models.random_kquant_blocks(T.Q4_K, 6, 512, np.random.default_rng(5))
+    codes, d, m = q4_k_blocks(data)
+    assert codes.shape == (6, 512) and d.shape == m.shape == (6, 16) and int(codes.max()) <= 15
+    assert len(set(d.flatten().tolist())) > 16  # eight sub-block scales a super-block, not one
+    # ggml's formula, d * q - dmin * mn, with the group's scale and minimum as decoded
+    ours = d.repeat_interleave(32, 1) * codes.float() + m.repeat_interleave(32, 1)
+    assert torch.equal(ours, torch.from_numpy(dequantize(data, T.Q4_K).reshape(6, 512)))
+
+
 def test_every_tensor_reads_as_gguf_dequantizes_it_in_transformers_order(written):
     path, hf_model = written
     config = gguf_config(path)
@@ -57,35 +74,44 @@ def test_every_tensor_reads_as_gguf_dequantizes_it_in_transformers_order(written
     assert {b.type.name for b in blocks.values()} == {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
 
 
-def test_int4_linear_matches_the_dequantized_weight():
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K"])
+def test_int4_linear_matches_the_dequantized_weight(qtype):
     """Prefill sizes run in float32 on the dequantized weight; decode sizes in the op's bfloat16:
     x, the scale and the zero each rounded to 8 significant bits, so each term errs by at most
-    about 2^-8 of |x| (|w| + |zero|), bounded here with 2^-7."""
+    about 2^-8 of |x| (|w| + |zero|), bounded here with 2^-7. Q4_K's super-blocks are groups of
+    32 with a scale and a minimum each, the same layout, so the same bounds hold."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize, quantize
 
     weight = np.random.default_rng(2).standard_normal((96, 256)).astype(np.float32) * 0.05
-    data = quantize(weight, T.Q4_1)
-    linear = Int4Linear.from_affine(*q4_blocks(data, "Q4_1"))
-    dense = torch.from_numpy(dequantize(data, T.Q4_1).reshape(96, 256))
-    assert torch.allclose(linear.dequantized(), dense, rtol=0, atol=1e-7)  # (q - 8) s + z against d q + m
+    if qtype == "Q4_1":
+        data = quantize(weight, T.Q4_1)
+        linear = Int4Linear.from_affine(*q4_blocks(data, "Q4_1"))
+    else:
+        data = gguf_models.random_kquant_blocks(T.Q4_K, 96, 256, np.random.default_rng(2))
+        linear = Int4Linear.from_affine(*q4_k_blocks(data))
+    dense = torch.from_numpy(dequantize(data, getattr(T, qtype)).reshape(96, 256))
+    atol = 1e-7 * dense.abs().max().item() / 0.2  # float32 rounding of (q - 8) s + z, at |w| <= 0.2 or so
+    assert torch.allclose(linear.dequantized(), dense, rtol=0, atol=atol)  # (q - 8) s + z against d q + m
     zero = linear.zero.repeat_interleave(32, 1)
     for rows in (1, 3, MAX_QUANT_ROWS, MAX_QUANT_ROWS + 1, 200):
         x = torch.randn(rows, 256)
         error = (linear(x) - x @ dense.t()).abs()
         if rows > MAX_QUANT_ROWS:
-            assert error.max() < 1e-5
+            assert error.max() < 1e-5 * dense.abs().max().item() / 0.2
         else:
             assert (error <= 2 ** -7 * (x.abs() @ (dense.abs() + zero.abs()).t())).all()
 
 
 def test_served_gguf_matches_transformers_on_the_dequantized_weights(written, monkeypatch):
-    # the int4 path whatever this CPU's timing says (quantized_is_faster keeps float32 where slower)
-    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    # the int4 path whatever this CPU's timing says (quantized_is_faster keeps float32 where
+    # slower); the int8 kind (Q8_0, Q6_K and mixed linears, requantized) float32 here, so that
+    # greedy output stays transformers' (test_k_quants_... holds them to a bound)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: isinstance(modules[0], Int4Linear))
     path, hf_model = written
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     int4 = [name for name, m in runner.model.named_modules() if isinstance(m, Int4Linear)]
-    # layer 0's qkv, o, gate_up and down, and layer 1's o; layer 1's others hold K-quants or Q8_0
+    # layer 0's qkv, o, gate_up and down, and layer 1's o; layer 1's others mix Q4_K with Q6_K or Q8_0
     assert sorted(int4) == sorted([f"model.layers.0.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj",
                                    "mlp.gate_up_proj", "mlp.down_proj")] + ["model.layers.1.self_attn.o_proj"])
     assert runner.worker_info().model_path == str(path.parent / "tokenizer")
@@ -115,34 +141,28 @@ def test_gguf_refuses_tensor_parallelism_and_other_dtypes(written):
         ModelRunner(runner_config(path, dtype="bfloat16"))
 
 
-def test_q8_blocks_reproduce_gguf_dequantize_bit_exactly():
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q5_0"])
+def test_int8_kinds_requantized_per_channel_are_within_half_a_step(qtype):
+    """The int8 op's per-channel scale: each weight of the Int8Linear within half of its row's
+    step (max |w_row| / 254) of the GGUF's exact weight (gguf.quants.dequantize's)."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize, quantize
-
-    weight = np.random.default_rng(3).standard_normal((6, 128)).astype(np.float32)
-    data = quantize(weight, T.Q8_0)
-    codes, d = q8_blocks(data)
-    assert codes.dtype == torch.int8 and d.shape == (6, 4)
-    assert torch.equal(q8_0_weight(codes, d), torch.from_numpy(dequantize(data, T.Q8_0).reshape(6, 128)))
-
-
-def test_q8_0_requantized_per_channel_is_within_half_a_step():
-    """The int8 op's per-channel scale: each weight of the Int8Linear within half of its row's
-    step (max |w_row| / 254) of Q8_0's exact weight."""
-    from gguf import GGMLQuantizationType as T
-    from gguf.quants import quantize
 
     from pagedserve.worker.quant_linear import gguf_module
     from pagedserve.worker.gguf_checkpoint import QuantBlocks
 
-    weight = np.random.default_rng(4).standard_normal((48, 256)).astype(np.float32) * 0.05
-    data = quantize(weight, T.Q8_0)
-    exact = q8_0_weight(*q8_blocks(data))
-    module = gguf_module("int8", [QuantBlocks(T.Q8_0, data, 256)], None)
+    rng = np.random.default_rng(4)
+    if qtype in ("Q6_K", "Q5_K"):
+        data = gguf_models.random_kquant_blocks(getattr(T, qtype), 48, 256, rng)
+    else:
+        data = quantize(rng.standard_normal((48, 256)).astype(np.float32) * 0.05, getattr(T, qtype))
+    exact = torch.from_numpy(dequantize(data, getattr(T, qtype)).reshape(48, 256).astype(np.float32))
+    module = gguf_module("int8", [QuantBlocks(getattr(T, qtype), data, 256)], exact, None)
     assert isinstance(module, Int8Linear)
     served = module.codes.float() * module.scale[:, None]
     step = exact.abs().amax(-1, keepdim=True) / 127
-    assert ((served - exact).abs() <= step / 2 * (1 + 1e-6)).all()
+    # plus float32 rounding: the scale's (2^-24 relative) times codes up to 127, and the product's
+    assert ((served - exact).abs() <= step / 2 + step * 127 * 2 ** -22).all()
     assert (served != exact).any()  # requantized for real
 
 
@@ -192,3 +212,32 @@ def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch
             expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
         served = torch.stack([torch.as_tensor(step[i]) for step in logits])
         assert ((served - expected).abs() <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
+
+
+# Q4_K_M's mix, as llama-quantize writes it: Q4_K linears, some v_proj and down_proj in Q6_K (and,
+# where a row is no multiple of 256, Q5_0/Q8_0), a Q8_0 embedding and a Q6_K output
+KQUANT_TYPES = {**gguf_models.all_of("Q4_K"), "model.embed_tokens.weight": "Q8_0", "lm_head.weight": "Q6_K",
+                "1.v_proj": "Q6_K", "1.down_proj": "Q5_K", "1.up_proj": "Q5_0"}
+
+
+def test_k_quants_run_quantized_within_bound_of_the_dequantized_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    hf_model = gguf_models.write(path, types=KQUANT_TYPES)
+    runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
+    kinds = {name: type(m).__name__ for name, m in runner.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    layer = lambda i, names: {f"model.layers.{i}.{n}" for n in names}
+    # Q4_K on its own codes; a fused linear with a Q6_K/Q5_0 section, Q5_K and Q6_K requantized
+    assert {n for n, k in kinds.items() if k == "Int4Linear"} == (
+        layer(0, ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"])
+        | layer(1, ["self_attn.o_proj"]))
+    assert {n for n, k in kinds.items() if k == "Int8Linear"} == (
+        layer(1, ["self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]) | {"lm_head"})
+    outputs, logits = generate_in_process(runner, PROMPTS, 4)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
+        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+        error = (served - expected).abs()
+        assert (error <= KQ_RTOL * expected.abs().amax(-1, keepdim=True)).all(), (i, (error / expected.abs().amax(-1, keepdim=True)).max())
+        assert error.max() > 0  # quantized for real
