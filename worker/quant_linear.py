@@ -32,6 +32,8 @@ hold (not the GGUF's exact one), so both paths serve one model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -221,9 +223,8 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     other whose weights are all of INT4_TYPES | INT8_TYPES with an Int8Linear (requantized per
     channel; `gguf_method`), a tied LM head on the embedding's blocks (TIED_SOURCES); returns how
     many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
-    so do all of a kind whose op this CPU runs slower than float32 (quantized_wins, timed over
-    every linear of the kind)."""
-    kinds: dict[str, list[tuple[str, nn.Module, torch.Tensor]]] = {}
+    so do all of a kind whose op this CPU runs slower than float32 (`swap_kind`)."""
+    kinds: dict[str, list[Candidate]] = {}
     types: dict[str, set[str]] = {}
     for name, names in linear_sources(model).items():
         parts = [blocks.get(source, blocks.get(TIED_SOURCES.get(source))) for source in names]
@@ -233,20 +234,15 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
         method = gguf_method(parts, linear)
         if method is None:
             continue
-        weight = linear.weight.detach()
-        kinds.setdefault(method, []).append((name, gguf_module(method, parts, weight, linear.bias), weight))
+        build = lambda method=method, parts=parts, linear=linear: gguf_module(
+            method, parts, linear.weight.detach(), linear.bias)
+        kinds.setdefault(method, []).append(Candidate(name, build, linear.weight.detach()))
         types.setdefault(method, set()).update(p.type.name for p in parts)
     count = 0
-    for method, swaps in kinds.items():
-        if not quantized_wins(model, method, [(module, weight) for _, module, weight in swaps]):
-            log.warning("%s matmul is slower than float32 on this CPU: the GGUF's %s linears run dequantized",
-                        method, method)
-            kernel_choices.record(model, f"GGUF {'/'.join(sorted(types[method]))} linears: dequantized to float32 "
-                                  f"(the {method} op is slower than float32 on this CPU)")
-            continue
-        for name, module, _ in swaps:
-            replace_module(model, name, module)
-        count += len(swaps)
+    for method, candidates in kinds.items():
+        label = "/".join(sorted(types[method]))
+        count += swap_kind(model, method, candidates, f"GGUF {label} linears: dequantized to float32 "
+                           f"(the {method} op is slower than float32 on this CPU)")
     return count
 
 
@@ -270,33 +266,82 @@ def quantize_linears(model: nn.Module, method: str) -> int:
     """--quantization: every nn.Linear (a tied LM head as a quantized copy; the embedding stays
     float32) as an Int8Linear ("int8") or Int4Linear ("int4", where `int4_fits`; others stay
     float32); returns how many were replaced: none where this CPU runs the op slower than float32
-    (quantized_wins)."""
-    swaps = []
+    (`swap_kind`)."""
+    candidates = []
     for name in list(linear_sources(model)):
         linear = model.get_submodule(name)
-        weight = linear.weight.detach()
         if method == "int8":
-            swaps.append((name, Int8Linear(*quantize_int8(weight), linear.bias), weight))
+            build = lambda linear=linear: Int8Linear(*quantize_int8(linear.weight.detach()), linear.bias)
         elif int4_fits(linear):
-            swaps.append((name, Int4Linear.from_affine(*quantize_int4(weight), linear.bias), weight))
-    if swaps and not quantized_wins(model, method, [(module, weight) for _, module, weight in swaps]):
-        log.warning("--quantization %s: the %s matmul is slower than float32 on this CPU; "
-                    "serving float32 weights", method, method)
-        kernel_choices.record(model, f"--quantization {method}: not applied, float32 weights served (the "
-                              f"{method} op is slower than float32 on this CPU)")
+            build = lambda linear=linear: Int4Linear.from_affine(*quantize_int4(linear.weight.detach()), linear.bias)
+        else:
+            continue
+        candidates.append(Candidate(name, build, linear.weight.detach()))
+    return swap_kind(model, method, candidates, f"--quantization {method}: not applied, float32 weights "
+                     f"served (the {method} op is slower than float32 on this CPU)")
+
+
+@dataclass
+class Candidate:
+    """A linear that may run quantized: its module name, how to build its quantized module, and
+    its float32 weight [N, K] (what it runs on otherwise)."""
+    name: str
+    build: Callable[[], nn.Module]
+    weight: torch.Tensor
+
+
+# The float32 bytes of a kind's linears that its decision times (`timed_prefix`): well above a
+# CPU's cache (a core's share of a server's last-level cache is tens of MiB), so that float32
+# streams from memory as a decode step's weights do, while a model of GBs builds only a few
+# layers' quantized modules before the op is known to win.
+TIMED_BYTES = 256 << 20
+
+
+def swap_kind(model: nn.Module, method: str, candidates: list[Candidate], refused: str) -> int:
+    """Swap every candidate linear for its quantized module where the `method` op beats float32
+    over all of them (quantized_wins: cached per CPU, else timed on `timed_prefix`'s modules, the
+    only ones built before the answer); returns how many were swapped. Where float32 wins, the
+    model keeps its linears, the log warns and `refused` is recorded (WorkerInfo.kernel_choices).
+    The quantized modules are built one at a time as they replace their linear, so the model's
+    float32 weights go as their copies come (a tied LM head's stays: the embedding holds it)."""
+    if not candidates:
         return 0
-    for name, module, _ in swaps:
-        replace_module(model, name, module)
-    return len(swaps)
+    built: dict[str, nn.Module] = {}
+
+    def time_prefix() -> bool:
+        pairs = [(built.setdefault(c.name, c.build()), c.weight) for c in timed_prefix(candidates)]
+        return quantized_is_faster(*zip(*pairs))
+    if not quantized_wins(model, method, [c.weight for c in candidates], time_prefix):
+        log.warning("%s", refused)
+        kernel_choices.record(model, refused)
+        return 0
+    count = len(candidates)
+    while candidates:  # popped, so that nothing here holds a replaced linear's weight
+        candidate = candidates.pop(0)
+        module = built.pop(candidate.name) if candidate.name in built else candidate.build()
+        replace_module(model, candidate.name, module)
+    return count
 
 
-def quantized_wins(model: nn.Module, method: str, pairs: list[tuple[nn.Module, torch.Tensor]]) -> bool:
-    """quantized_is_faster over these (quantized module, float32 weight) pairs, cached per CPU and
-    model shape and recorded on the model (cpu/kernel_choices.py)."""
-    mib = sum(weight.numel() * weight.element_size() for _, weight in pairs) >> 20
-    key = f"{method} linears at 1 row ({len(pairs)} of them, {mib} MiB in float32)"
+def timed_prefix(candidates: list[Candidate]) -> list[Candidate]:
+    """The first candidates, in the model's order (whole layers, each shape of a layer once per
+    layer), whose float32 weights reach TIMED_BYTES; all of them in a smaller model."""
+    total = 0
+    for i, candidate in enumerate(candidates):
+        total += candidate.weight.numel() * candidate.weight.element_size()
+        if total >= TIMED_BYTES:
+            return candidates[:i + 1]
+    return candidates
+
+
+def quantized_wins(model: nn.Module, method: str, weights: list[torch.Tensor], time: Callable[[], bool]) -> bool:
+    """Whether the `method` op beats float32 over the linears of these float32 `weights`: this
+    CPU's cached answer for their count and size (cpu/kernel_choices.py), else `time()`'s,
+    recorded on the model."""
+    mib = sum(weight.numel() * weight.element_size() for weight in weights) >> 20
+    key = f"{method} linears at 1 row ({len(weights)} of them, {mib} MiB in float32)"
     return kernel_choices.decide(model, key, {"quantized": method, "float32": "float32"},
-                                 lambda: "quantized" if quantized_is_faster(*zip(*pairs)) else "float32") == "quantized"
+                                 lambda: "quantized" if time() else "float32") == "quantized"
 
 
 def quantized_is_faster(modules: tuple[nn.Module, ...], weights: tuple[torch.Tensor, ...], repeats: int = 7) -> bool:

@@ -100,3 +100,34 @@ def test_quantized_is_faster_runs_every_module():
 def test_quantization_needs_float32(tiny):
     with pytest.raises(LoadError, match="float32"):
         ModelRunner(runner_config(tiny[0], quantization="int8", dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_only_the_timed_linears_are_built_before_the_decision(tiny, faster, monkeypatch):
+    # A kind that loses to float32 costs the load (time and peak memory) only the quantized
+    # modules its timing ran on; one that wins reuses them and builds the rest.
+    monkeypatch.setattr(quant_linear, "TIMED_BYTES", 1)  # the first linear alone reaches it
+    builds, timed = [], []
+    quantize = quant_linear.quantize_int8
+    monkeypatch.setattr(quant_linear, "quantize_int8", lambda weight: builds.append(weight.shape) or quantize(weight))
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: timed.append(len(modules)) or faster)
+    runner = ModelRunner(runner_config(tiny[0], quantization="int8"))
+    assert timed == [1]
+    assert len(builds) == (2 * 4 + 1 if faster else 1)
+    assert sum(isinstance(m, Int8Linear) for m in runner.model.modules()) == (2 * 4 + 1 if faster else 0)
+    # the decision still speaks for (and is cached under) every linear of the kind
+    assert any(line.startswith("int8 linears at 1 row (9 of them") for line in runner.worker_info().kernel_choices)
+
+
+def test_a_cached_decision_builds_nothing_before_it(tiny, tmp_path, monkeypatch):
+    from pagedserve.worker.cpu import kernel_choices
+
+    monkeypatch.setenv(kernel_choices.ENV, str(tmp_path / "choices.json"))
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: False)
+    ModelRunner(runner_config(tiny[0], quantization="int8"))
+    builds = []
+    quantize = quant_linear.quantize_int8
+    monkeypatch.setattr(quant_linear, "quantize_int8", lambda weight: builds.append(weight.shape) or quantize(weight))
+    runner = ModelRunner(runner_config(tiny[0], quantization="int8"))
+    assert builds == []
+    assert "int8 linears at 1 row (9 of them, 0 MiB in float32): float32 (cached)" in runner.worker_info().kernel_choices
