@@ -264,21 +264,29 @@ def int4_fits(linear: nn.Linear) -> bool:
 
 def quantize_linears(model: nn.Module, method: str) -> int:
     """--quantization: every nn.Linear (a tied LM head as a quantized copy; the embedding stays
-    float32) as an Int8Linear ("int8") or Int4Linear ("int4", where `int4_fits`; others stay
-    float32); returns how many were replaced: none where this CPU runs the op slower than float32
-    (`swap_kind`)."""
-    candidates = []
+    float32) as an Int8Linear ("int8") or Int4Linear ("int4"); with "int4" the LM head, and any
+    linear whose shape the int4 packing refuses (`int4_fits`), goes int8, as a GGUF's Q8_0
+    embedding does (the LM head sets the logits directly, and llama.cpp's 4-bit files keep it at
+    8 or 6 bits). Each op's linears run quantized only where this CPU runs them faster than
+    float32 (`swap_kind`, one decision per op); returns how many were replaced."""
+    kinds: dict[str, list[Candidate]] = {}
     for name in list(linear_sources(model)):
         linear = model.get_submodule(name)
-        if method == "int8":
-            build = lambda linear=linear: Int8Linear(*quantize_int8(linear.weight.detach()), linear.bias)
-        elif int4_fits(linear):
-            build = lambda linear=linear: Int4Linear.from_affine(*quantize_int4(linear.weight.detach()), linear.bias)
+        if method == "int4" and name != LM_HEAD and int4_fits(linear):
+            kind, build = "int4", lambda linear=linear: Int4Linear.from_affine(
+                *quantize_int4(linear.weight.detach()), linear.bias)
         else:
-            continue
-        candidates.append(Candidate(name, build, linear.weight.detach()))
-    return swap_kind(model, method, candidates, f"--quantization {method}: not applied, float32 weights "
-                     f"served (the {method} op is slower than float32 on this CPU)")
+            kind, build = "int8", lambda linear=linear: Int8Linear(*quantize_int8(linear.weight.detach()), linear.bias)
+        kinds.setdefault(kind, []).append(Candidate(name, build, linear.weight.detach()))
+    count = 0
+    for kind, candidates in kinds.items():
+        which = "" if kind == method else f" to the LM head and other {kind} linears"
+        count += swap_kind(model, kind, candidates, f"--quantization {method}: not applied{which}, float32 "
+                           f"weights served (the {kind} op is slower than float32 on this CPU)")
+    return count
+
+
+LM_HEAD = "lm_head"  # the output projection's module name in every model of worker/models/
 
 
 @dataclass

@@ -38,11 +38,13 @@ def test_quantized_model_logits_within_bound_of_float32(tiny, method, monkeypatc
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
     path, hf_model = tiny
     runner = ModelRunner(runner_config(path, quantization=method))
-    kind = Int8Linear if method == "int8" else Int4Linear
-    linears = [m for m in runner.model.modules() if isinstance(m, kind)]
-    # qkv, o, gate_up, down per layer, and the LM head: not in int4, whose packing needs
-    # out_features a multiple of 16 (a vocabulary of 1000)
-    assert len(linears) == 2 * 4 + (method == "int8")
+    kinds = {name: type(m) for name, m in runner.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    # qkv, o, gate_up, down per layer, and the LM head: int8 under int4 too (as a GGUF's Q8_0
+    # embedding serves a 4-bit file's tied head)
+    assert len(kinds) == 2 * 4 + 1 and kinds["lm_head"] is Int8Linear
+    assert {kinds[name] for name in kinds if name != "lm_head"} == {Int8Linear if method == "int8" else Int4Linear}
+    decisions = [line.split(" at 1 row (")[0] for line in runner.worker_info().kernel_choices if " at 1 row (" in line]
+    assert decisions == (["int8 linears"] if method == "int8" else ["int4 linears", "int8 linears"])
     max_tokens = 4
     outputs, logits = generate_in_process(runner, PROMPTS, max_tokens)
     for i, prompt in enumerate(PROMPTS):
@@ -61,6 +63,8 @@ def test_quantization_kept_float_where_the_cpu_runs_it_slower(tiny, monkeypatch)
     assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in runner.model.modules())
     # ... and says so to whoever asks the worker, not only in its log
     assert any(line.startswith("--quantization int4: not applied, float32 weights served")
+               for line in runner.worker_info().kernel_choices)
+    assert any(line.startswith("--quantization int4: not applied to the LM head and other int8 linears")
                for line in runner.worker_info().kernel_choices)
 
 
