@@ -336,9 +336,12 @@ def profile(args, overrides: dict) -> dict:
         print(report(parts, info))
     if args.torch_profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    choices = runner.worker_info().kernel_choices  # what ran quantized, oneDNN, ... and why
+    print("kernel choices:\n" + "".join(f"  {line}\n" for line in choices), end="")
     out = {"parts_ms": parts, **info, "steps": args.steps, "cpu_count": len(os.sched_getaffinity(0)),
            "vocab_size": runner.loaded.vocab_size, "num_layers": runner.loaded.hf_config.num_hidden_layers,
-           "hidden_size": runner.loaded.hf_config.hidden_size, "hf_overrides": overrides}
+           "hidden_size": runner.loaded.hf_config.hidden_size, "hf_overrides": overrides,
+           "kernel_choices": list(choices)}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
