@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pagedserve.worker.cpu.attention import AttentionKernel
 from pagedserve.worker.cpu.ops import cpu_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
@@ -77,7 +78,7 @@ class TorchAttentionMetadata(AttentionMetadata):
 
 class TorchAttention:
     """Attention on the CPU path: the C kernels of cpu/attention.py (`kernel`, an AttentionKernel)
-    where one is given and the dtype suits it (float32 on the CPU), else
+    where one is given and the dtype suits it (float32 or bfloat16 on the CPU), else
     scaled_dot_product_attention over K/V gathered from the paged cache."""
 
     name = "torch"
@@ -88,7 +89,8 @@ class TorchAttention:
     def prepare(self, meta: AttentionMetadata, dtype: torch.dtype = torch.float32) -> TorchAttentionMetadata:
         """What every layer of the step shares, built once; `dtype` is the KV cache's. Everything
         is derived from host-side lists: no device sync."""
-        use_kernel = self.kernel is not None and meta.seq_lens.device.type == "cpu" and dtype == torch.float32
+        use_kernel = (self.kernel is not None and meta.seq_lens.device.type == "cpu"
+                      and dtype in AttentionKernel.DTYPES)
         nd, num_seqs = meta.num_decodes, len(meta.query_lens_cpu)
         starts = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)]).tolist()
         chunks = [(i, starts[i], int(meta.query_lens_cpu[i]), int(meta.seq_lens_cpu[i])) for i in range(nd, num_seqs)]
