@@ -479,7 +479,8 @@ static int attend(const void *q, const void *k_cache, const void *v_cache, const
             c.base = first_key(&c, 0) / block_size * block_size;
             c.span = c.len - c.base;
             int64_t offset = (row0 + first) * q_stride + (int64_t)h * group * head_dim, size = bf16 ? 2 : 4;
-            if (buf.scores) run_task(&c, (const char *)q + offset * size, (char *)out + offset * size, count, scale, &buf);
+            if (buf.scores)
+                run_task(&c, (const char *)q + offset * size, (char *)out + offset * size, count, scale, &buf);
             else {
 #pragma omp atomic write
                 failed = 1;
