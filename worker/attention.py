@@ -2,10 +2,11 @@
 sequence's whole context (cached prefix + new tokens, causally).
 
 Both backends take the same inputs and must give the same results:
-- `torch`: the CPU serving path. Decodes and prefill chunks read the paged cache in place with the
-  C kernels of cpu/attention.py; where they cannot be built, decodes take one SDPA call over a padded
-  gather of their blocks and prefill chunks one SDPA call per sequence. Fresh prompts longer than
-  KERNEL_MAX_FRESH_CONTEXT keep SDPA, which is faster there.
+- `torch`: the CPU serving path. Decodes and prefill chunks read the paged cache (float32 or
+  bfloat16) in place with the C kernels of cpu/attention.py; where they cannot be built (or the
+  cache is float16), decodes take one SDPA call over a padded gather of their blocks and prefill
+  chunks one SDPA call per sequence. Fresh prompts longer than KERNEL_MAX_FRESH_CONTEXT keep SDPA,
+  which is faster there.
 - `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests),
   for any power-of-two block size (the kernel tiles the context in >= 16 positions).
 
