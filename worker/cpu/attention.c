@@ -398,7 +398,7 @@ static void one_task(const Context *c, const float *q, float *out, float scale, 
 #endif
 
 /* Per-thread buffers: the scores, and with a bfloat16 cache one block of it in float32 and the
- * task's queries and outputs in float32 (`tile` floats each). */
+ * task's queries and outputs in float32 (tile_floats each). */
 typedef struct {
     float *scores, *stage, *q, *out;
 } Buffers;
