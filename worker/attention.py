@@ -2,10 +2,11 @@
 sequence's whole context (cached prefix + new tokens, causally).
 
 Both backends take the same inputs and must give the same results:
-- `torch`: the CPU serving path. Decodes and prefill chunks read the paged cache in place with the
-  C kernels of cpu/attention.py; where they cannot be built, decodes take one SDPA call over a padded
-  gather of their blocks and prefill chunks one SDPA call per sequence. Fresh prompts longer than
-  KERNEL_MAX_FRESH_CONTEXT keep SDPA, which is faster there.
+- `torch`: the CPU serving path. Decodes and prefill chunks read the paged cache (float32 or
+  bfloat16) in place with the C kernels of cpu/attention.py; where they cannot be built (or the
+  cache is float16), decodes take one SDPA call over a padded gather of their blocks and prefill
+  chunks one SDPA call per sequence. Fresh prompts longer than KERNEL_MAX_FRESH_CONTEXT keep SDPA,
+  which is faster there.
 - `triton`: the varlen paged attention kernel from kernels/ (CUDA, or TRITON_INTERPRET=1 in tests),
   for any power-of-two block size (the kernel tiles the context in >= 16 positions).
 
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedserve.worker.cpu.ops import cpu_ops
+from pagedserve.worker.cpu.attention import AttentionKernel
+from pagedserve.worker.cpu.ops import kv_write_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
 # cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768, 5% slower at 1024, 10-20% at
@@ -77,7 +79,7 @@ class TorchAttentionMetadata(AttentionMetadata):
 
 class TorchAttention:
     """Attention on the CPU path: the C kernels of cpu/attention.py (`kernel`, an AttentionKernel)
-    where one is given and the dtype suits it (float32 on the CPU), else
+    where one is given and the dtype suits it (float32 or bfloat16 on the CPU), else
     scaled_dot_product_attention over K/V gathered from the paged cache."""
 
     name = "torch"
@@ -88,7 +90,8 @@ class TorchAttention:
     def prepare(self, meta: AttentionMetadata, dtype: torch.dtype = torch.float32) -> TorchAttentionMetadata:
         """What every layer of the step shares, built once; `dtype` is the KV cache's. Everything
         is derived from host-side lists: no device sync."""
-        use_kernel = self.kernel is not None and meta.seq_lens.device.type == "cpu" and dtype == torch.float32
+        use_kernel = (self.kernel is not None and meta.seq_lens.device.type == "cpu"
+                      and dtype in AttentionKernel.DTYPES)
         nd, num_seqs = meta.num_decodes, len(meta.query_lens_cpu)
         starts = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)]).tolist()
         chunks = [(i, starts[i], int(meta.query_lens_cpu[i]), int(meta.seq_lens_cpu[i])) for i in range(nd, num_seqs)]
@@ -140,7 +143,7 @@ class TorchAttention:
         and softcap as in the module's docstring."""
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
-        ops = cpu_ops(k)
+        ops = kv_write_ops(k)
         if ops is None or not ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
             k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)

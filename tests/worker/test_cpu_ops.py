@@ -103,6 +103,26 @@ def test_kv_write_puts_fused_views_where_index_copy_would(ops):
     assert not ops.write_kv(k, v, *caches, slots.to(torch.int32))  # a layout it does not take: untouched
 
 
+def test_kv_write_of_a_bfloat16_cache_is_index_copy_s(ops):
+    g = torch.Generator().manual_seed(6)
+    tokens, kv_heads, head_dim = 37, 3, 64
+    qkv = torch.randn(tokens, (9 + 2 * kv_heads) * head_dim, generator=g).to(torch.bfloat16)
+    k = qkv[:, 9 * head_dim: 12 * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, 12 * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(20 * 16, generator=g)[:tokens]
+    caches = [torch.randn(20, 16, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    expected[0].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    expected[1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    assert ops.write_kv(k, v, *caches, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    # Mixed or other dtypes: nothing written, the caller's index_copy_ does it.
+    assert not ops.write_kv(k.float(), v.float(), *caches, slots)
+    half = [c.half() for c in caches]
+    assert not ops.write_kv(k.half(), v.half(), *half, slots)
+    assert torch.equal(caches[0], expected[0])
+
+
 @pytest.mark.parametrize("tokens,inter", [(1, 1536), (300, 1536), (5, 37)])
 def test_silu_and_mul_within_an_ulp_or_two_of_torch(ops, tokens, inter):
     """One pass over the fused gate/up output; libmvec's vector expf (1 ulp) instead of torch's,

@@ -5,7 +5,10 @@
  * queries, not for the one token of a decode. Here each (sequence, kv head) pair reads its K and V
  * rows once, where they sit, for all the query heads of its group (GQA), in three passes over a
  * small score buffer that stays in L1/L2: scores, softmax (libmvec's vector expf), weighted sum of
- * V. fp32 throughout.
+ * V. fp32 throughout, or with bfloat16 q, out and cache (their `bf16` argument): each block of K
+ * or V is converted to float32 once per task into a small buffer that the same loops then read, a
+ * task's queries are converted on the way in and its outputs rounded to bfloat16 (to nearest, ties
+ * to even, as torch rounds) on the way out; the arithmetic is the float32 path's.
  *
  * A prefill chunk is the same computation for each of its query positions, causally: a task takes
  * up to QUERY_TILE consecutive positions of one sequence, so every block it reads serves all of them
@@ -46,13 +49,38 @@ float expf(float);
  * as one contiguous span; its query positions share every block it reads, which stays in L1 while
  * they use it. softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2). */
 typedef struct {
-    const float *k_cache, *v_cache;
+    const void *k_cache, *v_cache; /* float, or uint16_t holding bfloat16 where bf16 is set */
     const int32_t *table;
     int64_t len, first_pos, q_stride; /* q_stride: floats from one query position to the next in q and out */
     int group, block_size, kv_heads, head_dim, kv_head, num_kv, queries;
     int64_t window, base, span; /* window 0: none */
     float softcap;
+    int bf16;           /* the cache holds bfloat16: blocks are converted into `stage` */
+    float *stage;       /* bf16: one block of the task's kv heads, float32 [block_size, num_kv, head_dim] */
+    int64_t row_stride; /* floats from one row of a block to the next as the loops read it */
 } Context;
+
+/* bfloat16 is the upper half of a float32: widening is exact. */
+static inline void bf16_to_float(float *dst, const uint16_t *src, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, sizeof u);
+    }
+}
+
+/* Rounded to nearest, ties to even (torch's round_to_nearest_even: add 0x7FFF plus the kept
+ * half's lowest bit, drop the low half); NaN becomes torch's 0x7FC0. Bit tests, not isnan: this
+ * file is built with -ffinite-math-only. */
+static inline void float_to_bf16(uint16_t *dst, const float *src, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, sizeof u);
+        uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
+    }
+}
 
 /* The first key query p of the task sees. */
 static inline int64_t first_key(const Context *c, int p) {
@@ -67,9 +95,10 @@ static inline int64_t visible_rows(const Context *c, int p, int64_t first, int64
 }
 
 /* Walks the context block by block (no division per row): block i holds positions
- * [i * block_size, ...), its rows `stride` floats apart from `base`. */
-static inline const float *block_base(const Context *c, const float *cache, int64_t i) {
-    return cache + ((int64_t)c->table[i] * c->block_size * c->kv_heads + c->kv_head) * (int64_t)c->head_dim;
+ * [i * block_size, ...); the task's first row of it is this many elements into the cache, the next
+ * kv_heads * head_dim after it. */
+static inline int64_t block_offset(const Context *c, int64_t i) {
+    return ((int64_t)c->table[i] * c->block_size * c->kv_heads + c->kv_head) * (int64_t)c->head_dim;
 }
 
 static inline int64_t rows_in_block(const Context *c, int64_t i) {
@@ -83,10 +112,9 @@ static inline int64_t rows_in_block(const Context *c, int64_t i) {
  * with nothing between them keep many misses in flight at once. Measured on 2 Zen 3 cores, batch
  * 64, 30 layers: the kernel went from 7-9 to 10-14 GB/s of K/V (`pagedserve bench kernels`,
  * docs/PERFORMANCE.md). Block i + 1 is meanwhile asked for by `Ahead`. */
-static inline void stage_block(const Context *c, const float *cache, int64_t i) {
+static inline void stage_block(const Context *c, const float *base, int64_t i) {
 #ifdef HAVE_AVX2
     int64_t stride = (int64_t)c->kv_heads * c->head_dim, span = (int64_t)c->num_kv * c->head_dim;
-    const float *base = block_base(c, cache, i);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     for (int64_t o = 0; o < rows_in_block(c, i); o++)
         for (int64_t f = 0; f + 32 <= span; f += 32) { /* one load per 64-byte line */
@@ -95,8 +123,23 @@ static inline void stage_block(const Context *c, const float *cache, int64_t i) 
         }
     __asm__ volatile("" ::"x"(a0), "x"(a1)); /* the loads are the point: keep them */
 #else
-    (void)c, (void)cache, (void)i;
+    (void)c, (void)base, (void)i;
 #endif
+}
+
+/* Block i's rows (the task's kv heads) as float32, c->row_stride floats apart: a float32 cache's
+ * own (brought into L1 first where `stage`), or a bfloat16 cache's converted into c->stage, which
+ * reads them once, in order, and leaves them in L1 the same way. */
+static inline const float *block_rows(const Context *c, const void *cache, int64_t i, int stage) {
+    if (!c->bf16) {
+        const float *base = (const float *)cache + block_offset(c, i);
+        if (stage) stage_block(c, base, i);
+        return base;
+    }
+    const uint16_t *src = (const uint16_t *)cache + block_offset(c, i);
+    int64_t stride = (int64_t)c->kv_heads * c->head_dim, n = rows_in_block(c, i);
+    for (int64_t o = 0; o < n; o++) bf16_to_float(c->stage + o * c->row_stride, src + o * stride, c->row_stride);
+    return c->stage;
 }
 
 /* The lines of block i + 1 (the task's kv heads), asked for AHEAD_LINES at a time between the
@@ -107,14 +150,15 @@ static inline void stage_block(const Context *c, const float *cache, int64_t i) 
  * lines a step measured, 8 best). */
 #define AHEAD_LINES 8
 typedef struct {
-    const float *base;
-    int64_t stride, span, rows, row, f;
+    const char *base;
+    int64_t stride, span, rows, row, f; /* bytes, but rows and row */
 } Ahead;
 
-static inline Ahead ahead_of(const Context *c, const float *cache, int64_t i) {
-    Ahead a = {0, (int64_t)c->kv_heads * c->head_dim, (int64_t)c->num_kv * c->head_dim, 0, 0, 0};
+static inline Ahead ahead_of(const Context *c, const void *cache, int64_t i) {
+    int64_t size = c->bf16 ? 2 : 4;
+    Ahead a = {0, (int64_t)c->kv_heads * c->head_dim * size, (int64_t)c->num_kv * c->head_dim * size, 0, 0, 0};
     if ((i + 1) * c->block_size < c->len) {
-        a.base = block_base(c, cache, i + 1);
+        a.base = (const char *)cache + block_offset(c, i + 1) * size;
         a.rows = rows_in_block(c, i + 1);
     }
     return a;
@@ -123,7 +167,7 @@ static inline Ahead ahead_of(const Context *c, const float *cache, int64_t i) {
 static inline void ahead_fetch(Ahead *a, int lines) {
     for (int l = 0; l < lines && a->row < a->rows; l++) {
         __builtin_prefetch(a->base + a->row * a->stride + a->f);
-        a->f += 16;
+        a->f += 64;
         if (a->f >= a->span) {
             a->f = 0;
             a->row++;
@@ -133,10 +177,10 @@ static inline void ahead_fetch(Ahead *a, int lines) {
 
 #define FOR_EACH_ROW(c, cache, t, ptr, body)                                         \
     do {                                                                             \
-        int64_t stride_ = (int64_t)(c)->kv_heads * (c)->head_dim;                    \
+        int64_t stride_ = (c)->row_stride;                                           \
         int64_t num_blocks_ = ((c)->len + (c)->block_size - 1) / (c)->block_size;    \
         for (int64_t i_ = (c)->base / (c)->block_size; i_ < num_blocks_; i_++) {    \
-            const float *base_ = block_base((c), (cache), i_);                       \
+            const float *base_ = block_rows((c), (cache), i_, 0);                    \
             int64_t n_ = rows_in_block((c), i_);                                     \
             for (int64_t o_ = 0; o_ < n_; o_++) {                                    \
                 int64_t t = i_ * (c)->block_size + o_ - (c)->base;                   \
@@ -219,13 +263,12 @@ static inline __m256 scores8(const float *q, const float *k, int64_t stride, int
  * head of the task: scores[(p * heads + r) * span + t - base]. */
 static void scores_avx2(const Context *c, const float *q, float scale, float *scores) {
     int d = c->head_dim, rows = c->num_kv * c->group;
-    int64_t stride = (int64_t)c->kv_heads * d;
+    int64_t stride = c->row_stride;
     int64_t num_blocks = (c->len + c->block_size - 1) / c->block_size;
     __m256 scale8 = _mm256_set1_ps(scale);
     for (int64_t i = c->base / c->block_size; i < num_blocks; i++) {
-        const float *base = block_base(c, c->k_cache, i);
+        const float *base = block_rows(c, c->k_cache, i, 1);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
-        stage_block(c, c->k_cache, i);
         Ahead next = ahead_of(c, c->k_cache, i);
         for (int p = 0; p < c->queries; p++) {
             int64_t seen = visible_rows(c, p, first, n);
@@ -269,13 +312,12 @@ static inline __attribute__((always_inline)) void weighted_chunk(const float *v,
  * head of the task, in 32-float chunks of head_dim. */
 static void weighted_v_avx2(const Context *c, const float *p, float *out) {
     int d = c->head_dim, rows = c->num_kv * c->group;
-    int64_t stride = (int64_t)c->kv_heads * d;
+    int64_t stride = c->row_stride;
     int64_t num_blocks = (c->len + c->block_size - 1) / c->block_size;
     for (int q = 0; q < c->queries; q++) memset(out + q * c->q_stride, 0, sizeof(float) * rows * d);
     for (int64_t i = c->base / c->block_size; i < num_blocks; i++) {
-        const float *base = block_base(c, c->v_cache, i);
+        const float *base = block_rows(c, c->v_cache, i, 1);
         int64_t n = rows_in_block(c, i), first = i * c->block_size;
-        stage_block(c, c->v_cache, i);
         Ahead next = ahead_of(c, c->v_cache, i);
         for (int q = 0; q < c->queries; q++) {
             int64_t seen = visible_rows(c, q, first, n);
@@ -355,15 +397,39 @@ static void one_task(const Context *c, const float *q, float *out, float scale, 
 #define QUERY_TILE 8 /* query positions per task in a prefill */
 #endif
 
+/* Per-thread buffers: the scores, and with a bfloat16 cache one block of it in float32 and the
+ * task's queries and outputs in float32 (tile_floats each). */
+typedef struct {
+    float *scores, *stage, *q, *out;
+} Buffers;
+
+/* One task's queries (`count` positions of `rows` heads, q_stride elements apart, from `q` and
+ * `out`): float32 straight through; bfloat16 converted to float32 on the way in and rounded back
+ * on the way out, the Context then reading its q and out from the buffers. */
+static void run_task(Context *c, const void *q, void *out, int64_t count, float scale, const Buffers *b) {
+    if (!c->bf16) {
+        one_task(c, q, out, scale, b->scores);
+        return;
+    }
+    int64_t width = (int64_t)c->num_kv * c->group * c->head_dim, q_stride = c->q_stride;
+    for (int64_t p = 0; p < count; p++) bf16_to_float(b->q + p * width, (const uint16_t *)q + p * q_stride, width);
+    c->stage = b->stage;
+    c->row_stride = (int64_t)c->num_kv * c->head_dim;
+    c->q_stride = width;
+    one_task(c, b->q, b->out, scale, b->scores);
+    for (int64_t p = 0; p < count; p++) float_to_bf16((uint16_t *)out + p * q_stride, b->out + p * width, width);
+}
+
 /* The attention of every sequence's queries: sequence b has the query_lens[b] rows of q and out
  * from row query_start[b] (both NULL: row b alone, a decode), the last of its seq_lens[b] positions.
+ * q, out and the caches hold float32, or bfloat16 (uint16_t) where bf16 is set.
  * Tasks: runs of up to QUERY_TILE query positions of one sequence, each over every kv head when
  * there are enough of them to keep every thread busy, else over one. Returns 0, or -1 when memory
  * runs out (out then incomplete). */
-static int attend(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
+static int attend(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_tables,
                   int64_t table_stride, const int32_t *seq_lens, const int32_t *query_start,
-                  const int32_t *query_lens, float *out, int num_seqs, int heads, int kv_heads, int head_dim,
-                  int block_size, float scale, int64_t window, float softcap) {
+                  const int32_t *query_lens, void *out, int num_seqs, int heads, int kv_heads, int head_dim,
+                  int block_size, float scale, int64_t window, float softcap, int bf16) {
     int group = heads / kv_heads, widest = 1;
     int64_t longest = 1;
     int64_t *tile_start = malloc(sizeof(int64_t) * (num_seqs + 1)); /* tiles before sequence b */
@@ -382,9 +448,17 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
     if (window > 0 && window + widest + block_size < longest) longest = window + widest + block_size;
     int per_task = tiles >= 2 * omp_get_max_threads() ? kv_heads : 1;
     int64_t splits = kv_heads / per_task, tasks = tiles * splits, q_stride = (int64_t)heads * head_dim;
+    int64_t score_floats = (int64_t)widest * per_task * group * longest;
+    int64_t stage_floats = (int64_t)block_size * per_task * head_dim;
+    int64_t tile_floats = (int64_t)widest * per_task * group * head_dim;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * widest * per_task * group * longest);
+        Buffers buf = {malloc(sizeof(float) * (score_floats + (bf16 ? stage_floats + 2 * tile_floats : 0))), 0, 0, 0};
+        if (buf.scores && bf16) {
+            buf.stage = buf.scores + score_floats;
+            buf.q = buf.stage + stage_floats;
+            buf.out = buf.q + tile_floats;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t tile = task / splits;
@@ -400,39 +474,41 @@ static int attend(const float *q, const float *k_cache, const float *v_cache, co
             count = count < QUERY_TILE ? count : QUERY_TILE;
             int64_t first_pos = seq_lens[b] - q_len + first;
             Context c = {k_cache, v_cache, block_tables + b * table_stride, first_pos + count, first_pos, q_stride,
-                         group, block_size, kv_heads, head_dim, h, per_task, (int)count, window, 0, 0, softcap};
+                         group, block_size, kv_heads, head_dim, h, per_task, (int)count, window, 0, 0, softcap,
+                         bf16, 0, (int64_t)kv_heads * head_dim};
             c.base = first_key(&c, 0) / block_size * block_size;
             c.span = c.len - c.base;
-            int64_t offset = (row0 + first) * q_stride + (int64_t)h * group * head_dim;
-            if (scores) one_task(&c, q + offset, out + offset, scale, scores);
+            int64_t offset = (row0 + first) * q_stride + (int64_t)h * group * head_dim, size = bf16 ? 2 : 4;
+            if (buf.scores)
+                run_task(&c, (const char *)q + offset * size, (char *)out + offset * size, count, scale, &buf);
             else {
 #pragma omp atomic write
                 failed = 1;
             }
         }
-        free(scores);
+        free(buf.scores);
     }
     free(tile_start);
     return failed ? -1 : 0;
 }
 
-/* out[b, h, :] = softmax(q[b, h, :] . K[b, :seq_lens[b]]) V[b, :seq_lens[b]] for every decode b. */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
-                           const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, float *out,
-                           int num_seqs, int heads, int kv_heads, int head_dim, int block_size, float scale,
-                           int64_t window, float softcap) {
+/* out[b, h, :] = softmax(q[b, h, :] . K[b, :seq_lens[b]]) V[b, :seq_lens[b]] for every decode b;
+ * q, out and the caches float32, or bfloat16 where bf16 is nonzero. */
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_tables,
+                           int64_t table_stride, const int32_t *seq_lens, void *out, int num_seqs, int heads,
+                           int kv_heads, int head_dim, int block_size, float scale, int64_t window, float softcap,
+                           int bf16) {
     return attend(q, k_cache, v_cache, block_tables, table_stride, seq_lens, 0, 0, out, num_seqs, heads, kv_heads,
-                  head_dim, block_size, scale, window, softcap);
+                  head_dim, block_size, scale, window, softcap, bf16);
 }
 
 /* Causal attention of prefill chunks: sequence b's query_lens[b] rows of q and out ([rows, heads,
  * head_dim]) from row query_start[b] are its last positions, each seeing the cache (this step's K/V
- * written) up to itself. */
-int paged_prefill_attention(const float *q, const float *k_cache, const float *v_cache,
-                            const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
-                            const int32_t *query_start, const int32_t *query_lens, float *out, int num_seqs,
-                            int heads, int kv_heads, int head_dim, int block_size, float scale, int64_t window,
-                            float softcap) {
+ * written) up to itself. Element types as in paged_decode_attention. */
+int paged_prefill_attention(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_tables,
+                            int64_t table_stride, const int32_t *seq_lens, const int32_t *query_start,
+                            const int32_t *query_lens, void *out, int num_seqs, int heads, int kv_heads,
+                            int head_dim, int block_size, float scale, int64_t window, float softcap, int bf16) {
     return attend(q, k_cache, v_cache, block_tables, table_stride, seq_lens, query_start, query_lens, out, num_seqs,
-                  heads, kv_heads, head_dim, block_size, scale, window, softcap);
+                  heads, kv_heads, head_dim, block_size, scale, window, softcap, bf16);
 }

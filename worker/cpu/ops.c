@@ -91,6 +91,20 @@ void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride
     }
 }
 
+/* write_kv for 2-byte elements (a bfloat16 cache): the same copy, `width` elements a row. */
+void write_kv16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
+                uint16_t *v_cache, const int64_t *slots, int64_t tokens, int64_t width) {
+#pragma omp parallel for schedule(static) if (tokens * width >= 2 * MIN_PARALLEL_FLOATS)
+    for (int64_t t = 0; t < tokens; t++) {
+        uint16_t *kd = k_cache + slots[t] * width, *vd = v_cache + slots[t] * width;
+        const uint16_t *ks = k + t * k_stride, *vs = v + t * v_stride;
+        for (int64_t i = 0; i < width; i++) {
+            kd[i] = ks[i];
+            vd[i] = vs[i];
+        }
+    }
+}
+
 /* out[r] = silu(gate[r]) * up[r], where row r of gate_up (`row_stride` floats apart) is gate's
  * `inter` floats then up's: the fused gate/up projection's output, read once. */
 void silu_and_mul(const float *gate_up, int64_t row_stride, float *out, int64_t rows, int64_t inter) {

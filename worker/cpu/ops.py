@@ -1,5 +1,5 @@
 """RMSNorm (with the residual add before it), the rotary embedding, the KV cache write and SiLU
-times up in one pass each (cpu/ops.c), for float32 on the CPU. Compiled on first use
+times up in one pass each (cpu/ops.c), for float32 on the CPU (the KV write for bfloat16 too). Compiled on first use
 (worker/cpu/native.py); where it cannot be, `cpu_ops()` is None and the layers keep their torch code,
 which gives the same results.
 """
@@ -30,6 +30,9 @@ class CpuOps:
         self._write_kv = lib.write_kv
         self._write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64]
         self._write_kv.restype = None
+        self._write_kv16 = lib.write_kv16
+        self._write_kv16.argtypes = self._write_kv.argtypes
+        self._write_kv16.restype = None
         self._silu_and_mul = lib.silu_and_mul
         self._silu_and_mul.argtypes = [p, i64, p, i64, i64]
         self._silu_and_mul.restype = None
@@ -60,14 +63,17 @@ class CpuOps:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> bool:
         """k, v [T, kv_heads, head_dim] into contiguous caches [num_blocks, block_size, kv_heads,
-        head_dim] at their slots (int64); False (nothing written) where the layouts do not suit."""
+        head_dim] at their slots (int64), all float32 or all bfloat16; False (nothing written) where
+        the layouts or dtypes do not suit."""
         tokens, kv_heads, head_dim = k.shape
+        dtypes = {t.dtype for t in (k, v, k_cache, v_cache)}
         suits = all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (k, v)) and \
-            k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v.dtype == torch.float32 and \
+            k_cache.is_contiguous() and v_cache.is_contiguous() and dtypes in ({torch.float32}, {torch.bfloat16}) and \
             slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
         if suits:
-            self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
-                           v_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads * head_dim)
+            write = self._write_kv if k.dtype == torch.float32 else self._write_kv16
+            write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                  slot_mapping.data_ptr(), tokens, kv_heads * head_dim)
         return suits
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -83,6 +89,13 @@ class CpuOps:
 def _cpu_ops() -> CpuOps | None:
     lib = native.load(SOURCE, FLAGS, "norms, rotary, KV writes and SiLU use torch")
     return CpuOps(lib) if lib is not None else None
+
+
+def kv_write_ops(x: torch.Tensor) -> CpuOps | None:
+    """The compiled ops where their KV write serves x (float32 or bfloat16 on the CPU), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return _cpu_ops()
 
 
 def cpu_ops(x: torch.Tensor) -> CpuOps | None:

@@ -98,6 +98,9 @@ def add_compare(sub, name: str, help: str, **defaults) -> None:
                         "each keeps its own default, which differ: vLLM's CPU build serves 128, pagedserve 256")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="vLLM's flag, given to every server: most tokens computed in a step (both default to 2048 on CPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the dtype pagedserve and vLLM both serve in (their --dtype); llama.cpp runs its GGUF "
+                        "file's and transformers float32")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                    help="an extra flag for `pagedserve serve` (repeat for more)")
     p.add_argument("--startup-timeout", type=float, default=900.0)

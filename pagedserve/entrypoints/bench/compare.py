@@ -65,6 +65,11 @@ def batch_flags(args) -> list[str]:
     return flags
 
 
+def dtype_of(args) -> str:
+    """The dtype pagedserve and vLLM both serve in (--dtype; a Namespace built by hand may lack it)."""
+    return getattr(args, "dtype", None) or "float32"
+
+
 def llamacpp_gguf(args) -> str:
     """llama.cpp's file: --llamacpp-gguf, else --gguf (the one pagedserve serves), else the f32
     file `make gguf` writes for --model."""
@@ -85,11 +90,12 @@ def server_command(args, system: str, port: int) -> tuple[list[str], dict[str, s
         # A GGUF file is served as vLLM does: --model FILE --tokenizer DIR.
         gguf = getattr(args, "gguf", None)  # a Namespace built by hand may lack the peers' flags
         model, tokenizer = (gguf, ["--tokenizer", args.model]) if gguf else (args.model, [])
-        return pagedserve_command(model, name, port, tokenizer + shared + args.server_arg), {}
+        dtype = ["--dtype", dtype_of(args)]  # before --server-arg's flags, which win where they repeat it
+        return pagedserve_command(model, name, port, tokenizer + shared + dtype + args.server_arg), {}
     if system == "llamacpp":
         return llamacpp_command(args.llamacpp_server, llamacpp_gguf(args), name, port, parallel_slots(args),
                                 args.llamacpp_arg), {}
-    return vllm_command(args.vllm_python, args.model, name, port, shared), vllm_env(system == "vllm")
+    return vllm_command(args.vllm_python, args.model, name, port, shared, dtype_of(args)), vllm_env(system == "vllm")
 
 
 def serve_and_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
@@ -119,8 +125,9 @@ def hf_run(args, system: str, requests: list[BenchRequest], mode: str) -> dict:
 
 
 def settings(args, system: str) -> str:
-    flags = " ".join(dummy_flags(args) + batch_flags(args) + args.server_arg)
-    dummy = " ".join(dummy_flags(args) + batch_flags(args))
+    dtype = ["--dtype", dtype_of(args)]
+    flags = " ".join(dummy_flags(args) + batch_flags(args) + dtype + args.server_arg)
+    dummy = " ".join(dummy_flags(args) + batch_flags(args) + dtype)
     gguf = f"--model {Path(args.gguf).name} " if getattr(args, "gguf", None) else ""
     return {
         "pagedserve": f"pagedserve serve {gguf}{flags}".rstrip() if gguf or flags else "pagedserve serve (defaults)",

