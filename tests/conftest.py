@@ -15,6 +15,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # (tests/worker/test_kernel_choices.py turns the cache on, in a temporary file).
 os.environ.setdefault("PAGEDSERVE_KERNEL_CHOICES", "off")
 
+# The workers the tests start share 2 cores with pytest, clients and other servers: there a
+# spinning OpenMP thread holds a core another process needs (tests/stack 25-30% slower with the
+# worker's default bounded spin, interleaved runs), so they sleep at once, as docs/PERFORMANCE.md
+# advises for busy cores. Results do not depend on it; tests of the default unset it.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 import pytest
 
 from pagedserve.entrypoints.fetch_model import MARKER
