@@ -13,14 +13,6 @@ from pagedserve.entrypoints.bench.one_user import format_one_user, latency_ratio
 from pagedserve.entrypoints.cli import build_parser
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A Hugging Face directory as far as the bench needs one: a config.json with a vocabulary."""
-    path = tmp_path / "TinyModel"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"vocab_size": 5000}))
-    return path
-
 
 @pytest.fixture
 def peers(tmp_path):
@@ -37,8 +29,8 @@ def parse(*argv: str):
     return build_parser().parse_args(["bench", *argv])
 
 
-def test_one_user_defaults_are_one_request_at_a_time(model_dir):
-    args = parse("one-user", "--model", str(model_dir))
+def test_one_user_defaults_are_one_request_at_a_time(bench_model_dir):
+    args = parse("one-user", "--model", str(bench_model_dir))
     assert (args.max_concurrency, args.num_prompts, args.random_input_len, args.random_output_len,
             args.random_range_ratio) == (1, 5, 256, 128, 0.0)
     assert (args.systems, args.modes) == ("pagedserve,llamacpp", "streamed")
@@ -48,9 +40,9 @@ def test_one_user_defaults_are_one_request_at_a_time(model_dir):
     assert [(r.prompt_len, r.output_len) for r in requests] == [(256, 128)] * 5
 
 
-def test_llamacpp_command_serves_the_gguf_with_a_slot_per_concurrent_request(model_dir, peers):
+def test_llamacpp_command_serves_the_gguf_with_a_slot_per_concurrent_request(bench_model_dir, peers):
     server, files = peers
-    args = parse("compare", "--model", str(model_dir), "--systems", "llamacpp", "--llamacpp-server", str(server),
+    args = parse("compare", "--model", str(bench_model_dir), "--systems", "llamacpp", "--llamacpp-server", str(server),
                  "--llamacpp-gguf", str(files["q8_0"]), "--max-concurrency", "3", "--llamacpp-arg=--no-repack")
     args.source_model = args.model
     cmd, env = compare.server_command(args, "llamacpp", 8123)
@@ -66,21 +58,21 @@ def test_llamacpp_command_serves_the_gguf_with_a_slot_per_concurrent_request(mod
     assert dict(zip(*[iter(compare.server_command(args, "llamacpp", 1)[0][1:])] * 2))["-np"] == "64"
 
 
-def test_gguf_is_served_by_both_pagedserve_and_llamacpp(model_dir, peers):
+def test_gguf_is_served_by_both_pagedserve_and_llamacpp(bench_model_dir, peers):
     server, files = peers
-    args = parse("one-user", "--model", str(model_dir), "--llamacpp-server", str(server), "--gguf", str(files["q8_0"]))
+    args = parse("one-user", "--model", str(bench_model_dir), "--llamacpp-server", str(server), "--gguf", str(files["q8_0"]))
     args.source_model = args.model
     cmd, _ = compare.server_command(args, "pagedserve", 8124)
     i = cmd.index("--model")
-    assert cmd[i + 1] == str(files["q8_0"]) and cmd[cmd.index("--tokenizer") + 1] == str(model_dir)
+    assert cmd[i + 1] == str(files["q8_0"]) and cmd[cmd.index("--tokenizer") + 1] == str(bench_model_dir)
     assert cmd[cmd.index("--served-model-name") + 1] == "TinyModel"
     assert compare.llamacpp_gguf(args) == str(files["q8_0"])
     assert "TinyModel-q8_0.gguf" in compare.settings(args, "pagedserve")
     # Without --gguf pagedserve serves the directory, llama.cpp `make gguf`'s f32 file.
-    plain = parse("one-user", "--model", str(model_dir))
+    plain = parse("one-user", "--model", str(bench_model_dir))
     plain.source_model = plain.model
     cmd, _ = compare.server_command(plain, "pagedserve", 8125)
-    assert cmd[cmd.index("--model") + 1] == str(model_dir) and "--tokenizer" not in cmd
+    assert cmd[cmd.index("--model") + 1] == str(bench_model_dir) and "--tokenizer" not in cmd
     assert compare.llamacpp_gguf(plain) == os.path.join(".peers", "gguf", "TinyModel-f32.gguf")
 
 
@@ -89,16 +81,16 @@ def test_gguf_is_served_by_both_pagedserve_and_llamacpp(model_dir, peers):
     (["--llamacpp-gguf", "/nonexistent/x.gguf"], "make gguf"),
     (["--load-format", "dummy"], "GGUF file's own weights"),
 ])
-def test_llamacpp_runs_refused_with_the_fix(model_dir, peers, extra, message):
+def test_llamacpp_runs_refused_with_the_fix(bench_model_dir, peers, extra, message):
     server, files = peers
     base = ["--llamacpp-server", str(server), "--llamacpp-gguf", str(files["f32"])]
-    args = parse("one-user", "--model", str(model_dir), *base, *extra)
+    args = parse("one-user", "--model", str(bench_model_dir), *base, *extra)
     with pytest.raises(SystemExit, match=message):
         compare.check_systems(args)
 
 
-def test_a_missing_gguf_for_pagedserve_is_refused(model_dir):
-    args = parse("compare", "--model", str(model_dir), "--systems", "pagedserve", "--gguf", "/nonexistent/m.gguf")
+def test_a_missing_gguf_for_pagedserve_is_refused(bench_model_dir):
+    args = parse("compare", "--model", str(bench_model_dir), "--systems", "pagedserve", "--gguf", "/nonexistent/m.gguf")
     with pytest.raises(SystemExit, match="is not a file"):
         compare.check_systems(args)
 
@@ -121,7 +113,7 @@ def test_latency_ratios_are_pagedserve_over_each_system():
     assert alone["llamacpp"]["tpot_ratio"] is None and "-" in format_one_user(alone)
 
 
-def test_one_user_report_from_fake_timings(model_dir, peers, tmp_path, monkeypatch):
+def test_one_user_report_from_fake_timings(bench_model_dir, peers, tmp_path, monkeypatch):
     """compare() end to end with each system's run replaced by fixed timings: the JSON holds the
     one-user section with the ratios, the chart is a PNG, and the table is printed."""
     server, files = peers
@@ -135,7 +127,7 @@ def test_one_user_report_from_fake_timings(model_dir, peers, tmp_path, monkeypat
 
     monkeypatch.setattr(compare, "run_system", fake_run)
     result, chart = tmp_path / "one-user.json", tmp_path / "one-user.png"
-    args = parse("one-user", "--model", str(model_dir), "--llamacpp-server", str(server), "--gguf", str(files["q8_0"]),
+    args = parse("one-user", "--model", str(bench_model_dir), "--llamacpp-server", str(server), "--gguf", str(files["q8_0"]),
                  "--num-prompts", "2", "--result-filename", str(result), "--chart", str(chart))
     assert compare.main(args) == 0
     report = json.loads(result.read_text())
@@ -144,7 +136,7 @@ def test_one_user_report_from_fake_timings(model_dir, peers, tmp_path, monkeypat
     assert report["ratios"] == {"pagedserve/llamacpp": 0.5}  # throughput: pagedserve's over llama.cpp's
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Many users (no --max-concurrency 1): no one-user section.
-    many = parse("compare", "--model", str(model_dir), "--systems", "pagedserve,llamacpp", "--modes", "streamed",
+    many = parse("compare", "--model", str(bench_model_dir), "--systems", "pagedserve,llamacpp", "--modes", "streamed",
                  "--llamacpp-server", str(server), "--llamacpp-gguf", str(files["f32"]), "--num-prompts", "2",
                  "--result-filename", str(result), "--chart", str(chart))
     assert compare.main(many) == 0
