@@ -17,6 +17,7 @@ from pagedserve.worker.cpu import native
 SOURCE = Path(__file__).with_name("ops.c")
 # No fused multiply-adds: each product and sum rounds where torch's separate ops round it.
 FLAGS = [*native.BASE_FLAGS, "-ffp-contract=off"]
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class CpuOps:
@@ -80,10 +81,13 @@ class CpuOps:
         head_dim] at their slots (int64), all float32 or all bfloat16; False (nothing written) where
         the layouts or dtypes do not suit."""
         tokens, kv_heads, head_dim = k.shape
-        dtypes = {t.dtype for t in (k, v, k_cache, v_cache)}
-        suits = all(t.stride(2) == 1 and t.stride(1) == head_dim for t in (k, v)) and \
-            k_cache.is_contiguous() and v_cache.is_contiguous() and dtypes in ({torch.float32}, {torch.bfloat16}) and \
-            slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+        dtype = k.dtype
+        # One chain of plain tests: called once a layer, and at batch 1 the checks cost as much as
+        # the copy (sets and generators here took half of it).
+        suits = (dtype in _DTYPES and v.dtype == dtype and k_cache.dtype == dtype and v_cache.dtype == dtype
+                 and k.stride(2) == 1 and v.stride(2) == 1 and k.stride(1) == head_dim and v.stride(1) == head_dim
+                 and k_cache.is_contiguous() and v_cache.is_contiguous()
+                 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous())
         if suits:
             write = self._write_kv if k.dtype == torch.float32 else self._write_kv16
             write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -112,6 +116,6 @@ def kv_write_ops(x: torch.Tensor) -> CpuOps | None:
 
 def cpu_ops(x: torch.Tensor) -> CpuOps | None:
     """The compiled ops where they serve x (float32 or bfloat16 on the CPU), else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return None
     return _cpu_ops()
