@@ -4,6 +4,8 @@ rounds where torch's separate ops round), the norm and SiLU within one bfloat16 
 of squares runs in another order, libmvec's expf is not torch's), on the layouts the Llama layers
 hand them: contiguous rows, views of a fused output, odd widths, single tokens and batches big
 enough to go parallel."""
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,46 @@ def test_bf16_specials_round_as_torch(ops):
     nan = expected.isnan()
     assert torch.equal(residual.isnan(), nan) and nan.any()
     assert torch.equal(residual[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_avx2_only_build_gives_the_same_bits(ops):
+    """Built as for an AVX2-only machine (-mno-avx512f: no AVX-512 at all, so no AVX-512 BF16), the
+    bfloat16 ops give the same bits as this machine's build: the conversions are integer code."""
+    from pagedserve.worker.cpu import native
+    from pagedserve.worker.cpu.ops import FLAGS, SOURCE, CpuOps
+
+    lib = native.load(SOURCE, [*FLAGS, "-mno-avx512f"], "test")
+    assert lib is not None
+    avx2 = CpuOps(lib)
+    g = torch.Generator().manual_seed(11)
+    x, residual = (torch.randn(33, 576, generator=g).to(BF16) for _ in range(2))
+    weight = (torch.rand(576, generator=g) + 0.5).to(BF16)
+    res_a, res_b = residual.clone(), residual.clone()
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5, res_a), avx2.rms_norm(x, weight, 1e-5, res_b))
+    assert torch.equal(res_a, res_b)
+    gate_up = (torch.randn(33, 2 * 96, generator=g) * 4).to(BF16)
+    assert torch.equal(ops.silu_and_mul(gate_up), avx2.silu_and_mul(gate_up))
+    rotary = RotaryEmbedding(64, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    rotary.build(torch.device("cpu"))
+    positions = torch.randint(0, 512, (33,), generator=g)
+    q_a = torch.randn(33, 9, 64, generator=g).to(BF16)
+    q_b = q_a.clone()
+    ops.rotary(q_a, positions, rotary.cos_sin)
+    avx2.rotary(q_b, positions, rotary.cos_sin)
+    assert torch.equal(q_a, q_b)
+
+
+def test_a_changed_header_rebuilds_the_library(tmp_path, monkeypatch):
+    """native.build keys a library by its source and the headers beside it (bf16.h): a header
+    edited in place gives a new library, not the stale one."""
+    from pagedserve.worker.cpu import native
+
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "value.h").write_text("#define VALUE 1\n")
+    (src / "f.c").write_text('#include "value.h"\nint value(void) { return VALUE; }\n')
+    first = native.load_function(src / "f.c", native.BASE_FLAGS, "test", "value", [], ctypes.c_int)
+    (src / "value.h").write_text("#define VALUE 2\n")
+    second = native.load_function(src / "f.c", native.BASE_FLAGS, "test", "value", [], ctypes.c_int)
+    assert (first(), second()) == (1, 2)
