@@ -54,6 +54,9 @@ def test_rms_norm_within_an_ulp_of_torch(ops, tokens, dim):
     layer, x = norm(dim, g), (torch.randn(tokens, dim, generator=g) * 3).to(BF16)
     out, expected = ops.rms_norm(x, layer.weight, layer.eps), layer.normalize(x)
     assert out.dtype == BF16 and ulps(out, expected).max() <= 1
+    heads = x[:, : dim // 4 * 4].reshape(tokens, 4, dim // 4)  # contiguous [T, heads, d]: a per-head norm
+    small = norm(dim // 4, g)
+    assert ulps(ops.rms_norm(heads, small.weight, small.eps), small.normalize(heads)).max() <= 1
 
 
 @pytest.mark.parametrize("tokens", [1, 300])

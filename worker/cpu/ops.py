@@ -56,12 +56,15 @@ class CpuOps:
         shape, which is updated in place to that sum). x, weight and residual all float32 or all
         bfloat16 (the caller checks: RMSNorm.forward)."""
         dim = x.shape[-1]
-        rows = x.reshape(-1, dim)  # a view for a row-strided x; a copy otherwise
+        # At one token the Python around the call is most of its cost: a contiguous x (the hidden
+        # states) is read as it is, without a reshape.
+        rows = x if x.is_contiguous() else x.reshape(-1, dim)  # a view for a row-strided x; a copy otherwise
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        self._for(self._rms_norm, x)(rows.data_ptr(), rows.stride(0), 0 if residual is None else residual.data_ptr(),
-                       weight.data_ptr(), out.data_ptr(), rows.shape[0], dim, eps)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        fn = self._bf16["rms_norm"] if x.dtype == torch.bfloat16 else self._rms_norm
+        fn(rows.data_ptr(), dim if rows is x else rows.stride(0), 0 if residual is None else residual.data_ptr(),
+           weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
         return out
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> bool:
@@ -72,7 +75,8 @@ class CpuOps:
         if x.stride(2) != 1 or x.stride(1) != head_dim or positions.dtype != torch.int64 \
                 or not positions.is_contiguous() or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
             return False
-        self._for(self._rotary, x)(x.data_ptr(), x.stride(0), tokens, heads, head_dim, positions.data_ptr(), cos_sin.data_ptr())
+        self._for(self._rotary, x)(x.data_ptr(), x.stride(0), tokens, heads, head_dim, positions.data_ptr(),
+                                   cos_sin.data_ptr())
         return True
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -98,7 +102,7 @@ class CpuOps:
         """silu(gate) * up for gate_up [T, 2 * inter] (gate's half first; float32 or bfloat16)."""
         gate_up = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+        out = gate_up.new_empty(rows, inter)
         self._for(self._silu_and_mul, gate_up)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter)
         return out
 
