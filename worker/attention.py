@@ -107,8 +107,9 @@ class TorchAttention:
         elif nd:
             decode_blocks, decode_valid = self._gathered_decodes(meta)
         return TorchAttentionMetadata(
-            **vars(meta), use_kernel=use_kernel, decode_step=decode_step, kernel_prefills=kernel_prefills, decode_blocks=decode_blocks,
-            decode_valid=decode_valid, sdpa_chunks=[self._sdpa_chunk(meta, *c) for c in chunks])
+            **vars(meta), use_kernel=use_kernel, decode_step=decode_step, kernel_prefills=kernel_prefills,
+            decode_blocks=decode_blocks, decode_valid=decode_valid,
+            sdpa_chunks=[self._sdpa_chunk(meta, *c) for c in chunks])
 
     @staticmethod
     def _kernel_prefills(meta: AttentionMetadata, chunks: list[tuple[int, int, int, int]]) -> tuple:

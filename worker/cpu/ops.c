@@ -156,7 +156,8 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, uint16_t *residual, cons
         float inv = 1.0f / sqrtf(sum_of_squares_bf16(h, dim) / (float)dim + eps);
         uint16_t *o = out + r * dim;
 #pragma omp simd
-        for (int64_t i = 0; i < dim; i++) o[i] = bf16_round(bf16_widen(weight[i]) * bf16_through(bf16_widen(h[i]) * inv));
+        for (int64_t i = 0; i < dim; i++)
+            o[i] = bf16_round(bf16_widen(weight[i]) * bf16_through(bf16_widen(h[i]) * inv));
     }
 }
 
