@@ -3,6 +3,7 @@ SmolLM2's sizes (hidden 576, 9 query and 3 KV heads of 64, intermediate 1536) fo
 (2048 tokens) and a decode batch (64 tokens):
 
     python benchmarks/layer_ops.py --output layer_ops.json
+    python benchmarks/layer_ops.py --dtype bfloat16   # the _bf16 twins against torch in bfloat16
 
 Each row is the median of --iters calls; the last line of each size is what one forward pass of
 the 30 layers spends on them (two norms with their residual adds, the q/k rotation, the KV cache
@@ -40,23 +41,23 @@ def median_ms(fn, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def cases(tokens: int, ops) -> dict[str, tuple]:
+def cases(tokens: int, ops, dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
     """name -> (torch call, compiled call) on the layouts the layers hand them."""
     g = torch.Generator().manual_seed(tokens)
-    norm = RMSNorm(HIDDEN, 1e-5)
-    x, residual = torch.randn(tokens, HIDDEN, generator=g), torch.randn(tokens, HIDDEN, generator=g)
+    norm = RMSNorm(HIDDEN, 1e-5).to(dtype)
+    x, residual = (torch.randn(tokens, HIDDEN, generator=g).to(dtype) for _ in range(2))
     rotary = RotaryEmbedding(HEAD_DIM, 8192, {"rope_theta": 100000.0, "rope_type": "default"})
     rotary.build(torch.device("cpu"))
     positions = torch.randint(0, 8192, (tokens,), generator=g)
-    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g).to(dtype)
     q, k, v = (t.view(tokens, -1, HEAD_DIM) for t in qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM,
                                                                 KV_HEADS * HEAD_DIM], dim=-1))
-    cache = torch.zeros(8192, 16, KV_HEADS, HEAD_DIM)
+    cache = torch.zeros(8192, 16, KV_HEADS, HEAD_DIM, dtype=dtype)
     slots = torch.randperm(cache.shape[0] * 16, generator=g)[:tokens]
-    gate_up = torch.randn(tokens, 2 * INTER, generator=g)
+    gate_up = torch.randn(tokens, 2 * INTER, generator=g).to(dtype)
 
     def torch_rotary():
-        cos, sin = (t.unsqueeze(1) for t in rotary.cos_sin[positions].chunk(2, dim=-1))
+        cos, sin = (t.unsqueeze(1) for t in rotary.cos_sin[positions].to(dtype).chunk(2, dim=-1))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def torch_kv_write():
@@ -82,6 +83,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 64])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--output", default=None, help="write the rows here as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.num_threads)
@@ -92,7 +94,7 @@ def main(argv=None) -> dict:
     print(f"{'tokens':>6}  {'op':<24}{'torch ms':>10}{'compiled ms':>13}{'speedup':>9}")
     for tokens in args.tokens:
         step = {"torch": 0.0, "compiled": 0.0}
-        for name, (torch_fn, compiled_fn) in cases(tokens, ops).items():
+        for name, (torch_fn, compiled_fn) in cases(tokens, ops, getattr(torch, args.dtype)).items():
             t, c = median_ms(torch_fn, args.iters), median_ms(compiled_fn, args.iters)
             rows.append({"tokens": tokens, "op": name, "torch_ms": t, "compiled_ms": c})
             step["torch"] += t * PER_LAYER[name] * LAYERS
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
                      "compiled_ms": step["compiled"]})
         print(f"{tokens:>6}  {'per forward pass':<24}{step['torch']:>10.1f}{step['compiled']:>13.1f}"
               f"{step['torch'] / step['compiled']:>8.1f}x")
-    result = {"threads": args.num_threads, "iters": args.iters, "rows": rows}
+    result = {"threads": args.num_threads, "dtype": args.dtype, "iters": args.iters, "rows": rows}
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result

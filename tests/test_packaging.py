@@ -33,5 +33,5 @@ def test_the_wheel_holds_pagedserve_alone_with_every_module_and_c_source(tmp_pat
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"pagedserve"}
     expected = {f"{package.replace('.', '/')}/{path.relative_to(ROOT / folder).as_posix()}"
                 for package, folder in SETUPTOOLS["package-dir"].items()
-                for pattern in ("*.py", "*.c") for path in (ROOT / folder).rglob(pattern)}
+                for pattern in ("*.py", "*.c", "*.h") for path in (ROOT / folder).rglob(pattern)}
     assert expected <= set(names), sorted(expected - set(names))[:10]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedserve.worker.cpu.attention import AttentionKernel
+from pagedserve.worker.cpu.attention import AttentionKernel, DecodeStep
 from pagedserve.worker.cpu.ops import kv_write_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
@@ -71,6 +71,7 @@ class TorchAttentionMetadata(AttentionMetadata):
     """The torch backend's step: which parts go to the C kernels, and what SDPA needs for the rest."""
 
     use_kernel: bool  # the C kernels serve decodes and the prefill chunks of kernel_prefills
+    decode_step: DecodeStep | None  # with the kernel and decodes: its arguments every layer shares
     kernel_prefills: tuple | None  # (block_tables, seq_lens, query_start, query_lens) per sequence
     decode_blocks: torch.Tensor | None  # without the kernel: the decodes' block ids, flat
     decode_valid: torch.Tensor | None  # [num_decodes, 1, 1, L] bool: their padding mask
@@ -95,7 +96,9 @@ class TorchAttention:
         nd, num_seqs = meta.num_decodes, len(meta.query_lens_cpu)
         starts = np.concatenate([[0], np.cumsum(meta.query_lens_cpu)]).tolist()
         chunks = [(i, starts[i], int(meta.query_lens_cpu[i]), int(meta.seq_lens_cpu[i])) for i in range(nd, num_seqs)]
-        kernel_prefills = decode_blocks = decode_valid = None
+        kernel_prefills = decode_blocks = decode_valid = decode_step = None
+        if use_kernel and nd:
+            decode_step = self.kernel.decode_step(meta.block_tables[:nd], meta.seq_lens[:nd], dtype)
         if use_kernel:
             mine = [c for c in chunks if c[2] < c[3] or c[3] <= KERNEL_MAX_FRESH_CONTEXT]
             chunks = [c for c in chunks if not (c[2] < c[3] or c[3] <= KERNEL_MAX_FRESH_CONTEXT)]
@@ -104,8 +107,9 @@ class TorchAttention:
         elif nd:
             decode_blocks, decode_valid = self._gathered_decodes(meta)
         return TorchAttentionMetadata(
-            **vars(meta), use_kernel=use_kernel, kernel_prefills=kernel_prefills, decode_blocks=decode_blocks,
-            decode_valid=decode_valid, sdpa_chunks=[self._sdpa_chunk(meta, *c) for c in chunks])
+            **vars(meta), use_kernel=use_kernel, decode_step=decode_step, kernel_prefills=kernel_prefills,
+            decode_blocks=decode_blocks, decode_valid=decode_valid,
+            sdpa_chunks=[self._sdpa_chunk(meta, *c) for c in chunks])
 
     @staticmethod
     def _kernel_prefills(meta: AttentionMetadata, chunks: list[tuple[int, int, int, int]]) -> tuple:
@@ -148,11 +152,13 @@ class TorchAttention:
             k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
-        out = q.new_empty(q.shape)  # contiguous, whatever q's strides: the kernels write rows of it
+        # Contiguous, whatever q's strides: the kernels write rows of it.
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         nd, num_heads = meta.num_decodes, q.shape[1]
-        if nd and meta.use_kernel:
-            self.kernel.decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                               out[:nd], scale, window, softcap)
+        if meta.decode_step is not None:
+            whole = nd == len(q)  # a decode-only step (slices cost as much as the kernel at batch 1)
+            self.kernel.decode_with(meta.decode_step, (q if whole else q[:nd]).contiguous(), k_cache, v_cache,
+                                    out, scale, window, softcap)
         elif nd:
             # One call for every decode: the padded context [nd, kv_heads, L, d], and the query
             # heads of a KV group laid out as that group's "query rows", so GQA needs no repeat.

@@ -175,3 +175,40 @@ def test_window_and_softcap(monkeypatch, shape, window, softcap, with_kernel):
     backend = TorchAttention(kernel)
     out = backend.forward(q, k, v, tuple(caches), backend.prepare(meta), head_dim ** -0.5, window, softcap)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("work", [[(255, 1)], [(40, 1), (7, 1), (0, 9), (30, 12)]])
+def test_prepared_decode_call_gives_the_kernels_bits(dtype, work):
+    """forward's decodes go through the step's prepared arguments (DecodeStep, built once in
+    prepare()): the same bits as AttentionKernel.decode on the sliced tensors, for q a strided view
+    of a fused qkv output as the layers hand it, at batch 1 and beside prefill chunks."""
+    kernel = attention_kernel()
+    heads, kv_heads, head_dim, block_size = SHAPES[0]
+    g = torch.Generator().manual_seed(len(work))
+    widths = [-(-(done + new) // block_size) for done, new in work]
+    num_blocks = sum(widths) + 2
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    seqs = []
+    for (done, new), width in zip(work, widths):
+        table, order = order[:width], order[width:]
+        seqs.append(([0] * (done + new), done, new, table))
+    meta = step_inputs(seqs, block_size, num_blocks).meta
+    tokens, nd = sum(new for _, new in work), meta.num_decodes
+    caches = tuple(torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                kv_heads * head_dim], dim=-1))
+    backend = TorchAttention(kernel)
+    prepared = backend.prepare(meta, dtype)
+    assert prepared.decode_step is not None and prepared.decode_step.num_seqs == nd
+    out = backend.forward(q, k, v, caches, prepared, head_dim ** -0.5)
+    expected = torch.empty(nd, heads, head_dim, dtype=dtype)  # the cache now holds this step's K/V
+    kernel.decode(q[:nd].contiguous(), *caches, meta.block_tables[:nd], meta.seq_lens[:nd], expected, head_dim ** -0.5)
+    assert torch.equal(out[:nd], expected)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(ValueError, match="prepared for"):
+        kernel.decode_with(prepared.decode_step, *(t.to(other) for t in (q[:nd].contiguous(), *caches, expected)),
+                           head_dim ** -0.5)
+    with pytest.raises(ValueError, match="all float32 or all bfloat16"):
+        kernel.decode_with(prepared.decode_step, q[:nd].contiguous(), *(c.half() for c in caches), expected, 1.0)

@@ -28,6 +28,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h" /* bf16_to_float, float_to_bf16 */
 /* glibc's libmvec has a vector expf (within 1 ulp, reached through -lm); glibc declares it only
  * under -ffast-math, which this build avoids (see cpu/attention.py), so the softmax declares it. */
 #pragma omp declare simd notinbranch
@@ -59,28 +61,6 @@ typedef struct {
     float *stage;       /* bf16: one block of the task's kv heads, float32 [block_size, num_kv, head_dim] */
     int64_t row_stride; /* floats from one row of a block to the next as the loops read it */
 } Context;
-
-/* bfloat16 is the upper half of a float32: widening is exact. */
-static inline void bf16_to_float(float *dst, const uint16_t *src, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = (uint32_t)src[i] << 16;
-        memcpy(dst + i, &u, sizeof u);
-    }
-}
-
-/* Rounded to nearest, ties to even (torch's round_to_nearest_even: add 0x7FFF plus the kept
- * half's lowest bit, drop the low half); NaN becomes torch's 0x7FC0. Bit tests, not isnan: this
- * file is built with -ffinite-math-only. */
-static inline void float_to_bf16(uint16_t *dst, const float *src, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, src + i, sizeof u);
-        uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
-    }
-}
 
 /* The first key query p of the task sees. */
 static inline int64_t first_key(const Context *c, int p) {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,20 @@ SOURCE = Path(__file__).with_name("attention.c")
 FAST_MATH = ["-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros", "-fassociative-math",
              "-freciprocal-math"]
 FLAGS = [*native.BASE_FLAGS, *FAST_MATH]
+
+
+class DecodeStep(NamedTuple):
+    """The decode call's arguments that every layer of a step shares, read off their tensors once
+    (AttentionKernel.decode_step, from the backend's prepare()): at batch 1 the per-layer Python of
+    slicing the tables and reading their pointers cost about as much as the kernel's own work."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32, unit last stride: kept alive for the pointers
+    seq_lens: torch.Tensor  # [B] int32
+    table_ptr: int
+    table_stride: int
+    lens_ptr: int
+    num_seqs: int
+    dtype: torch.dtype  # of q, out and the caches: float32 or bfloat16
 
 
 class AttentionKernel:
@@ -53,11 +68,29 @@ class AttentionKernel:
         stride; seq_lens [B] int32. window: each query sees its last `window` positions, itself
         included (None: all); blocks wholly before that are never read. softcap: scores become
         softcap * tanh(score / softcap)."""
-        bf16 = self.is_bf16(q, k_cache, v_cache, out)
+        self.is_bf16(q, k_cache, v_cache, out)
+        self.decode_with(self.decode_step(block_tables, seq_lens, q.dtype), q, k_cache, v_cache, out, scale, window,
+                         softcap)
+
+    @staticmethod
+    def decode_step(block_tables, seq_lens, dtype: torch.dtype) -> DecodeStep:
+        """decode's step-wide arguments (block_tables and seq_lens as in decode), once per step."""
+        return DecodeStep(block_tables, seq_lens, block_tables.data_ptr(), block_tables.stride(0),
+                          seq_lens.data_ptr(), seq_lens.shape[0], dtype)
+
+    def decode_with(self, step: DecodeStep, q, k_cache, v_cache, out, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> None:
+        """decode for one layer of a prepared step: q, out and the caches as in decode, of
+        step.dtype (checked on q and the caches; out is the caller's, made like q); ValueError
+        otherwise."""
+        if q.dtype != step.dtype or k_cache.dtype != step.dtype or v_cache.dtype != step.dtype:
+            self.is_bf16(q, k_cache, v_cache, out)  # raises where they differ
+            raise ValueError(f"the step was prepared for {step.dtype}, not {q.dtype}")
         _, block_size, kv_heads, head_dim = k_cache.shape
-        status = self.decode_fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                                block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
-                                kv_heads, head_dim, block_size, scale, window or 0, softcap or 0.0, bf16)
+        status = self.decode_fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), step.table_ptr,
+                                step.table_stride, step.lens_ptr, out.data_ptr(), step.num_seqs, q.shape[1],
+                                kv_heads, head_dim, block_size, scale, window or 0, softcap or 0.0,
+                                step.dtype == torch.bfloat16)
         if status != 0:
             raise MemoryError("paged_decode_attention could not allocate its score buffers")
 

@@ -43,7 +43,10 @@ def cpu_signature() -> str:
 
 
 def build(source: Path, flags: list[str], compiler: str) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags, *LIBS]).encode() + cpu_signature().encode())
+    # The headers beside the source (bf16.h) are part of what is built: a change to one rebuilds.
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags, *LIBS]).encode()
+                         + cpu_signature().encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         # Built under a temporary name and renamed: workers starting together never load half a file.

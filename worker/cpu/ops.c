@@ -8,11 +8,17 @@
  * Built with -ffp-contract=off: every product and sum is rounded where torch's separate ops
  * round it (no fused multiply-add), so the rotation gives torch's bits exactly and the norm
  * differs only in the order of its sum of squares.
+ * The _bf16 twins take bfloat16 tensors (uint16_t): each element is widened, computed in float32,
+ * and rounded (to nearest even) wherever the torch fallback stores a bfloat16 tensor, so they give
+ * its bits, but for the order of the norm's sum of squares and libmvec's expf (tests/worker/
+ * test_cpu_ops_bf16.py: within one bfloat16 ulp).
  * Threads: OpenMP over rows, on torch's runtime, only where the work is worth waking them.
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+
+#include "bf16.h"
 
 #define MIN_PARALLEL_FLOATS 32768 /* torch's own grain size for element-wise ops */
 
@@ -114,5 +120,79 @@ void silu_and_mul(const float *gate_up, int64_t row_stride, float *out, int64_t 
         float *o = out + r * inter;
 #pragma omp simd
         for (int64_t i = 0; i < inter; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
+
+/* sum_of_squares of a bfloat16 row, widened on the way (the statistics in float32, as
+ * transformers computes them). */
+static float sum_of_squares_bf16(const uint16_t *x, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) {
+            float v = bf16_widen(x[i + j]);
+            acc[j] += v * v;
+        }
+    float total = 0.0f;
+    for (; i < n; i++) total += bf16_widen(x[i]) * bf16_widen(x[i]);
+    for (int j = 0; j < 16; j++) total += acc[j];
+    return total;
+}
+
+/* rms_norm for bfloat16 x, residual, weight and out: the sum residual + x rounded to bfloat16
+ * (the residual stream's dtype), the statistics in float32, then as RMSNorm.normalize stores
+ * them: out = bf16(weight * bf16(h * inv)). */
+void rms_norm_bf16(const uint16_t *x, int64_t x_stride, uint16_t *residual, const uint16_t *weight, uint16_t *out,
+                   int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel for schedule(static) if (rows * dim >= MIN_PARALLEL_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *h = x + r * x_stride;
+        if (residual) {
+            uint16_t *res = residual + r * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++) res[i] = bf16_round(bf16_widen(res[i]) + bf16_widen(h[i]));
+            h = res;
+        }
+        float inv = 1.0f / sqrtf(sum_of_squares_bf16(h, dim) / (float)dim + eps);
+        uint16_t *o = out + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++)
+            o[i] = bf16_round(bf16_widen(weight[i]) * bf16_through(bf16_widen(h[i]) * inv));
+    }
+}
+
+/* rotary for bfloat16 x (cos_sin stays the float32 table): cos and sin rounded to bfloat16 and
+ * every product, difference and sum rounded, where torch's separate bfloat16 ops round them
+ * (transformers' apply_rotary_pos_emb in bfloat16 does the same): torch's bits exactly. */
+void rotary_bf16(uint16_t *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim,
+                 const int64_t *positions, const float *cos_sin) {
+    int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (rows * heads * head_dim >= MIN_PARALLEL_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_sin + positions[r] * head_dim, *s = c + half;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *x1 = x + r * row_stride + h * head_dim, *x2 = x1 + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                float a = bf16_widen(x1[i]), b = bf16_widen(x2[i]);
+                float ci = bf16_through(c[i]), si = bf16_through(s[i]);
+                x1[i] = bf16_round(bf16_through(a * ci) - bf16_through(b * si));
+                x2[i] = bf16_round(bf16_through(b * ci) + bf16_through(a * si));
+            }
+        }
+    }
+}
+
+/* silu_and_mul for bfloat16: as torch, silu(gate) stored in bfloat16, then times up, rounded. */
+void silu_and_mul_bf16(const uint16_t *gate_up, int64_t row_stride, uint16_t *out, int64_t rows, int64_t inter) {
+#pragma omp parallel for schedule(static) if (rows * inter >= MIN_PARALLEL_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = gate_up + r * row_stride, *up = gate + inter;
+        uint16_t *o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) {
+            float g = bf16_widen(gate[i]);
+            o[i] = bf16_round(bf16_through(g / (1.0f + expf(-g))) * bf16_widen(up[i]));
+        }
     }
 }

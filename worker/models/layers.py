@@ -139,7 +139,7 @@ def activation(name: str):
 
 class ActAndMul(nn.Module):
     """act(gate) * up for gate_up [T, 2 * inter] (gate's half first), the gated MLP's middle
-    (vLLM's SiluAndMul): one pass of the compiled op for SiLU in float32 on the CPU."""
+    (vLLM's SiluAndMul): one pass of the compiled op for SiLU in float32 or bfloat16 on the CPU."""
 
     def __init__(self, name: str):
         super().__init__()
@@ -162,8 +162,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); or, given the residual stream, (norm(residual + x), residual + x): the add and
         the norm in one pass on the CPU, where the sum is written over `residual`."""
-        ops = cpu_ops(x)
-        if ops is not None and (residual is None or residual.is_contiguous()):
+        ops = cpu_ops(x) if self.weight.dtype == x.dtype else None  # else torch's promotion rules
+        if ops is not None and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype)):
             out = ops.rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is None:
