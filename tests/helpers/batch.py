@@ -4,6 +4,8 @@ them. For the tests of what reads a batch's sequences or steps: the sampler, str
 the attention backends, the CUDA graph buffers."""
 from __future__ import annotations
 
+import torch
+
 from pagedserve.scheduler.validation import with_defaults
 from pagedserve.v1 import scheduler_pb2, worker_pb2
 from pagedserve.worker.batch import PersistentBatch, SequenceState, StepInputs
@@ -66,3 +68,22 @@ def step_inputs(work: list[tuple[list[int], int, int, list[int]]], block_size: i
     return batch.prepare_inputs(batch.begin_step(
         [worker_pb2.ScheduledSequence(seq_id=i, num_tokens=new, new_block_ids=table)
          for i, (_, _, new, table) in enumerate(work)]))
+
+
+def scattered_step(work: list[tuple[int, int]], block_size: int, spare_blocks: int, g,
+                   spares_last: bool = False) -> tuple[StepInputs, list[list[int]], int]:
+    """One step over sequences given as (context before the step, new tokens), each sequence's
+    blocks drawn at random from a cache of (blocks they need + spare_blocks) blocks; with
+    `spares_last` the spare blocks are the cache's last ones, never in a table (what released
+    entries can point at). Returns the step's inputs, each sequence's table and the cache's block
+    count. `g`: the torch.Generator that draws the tables."""
+    widths = [-(-(done + new) // block_size) for done, new in work]
+    num_blocks = sum(widths) + spare_blocks
+    order = torch.randperm(sum(widths) if spares_last else num_blocks, generator=g).tolist()
+    tables = []
+    for width in widths:
+        tables.append(order[:width])
+        order = order[width:]
+    inputs = step_inputs([([0] * (done + new), done, new, table) for (done, new), table in zip(work, tables)],
+                         block_size, num_blocks)
+    return inputs, tables, num_blocks

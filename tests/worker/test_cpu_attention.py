@@ -9,7 +9,7 @@ import torch
 from pagedserve.worker import attention
 from pagedserve.worker.attention import AttentionMetadata, TorchAttention
 from pagedserve.worker.cpu.attention import attention_kernel
-from tests.helpers.batch import step_inputs
+from tests.helpers.batch import scattered_step
 
 SHAPES = [
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 path
@@ -67,14 +67,8 @@ def run_step(backend: TorchAttention, work: list[tuple[int, int]], shape, seed: 
     sequence's blocks scattered over a random cache; returns the attention output."""
     heads, kv_heads, head_dim, block_size = shape
     g = torch.Generator().manual_seed(seed)
-    widths = [-(-(done + new) // block_size) for done, new in work]
-    num_blocks = sum(widths) + 3
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    seqs = []
-    for (done, new), width in zip(work, widths):
-        table, order = order[:width], order[width:]
-        seqs.append(([0] * (done + new), done, new, table))
-    meta = step_inputs(seqs, block_size, num_blocks).meta
+    inputs, _, num_blocks = scattered_step(work, block_size, 3, g)
+    meta = inputs.meta
     tokens = sum(new for _, new in work)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2))
     q = torch.randn(tokens, heads, head_dim, generator=g)
@@ -150,14 +144,9 @@ def test_window_and_softcap(monkeypatch, shape, window, softcap, with_kernel):
     heads, kv_heads, head_dim, block_size = shape
     work = [(40, 1), (7, 1), (0, 9), (30, 12), (0, 45), (19, 33)]
     g = torch.Generator().manual_seed(sum(shape) + (window or 0))
-    widths = [-(-(done + new) // block_size) for done, new in work]
-    num_blocks = sum(widths) + 1  # the last: what released entries point at
-    order = torch.randperm(num_blocks - 1, generator=g).tolist()
-    tables = []
-    for width in widths:
-        tables.append(order[:width])
-        order = order[width:]
-    meta = step_inputs([([0] * (d + n), d, n, t) for (d, n), t in zip(work, tables)], block_size, num_blocks).meta
+    # one spare block, the last: what released entries point at
+    inputs, tables, num_blocks = scattered_step(work, block_size, 1, g, spares_last=True)
+    meta = inputs.meta
     caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) for _ in range(2)]
     tokens = sum(new for _, new in work)
     q = torch.randn(tokens, heads, head_dim, generator=g)
@@ -186,14 +175,8 @@ def test_prepared_decode_call_gives_the_kernels_bits(dtype, work):
     kernel = attention_kernel()
     heads, kv_heads, head_dim, block_size = SHAPES[0]
     g = torch.Generator().manual_seed(len(work))
-    widths = [-(-(done + new) // block_size) for done, new in work]
-    num_blocks = sum(widths) + 2
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    seqs = []
-    for (done, new), width in zip(work, widths):
-        table, order = order[:width], order[width:]
-        seqs.append(([0] * (done + new), done, new, table))
-    meta = step_inputs(seqs, block_size, num_blocks).meta
+    inputs, _, num_blocks = scattered_step(work, block_size, 2, g)
+    meta = inputs.meta
     tokens, nd = sum(new for _, new in work), meta.num_decodes
     caches = tuple(torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)

@@ -10,7 +10,7 @@ import torch
 from pagedserve.worker import attention
 from pagedserve.worker.attention import TorchAttention
 from pagedserve.worker.cpu.attention import attention_kernel
-from tests.helpers.batch import step_inputs
+from tests.helpers.batch import scattered_step, step_inputs
 
 SHAPES = [  # heads, kv_heads, head_dim, block_size
     (9, 3, 64, 16),   # SmolLM2's shape: the AVX2 loops
@@ -36,14 +36,9 @@ def make_step(work, shape, seed, window):
     with the blocks wholly before each sequence's first window pointed at a NaN block."""
     heads, kv_heads, head_dim, block_size = shape
     g = torch.Generator().manual_seed(seed)
-    widths = [-(-(done + new) // block_size) for done, new in work]
-    num_blocks = sum(widths) + 1  # the last: what released entries point at
-    order = torch.randperm(num_blocks - 1, generator=g).tolist()
-    tables = []
-    for width in widths:
-        tables.append(order[:width])
-        order = order[width:]
-    meta = step_inputs([([0] * (d + n), d, n, t) for (d, n), t in zip(work, tables)], block_size, num_blocks).meta
+    # one spare block, the last: what released entries point at
+    inputs, tables, num_blocks = scattered_step(work, block_size, 1, g, spares_last=True)
+    meta = inputs.meta
     caches = [bf16_values(num_blocks, block_size, kv_heads, head_dim, g=g) for _ in range(2)]
     tokens = sum(new for _, new in work)
     q = bf16_values(tokens, heads, head_dim, g=g)
