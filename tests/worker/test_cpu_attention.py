@@ -9,6 +9,7 @@ import torch
 from pagedserve.worker import attention
 from pagedserve.worker.attention import AttentionMetadata, TorchAttention
 from pagedserve.worker.cpu.attention import attention_kernel
+from tests.helpers.attention_reference import paged_reference
 from tests.helpers.batch import scattered_step
 
 SHAPES = [
@@ -112,25 +113,6 @@ def test_long_fresh_prompts_stay_with_sdpa(monkeypatch):
     assert calls == [[8, 30]]
 
 
-def windowed_reference(q, caches, tables, work, block_size, scale, window, softcap):
-    """Each sequence's rows, attended in plain torch over its whole context: causal, within the
-    window (key > query - window, transformers' sliding_window_overlay), scores soft-capped."""
-    kv_heads = caches[0].shape[2]
-    out, row = torch.empty_like(q), 0
-    for (done, new), table in zip(work, tables):
-        ctx = done + new
-        k, v = (c[table].reshape(-1, kv_heads, c.shape[-1])[:ctx].repeat_interleave(q.shape[1] // kv_heads, 1)
-                for c in caches)
-        scores = torch.einsum("qhd,khd->hqk", q[row:row + new], k) * scale
-        if softcap:
-            scores = softcap * torch.tanh(scores / softcap)
-        q_pos, k_pos = torch.arange(done, ctx)[:, None], torch.arange(ctx)[None, :]
-        seen = (k_pos <= q_pos) & (k_pos > q_pos - (window or ctx + 1))
-        out[row:row + new] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
-        row += new
-    return out
-
-
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4]])
 @pytest.mark.parametrize("window,softcap", [(5, None), (16, None), (None, 4.0), (11, 2.5)])
 @pytest.mark.parametrize("with_kernel", [True, False])
@@ -155,8 +137,8 @@ def test_window_and_softcap(monkeypatch, shape, window, softcap, with_kernel):
     for cache, new in zip(caches, (k, v)):
         cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, new)
     rows = sorted(range(len(work)), key=lambda i: work[i][1] != 1)  # decodes first, as the batch orders them
-    expected = windowed_reference(q, caches, [tables[i] for i in rows], [work[i] for i in rows], block_size,
-                                  head_dim ** -0.5, window, softcap)
+    expected = paged_reference(q, caches, [tables[i] for i in rows], [work[i] for i in rows], head_dim ** -0.5,
+                               window, softcap)
     if window:
         for row, i in enumerate(rows):
             meta.block_tables[row, : max(0, work[i][0] - window + 1) // block_size] = num_blocks - 1

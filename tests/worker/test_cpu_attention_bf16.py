@@ -10,6 +10,7 @@ import torch
 from pagedserve.worker import attention
 from pagedserve.worker.attention import TorchAttention
 from pagedserve.worker.cpu.attention import attention_kernel
+from tests.helpers.attention_reference import paged_reference
 from tests.helpers.batch import scattered_step, step_inputs
 
 SHAPES = [  # heads, kv_heads, head_dim, block_size
@@ -53,24 +54,6 @@ def make_step(work, shape, seed, window):
     return q, k, v, caches, meta, [tables[i] for i in rows], [work[i] for i in rows]
 
 
-def reference(q, caches, tables, work, scale, window, softcap):
-    """float64 attention of each sequence's rows over its context, causal, within the window."""
-    kv_heads, head_dim = caches[0].shape[2:]
-    out, row = torch.empty_like(q, dtype=torch.float64), 0
-    for (done, new), table in zip(work, tables):
-        ctx = done + new
-        k, v = (c[table].reshape(-1, kv_heads, head_dim)[:ctx].double().repeat_interleave(q.shape[1] // kv_heads, 1)
-                for c in caches)
-        scores = torch.einsum("qhd,khd->hqk", q[row:row + new].double(), k) * scale
-        if softcap:
-            scores = softcap * torch.tanh(scores / softcap)
-        q_pos, k_pos = torch.arange(done, ctx)[:, None], torch.arange(ctx)[None, :]
-        seen = (k_pos <= q_pos) & (k_pos > q_pos - (window or ctx + 1))
-        out[row:row + new] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
-        row += new
-    return out
-
-
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bfloat16 values (8 significant bits) at |x|, float64."""
     exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
@@ -97,7 +80,7 @@ def test_bf16_kernel_is_the_float32_kernel_rounded(monkeypatch, shape, work, win
     mine = outputs[torch.bfloat16]
     assert mine.dtype == torch.bfloat16
     assert torch.equal(mine, outputs[torch.float32].to(torch.bfloat16))
-    expected = reference(q, caches, tables, ordered, scale, window, softcap)
+    expected = paged_reference(q, caches, tables, ordered, scale, window, softcap, torch.float64)
     error = (mine.double() - expected).abs()
     # Half an ulp of rounding to bfloat16 and float32's own error, which is relative to the sums of
     # unit-sized terms rather than to an output that cancels near 0: one ulp, plus the float32
