@@ -1,0 +1,147 @@
+/* y[M, N] = x[M, K] W^T for the few rows of a decode step, W held as GGUF's Q8_0 blocks exactly
+ * as the file stores them: int8 codes [N, K] and one scale per 32 of a row, float32 [N, K / 32].
+ *
+ * Why: torch's int8 op takes one scale per output channel, so a Q8_0 weight had to be requantized
+ * (lossy) and its bfloat16 activations run through a path that is not the fastest at one row.
+ * Here the activation row is quantized to int8 per block of 32 as well (Q8_0's own rule: scale =
+ * max |x| / 127, codes round-to-nearest-even), so a block's dot product is 32 int8 x int8 products
+ * summed exactly in int32, then times the two blocks' scales and summed in float32: a quarter of
+ * float32's weight bytes, and integer multiply-adds that do four products an instruction.
+ * The approach is llama.cpp's (ggml's Q8_0 x Q8_0 dot); the code is our own.
+ *
+ * How: the int8 x int8 products use the unsigned x signed multiply-adds of x86: |w| (unsigned)
+ * times x with w's sign moved onto it (`_mm256_sign_epi8`), so the sum is unchanged. With
+ * AVX-VNNI or AVX512-VNNI (+VL) one `vpdpbusd` sums four such products into each int32 lane; with
+ * AVX2 `vpmaddubsw` sums pairs into int16 (at most 2 * 128 * 127 = 32512: never saturates, as x's
+ * codes stay in [-127, 127]) and `vpmaddwd` with ones pairs those into int32. The eight int32
+ * lanes are converted to float32 (exact: |lane| <= 4 * 128 * 127) and accumulated with the block's
+ * scale product by FMA; each output is one horizontal sum. A scalar loop serves every other CPU.
+ * Threads: OpenMP (torch's runtime) over the output rows; the activation is quantized once, before.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#define QK 32    /* weights (and activations) a block */
+#define CHUNK 4  /* rows of x against one weight row at a time: 4 x 2 accumulators + 5 temporaries */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define PATH "avx512vnni"
+#elif defined(__AVXVNNI__)
+#define PATH "avxvnni"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PATH "avx2"
+#else
+#define PATH "scalar"
+#endif
+
+/* Which of the paths above this build compiled (for the log and the tests). */
+const char *q8_0_path(void) { return PATH; }
+
+/* q[m, k] and d[m, k / 32] of x[M, K] (K a multiple of 32), block by block: d = max |x| / 127,
+ * q = round-half-even(x * (1 / d)), in float32 as written (tests/worker/test_q8_0.py repeats it in
+ * torch). A block whose d is zero or subnormal (max |x| < 127 * FLT_MIN) gets codes 0: 1 / d
+ * would overflow. */
+void q8_0_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d) {
+    for (int64_t i = 0; i < M * (K / QK); i++) {
+        const float *xb = x + i * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float db = amax / 127.0f;
+        const float id = db >= FLT_MIN ? 1.0f / db : 0.0f;
+        d[i] = db;
+        for (int j = 0; j < QK; j++) q[i * QK + j] = (int8_t)nearbyintf(xb[j] * id);
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* The int32 lanes of sum |w| * (x sign w) over a block: 4 products a lane. */
+static inline __attribute__((always_inline)) __m256i block_dot(__m256i aw, __m256i xs) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, xs);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, xs);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[r * ldy] = sum_b wd[b] xd[r, b] (w_b . xq[r]_b) for r < R: one weight row (nb blocks) against
+ * R rows of quantized x (row stride K codes, nb scales). Even and odd blocks go to two
+ * accumulators, so that one row's FMAs do not wait on each other. */
+static inline __attribute__((always_inline)) void dot_rows(const int8_t *w, const float *wd, const int8_t *xq,
+                                                           const float *xd, int64_t nb, int64_t K, float *y,
+                                                           int64_t ldy, const int R) {
+    __m256 acc[CHUNK][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        const __m256i aw = _mm256_sign_epi8(wv, wv); /* |w|; -128 gives 0x80, 128 read unsigned */
+        for (int r = 0; r < R; r++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK));
+            const __m256i p = block_dot(aw, _mm256_sign_epi8(xv, wv));
+            const __m256 s = _mm256_set1_ps(wd[b] * xd[r * nb + b]);
+            acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][b & 1]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+#else
+static inline void dot_rows(const int8_t *w, const float *wd, const int8_t *xq, const float *xd, int64_t nb,
+                            int64_t K, float *y, int64_t ldy, const int R) {
+    for (int r = 0; r < R; r++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t p = 0;
+            for (int j = 0; j < QK; j++) p += (int32_t)w[b * QK + j] * (int32_t)xq[r * K + b * QK + j];
+            acc += (float)p * (wd[b] * xd[r * nb + b]);
+        }
+        y[r * ldy] = acc;
+    }
+}
+#endif
+
+/* y[M, N] = x[M, K] W^T, W as Q8_0 blocks (codes w [N, K] int8, scales wd [N, K / 32] float32),
+ * all row-major and contiguous. Returns 0, -1 where the quantized x's buffers cannot be allocated,
+ * -2 where K is no multiple of 32. */
+int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const float *wd, int64_t N, float *y) {
+    if (K % QK != 0) return -2;
+    const int64_t nb = K / QK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xd = malloc((size_t)(M * nb) * sizeof(float));
+    if (xq == NULL || xd == NULL) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
+    q8_0_quantize_rows(x, M, K, xq, xd);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += CHUNK) {
+            const int64_t rows = M - m < CHUNK ? M - m : CHUNK;
+            const int8_t *wn = w + n * K, *xm = xq + m * K;
+            const float *wdn = wd + n * nb, *xdm = xd + m * nb;
+            float *ym = y + m * N + n;
+            switch (rows) { /* a constant R each, so that the accumulators stay in registers */
+            case 1: dot_rows(wn, wdn, xm, xdm, nb, K, ym, N, 1); break;
+            case 2: dot_rows(wn, wdn, xm, xdm, nb, K, ym, N, 2); break;
+            case 3: dot_rows(wn, wdn, xm, xdm, nb, K, ym, N, 3); break;
+            default: dot_rows(wn, wdn, xm, xdm, nb, K, ym, N, 4); break;
+            }
+        }
+    }
+    free(xq);
+    free(xd);
+    return 0;
+}
