@@ -9,14 +9,17 @@ import torch
 from pagedserve.worker.cpu import features, native, q8_0
 
 MAX_ROWS = 16
-# builds: this CPU's (VNNI here), AVX2's maddubs/madd path with AVX-512 and VNNI switched off, scalar
-BUILDS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni"], "scalar": ["-mno-avx2"]}
+# builds: this CPU's (AVX-512 VNNI's 64-byte path here), 256-bit AVX-VNNI's with AVX-512 off, AVX2's
+# maddubs/madd with AVX-512 and VNNI off, scalar; each where this CPU runs it
+BUILDS = {"native": [], "avxvnni": ["-mno-avx512f"], "avx2": ["-mno-avx512f", "-mno-avx512vnni", "-mno-avxvnni"],
+          "scalar": ["-mno-avx2"]}
+NEEDS = {"avxvnni": "avx_vnni", "avx2": "avx2"}
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
 def kernel(request):
-    if request.param == "avx2" and "avx2" not in features.cpu_flags():
-        pytest.skip("the CPU has no AVX2")
+    if request.param in NEEDS and NEEDS[request.param] not in features.cpu_flags():
+        pytest.skip(f"the CPU has no {NEEDS[request.param]}")
     built = q8_0.Q8_0Kernel(native.BASE_FLAGS + BUILDS[request.param])
     if request.param != "native":
         assert built.path == request.param
