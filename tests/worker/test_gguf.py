@@ -11,7 +11,7 @@ from pagedserve.worker.checkpoint import LoadError
 from pagedserve.worker.gguf_checkpoint import gguf_config, read_tensors
 from pagedserve.worker import quant_linear
 from pagedserve.worker.model_runner import ModelRunner
-from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, q4_blocks, q4_k_blocks
+from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, Q8_0Linear, q4_blocks, q4_k_blocks
 from tests.helpers import gguf_models
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 
@@ -23,6 +23,11 @@ DECODE_RTOL = 2e-3  # measured: at most 5e-4
 # step of the row's scale a weight), decode rows in bfloat16 too. Every step's logits within
 # Q8_RTOL of that step's largest |logit| of the dequantized float32 model; measured: at most 0.8%.
 Q8_RTOL = 2e-2
+# The same model with cpu/q8_0.c chosen (Q8_0Linear): the file's exact blocks, decode rows quantized
+# per 32 as Q8_0 (half a step of each block of x a term); prefill in float32 on the exact weight.
+# Every decode step's logits within Q8_0_RTOL of its largest |logit|; measured: at most 0.7%
+# (the int8 op's 0.8%: the activation's rounding dominates both).
+Q8_0_RTOL = 1.5e-2
 # K-quants: Q4_K through the int4 op (bfloat16 scales and zeros), Q5_K/Q6_K/Q8_0 requantized per
 # channel into the int8 op; every step's logits within KQ_RTOL of that step's largest |logit| of
 # the dequantized float32 model (measured: at most 1.4%; the int4 kind alone 0.8%, int8 alone 1.1%).
@@ -172,13 +177,22 @@ def written_q8(tmp_path_factory):
     return path, gguf_models.write(path, types=gguf_models.all_of("Q8_0"))
 
 
-def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_model(written_q8, monkeypatch):
-    # the int8 path whatever this CPU's timing says (quantized_wins keeps float32 where slower)
+Q8_0_MODULES = {"int8": Int8Linear, "q8_0": Q8_0Linear}
+
+
+@pytest.mark.parametrize("kernel", ["int8", "q8_0"])
+def test_q8_0_gguf_runs_quantized_within_bound_of_the_dequantized_model(written_q8, monkeypatch, kernel):
+    # quantized whatever this CPU's timing says (quantized_wins keeps float32 where slower), through
+    # the int8 op on requantized weights or cpu/q8_0.c on the blocks (choose_q8_0 times them)
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    monkeypatch.setattr(quant_linear, "q8_0_is_faster", lambda candidates: kernel == "q8_0")
     path, hf_model = written_q8
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
-    int8 = [name for name, m in runner.model.named_modules() if isinstance(m, Int8Linear)]
-    assert len(int8) == 2 * 4 + 1  # qkv, o, gate_up, down of both layers, and the LM head
+    quantized = [name for name, m in runner.model.named_modules() if isinstance(m, Q8_0_MODULES[kernel])]
+    assert len(quantized) == 2 * 4 + 1  # qkv, o, gate_up, down of both layers, and the LM head
+    choice = quant_linear.Q8_0_NAMES[kernel]
+    assert any(line.startswith("Q8_0 linears at 1 row (9 of them") and line.endswith(f"{choice} (timed)")
+               for line in runner.worker_info().kernel_choices)
     outputs, logits = generate_in_process(runner, PROMPTS, 4)
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
@@ -187,6 +201,31 @@ def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_mode
         error = (served - expected).abs()
         assert (error <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
         assert error.max() > 0  # quantized for real
+        if kernel == "q8_0":  # the prefill step runs the file's exact weights in float32
+            torch.testing.assert_close(served[0], expected[0], rtol=0, atol=PREFILL_ATOL)
+            assert (error[1:] <= Q8_0_RTOL * expected[1:].abs().amax(-1, keepdim=True)).all(), i
+
+
+def test_q8_0_linear_runs_the_files_exact_blocks():
+    """q8_0_blocks are gguf.quants.dequantize's weight bit for bit; a Q8_0Linear runs them through
+    cpu/q8_0.c up to MAX_QUANT_ROWS rows and through F.linear on that exact weight above."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from pagedserve.worker.cpu import q8_0
+    from pagedserve.worker.quant_linear import q8_0_blocks
+
+    rng = np.random.default_rng(5)
+    data = quantize(rng.standard_normal((40, 96)).astype(np.float32) * 0.05, T.Q8_0)
+    exact = torch.from_numpy(dequantize(data, T.Q8_0).reshape(40, 96).astype(np.float32))
+    codes, scales = q8_0_blocks(data)
+    module = Q8_0Linear(codes, scales, torch.full((40,), 0.5), q8_0.kernel())
+    assert torch.equal(module.dequantized(), exact)
+    for rows in (1, MAX_QUANT_ROWS):
+        x = torch.randn(rows, 96)
+        assert torch.equal(module(x), q8_0.kernel().linear(x, codes, scales) + 0.5)
+    x = torch.randn(MAX_QUANT_ROWS + 1, 96)
+    torch.testing.assert_close(module(x), x @ exact.t() + 0.5, rtol=0, atol=1e-5)
 
 
 def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q8, monkeypatch):
@@ -197,15 +236,17 @@ def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q
     assert any(line.startswith("GGUF Q8_0 linears: dequantized to float32") for line in runner.worker_info().kernel_choices)
 
 
-def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", ["int8", "q8_0"])
+def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch, kernel):
     # SmolLM2's GGUF files have no output.weight: the head is token_embd (Q8_0 even in a Q4_1 file),
     # and served float32 it read 4x the bytes a token that llama.cpp reads for it
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    monkeypatch.setattr(quant_linear, "q8_0_is_faster", lambda candidates: kernel == "q8_0")
     path = tmp_path / "tiny-tied-q8_0.gguf"
     hf_model = gguf_models.write(path, types=gguf_models.all_of("Q8_0"), tied=True)
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     head = runner.model.get_submodule("lm_head")
-    assert isinstance(head, Int8Linear) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
+    assert isinstance(head, Q8_0_MODULES[kernel]) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
     outputs, logits = generate_in_process(runner, PROMPTS, 4)
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
