@@ -310,8 +310,9 @@ Q8_0_NAMES = {"q8_0": "cpu/q8_0.c on the Q8_0 blocks", "int8": "int8 op (requant
 
 
 def choose_q8_0(model: nn.Module, candidates: list["Candidate"]) -> str:
-    """For the int8 kind's linears stored all in Q8_0 (`Candidate.exact`), the faster at one row of
-    cpu/q8_0.c on their own blocks and torch's int8 op on the requantized weight: cached per CPU,
+    """For the int8 kind's linears stored all in Q8_0 (`Candidate.exact`), the faster of cpu/q8_0.c
+    on their own blocks and torch's int8 op on the requantized weight (at one row and at
+    MAX_QUANT_ROWS; the key says 1 row, the one-user case it is for): cached per CPU,
     else timed on `timed_prefix`'s modules (q8_0_is_faster), recorded on the model. Where the
     kernel wins, those candidates build Q8_0Linears. Returns the kind's name for swap_kind: "int8",
     "q8_0", or "int8+q8_0" where only some linears are all Q8_0."""
@@ -334,15 +335,18 @@ def choose_q8_0(model: nn.Module, candidates: list["Candidate"]) -> str:
 
 def q8_0_is_faster(candidates: list["Candidate"], repeats: int = 7) -> bool:
     """Whether cpu/q8_0.c on the candidates' Q8_0 blocks beats torch's int8 op on their requantized
-    weights at one row, all of them one after another as a decode step runs them (medians of
-    `repeats` interleaved rounds, cpu/timing.py)."""
+    weights both at one row and at MAX_QUANT_ROWS (the range it serves), all of them one after
+    another as a decode step runs them (medians of `repeats` interleaved rounds, cpu/timing.py)."""
     exact = [c.exact() for c in candidates]
     requantized = [c.build() for c in candidates]
-    xs = [torch.randn(1, c.weight.shape[1]) for c in candidates]
+    for rows in (1, MAX_QUANT_ROWS):
+        xs = [torch.randn(rows, c.weight.shape[1]) for c in candidates]
 
-    def run(modules):
-        return lambda: [module(x) for module, x in zip(modules, xs)]
-    return fastest({"q8_0": run(exact), "int8": run(requantized)}, repeats) == "q8_0"
+        def run(modules, xs=xs):
+            return lambda: [module(x) for module, x in zip(modules, xs)]
+        if fastest({"q8_0": run(exact), "int8": run(requantized)}, repeats) != "q8_0":
+            return False
+    return True
 
 
 def gguf_module(method: str, parts: list, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

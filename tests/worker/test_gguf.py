@@ -228,6 +228,17 @@ def test_q8_0_linear_runs_the_files_exact_blocks():
     torch.testing.assert_close(module(x), x @ exact.t() + 0.5, rtol=0, atol=1e-5)
 
 
+def test_q8_0_is_faster_times_the_kernel_against_the_int8_op():
+    import time
+
+    from pagedserve.worker.quant_linear import Candidate, q8_0_is_faster
+
+    fast, slow = (lambda x: x), (lambda x: time.sleep(2e-3))
+    weight = torch.zeros(8, 32)
+    assert q8_0_is_faster([Candidate("a", lambda: slow, weight, lambda: fast)], repeats=3)
+    assert not q8_0_is_faster([Candidate("a", lambda: fast, weight, lambda: slow)], repeats=3)
+
+
 def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q8, monkeypatch):
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: False)
     path, _ = written_q8
