@@ -108,3 +108,52 @@ def test_this_cpus_build_takes_its_vnni_path_where_the_compiler_targets_it():
     want = "avx512vnni" if {"avx512_vnni", "avx512vl"} <= flags else "avxvnni" if "avx_vnni" in flags else \
         "avx2" if {"avx2", "fma"} <= flags else "scalar"
     assert q8_0.kernel().path == want
+
+
+# 4-bit weights (Q4_0, Q4_1, Q4_K's sub-blocks: w = d q + m a block of 32) against the same quantized x
+
+
+def random_q4(n: int, k: int, generator: torch.Generator):
+    codes = torch.randint(0, 16, (n, k), generator=generator)
+    d = (torch.rand(n, k // 32, generator=generator) * 1e-2).half().float()
+    m = (-torch.rand(n, k // 32, generator=generator) * 8e-2).half().float()
+    return codes, d, m
+
+
+def test_q4_codes_are_packed_in_ggml_order():
+    codes = torch.arange(64).remainder(16).view(1, 64)
+    packed = q8_0.pack_q4(codes)
+    assert packed.shape == (1, 32) and packed.dtype == torch.uint8
+    assert packed[0, 0] == 0 | (0 << 4) and packed[0, 1] == 1 | (1 << 4)  # weights 0 and 16, 1 and 17
+    assert torch.equal(packed[0, :16] & 15, codes[0, :16].to(torch.uint8))
+    assert torch.equal(packed[0, 16:] >> 4, codes[0, 48:].to(torch.uint8))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_q4_kernel_is_the_float64_sum_of_the_same_products_to_float32_rounding(kernel, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + k + 1)
+    codes, d, minimum = random_q4(n, k, g)
+    x = torch.randn(m, k, generator=g)
+    x_codes, x_scales = quantize_reference(x)
+    # d_w d_x (q . x_q) + m_w d_x sum(x_q) per block, in float64, and the magnitudes
+    each = x_codes.double().view(m, 1, -1, 32) * codes.double().view(1, n, -1, 32)
+    x_sums = x_codes.double().view(m, -1, 32).sum(-1) * x_scales.double()  # [M, K/32]
+    terms = each.sum(-1) * d.double()[None] * x_scales.double()[:, None] + minimum.double()[None] * x_sums[:, None]
+    magnitude = each.abs().sum(-1) * d.double()[None] * x_scales.double()[:, None] + (minimum.double()[None] * x_sums[:, None]).abs()
+    y = kernel.q4_linear(x, q8_0.pack_q4(codes), d, minimum)
+    assert y.shape == (m, n)
+    bound = (k // 32 + 8) * 2.0 ** -23 * magnitude.sum(-1)
+    assert ((y.double() - terms.sum(-1)).abs() <= bound).all()
+
+
+def test_q4_kernel_is_within_the_activations_quantization_error_of_the_float_linear(kernel):
+    """As for Q8_0: |y - x W^T| <= sum_b d_x,b / 2 * sum_(j in b) |w_j| (+ float32 rounding)."""
+    g = torch.Generator().manual_seed(7)
+    codes, d, minimum = random_q4(9, 1536, g)
+    weight = (codes.double().view(9, -1, 32) * d.double()[..., None] + minimum.double()[..., None]).view(9, 1536)
+    x = torch.randn(4, 1536, generator=g)
+    _, x_scales = quantize_reference(x)
+    bound = (x_scales.double()[:, None] / 2 * weight.abs().view(1, 9, -1, 32).sum(-1)).sum(-1)
+    bound += 2.0 ** -20 * (x.double().abs() @ weight.abs().t())
+    error = (kernel.q4_linear(x, q8_0.pack_q4(codes), d, minimum).double() - x.double() @ weight.t()).abs()
+    assert (error <= bound).all() and error.max() > 1e-3 * bound.max()

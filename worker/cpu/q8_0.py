@@ -33,6 +33,8 @@ class Q8_0Kernel:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._linear = lib.q8_0_linear
         self._linear.argtypes, self._linear.restype = [p, i64, i64, p, p, i64, p], ctypes.c_int
+        self._q4_linear = lib.q4_linear
+        self._q4_linear.argtypes, self._q4_linear.restype = [p, i64, i64, p, p, p, i64, p], ctypes.c_int
         self._quantize = lib.q8_0_quantize_rows
         self._quantize.argtypes, self._quantize.restype = [p, i64, i64, p, p], None
         lib.q8_0_path.restype = ctypes.c_char_p
@@ -46,9 +48,19 @@ class Q8_0Kernel:
         m, k = x.shape
         y = torch.empty(m, codes.shape[0], dtype=torch.float32)
         status = self._linear(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), codes.shape[0], y.data_ptr())
-        if status != 0:
-            raise MemoryError("q8_0_linear could not allocate the quantized activation") if status == -1 else \
-                ValueError(f"q8_0_linear: K = {k} is no multiple of {BLOCK}")
+        check(status, "q8_0_linear", k)
+        return y
+
+    def q4_linear(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """x float32 [M, K], 4-bit weight w = d * q + m a block of 32 (`pack_q4`'s packed uint8
+        [N, K/2], d and m float32 [N, K/32]) -> y float32 [M, N], y[r, n] = sum_b d[n, b] d_x[r, b]
+        (q[n, b] . q_x[r, b]) + m[n, b] d_x[r, b] sum(q_x[r, b]), (q_x, d_x) = `quantize(x)`."""
+        x = x.contiguous()
+        rows, k = x.shape
+        y = torch.empty(rows, packed.shape[0], dtype=torch.float32)
+        status = self._q4_linear(x.data_ptr(), rows, k, packed.data_ptr(), d.data_ptr(), m.data_ptr(), packed.shape[0],
+                                 y.data_ptr())
+        check(status, "q4_linear", k)
         return y
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +71,21 @@ class Q8_0Kernel:
         q, d = torch.empty(m, k, dtype=torch.int8), torch.empty(m, k // BLOCK, dtype=torch.float32)
         self._quantize(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr())
         return q, d
+
+
+def check(status: int, name: str, k: int) -> None:
+    if status == -1:
+        raise MemoryError(f"{name} could not allocate the quantized activation")
+    if status != 0:
+        raise ValueError(f"{name}: K = {k} is no multiple of {BLOCK}")
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] in [0, 16) -> uint8 [N, K/2]: per block of 32, byte j holds weight j in its
+    low nibble and weight j + 16 in its high one (ggml's Q4_0/Q4_1 order, which q4_linear reads)."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 @functools.cache
