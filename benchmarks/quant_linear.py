@@ -6,6 +6,8 @@ shared machine's load hits every format alike.
 
 "Q8_0 (cpu/q8_0.c)" holds the weight as Q8_0 blocks (an int8 code a weight, a scale per 32) and
 quantizes the activation per 32 too; "int8" requantizes per output channel for torch's op.
+"4-bit (cpu/q8_0.c q4_linear)" runs the int4 column's weight (w = d q + m a 32) on the same
+quantized activation.
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ from torch import nn
 
 from pagedserve.worker.cpu.linear import prepare_linears
 from pagedserve.worker.cpu import q8_0
-from pagedserve.worker.quant_linear import Int4Linear, Int8Linear, Q8_0Linear, quantize_int4, quantize_int8
+from pagedserve.worker.quant_linear import Int4Linear, Int8Linear, Q4Linear, Q8_0Linear, quantize_int4, quantize_int8
 
 SHAPES = [(576 + 2 * 192, 576), (576, 576), (2 * 1536, 576), (576, 1536)]  # (out, in) per layer
 LAYERS, VOCAB, HIDDEN = 30, 49152, 576
@@ -37,6 +39,7 @@ def formats(weight: torch.Tensor) -> dict:
         "int4 (_weight_int4pack_mm_for_cpu)": Int4Linear.from_affine(*quantize_int4(weight)),
         # the weight's Q8_0 blocks (float32 scales here; a file's are fp16: the same work)
         "Q8_0 (cpu/q8_0.c)": Q8_0Linear(*q8_0.kernel().quantize(weight), None, q8_0.kernel()),
+        "4-bit (cpu/q8_0.c q4_linear)": Q4Linear(*quantize_int4(weight), None, q8_0.kernel()),
     }
 
 

@@ -207,7 +207,7 @@ class Q8_0Linear(nn.Module):
 
 class Q4Linear(nn.Module):
     """y = x W^T (+ b), W [N, K] as 4-bit blocks of 32, w = d * q + m (Q4_0, Q4_1, Q4_K's
-    sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4), d and m float32 [N, K/32]
+    sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4, in the kernel's order), d and m float32 [N, K/32]
     exact. x float32 [..., K] -> float32 [..., N]. Up to MAX_QUANT_ROWS rows through cpu/q8_0.c's
     q4_linear (x quantized per 32 as Q8_0, int8 x 4-bit dot products); above, F.linear on the
     dequantized float32 weight."""
@@ -221,8 +221,7 @@ class Q4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K]: d * q + m per block."""
-        blocks = self.packed.view(self.out_features, -1, GROUP // 2)
-        codes = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).float()
+        codes = q8_0.unpack_q4(self.packed).view(self.out_features, -1, GROUP).float()
         return (codes * self.d[..., None] + self.m[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,7 +357,7 @@ OWN_KERNELS = {"int8": ("Q8_0", "q8_0", Q8_0_NAMES), "int4": ("4-bit", "q4", Q4_
 def choose_own_kernel(model: nn.Module, method: str, candidates: list["Candidate"]) -> str:
     """For a kind's linears that cpu/q8_0.c can run on their own blocks (`Candidate.exact`: all-Q8_0
     linears of the int8 kind, every linear of the int4 kind), the faster of that kernel and torch's
-    op (at one row and at MAX_QUANT_ROWS; the key says 1 row, the one-user case it is for): cached
+    op (at TIMED_ROWS rows; the key says 1 row, the one-user case it is for): cached
     per CPU, else timed on `timed_prefix`'s modules (own_kernel_is_faster), recorded on the model.
     Where the kernel wins, those candidates build its modules (Q8_0Linear, Q4Linear). Returns the
     kind's name for swap_kind: `method`, the kernel's kind ("q8_0", "q4"), or "int8+q8_0" where
@@ -381,13 +380,17 @@ def choose_own_kernel(model: nn.Module, method: str, candidates: list["Candidate
     return kind if len(ours) == len(candidates) else f"{method}+{kind}"
 
 
+TIMED_ROWS = (1, 4, MAX_QUANT_ROWS)
+
+
 def own_kernel_is_faster(candidates: list["Candidate"], repeats: int = 7) -> bool:
     """Whether cpu/q8_0.c on the candidates' own blocks (`exact`) beats torch's op on theirs
-    (`build`) both at one row and at MAX_QUANT_ROWS (the range it serves), all of them one after
-    another as a decode step runs them (medians of `repeats` interleaved rounds, cpu/timing.py)."""
+    (`build`) at 1, 4 and MAX_QUANT_ROWS rows (the range it serves: its integer arithmetic per row
+    can lose to the op's beyond one row), all of them one after another as a decode step runs them
+    (medians of `repeats` interleaved rounds, cpu/timing.py)."""
     exact = [c.exact() for c in candidates]
     torch_op = [c.build() for c in candidates]
-    for rows in (1, MAX_QUANT_ROWS):
+    for rows in TIMED_ROWS:
         xs = [torch.randn(rows, c.weight.shape[1]) for c in candidates]
 
         def run(modules, xs=xs):

@@ -120,13 +120,19 @@ def random_q4(n: int, k: int, generator: torch.Generator):
     return codes, d, m
 
 
-def test_q4_codes_are_packed_in_ggml_order():
-    codes = torch.arange(64).remainder(16).view(1, 64)
+@pytest.mark.parametrize("k", [32, 64, 96, 576])
+def test_q4_codes_are_packed_two_a_byte_in_the_kernels_order_and_back(k):
+    codes = torch.randint(0, 16, (3, k), generator=torch.Generator().manual_seed(k))
     packed = q8_0.pack_q4(codes)
-    assert packed.shape == (1, 32) and packed.dtype == torch.uint8
-    assert packed[0, 0] == 0 | (0 << 4) and packed[0, 1] == 1 | (1 << 4)  # weights 0 and 16, 1 and 17
-    assert torch.equal(packed[0, :16] & 15, codes[0, :16].to(torch.uint8))
-    assert torch.equal(packed[0, 16:] >> 4, codes[0, 48:].to(torch.uint8))
+    assert packed.shape == (3, k // 2) and packed.dtype == torch.uint8
+    assert torch.equal(q8_0.unpack_q4(packed), codes.to(torch.uint8))
+    if k >= 64:  # a pair's byte 0: block 0's weight 0 and, high, position 32's (block 0, weight 16)
+        assert packed[0, 0] == codes[0, 0] | (codes[0, 16] << 4)
+        # byte 4: position 4 (block 1's weight 0) and position 36 (block 1's weight 16)
+        assert packed[0, 4] == codes[0, 32] | (codes[0, 48] << 4)
+    if (k // 32) % 2:  # a last, unpaired block as ggml's Q4_0
+        last = codes[0, -32:]
+        assert torch.equal(packed[0, -16:], (last[:16] | (last[16:] << 4)).to(torch.uint8))
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)

@@ -22,6 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -207,13 +208,37 @@ int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const flo
 }
 
 /* ---- 4-bit weights against the same Q8_0 activation (Q4_0, Q4_1, and Q4_K's sub-blocks of 32) ----
- * A block of 32 weights is w = d q + m, q in [0, 16) (Q4_0: m = -8 d), its codes packed 16 bytes
- * a block, byte j's low nibble weight j and its high nibble weight j + 16 (ggml's Q4_0/Q4_1 order).
- * Its dot product with a quantized x block is d_w d_x (q . x_q) + m_w (d_x sum x_q): the codes are
- * unsigned and x's signed, just what `vpdpbusd` / `vpmaddubsw` take (no sign trick, no offset;
- * pairs of products at most 2 * 15 * 127, far from int16's limit). The nibbles are unpacked in
- * registers (a mask and a shift), so the weight streams at half a byte a weight. The m terms are
- * one float dot product a row over its blocks, with d_x sum x_q computed once a call (xs). */
+ * A block of 32 weights is w = d q + m, q in [0, 16) (Q4_0: m = -8 d). Its dot product with a
+ * quantized x block is d_w d_x (q . x_q) + m_w (d_x sum x_q): the codes are unsigned and x's
+ * signed, just what `vpdpbusd` / `vpmaddubsw` take (no sign trick, no offset; pairs of products at
+ * most 2 * 15 * 127, far from int16's limit). The m terms are one float dot product a row over its
+ * blocks, with d_x sum x_q computed once a call (xs).
+ *
+ * The codes are packed two a byte by pairs of blocks, in an order of our own (q8_0.py: pack_q4,
+ * done once at load) chosen so that unpacking is a load, a shift and a mask with no shuffle: a
+ * pair's 32 bytes hold position j's code in byte j's low nibble and position j + 32's in its high
+ * one, position p (0-63) being weight (p >> 3) * 4 + (p & 3) of the pair's block (p >> 2) & 1.
+ * So the 4-byte groups alternate between the two blocks, int32 lane i of a `vpdpbusd` sums block
+ * (i & 1)'s products, and the two blocks' scales are one 8-byte broadcast. x is put in the same
+ * order once a call. A last, unpaired block is packed as ggml packs Q4_0 (byte j: weight j, and
+ * weight j + 16 in the high nibble), and x's last block stays as it is. */
+
+#define PAIR (2 * QK) /* positions a pair of blocks */
+
+static inline int pair_block(int p) { return (p >> 2) & 1; }
+static inline int pair_index(int p) { return (p >> 3) * 4 + (p & 3); }
+
+/* xp[m] = x's codes in the pairs' order (above), [M, K]. */
+static void permute_pairs(const int8_t *xq, int64_t M, int64_t K, int8_t *xp) {
+    const int64_t pairs = K / PAIR;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *row = xq + m * K;
+        int8_t *out = xp + m * K;
+        for (int64_t i = 0; i < pairs; i++)
+            for (int p = 0; p < PAIR; p++) out[i * PAIR + p] = row[i * PAIR + pair_block(p) * QK + pair_index(p)];
+        for (int64_t k = pairs * PAIR; k < K; k++) out[k] = row[k];
+    }
+}
 
 /* sum_b wm[b] xs[b], b < nb */
 static inline float min_terms(const float *wm, const float *xs, int64_t nb) {
@@ -228,131 +253,138 @@ static inline float min_terms(const float *wm, const float *xs, int64_t nb) {
     return sum;
 }
 
+/* The last, unpaired block b (ggml's order) of a row against x's: an exact integer. */
+static inline int32_t last_block_dot(const uint8_t *w, const int8_t *x) {
+    int32_t p = 0;
+    for (int j = 0; j < QK / 2; j++) p += (int32_t)(w[j] & 0x0F) * x[j] + (int32_t)(w[j] >> 4) * x[j + QK / 2];
+    return p;
+}
+
+/* Two adjacent floats as one 8-byte value, to broadcast: lanes then alternate between them. */
+static inline double two_floats(const float *f) {
+    double d;
+    memcpy(&d, f, sizeof d);
+    return d;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
-/* One block's 16 bytes of nibbles as 32 codes in x's order: low nibbles (weights 0-15), then high. */
-static inline __m256i unpack_q4(const uint8_t *w) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)w), mask = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
-}
-
-static inline __attribute__((always_inline)) __m256i block_dot_u(__m256i q, __m256i x) {
+/* The int32 lanes of lo . x0 + hi . x1 (lo, hi unsigned codes, x signed). */
+static inline __attribute__((always_inline)) __m256i pair_dot(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0), hi, x1);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x);
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, x0), hi, x1);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones));
 #endif
 }
 #endif
 
-/* y[r * ldy] = sum_b wd[b] xd[r, b] (q_b . xq[r]_b) + wm[b] xs[r, b] for r < R (xde: xd with each
- * value repeated 8 times, [R, nb * 8]; row strides K codes, nb scales). */
+/* y[r * ldy] = sum_b wd[b] xd[r, b] (q_b . xq[r]_b) + wm[b] xs[r, b] for r < R (xp: x's codes in
+ * the pairs' order, row stride K; xd, xs: row stride nb). */
 static inline __attribute__((always_inline)) void q4_rows(const uint8_t *w, const float *wd, const float *wm,
-                                                          const int8_t *xq, const float *xde, const float *xs,
+                                                          const int8_t *xp, const float *xd, const float *xs,
                                                           int64_t nb, int64_t K, float *y, int64_t ldy, const int R) {
+    const int64_t paired = nb & ~(int64_t)1;
+    float sum[CHUNK];
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    __m512 acc[CHUNK][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) { /* two blocks: 32 bytes of nibbles -> 64 codes */
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 16));
-        const __m512i lohi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask)),
-                                                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
-        /* [low b, low b+1, high b, high b+1] -> [low b, high b, low b+1, high b+1] */
-        const __m512i q = _mm512_shuffle_i64x2(lohi, lohi, _MM_SHUFFLE(3, 1, 2, 0));
-        const __m512 ws = _mm512_permutexvar_ps(
-            pair, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(wd + b)))));
+    /* the 32 bytes in both halves; the high half shifted by 4: low nibbles, then high nibbles */
+    const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0), mask = _mm512_set1_epi8(0x0F);
+    __m512 acc[CHUNK];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < paired; b += 2) {
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + b * 16)));
+        const __m512i q = _mm512_and_si512(_mm512_srlv_epi64(v, shift), mask);
+        const __m512 ws = _mm512_castpd_ps(_mm512_set1_pd(two_floats(wd + b)));
         for (int r = 0; r < R; r++) {
             const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                                  _mm512_loadu_si512((const void *)(xq + r * K + b * QK)));
-            const __m512 xs8 = _mm512_loadu_ps(xde + (r * nb + b) * 8);
-            acc[r][(b >> 1) & 1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(p), ws), xs8, acc[r][(b >> 1) & 1]);
+                                                  _mm512_loadu_si512((const void *)(xp + r * K + b * QK)));
+            const __m512 xs2 = _mm512_castpd_ps(_mm512_set1_pd(two_floats(xd + r * nb + b)));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(p), ws), xs2, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-        if (b < nb) { /* an odd last block */
-            const __m256i p = block_dot_u(unpack_q4(w + b * 16), _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK)));
-            sum += hsum(_mm256_cvtepi32_ps(p)) * (wd[b] * xde[(r * nb + b) * 8]);
-        }
-        y[r * ldy] = sum + min_terms(wm, xs + r * nb, nb);
-    }
+    for (int r = 0; r < R; r++) sum[r] = _mm512_reduce_add_ps(acc[r]);
 #elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[CHUNK][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i q = unpack_q4(w + b * 16);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 acc[CHUNK];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < paired; b += 2) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 16));
+        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        const __m256 ws = _mm256_castpd_ps(_mm256_set1_pd(two_floats(wd + b)));
         for (int r = 0; r < R; r++) {
-            const __m256i p = block_dot_u(q, _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK)));
-            const __m256 s = _mm256_set1_ps(wd[b] * xde[(r * nb + b) * 8]);
-            acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][b & 1]);
+            const int8_t *x = xp + r * K + b * QK;
+            const __m256i p = pair_dot(lo, hi, _mm256_loadu_si256((const __m256i *)x),
+                                       _mm256_loadu_si256((const __m256i *)(x + 32)));
+            const __m256 xs2 = _mm256_castpd_ps(_mm256_set1_pd(two_floats(xd + r * nb + b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), ws), xs2, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++)
-        y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + min_terms(wm, xs + r * nb, nb);
+    for (int r = 0; r < R; r++) sum[r] = hsum(acc[r]);
 #else
     for (int r = 0; r < R; r++) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t p = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                const uint8_t byte = w[b * 16 + j];
-                p += (int32_t)(byte & 0x0F) * xq[r * K + b * QK + j] + (int32_t)(byte >> 4) * xq[r * K + b * QK + j + 16];
+        sum[r] = 0.0f;
+        for (int64_t b = 0; b < paired; b += 2) {
+            int32_t dot[2] = {0, 0};
+            for (int p = 0; p < PAIR; p++) {
+                const uint8_t byte = w[b * 16 + (p & 31)];
+                dot[pair_block(p)] += (int32_t)(p < 32 ? byte & 0x0F : byte >> 4) * xp[r * K + b * QK + p];
             }
-            acc += (float)p * (wd[b] * xde[(r * nb + b) * 8]);
+            sum[r] += (float)dot[0] * (wd[b] * xd[r * nb + b]) + (float)dot[1] * (wd[b + 1] * xd[r * nb + b + 1]);
         }
-        y[r * ldy] = acc + min_terms(wm, xs + r * nb, nb);
     }
 #endif
+    for (int r = 0; r < R; r++) {
+        if (paired < nb) /* the last, unpaired block */
+            sum[r] += (float)last_block_dot(w + paired * 16, xp + r * K + paired * QK) * (wd[paired] * xd[r * nb + paired]);
+        y[r * ldy] = sum[r] + min_terms(wm, xs + r * nb, nb);
+    }
 }
 
-/* y[M, N] = x[M, K] W^T, W as 4-bit blocks: nibbles w [N, K / 2] (the order above), scales wd and
+/* y[M, N] = x[M, K] W^T, W as 4-bit blocks: codes w [N, K / 2] (packed as above), scales wd and
  * minimums wm [N, K / 32] float32 (w = wd q + wm). Returns 0, -1 where the quantized x's buffers
  * cannot be allocated, -2 where K is no multiple of 32. */
 int q4_linear(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *wd, const float *wm, int64_t N,
               float *y) {
     if (K % QK != 0) return -2;
     const int64_t nb = K / QK;
-    int8_t *xq = malloc((size_t)(M * K));
+    int8_t *xq = malloc((size_t)(M * K)), *xp = malloc((size_t)(M * K));
     float *xd = malloc((size_t)(M * nb) * sizeof(float)), *xs = malloc((size_t)(M * nb) * sizeof(float));
-    float *xde = malloc((size_t)(M * nb) * 8 * sizeof(float));
-    if (xq == NULL || xd == NULL || xs == NULL || xde == NULL) {
+    if (xq == NULL || xp == NULL || xd == NULL || xs == NULL) {
         free(xq);
+        free(xp);
         free(xd);
         free(xs);
-        free(xde);
         return -1;
     }
     q8_0_quantize_rows(x, M, K, xq, xd);
     for (int64_t i = 0; i < M * nb; i++) {
-        int32_t sum = 0;
-        for (int j = 0; j < QK; j++) sum += xq[i * QK + j];
-        xs[i] = xd[i] * (float)sum;
-        for (int l = 0; l < 8; l++) xde[i * 8 + l] = xd[i];
+        int32_t total = 0;
+        for (int j = 0; j < QK; j++) total += xq[i * QK + j];
+        xs[i] = xd[i] * (float)total;
     }
+    permute_pairs(xq, M, K, xp);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += CHUNK) {
             const int64_t rows = M - m < CHUNK ? M - m : CHUNK;
             const uint8_t *wn = w + n * (K / 2);
-            const float *wdn = wd + n * nb, *wmn = wm + n * nb;
-            const int8_t *xm = xq + m * K;
-            const float *xdem = xde + m * nb * 8, *xsm = xs + m * nb;
+            const float *wdn = wd + n * nb, *wmn = wm + n * nb, *xdm = xd + m * nb, *xsm = xs + m * nb;
+            const int8_t *xm = xp + m * K;
             float *ym = y + m * N + n;
             switch (rows) {
-            case 1: q4_rows(wn, wdn, wmn, xm, xdem, xsm, nb, K, ym, N, 1); break;
-            case 2: q4_rows(wn, wdn, wmn, xm, xdem, xsm, nb, K, ym, N, 2); break;
-            case 3: q4_rows(wn, wdn, wmn, xm, xdem, xsm, nb, K, ym, N, 3); break;
-            default: q4_rows(wn, wdn, wmn, xm, xdem, xsm, nb, K, ym, N, 4); break;
+            case 1: q4_rows(wn, wdn, wmn, xm, xdm, xsm, nb, K, ym, N, 1); break;
+            case 2: q4_rows(wn, wdn, wmn, xm, xdm, xsm, nb, K, ym, N, 2); break;
+            case 3: q4_rows(wn, wdn, wmn, xm, xdm, xsm, nb, K, ym, N, 3); break;
+            default: q4_rows(wn, wdn, wmn, xm, xdm, xsm, nb, K, ym, N, 4); break;
             }
         }
     }
     free(xq);
+    free(xp);
     free(xd);
     free(xs);
-    free(xde);
     return 0;
 }

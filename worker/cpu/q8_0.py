@@ -80,12 +80,42 @@ def check(status: int, name: str, k: int) -> None:
         raise ValueError(f"{name}: K = {k} is no multiple of {BLOCK}")
 
 
+@functools.cache
+def pair_order(k: int) -> torch.Tensor:
+    """The order q4_linear reads a row's K 4-bit codes in (cpu/q8_0.c: pairs of blocks): position p
+    of a pair is weight (p >> 3) * 4 + (p & 3) of its block (p >> 2) & 1; a last, unpaired block
+    keeps its order. Long [K]: codes[:, pair_order(K)] are the codes in positions."""
+    p = torch.arange(2 * BLOCK)
+    within = ((p >> 2) & 1) * BLOCK + (p >> 3) * 4 + (p & 3)
+    pairs = k // (2 * BLOCK)
+    order = (torch.arange(pairs)[:, None] * 2 * BLOCK + within).reshape(-1)
+    return torch.cat([order, torch.arange(pairs * 2 * BLOCK, k)])
+
+
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [N, K] in [0, 16) -> uint8 [N, K/2]: per block of 32, byte j holds weight j in its
-    low nibble and weight j + 16 in its high one (ggml's Q4_0/Q4_1 order, which q4_linear reads)."""
+    """4-bit codes [N, K] in [0, 16) -> uint8 [N, K/2] as q4_linear reads them: in `pair_order`,
+    a pair's byte j holding position j (low nibble) and j + 32 (high); a last, unpaired block as
+    ggml's Q4_0 (byte j: weight j, and weight j + 16 in the high nibble)."""
     n, k = codes.shape
-    blocks = codes.to(torch.uint8).view(n, k // BLOCK, 2, BLOCK // 2)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    positions = codes.to(torch.uint8)[:, pair_order(k)]
+    paired = k // (2 * BLOCK) * 2 * BLOCK
+    pairs = positions[:, :paired].reshape(n, -1, 2, BLOCK)
+    last = positions[:, paired:].reshape(n, -1, 2, BLOCK // 2)
+    return torch.cat([(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1),
+                      (last[:, :, 0] | (last[:, :, 1] << 4)).reshape(n, -1)], dim=1).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q4`'s inverse: uint8 [N, K/2] -> codes uint8 [N, K]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    paired = k // (2 * BLOCK) * 2 * BLOCK
+    pairs = packed[:, :paired // 2].reshape(n, -1, BLOCK)
+    last = packed[:, paired // 2:].reshape(n, -1, BLOCK // 2)
+    positions = torch.cat([torch.cat([pairs & 0x0F, pairs >> 4], dim=-1).reshape(n, -1),
+                           torch.cat([last & 0x0F, last >> 4], dim=-1).reshape(n, -1)], dim=1)
+    codes = torch.empty_like(positions)
+    codes[:, pair_order(k)] = positions
+    return codes
 
 
 @functools.cache
