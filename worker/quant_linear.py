@@ -207,10 +207,10 @@ class Q8_0Linear(nn.Module):
 
 class Q4Linear(nn.Module):
     """y = x W^T (+ b), W [N, K] as 4-bit blocks of 32, w = d * q + m (Q4_0, Q4_1, Q4_K's
-    sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4, in the kernel's order), d and m float32 [N, K/32]
-    exact. x float32 [..., K] -> float32 [..., N]. Up to MAX_QUANT_ROWS rows through cpu/q8_0.c's
-    q4_linear (x quantized per 32 as Q8_0, int8 x 4-bit dot products); above, F.linear on the
-    dequantized float32 weight."""
+    sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4, in the kernel's order),
+    d and m float32 [N, K/32] exact. x float32 [..., K] -> float32 [..., N]. Up to MAX_QUANT_ROWS
+    rows through cpu/q8_0.c's q4_linear (x quantized per 32 as Q8_0, int8 x 4-bit dot products);
+    above, F.linear on the dequantized float32 weight."""
 
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None,
                  kernel: q8_0.Q8_0Kernel):
@@ -303,9 +303,9 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     gguf_checkpoint.QuantBlocks by checkpoint name) with an Int4Linear of the same codes, and each
     other whose weights are all of INT4_TYPES | INT8_TYPES with an Int8Linear (requantized per
     channel; `gguf_method`), or, where all are Q8_0 and cpu/q8_0.c times faster than the int8 op
-    (`choose_own_kernel`), a Q8_0Linear on the blocks themselves (4-bit ones likewise a
-    Q4Linear where that beats the int4 op); a tied LM head on the embedding's blocks (TIED_SOURCES); returns how
-    many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
+    (`choose_own_kernel`), a Q8_0Linear on the blocks themselves (4-bit ones likewise a Q4Linear
+    where that beats the int4 op); a tied LM head on the embedding's blocks (TIED_SOURCES);
+    returns how many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
     so do all of a kind whose op this CPU runs slower than float32 (`swap_kind`)."""
     kinds: dict[str, list[Candidate]] = {}
     types: dict[str, set[str]] = {}

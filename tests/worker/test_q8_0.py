@@ -145,7 +145,8 @@ def test_q4_kernel_is_the_float64_sum_of_the_same_products_to_float32_rounding(k
     each = x_codes.double().view(m, 1, -1, 32) * codes.double().view(1, n, -1, 32)
     x_sums = x_codes.double().view(m, -1, 32).sum(-1) * x_scales.double()  # [M, K/32]
     terms = each.sum(-1) * d.double()[None] * x_scales.double()[:, None] + minimum.double()[None] * x_sums[:, None]
-    magnitude = each.abs().sum(-1) * d.double()[None] * x_scales.double()[:, None] + (minimum.double()[None] * x_sums[:, None]).abs()
+    magnitude = (each.abs().sum(-1) * d.double()[None] * x_scales.double()[:, None]
+                 + (minimum.double()[None] * x_sums[:, None]).abs())
     y = kernel.q4_linear(x, q8_0.pack_q4(codes), d, minimum)
     assert y.shape == (m, n)
     bound = (k // 32 + 8) * 2.0 ** -23 * magnitude.sum(-1)
