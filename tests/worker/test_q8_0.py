@@ -97,6 +97,19 @@ def test_kernel_is_within_the_activations_quantization_error_of_the_float_linear
     assert error.max() > 1e-3 * bound.max()  # the activation was quantized for real
 
 
+def test_a_non_finite_activation_makes_its_outputs_nan_not_finite(kernel):
+    """A float matmul gives a non-finite output for a NaN or infinite input; the kernel must not
+    hide one behind its quantization (max |x| ignores a NaN, and inf * 0 is no code)."""
+    g = torch.Generator().manual_seed(3)
+    codes, scales = random_q8_0(5, 96, g)
+    q4 = random_q4(5, 96, g)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(3, 96, generator=g)
+        x[1, 40] = bad
+        for y in (kernel.linear(x, codes, scales), kernel.q4_linear(x, q8_0.pack_q4(q4[0]), q4[1], q4[2])):
+            assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+
+
 def test_kernel_refuses_a_row_length_that_is_no_multiple_of_32(kernel):
     codes, scales = torch.zeros(4, 48, dtype=torch.int8), torch.zeros(4, 1)
     with pytest.raises(ValueError, match="multiple of 32"):

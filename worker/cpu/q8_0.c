@@ -46,16 +46,22 @@ const char *q8_0_path(void) { return PATH; }
 /* q[m, k] and d[m, k / 32] of x[M, K] (K a multiple of 32), block by block: d = max |x| / 127,
  * q = round-half-even(x * (1 / d)), in float32 as written (tests/worker/test_q8_0.py repeats it in
  * torch). A block whose d is zero or subnormal (max |x| < 127 * FLT_MIN) gets codes 0: 1 / d
- * would overflow. */
+ * would overflow; one holding a NaN or an infinity gets codes 0 and d = NaN. */
 void q8_0_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d) {
     for (int64_t i = 0; i < M * (K / QK); i++) {
         const float *xb = x + i * QK;
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float db = amax / 127.0f;
-        const float id = db >= FLT_MIN ? 1.0f / db : 0.0f;
+        int finite = 1;
+        for (int j = 0; j < QK; j++) {
+            amax = fmaxf(amax, fabsf(xb[j]));
+            finite &= isfinite(xb[j]) != 0;
+        }
+        /* a NaN or infinity makes the block's scale NaN and its codes 0: the outputs it reaches
+         * come out NaN, as a float matmul's would be non-finite, rather than silently finite */
+        const float db = finite ? amax / 127.0f : NAN;
+        const float id = finite && db >= FLT_MIN ? 1.0f / db : 0.0f;
         d[i] = db;
-        for (int j = 0; j < QK; j++) q[i * QK + j] = (int8_t)nearbyintf(xb[j] * id);
+        for (int j = 0; j < QK; j++) q[i * QK + j] = id != 0.0f ? (int8_t)nearbyintf(xb[j] * id) : 0;
     }
 }
 
