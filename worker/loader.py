@@ -278,8 +278,8 @@ def load_weights(model: nn.Module, model_dir: Path, prefix: str, optional: froze
 def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
     """Fill the model from a GGUF file, dequantized to float32 (bit-exact with gguf.quants.dequantize);
     then linears stored as Q4_0/Q4_1/Q4_K run on their own blocks through the int4 op, those stored
-    as Q8_0/Q6_K/Q5_K/Q5_0/Q5_1 (or a mix) requantized through the int8 op
-    (quant_linear.swap_gguf_linears)."""
+    as Q8_0/Q6_K/Q5_K/Q5_0/Q5_1 (or a mix) requantized through the int8 op, all-Q8_0 ones through
+    cpu/q8_0.c on their own blocks where that times faster (quant_linear.swap_gguf_linears)."""
     from pagedserve.worker.quant_linear import swap_gguf_linears
 
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":

@@ -28,6 +28,12 @@ adds to a float weight; tests/worker/test_gguf.py states the bound on logits. A 
 4-bit and other blocks (Q4_K_M's qkv with a Q6_K or Q8_0 v_proj), or a 4-bit one whose shape the
 int4 packing refuses, goes the int8 way too. Prefill still runs on the weight that the int8 codes
 hold (not the GGUF's exact one), so both paths serve one model.
+
+A linear stored all in Q8_0 has a second way, chosen where this CPU times it faster at one row
+(`choose_own_kernel`, cached per CPU): Q8_0Linear keeps the file's blocks as they are and runs up to
+MAX_QUANT_ROWS rows through cpu/q8_0.c, which quantizes the activation per 32 as Q8_0 too and
+sums int8 x int8 products (llama.cpp's approach); no requantization, and prefill on the exact
+weight.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.worker.cpu import kernel_choices
+from pagedserve.worker.cpu import kernel_choices, q8_0
 from pagedserve.worker.cpu.linear import replace_module
 from pagedserve.worker.cpu.timing import fastest
 
@@ -91,6 +97,16 @@ def q4_k_blocks(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def int4_blocks(data: np.ndarray, qtype_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Any 4-bit GGUF type (INT4_TYPES) -> codes [N, K], d and m [N, K/32]: weight = d * codes + m."""
     return q4_k_blocks(data) if qtype_name == "Q4_K" else q4_blocks(data, qtype_name)
+
+
+def q8_0_blocks(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks uint8 [N, K/32 * 34] -> codes int8 [N, K] and scales float32 [N, K/32], the
+    weight being scale * code (ggml's block_q8_0: an fp16 d, then 32 int8 codes)."""
+    n = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(n, -1, 2 + GROUP)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    codes = blocks[..., 2:].copy().view(np.int8).reshape(n, -1)
+    return torch.from_numpy(codes), torch.from_numpy(d)
 
 
 class Int4Linear(nn.Module):
@@ -157,6 +173,71 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
+class Q8_0Linear(nn.Module):
+    """y = x W^T (+ b), W [N, K] held exactly as GGUF's Q8_0 blocks: codes int8 [N, K] and a float32
+    scale per 32 weights of a row [N, K/32]. x float32 [..., K] -> float32 [..., N]. Up to
+    MAX_QUANT_ROWS rows through cpu/q8_0.c (x quantized per 32 as Q8_0: an error of at most half
+    a step of x's block a term, tests/worker/test_q8_0.py); above, F.linear on the dequantized
+    float32 weight, as Int8Linear does (here the file's exact weight, not a requantized one)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: q8_0.Q8_0Kernel):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.codes, self.scales, self.bias = codes.contiguous(), scales.float().contiguous(), bias
+        self.kernel = kernel
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K]: scale * code per block (gguf.quants.dequantize's values)."""
+        blocks = self.codes.view(self.out_features, -1, GROUP).float() * self.scales[..., None]
+        return blocks.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_QUANT_ROWS or rows.shape[0] == 0:
+            y = F.linear(rows.float(), self.dequantized())
+        else:
+            y = self.kernel.linear(rows.float(), self.codes, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks (cpu/q8_0.c)"
+
+
+class Q4Linear(nn.Module):
+    """y = x W^T (+ b), W [N, K] as 4-bit blocks of 32, w = d * q + m (Q4_0, Q4_1, Q4_K's
+    sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4, in the kernel's order),
+    d and m float32 [N, K/32] exact. x float32 [..., K] -> float32 [..., N]. Up to MAX_QUANT_ROWS
+    rows through cpu/q8_0.c's q4_linear (x quantized per 32 as Q8_0, int8 x 4-bit dot products);
+    above, F.linear on the dequantized float32 weight."""
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None,
+                 kernel: q8_0.Q8_0Kernel):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.packed, self.d, self.m = q8_0.pack_q4(codes), d.float().contiguous(), m.float().contiguous()
+        self.bias, self.kernel = bias, kernel
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K]: d * q + m per block."""
+        codes = q8_0.unpack_q4(self.packed).view(self.out_features, -1, GROUP).float()
+        return (codes * self.d[..., None] + self.m[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_QUANT_ROWS or rows.shape[0] == 0:
+            y = F.linear(rows.float(), self.dequantized())
+        else:
+            y = self.kernel.q4_linear(rows.float(), self.packed, self.d, self.m)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks (cpu/q8_0.c)"
+
+
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest in groups of 32 (as GGUF's Q4_1): weight [N, K] float ->
     codes int32 [N, K], d and m float32 [N, K/32] with weight ~= d * codes + m."""
@@ -221,8 +302,10 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
     """Replace each nn.Linear whose weights are all 4-bit GGUF blocks (Q4_0, Q4_1, Q4_K:
     gguf_checkpoint.QuantBlocks by checkpoint name) with an Int4Linear of the same codes, and each
     other whose weights are all of INT4_TYPES | INT8_TYPES with an Int8Linear (requantized per
-    channel; `gguf_method`), a tied LM head on the embedding's blocks (TIED_SOURCES); returns how
-    many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
+    channel; `gguf_method`), or, where all are Q8_0 and cpu/q8_0.c times faster than the int8 op
+    (`choose_own_kernel`), a Q8_0Linear on the blocks themselves (4-bit ones likewise a Q4Linear
+    where that beats the int4 op); a tied LM head on the embedding's blocks (TIED_SOURCES);
+    returns how many were replaced. Others (Q2_K, Q3_K, float) keep their float32 weight, dequantized on load;
     so do all of a kind whose op this CPU runs slower than float32 (`swap_kind`)."""
     kinds: dict[str, list[Candidate]] = {}
     types: dict[str, set[str]] = {}
@@ -236,14 +319,85 @@ def swap_gguf_linears(model: nn.Module, blocks: dict) -> int:
             continue
         build = lambda method=method, parts=parts, linear=linear: gguf_module(
             method, parts, linear.weight.detach(), linear.bias)
-        kinds.setdefault(method, []).append(Candidate(name, build, linear.weight.detach()))
+        exact = None
+        if method == "int8" and all(p.type.name == "Q8_0" for p in parts):
+            exact = lambda parts=parts, linear=linear: q8_0_module(parts, linear.bias)
+        elif method == "int4":
+            exact = lambda parts=parts, linear=linear: q4_module(parts, linear.bias)
+        kinds.setdefault(method, []).append(Candidate(name, build, linear.weight.detach(), exact))
         types.setdefault(method, set()).update(p.type.name for p in parts)
     count = 0
     for method, candidates in kinds.items():
         label = "/".join(sorted(types[method]))
+        method = choose_own_kernel(model, method, candidates)
         count += swap_kind(model, method, candidates, f"GGUF {label} linears: dequantized to float32 "
                            f"(the {method} op is slower than float32 on this CPU)")
     return count
+
+
+def q8_0_module(parts: list, bias: torch.Tensor | None) -> "Q8_0Linear":
+    """A Q8_0Linear on Q8_0 QuantBlocks' own codes and scales (a linear's parts in row order)."""
+    codes, scales = (torch.cat(t) for t in zip(*(q8_0_blocks(p.data) for p in parts)))
+    return Q8_0Linear(codes, scales, bias, q8_0.kernel())
+
+
+def q4_module(parts: list, bias: torch.Tensor | None) -> "Q4Linear":
+    """A Q4Linear on 4-bit QuantBlocks' own codes, scales and minimums (a linear's parts in row order)."""
+    codes, d, m = (torch.cat(t) for t in zip(*(int4_blocks(p.data, p.type.name) for p in parts)))
+    return Q4Linear(codes, d, m, bias, q8_0.kernel())
+
+
+# Per kind whose linears may run on cpu/q8_0.c instead of torch's op: how the log names the linears,
+# the kernel's kind, and the choice's names
+Q8_0_NAMES = {"q8_0": "cpu/q8_0.c on the Q8_0 blocks", "int8": "int8 op (requantized per channel)"}
+Q4_NAMES = {"q4": "cpu/q8_0.c's 4-bit dot on the blocks", "int4": "int4 op"}
+OWN_KERNELS = {"int8": ("Q8_0", "q8_0", Q8_0_NAMES), "int4": ("4-bit", "q4", Q4_NAMES)}
+
+
+def choose_own_kernel(model: nn.Module, method: str, candidates: list["Candidate"]) -> str:
+    """For a kind's linears that cpu/q8_0.c can run on their own blocks (`Candidate.exact`: all-Q8_0
+    linears of the int8 kind, every linear of the int4 kind), the faster of that kernel and torch's
+    op (at TIMED_ROWS rows; the key says 1 row, the one-user case it is for): cached
+    per CPU, else timed on `timed_prefix`'s modules (own_kernel_is_faster), recorded on the model.
+    Where the kernel wins, those candidates build its modules (Q8_0Linear, Q4Linear). Returns the
+    kind's name for swap_kind: `method`, the kernel's kind ("q8_0", "q4"), or "int8+q8_0" where
+    only some linears are all Q8_0."""
+    ours = [c for c in candidates if c.exact is not None]
+    if method not in OWN_KERNELS or not ours:
+        return method
+    label, kind, names = OWN_KERNELS[method]
+    if q8_0.kernel() is None:
+        kernel_choices.record(model, f"{label} linears: {names[method]} (cpu/q8_0.c does not build here)")
+        return method
+    mib = sum(c.weight.numel() * c.weight.element_size() for c in ours) >> 20
+    key = f"{label} linears at 1 row ({len(ours)} of them, {mib} MiB in float32)"
+    choice = kernel_choices.decide(model, key, names,
+                                   lambda: kind if own_kernel_is_faster(timed_prefix(ours)) else method)
+    if choice == method:
+        return method
+    for candidate in ours:
+        candidate.build = candidate.exact
+    return kind if len(ours) == len(candidates) else f"{method}+{kind}"
+
+
+TIMED_ROWS = (1, 4, MAX_QUANT_ROWS)
+
+
+def own_kernel_is_faster(candidates: list["Candidate"], repeats: int = 7) -> bool:
+    """Whether cpu/q8_0.c on the candidates' own blocks (`exact`) beats torch's op on theirs
+    (`build`) at 1, 4 and MAX_QUANT_ROWS rows (the range it serves: its integer arithmetic per row
+    can lose to the op's beyond one row), all of them one after another as a decode step runs them
+    (medians of `repeats` interleaved rounds, cpu/timing.py)."""
+    exact = [c.exact() for c in candidates]
+    torch_op = [c.build() for c in candidates]
+    for rows in TIMED_ROWS:
+        xs = [torch.randn(rows, c.weight.shape[1]) for c in candidates]
+
+        def run(modules, xs=xs):
+            return lambda: [module(x) for module, x in zip(modules, xs)]
+        if fastest({"ours": run(exact), "torch": run(torch_op)}, repeats) != "ours":
+            return False
+    return True
 
 
 def gguf_module(method: str, parts: list, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -291,11 +445,14 @@ LM_HEAD = "lm_head"  # the output projection's module name in every model of wor
 
 @dataclass
 class Candidate:
-    """A linear that may run quantized: its module name, how to build its quantized module, and
-    its float32 weight [N, K] (what it runs on otherwise)."""
+    """A linear that may run quantized: its module name, how to build its quantized module, its
+    float32 weight [N, K] (what it runs on otherwise), and, for a linear stored all in Q8_0, how to
+    build a module of cpu/q8_0.c on its own blocks (choose_own_kernel makes that its build where
+    it wins)."""
     name: str
     build: Callable[[], nn.Module]
     weight: torch.Tensor
+    exact: Callable[[], nn.Module] | None = None
 
 
 # The float32 bytes of a kind's linears that its decision times (`timed_prefix`): well above a

@@ -11,7 +11,8 @@ from pagedserve.worker.checkpoint import LoadError
 from pagedserve.worker.gguf_checkpoint import gguf_config, read_tensors
 from pagedserve.worker import quant_linear
 from pagedserve.worker.model_runner import ModelRunner
-from pagedserve.worker.quant_linear import MAX_QUANT_ROWS, Int4Linear, Int8Linear, q4_blocks, q4_k_blocks
+from pagedserve.worker.quant_linear import (MAX_QUANT_ROWS, Int4Linear, Int8Linear, Q4Linear, Q8_0Linear, q4_blocks,
+                                            q4_k_blocks)
 from tests.helpers import gguf_models
 from tests.helpers.tiny_models import PROMPTS, generate_in_process, runner_config
 
@@ -23,6 +24,15 @@ DECODE_RTOL = 2e-3  # measured: at most 5e-4
 # step of the row's scale a weight), decode rows in bfloat16 too. Every step's logits within
 # Q8_RTOL of that step's largest |logit| of the dequantized float32 model; measured: at most 0.8%.
 Q8_RTOL = 2e-2
+# The same model with cpu/q8_0.c chosen (Q8_0Linear): the file's exact blocks, decode rows quantized
+# per 32 as Q8_0 (half a step of each block of x a term); prefill in float32 on the exact weight.
+# Every decode step's logits within Q8_0_RTOL of its largest |logit|; measured: at most 0.7%
+# (the int8 op's 0.8%: the activation's rounding dominates both).
+Q8_0_RTOL = 1.5e-2
+# 4-bit linears through cpu/q8_0.c (Q4Linear): the blocks exact, decode rows quantized per 32 as
+# Q8_0; every decode step's logits within Q4_RTOL of its largest |logit|; measured: at most 4.4e-4
+# (the int4 op's bfloat16: 5e-4). With Q4_K_M's mix (KQ_RTOL) at most 1.8% (the int4 op's 1.4%).
+Q4_RTOL = 2e-3
 # K-quants: Q4_K through the int4 op (bfloat16 scales and zeros), Q5_K/Q6_K/Q8_0 requantized per
 # channel into the int8 op; every step's logits within KQ_RTOL of that step's largest |logit| of
 # the dequantized float32 model (measured: at most 1.4%; the int4 kind alone 0.8%, int8 alone 1.1%).
@@ -108,6 +118,7 @@ def test_served_gguf_matches_transformers_on_the_dequantized_weights(written, mo
     # slower); the int8 kind (Q8_0, Q6_K and mixed linears, requantized) float32 here, so that
     # greedy output stays transformers' (test_k_quants_... holds them to a bound)
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: isinstance(modules[0], Int4Linear))
+    monkeypatch.setattr(quant_linear, "own_kernel_is_faster", lambda candidates: False)  # torch's int4 op
     path, hf_model = written
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     int4 = [name for name, m in runner.model.named_modules() if isinstance(m, Int4Linear)]
@@ -172,13 +183,22 @@ def written_q8(tmp_path_factory):
     return path, gguf_models.write(path, types=gguf_models.all_of("Q8_0"))
 
 
-def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_model(written_q8, monkeypatch):
-    # the int8 path whatever this CPU's timing says (quantized_wins keeps float32 where slower)
+Q8_0_MODULES = {"int8": Int8Linear, "q8_0": Q8_0Linear}
+
+
+@pytest.mark.parametrize("kernel", ["int8", "q8_0"])
+def test_q8_0_gguf_runs_quantized_within_bound_of_the_dequantized_model(written_q8, monkeypatch, kernel):
+    # quantized whatever this CPU's timing says (quantized_wins keeps float32 where slower), through
+    # the int8 op on requantized weights or cpu/q8_0.c on the blocks (choose_own_kernel times them)
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    monkeypatch.setattr(quant_linear, "own_kernel_is_faster", lambda candidates: kernel == "q8_0")
     path, hf_model = written_q8
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
-    int8 = [name for name, m in runner.model.named_modules() if isinstance(m, Int8Linear)]
-    assert len(int8) == 2 * 4 + 1  # qkv, o, gate_up, down of both layers, and the LM head
+    quantized = [name for name, m in runner.model.named_modules() if isinstance(m, Q8_0_MODULES[kernel])]
+    assert len(quantized) == 2 * 4 + 1  # qkv, o, gate_up, down of both layers, and the LM head
+    choice = quant_linear.Q8_0_NAMES[kernel]
+    assert any(line.startswith("Q8_0 linears at 1 row (9 of them") and line.endswith(f"{choice} (timed)")
+               for line in runner.worker_info().kernel_choices)
     outputs, logits = generate_in_process(runner, PROMPTS, 4)
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
@@ -187,6 +207,42 @@ def test_q8_0_gguf_runs_through_the_int8_op_within_bound_of_the_dequantized_mode
         error = (served - expected).abs()
         assert (error <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
         assert error.max() > 0  # quantized for real
+        if kernel == "q8_0":  # the prefill step runs the file's exact weights in float32
+            torch.testing.assert_close(served[0], expected[0], rtol=0, atol=PREFILL_ATOL)
+            assert (error[1:] <= Q8_0_RTOL * expected[1:].abs().amax(-1, keepdim=True)).all(), i
+
+
+def test_q8_0_linear_runs_the_files_exact_blocks():
+    """q8_0_blocks are gguf.quants.dequantize's weight bit for bit; a Q8_0Linear runs them through
+    cpu/q8_0.c up to MAX_QUANT_ROWS rows and through F.linear on that exact weight above."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from pagedserve.worker.cpu import q8_0
+    from pagedserve.worker.quant_linear import q8_0_blocks
+
+    rng = np.random.default_rng(5)
+    data = quantize(rng.standard_normal((40, 96)).astype(np.float32) * 0.05, T.Q8_0)
+    exact = torch.from_numpy(dequantize(data, T.Q8_0).reshape(40, 96).astype(np.float32))
+    codes, scales = q8_0_blocks(data)
+    module = Q8_0Linear(codes, scales, torch.full((40,), 0.5), q8_0.kernel())
+    assert torch.equal(module.dequantized(), exact)
+    for rows in (1, MAX_QUANT_ROWS):
+        x = torch.randn(rows, 96)
+        assert torch.equal(module(x), q8_0.kernel().linear(x, codes, scales) + 0.5)
+    x = torch.randn(MAX_QUANT_ROWS + 1, 96)
+    torch.testing.assert_close(module(x), x @ exact.t() + 0.5, rtol=0, atol=1e-5)
+
+
+def test_own_kernel_is_faster_times_the_kernel_against_torchs_op():
+    import time
+
+    from pagedserve.worker.quant_linear import Candidate, own_kernel_is_faster
+
+    fast, slow = (lambda x: x), (lambda x: time.sleep(2e-3))
+    weight = torch.zeros(8, 32)
+    assert own_kernel_is_faster([Candidate("a", lambda: slow, weight, lambda: fast)], repeats=3)
+    assert not own_kernel_is_faster([Candidate("a", lambda: fast, weight, lambda: slow)], repeats=3)
 
 
 def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q8, monkeypatch):
@@ -197,15 +253,17 @@ def test_q8_0_gguf_stays_float_where_the_int8_op_is_slower_and_says_so(written_q
     assert any(line.startswith("GGUF Q8_0 linears: dequantized to float32") for line in runner.worker_info().kernel_choices)
 
 
-def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", ["int8", "q8_0"])
+def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch, kernel):
     # SmolLM2's GGUF files have no output.weight: the head is token_embd (Q8_0 even in a Q4_1 file),
     # and served float32 it read 4x the bytes a token that llama.cpp reads for it
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    monkeypatch.setattr(quant_linear, "own_kernel_is_faster", lambda candidates: kernel == "q8_0")
     path = tmp_path / "tiny-tied-q8_0.gguf"
     hf_model = gguf_models.write(path, types=gguf_models.all_of("Q8_0"), tied=True)
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     head = runner.model.get_submodule("lm_head")
-    assert isinstance(head, Int8Linear) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
+    assert isinstance(head, Q8_0_MODULES[kernel]) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
     outputs, logits = generate_in_process(runner, PROMPTS, 4)
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
@@ -220,18 +278,23 @@ KQUANT_TYPES = {**gguf_models.all_of("Q4_K"), "model.embed_tokens.weight": "Q8_0
                 "1.v_proj": "Q6_K", "1.down_proj": "Q5_K", "1.up_proj": "Q5_0"}
 
 
-def test_k_quants_run_quantized_within_bound_of_the_dequantized_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", ["torch", "ours"])
+def test_k_quants_run_quantized_within_bound_of_the_dequantized_model(tmp_path, monkeypatch, kernel):
+    # 4-bit linears through torch's int4 op or cpu/q8_0.c's 4-bit dot (Q4Linear), as choose_own_kernel
+    # would pick; the rest through the int8 op
     monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: True)
+    monkeypatch.setattr(quant_linear, "own_kernel_is_faster", lambda candidates: kernel == "ours")
     path = tmp_path / "tiny-q4_k_m.gguf"
     hf_model = gguf_models.write(path, types=KQUANT_TYPES)
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
-    kinds = {name: type(m).__name__ for name, m in runner.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    four_bit = Q4Linear if kernel == "ours" else Int4Linear
+    kinds = {name: type(m) for name, m in runner.model.named_modules() if isinstance(m, (four_bit, Int8Linear))}
     layer = lambda i, names: {f"model.layers.{i}.{n}" for n in names}
     # Q4_K on its own codes; a fused linear with a Q6_K/Q5_0 section, Q5_K and Q6_K requantized
-    assert {n for n, k in kinds.items() if k == "Int4Linear"} == (
+    assert {n for n, k in kinds.items() if k is four_bit} == (
         layer(0, ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"])
         | layer(1, ["self_attn.o_proj"]))
-    assert {n for n, k in kinds.items() if k == "Int8Linear"} == (
+    assert {n for n, k in kinds.items() if k is Int8Linear} == (
         layer(1, ["self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]) | {"lm_head"})
     outputs, logits = generate_in_process(runner, PROMPTS, 4)
     for i, prompt in enumerate(PROMPTS):
@@ -241,3 +304,26 @@ def test_k_quants_run_quantized_within_bound_of_the_dequantized_model(tmp_path, 
         error = (served - expected).abs()
         assert (error <= KQ_RTOL * expected.abs().amax(-1, keepdim=True)).all(), (i, (error / expected.abs().amax(-1, keepdim=True)).max())
         assert error.max() > 0  # quantized for real
+
+
+def test_4bit_gguf_runs_through_cpu_q8_0_c_within_bound_of_the_dequantized_model(written, monkeypatch):
+    # Q4_0/Q4_1/Q4_K linears as Q4Linear (the int8 kind float32, as in the greedy test above)
+    monkeypatch.setattr(quant_linear, "quantized_is_faster", lambda modules, weights: isinstance(modules[0], Q4Linear))
+    monkeypatch.setattr(quant_linear, "own_kernel_is_faster", lambda candidates: True)
+    path, hf_model = written
+    runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
+    ours = [name for name, m in runner.model.named_modules() if isinstance(m, Q4Linear)]
+    assert sorted(ours) == sorted([f"model.layers.0.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                   "mlp.gate_up_proj", "mlp.down_proj")] + ["model.layers.1.self_attn.o_proj"])
+    assert any(line.startswith("4-bit linears at 1 row (5 of them") and line.endswith(
+        f"{quant_linear.Q4_NAMES['q4']} (timed)") for line in runner.worker_info().kernel_choices)
+    outputs, logits = generate_in_process(runner, PROMPTS, 4)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
+        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+        # the prefill step in float32 on the exact weights; decode steps through the kernel
+        torch.testing.assert_close(served[0], expected[0], rtol=0, atol=PREFILL_ATOL)
+        scale = expected[1:].abs().amax(-1, keepdim=True)
+        assert ((served[1:] - expected[1:]).abs() <= Q4_RTOL * scale).all(), i
+        assert (served[1:] != expected[1:]).any()
