@@ -177,6 +177,18 @@ def test_int8_kinds_requantized_per_channel_are_within_half_a_step(qtype):
     assert (served != exact).any()  # requantized for real
 
 
+def served_and_expected(runner, hf_model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt of PROMPTS, 4 greedy tokens served by `runner`: (its logits [4, vocab], the
+    dequantized float32 model's logits [4, vocab] on the same tokens)."""
+    outputs, logits = generate_in_process(runner, PROMPTS, 4)
+    pairs = []
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
+        pairs.append((torch.stack([torch.as_tensor(step[i]) for step in logits]), expected))
+    return pairs
+
+
 @pytest.fixture(scope="module")
 def written_q8(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf-q8") / "tiny-q8_0.gguf"
@@ -199,11 +211,7 @@ def test_q8_0_gguf_runs_quantized_within_bound_of_the_dequantized_model(written_
     choice = quant_linear.Q8_0_NAMES[kernel]
     assert any(line.startswith("Q8_0 linears at 1 row (9 of them") and line.endswith(f"{choice} (timed)")
                for line in runner.worker_info().kernel_choices)
-    outputs, logits = generate_in_process(runner, PROMPTS, 4)
-    for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
-        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+    for i, (served, expected) in enumerate(served_and_expected(runner, hf_model)):
         error = (served - expected).abs()
         assert (error <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
         assert error.max() > 0  # quantized for real
@@ -264,11 +272,7 @@ def test_a_tied_lm_head_runs_on_the_embeddings_q8_0_blocks(tmp_path, monkeypatch
     runner = ModelRunner(runner_config(path, tokenizer=str(path.parent / "tokenizer")))
     head = runner.model.get_submodule("lm_head")
     assert isinstance(head, Q8_0_MODULES[kernel]) and head.codes.shape == (gguf_models.VOCAB, gguf_models.HIDDEN)
-    outputs, logits = generate_in_process(runner, PROMPTS, 4)
-    for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
-        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+    for i, (served, expected) in enumerate(served_and_expected(runner, hf_model)):
         assert ((served - expected).abs() <= Q8_RTOL * expected.abs().amax(-1, keepdim=True)).all(), i
 
 
@@ -296,11 +300,7 @@ def test_k_quants_run_quantized_within_bound_of_the_dequantized_model(tmp_path, 
         | layer(1, ["self_attn.o_proj"]))
     assert {n for n, k in kinds.items() if k is Int8Linear} == (
         layer(1, ["self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]) | {"lm_head"})
-    outputs, logits = generate_in_process(runner, PROMPTS, 4)
-    for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
-        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+    for i, (served, expected) in enumerate(served_and_expected(runner, hf_model)):
         error = (served - expected).abs()
         assert (error <= KQ_RTOL * expected.abs().amax(-1, keepdim=True)).all(), (i, (error / expected.abs().amax(-1, keepdim=True)).max())
         assert error.max() > 0  # quantized for real
@@ -317,11 +317,7 @@ def test_4bit_gguf_runs_through_cpu_q8_0_c_within_bound_of_the_dequantized_model
                                    "mlp.gate_up_proj", "mlp.down_proj")] + ["model.layers.1.self_attn.o_proj"])
     assert any(line.startswith("4-bit linears at 1 row (5 of them") and line.endswith(
         f"{quant_linear.Q4_NAMES['q4']} (timed)") for line in runner.worker_info().kernel_choices)
-    outputs, logits = generate_in_process(runner, PROMPTS, 4)
-    for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            expected = hf_model(torch.tensor([prompt + outputs[i][:-1]])).logits[0, len(prompt) - 1:]
-        served = torch.stack([torch.as_tensor(step[i]) for step in logits])
+    for i, (served, expected) in enumerate(served_and_expected(runner, hf_model)):
         # the prefill step in float32 on the exact weights; decode steps through the kernel
         torch.testing.assert_close(served[0], expected[0], rtol=0, atol=PREFILL_ATOL)
         scale = expected[1:].abs().amax(-1, keepdim=True)
