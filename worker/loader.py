@@ -296,8 +296,8 @@ def load_gguf(model: nn.Module, spec: ModelSpec) -> None:
                             f"the model built from its metadata expects {expected}")
         fill(region, shard, read_slice(tensors[name], shard))
     swapped = swap_gguf_linears(model, blocks)
-    log.info("GGUF %s: %d linears run quantized (4-bit blocks in the int4 matmul, 5- to 8-bit ones in the int8 one), "
-             "the rest in float32", spec.model_dir.name, swapped)
+    log.info("GGUF %s: %d linears run quantized (each kind's kernel: the kernel choices line), the rest in float32",
+             spec.model_dir.name, swapped)
 
 
 def quantize(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:

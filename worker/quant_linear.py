@@ -504,8 +504,8 @@ def quantized_wins(model: nn.Module, method: str, weights: list[torch.Tensor], t
     CPU's cached answer for their count and size (cpu/kernel_choices.py), else `time()`'s,
     recorded on the model."""
     mib = sum(weight.numel() * weight.element_size() for weight in weights) >> 20
-    key = f"{method} linears at 1 row ({len(weights)} of them, {mib} MiB in float32)"
-    return kernel_choices.decide(model, key, {"quantized": method, "float32": "float32"},
+    key = f"{method} linears against float32 at 1 row ({len(weights)} of them, {mib} MiB in float32)"
+    return kernel_choices.decide(model, key, {"quantized": "quantized", "float32": "float32"},
                                  lambda: "quantized" if time() else "float32") == "quantized"
 
 

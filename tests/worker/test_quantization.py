@@ -44,7 +44,8 @@ def test_quantized_model_logits_within_bound_of_float32(tiny, method, monkeypatc
     assert len(kinds) == 2 * 4 + 1 and kinds["lm_head"] is Int8Linear
     assert {kinds[name] for name in kinds if name != "lm_head"} == {Int8Linear if method == "int8" else Int4Linear}
     decisions = [line.split(" at 1 row (")[0] for line in runner.worker_info().kernel_choices if " at 1 row (" in line]
-    assert decisions == (["int8 linears"] if method == "int8" else ["int4 linears", "int8 linears"])
+    assert decisions == (["int8 linears against float32"] if method == "int8"
+                         else ["int4 linears against float32", "int8 linears against float32"])
     max_tokens = 4
     outputs, logits = generate_in_process(runner, PROMPTS, max_tokens)
     for i, prompt in enumerate(PROMPTS):
@@ -120,7 +121,7 @@ def test_only_the_timed_linears_are_built_before_the_decision(tiny, faster, monk
     assert len(builds) == (2 * 4 + 1 if faster else 1)
     assert sum(isinstance(m, Int8Linear) for m in runner.model.modules()) == (2 * 4 + 1 if faster else 0)
     # the decision still speaks for (and is cached under) every linear of the kind
-    assert any(line.startswith("int8 linears at 1 row (9 of them") for line in runner.worker_info().kernel_choices)
+    assert any(line.startswith("int8 linears against float32 at 1 row (9 of them") for line in runner.worker_info().kernel_choices)
 
 
 def test_a_cached_decision_builds_nothing_before_it(tiny, tmp_path, monkeypatch):
@@ -134,4 +135,4 @@ def test_a_cached_decision_builds_nothing_before_it(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(quant_linear, "quantize_int8", lambda weight: builds.append(weight.shape) or quantize(weight))
     runner = ModelRunner(runner_config(tiny[0], quantization="int8"))
     assert builds == []
-    assert "int8 linears at 1 row (9 of them, 0 MiB in float32): float32 (cached)" in runner.worker_info().kernel_choices
+    assert "int8 linears against float32 at 1 row (9 of them, 0 MiB in float32): float32 (cached)" in runner.worker_info().kernel_choices

@@ -110,7 +110,9 @@ def prepare_linears(model: nn.Module) -> str:
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears and linears[0][1].weight.device.type == "cpu" and linears[0][1].weight.dtype == torch.bfloat16:
         return prepare_bf16_linears(model, linears)
-    if not linears or linears[0][1].weight.device.type != "cpu" or linears[0][1].weight.dtype != torch.float32:
+    if not linears:
+        return "no nn.Linear left to swap (all quantized, or none)"
+    if linears[0][1].weight.device.type != "cpu" or linears[0][1].weight.dtype != torch.float32:
         return "linears left as nn.Linear"
     linears = [(name, m) for name, m in linears if m.weight.dtype == torch.float32]  # the C loop reads float32
     kernel = linear_rows()
