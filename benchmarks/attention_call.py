@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from pagedserve.entrypoints.bench.kernels import RandomStep  # noqa: E402
 from pagedserve.worker.attention import make_attention_backend  # noqa: E402
-from pagedserve.worker.cpu.ops import kv_write_ops  # noqa: E402
+from pagedserve.worker.cpu.ops import cpu_ops  # noqa: E402
 
 
 def fastest_us(fn, rounds: int, iters: int) -> float:
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     meta = backend.prepare(step.meta, dtype)
     caches = (step.k_cache, step.v_cache)
     out = torch.empty_like(step.q)
-    ops = kv_write_ops(step.k_new)
+    ops = cpu_ops(step.k_new)
     kernel = backend.kernel
     q, tables, lens = step.q, meta.block_tables[: args.batch], meta.seq_lens[: args.batch]
     ptrs = [q.data_ptr(), step.k_cache.data_ptr(), step.v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),

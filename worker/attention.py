@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.worker.cpu.attention import AttentionKernel, DecodeStep
-from pagedserve.worker.cpu.ops import kv_write_ops
+from pagedserve.worker.cpu.ops import cpu_ops
 
 # A prompt with nothing cached up to this long goes to the C kernel, longer ones to SDPA: on 2 Zen 3
 # cores the kernel is 1.4-2.8x faster up to 512 tokens, level at 768, 5% slower at 1024, 10-20% at
@@ -147,7 +147,7 @@ class TorchAttention:
         and softcap as in the module's docstring."""
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[2:]
-        ops = kv_write_ops(k)
+        ops = cpu_ops(k)
         if ops is None or not ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
             k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)

@@ -20,7 +20,7 @@ NEEDS = {"avxvnni": "avx_vnni", "avx2": "avx2"}
 def kernel(request):
     if request.param in NEEDS and NEEDS[request.param] not in features.cpu_flags():
         pytest.skip(f"the CPU has no {NEEDS[request.param]}")
-    built = q8_0.Q8_0Kernel(native.BASE_FLAGS + BUILDS[request.param])
+    built = q8_0.Q8_0Kernel.built(native.BASE_FLAGS + BUILDS[request.param])
     if request.param != "native":
         assert built.path == request.param
     return built

@@ -113,11 +113,6 @@ def _cpu_ops() -> CpuOps | None:
     return CpuOps(lib) if lib is not None else None
 
 
-def kv_write_ops(x: torch.Tensor) -> CpuOps | None:
-    """The compiled ops where their KV write serves x (float32 or bfloat16 on the CPU), else None."""
-    return cpu_ops(x)
-
-
 def cpu_ops(x: torch.Tensor) -> CpuOps | None:
     """The compiled ops where they serve x (float32 or bfloat16 on the CPU), else None."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:

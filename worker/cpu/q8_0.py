@@ -3,33 +3,33 @@ cpu/native.py does): y = x W^T for a few rows, W as a GGUF file's Q8_0 blocks (i
 float32 scale per 32 weights of a row), x quantized per 32 to int8 the same way inside the call.
 
 `kernel()` is this CPU's build (-march=native: VNNI where the CPU has it, else AVX2, else scalar);
-`Q8_0Kernel(flags)` builds another (the tests build an AVX2-only and a scalar copy).
+`Q8_0Kernel.built(flags)` builds another (the tests build an AVX2-only and a scalar copy).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
 from pagedserve.worker.cpu import native
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("q8_0.c")
 BLOCK = 32  # Q8_0's block length
 
 
 class Q8_0Kernel:
-    """The functions of one build of cpu/q8_0.c; raises OSError (or a SubprocessError) where it
-    does not build or load."""
+    """The functions of one build of cpu/q8_0.c (a loaded library)."""
 
-    def __init__(self, flags: list[str]):
-        lib = ctypes.CDLL(str(native.build(SOURCE, flags, os.environ.get("CC", "cc"))))
+    @classmethod
+    def built(cls, flags: list[str]) -> "Q8_0Kernel":
+        """A build with these compiler flags; raises OSError (or a SubprocessError) where it does
+        not build or load."""
+        return cls(ctypes.CDLL(str(native.build(SOURCE, flags, os.environ.get("CC", "cc")))))
+
+    def __init__(self, lib: ctypes.CDLL):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._linear = lib.q8_0_linear
         self._linear.argtypes, self._linear.restype = [p, i64, i64, p, p, i64, p], ctypes.c_int
@@ -122,8 +122,5 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
 def kernel() -> Q8_0Kernel | None:
     """This CPU's build, or None (logged) where it cannot be built: the Q8_0 linears then keep
     torch's int8 op."""
-    try:
-        return Q8_0Kernel(native.BASE_FLAGS)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("q8_0.c unavailable (%s): Q8_0 linears use torch's int8 op", getattr(e, "stderr", "") or e)
-        return None
+    lib = native.load(SOURCE, native.BASE_FLAGS, "Q8_0 linears use torch's int8 op")
+    return Q8_0Kernel(lib) if lib is not None else None
