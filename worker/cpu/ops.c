@@ -17,6 +17,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -80,34 +81,18 @@ void rotary(float *x, int64_t row_stride, int64_t rows, int64_t heads, int64_t h
     }
 }
 
-/* Writes a step's new K and V rows into their cache slots: row t of k (`k_stride` floats apart,
- * its `width` = kv_heads * head_dim floats side by side) goes to k_cache + slots[t] * width, and
- * the same for v. torch's index_copy_ takes several times longer when k and v are views of the
- * fused qkv output, as they are. */
-void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache, float *v_cache,
-              const int64_t *slots, int64_t tokens, int64_t width) {
-#pragma omp parallel for schedule(static) if (tokens * width >= MIN_PARALLEL_FLOATS)
+/* Writes a step's new K and V rows into their cache slots: row t of k (`k_stride` elements apart,
+ * its `width` = kv_heads * head_dim elements of `elem` bytes side by side: 4 for a float32 cache,
+ * 2 for a bfloat16 one) goes to k_cache + slots[t] * width elements, and the same for v. torch's
+ * index_copy_ takes several times longer when k and v are views of the fused qkv output, as they
+ * are. In parallel from torch's grain size in float32 elements, counted in bytes. */
+void write_kv(const char *k, int64_t k_stride, const char *v, int64_t v_stride, char *k_cache, char *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t width, int64_t elem) {
+    const int64_t row = width * elem;
+#pragma omp parallel for schedule(static) if (tokens * row >= MIN_PARALLEL_FLOATS * (int64_t)sizeof(float))
     for (int64_t t = 0; t < tokens; t++) {
-        float *kd = k_cache + slots[t] * width, *vd = v_cache + slots[t] * width;
-        const float *ks = k + t * k_stride, *vs = v + t * v_stride;
-        for (int64_t i = 0; i < width; i++) {
-            kd[i] = ks[i];
-            vd[i] = vs[i];
-        }
-    }
-}
-
-/* write_kv for 2-byte elements (a bfloat16 cache): the same copy, `width` elements a row. */
-void write_kv16(const uint16_t *k, int64_t k_stride, const uint16_t *v, int64_t v_stride, uint16_t *k_cache,
-                uint16_t *v_cache, const int64_t *slots, int64_t tokens, int64_t width) {
-#pragma omp parallel for schedule(static) if (tokens * width >= 2 * MIN_PARALLEL_FLOATS)
-    for (int64_t t = 0; t < tokens; t++) {
-        uint16_t *kd = k_cache + slots[t] * width, *vd = v_cache + slots[t] * width;
-        const uint16_t *ks = k + t * k_stride, *vs = v + t * v_stride;
-        for (int64_t i = 0; i < width; i++) {
-            kd[i] = ks[i];
-            vd[i] = vs[i];
-        }
+        memcpy(k_cache + slots[t] * row, k + t * k_stride * elem, row);
+        memcpy(v_cache + slots[t] * row, v + t * v_stride * elem, row);
     }
 }
 

@@ -30,11 +30,8 @@ class CpuOps:
         self._rotary.argtypes = [p, i64, i64, i64, i64, p, p]
         self._rotary.restype = None
         self._write_kv = lib.write_kv
-        self._write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64]
+        self._write_kv.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64]
         self._write_kv.restype = None
-        self._write_kv16 = lib.write_kv16
-        self._write_kv16.argtypes = self._write_kv.argtypes
-        self._write_kv16.restype = None
         self._silu_and_mul = lib.silu_and_mul
         self._silu_and_mul.argtypes = [p, i64, p, i64, i64]
         self._silu_and_mul.restype = None
@@ -93,9 +90,8 @@ class CpuOps:
                  and k_cache.is_contiguous() and v_cache.is_contiguous()
                  and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous())
         if suits:
-            write = self._write_kv if k.dtype == torch.float32 else self._write_kv16
-            write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                  slot_mapping.data_ptr(), tokens, kv_heads * head_dim)
+            self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                           v_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads * head_dim, k.element_size())
         return suits
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
