@@ -173,12 +173,27 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
-class Q8_0Linear(nn.Module):
+class BlockLinear(nn.Module):
+    """A linear on a GGUF file's own blocks, run by cpu/q8_0.c: its subclasses say how the kernel
+    takes a few rows (`few_rows`) and what float32 weight the blocks hold (`dequantized`). x float32
+    [..., K] -> float32 [..., N]; up to MAX_QUANT_ROWS rows through the kernel, above (prefill) F.linear
+    on the dequantized weight, as Int8Linear does (here the file's exact weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_QUANT_ROWS or rows.shape[0] == 0:
+            y = F.linear(rows.float(), self.dequantized())
+        else:
+            y = self.few_rows(rows.float())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Q8_0Linear(BlockLinear):
     """y = x W^T (+ b), W [N, K] held exactly as GGUF's Q8_0 blocks: codes int8 [N, K] and a float32
-    scale per 32 weights of a row [N, K/32]. x float32 [..., K] -> float32 [..., N]. Up to
-    MAX_QUANT_ROWS rows through cpu/q8_0.c (x quantized per 32 as Q8_0: an error of at most half
-    a step of x's block a term, tests/worker/test_q8_0.py); above, F.linear on the dequantized
-    float32 weight, as Int8Linear does (here the file's exact weight, not a requantized one)."""
+    scale per 32 weights of a row [N, K/32]. A few rows through cpu/q8_0.c (x quantized per 32 as
+    Q8_0: an error of at most half a step of x's block a term, tests/worker/test_q8_0.py)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: q8_0.Q8_0Kernel):
         super().__init__()
@@ -191,26 +206,18 @@ class Q8_0Linear(nn.Module):
         blocks = self.codes.view(self.out_features, -1, GROUP).float() * self.scales[..., None]
         return blocks.view(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_QUANT_ROWS or rows.shape[0] == 0:
-            y = F.linear(rows.float(), self.dequantized())
-        else:
-            y = self.kernel.linear(rows.float(), self.codes, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def few_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.kernel.linear(rows, self.codes, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks (cpu/q8_0.c)"
 
 
-class Q4Linear(nn.Module):
+class Q4Linear(BlockLinear):
     """y = x W^T (+ b), W [N, K] as 4-bit blocks of 32, w = d * q + m (Q4_0, Q4_1, Q4_K's
     sub-blocks: int4_blocks), the codes packed two a byte (q8_0.pack_q4, in the kernel's order),
-    d and m float32 [N, K/32] exact. x float32 [..., K] -> float32 [..., N]. Up to MAX_QUANT_ROWS
-    rows through cpu/q8_0.c's q4_linear (x quantized per 32 as Q8_0, int8 x 4-bit dot products);
-    above, F.linear on the dequantized float32 weight."""
+    d and m float32 [N, K/32] exact. A few rows through cpu/q8_0.c's q4_linear (x quantized per 32
+    as Q8_0, int8 x 4-bit dot products)."""
 
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None,
                  kernel: q8_0.Q8_0Kernel):
@@ -224,15 +231,8 @@ class Q4Linear(nn.Module):
         codes = q8_0.unpack_q4(self.packed).view(self.out_features, -1, GROUP).float()
         return (codes * self.d[..., None] + self.m[..., None]).view(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_QUANT_ROWS or rows.shape[0] == 0:
-            y = F.linear(rows.float(), self.dequantized())
-        else:
-            y = self.kernel.q4_linear(rows.float(), self.packed, self.d, self.m)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def few_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.kernel.q4_linear(rows, self.packed, self.d, self.m)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit blocks (cpu/q8_0.c)"
